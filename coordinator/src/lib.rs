@@ -1,1 +1,376 @@
-//! placeholder
+//! The coordinator: a key-value store for coordination that speaks the etcd v3 gRPC API, so
+//! `etcdctl` and every etcd client library work against it unchanged.
+//!
+//! # Layout
+//! - [`config`]: etcd-style flags and environment variables.
+//! - [`command`]: the replicated command — the log's format, separate from the wire API.
+//! - [`state`]: `apply`, the only code that changes the key space; leases as state.
+//! - [`mvcc`]: revisions, ranges, compaction over sled ([`mvcc::backend`]).
+//! - [`wal`]: the fsynced write-ahead log (CRC per record, torn tails truncated).
+//! - [`node`]: the pipeline that orders, logs, applies and answers (group commit).
+//! - [`watch`]: fan-out of events to watchers, with catch-up from history.
+//! - [`lease`]: lease deadlines (the leader's clock).
+//! - [`rpc`]: thin gRPC adapters; [`error`]: the one error type and its gRPC mapping.
+//!
+//! # Guarantees
+//! - A write is acknowledged only after the log entry holding it was fsynced; after a crash
+//!   (`kill -9` or power loss) the state machine is rebuilt from sled plus the log.
+//! - Revisions, versions, compares, compaction and watch semantics follow etcd 3.4/3.5.
+//!
+//! # Caveats
+//! - One member only: replication (Raft) is the next step; the `--initial-*` and peer flags are
+//!   accepted so that etcd scripts run unchanged.
+//! - Leases get a full TTL again after a restart (etcd without lease checkpoints does the same).
+//! - `Snapshot` streams our own format, not etcd's bolt file.
+
+pub mod command;
+pub mod config;
+pub mod error;
+pub mod lease;
+pub mod metrics;
+pub mod mvcc;
+pub mod node;
+pub mod rpc;
+pub mod state;
+pub mod wal;
+pub mod watch;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
+
+use anyhow::Context as _;
+use parking_lot::RwLock;
+use proto::etcdserverpb::cluster_server::ClusterServer;
+use proto::etcdserverpb::kv_server::KvServer;
+use proto::etcdserverpb::lease_server::LeaseServer;
+use proto::etcdserverpb::maintenance_server::MaintenanceServer;
+use proto::etcdserverpb::watch_server::WatchServer;
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+pub use config::Config;
+
+use crate::lease::Lessor;
+use crate::metrics::CoordinatorMetrics;
+use crate::mvcc::{Backend, SledBackend};
+use crate::node::{Node, NodeParts};
+use crate::rpc::{Ctx, Identity, Limits};
+use crate::state::StateMachine;
+use crate::wal::Wal;
+use crate::watch::{HeaderTemplate, WatchHub};
+
+/// The etcd API version this server reports in `Status`.
+pub const API_VERSION: &str = "3.5.0";
+
+/// A running coordinator.
+pub struct Running {
+    client_addrs: Vec<SocketAddr>,
+    metrics_addrs: Vec<SocketAddr>,
+    shutdown: CancellationToken,
+    tasks: Vec<JoinHandle<()>>,
+    node: Node,
+}
+
+impl Running {
+    /// The first bound client address.
+    pub fn client_addr(&self) -> SocketAddr {
+        self.client_addrs[0]
+    }
+
+    /// The first bound admin (metrics) address.
+    pub fn metrics_addr(&self) -> SocketAddr {
+        self.metrics_addrs[0]
+    }
+
+    /// The node (for tests and tools in process).
+    pub fn node(&self) -> &Node {
+        &self.node
+    }
+
+    /// Resolves when the server was asked to stop.
+    pub async fn stopped(&self) {
+        self.shutdown.cancelled().await
+    }
+
+    /// Stop serving and wait for the servers to finish.
+    pub async fn shutdown(self) {
+        self.shutdown.cancel();
+        for t in self.tasks {
+            let _ = t.await;
+        }
+        let backend = self.node.state().read().store().backend().clone();
+        if let Err(e) = tokio::task::spawn_blocking(move || backend.flush()).await {
+            tracing::warn!(error = %e, "final flush failed");
+        }
+    }
+}
+
+/// Run until `shutdown` is cancelled.
+pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let running = start(config).await?;
+    shutdown.cancelled().await;
+    tracing::info!("shutting down");
+    running.shutdown().await;
+    Ok(())
+}
+
+/// Open the data directory, replay the log, bind the listeners and serve.
+pub async fn start(config: Config) -> anyhow::Result<Running> {
+    config.validate().map_err(|e| anyhow::anyhow!(e))?;
+    let data_dir = config.data_dir();
+    let member_dir = data_dir.join("member");
+    std::fs::create_dir_all(&member_dir)
+        .with_context(|| format!("cannot create data dir {}", member_dir.display()))?;
+
+    let started = std::time::Instant::now();
+    let backend: Arc<dyn Backend> = Arc::new(
+        SledBackend::open(&member_dir.join("snap").join("db"), config.cache_bytes)
+            .context("cannot open the key space (sled)")?,
+    );
+    let mut state = StateMachine::open(backend.clone()).context("cannot load the key space")?;
+    let (wal, entries) =
+        Wal::open(&member_dir.join("wal")).context("cannot open the write-ahead log")?;
+    let replayed =
+        node::replay(&mut state, &entries).context("cannot replay the write-ahead log")?;
+    let term = entries
+        .last()
+        .map(|e| e.term)
+        .unwrap_or(0)
+        .max(state.applied_term())
+        + 1;
+    drop(entries);
+
+    // Identity: derived once from name, peer URLs and token, then kept in the data dir.
+    let members = config.initial_members().map_err(|e| anyhow::anyhow!(e))?;
+    let peer_urls = config.initial_advertise_peer_urls.clone();
+    let (cluster_id, member_id) = identity(&backend, &config, &members, &peer_urls)?;
+
+    let mut client_listeners = Vec::new();
+    for addr in &config.listen_client_urls {
+        client_listeners.push(
+            TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("cannot listen on {addr}"))?,
+        );
+    }
+    let client_addrs: Vec<SocketAddr> = client_listeners
+        .iter()
+        .map(|l| l.local_addr())
+        .collect::<Result<_, _>>()?;
+    let mut metrics_listeners = Vec::new();
+    for addr in &config.listen_metrics_urls {
+        metrics_listeners.push(
+            TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("cannot listen on {addr}"))?,
+        );
+    }
+    let metrics_addrs: Vec<SocketAddr> = metrics_listeners
+        .iter()
+        .map(|l| l.local_addr())
+        .collect::<Result<_, _>>()?;
+
+    let admin_metrics = service_kit::admin::Metrics::new();
+    let metrics = CoordinatorMetrics::register(&admin_metrics);
+    let health = service_kit::admin::Health::new();
+
+    let lessor = Arc::new(Lessor::new());
+    lessor.promote(state.leases().iter().map(|(id, l)| (*id, l.ttl)));
+    let revision = state.revision();
+    let state = Arc::new(RwLock::new(state));
+    let hub = WatchHub::new(
+        state.clone(),
+        HeaderTemplate {
+            cluster_id,
+            member_id,
+            raft_term: term,
+        },
+        tokio::runtime::Handle::current(),
+    );
+    let node = Node::start(NodeParts {
+        state: state.clone(),
+        wal,
+        backend: backend.clone(),
+        term,
+        hub: hub.clone(),
+        lessor: lessor.clone(),
+        metrics: metrics.clone(),
+    });
+    // Every term starts with an entry of its own.
+    node.propose(command::Command::Noop)
+        .await
+        .context("cannot write the first log entry")?;
+
+    let ctx = Ctx {
+        node: node.clone(),
+        id: Arc::new(Identity {
+            cluster_id,
+            member_id,
+            name: config.name.clone(),
+            peer_urls,
+            client_urls: config.client_urls(&client_addrs),
+        }),
+        limits: Limits {
+            max_request_bytes: config.max_request_bytes,
+            max_txn_ops: config.max_txn_ops,
+            max_watchers_per_stream: config.max_watchers_per_stream,
+            quota_backend_bytes: config.quota_backend_bytes,
+        },
+        nospace: Arc::new(AtomicBool::new(false)),
+        next_stream: Arc::new(AtomicU64::new(1)),
+        version: API_VERSION,
+    };
+
+    let shutdown = CancellationToken::new();
+    let mut tasks = Vec::new();
+    // gRPC's own limit sits above ours so that etcd's "request is too large" is what clients see.
+    let max_msg = config.max_request_bytes + 512 * 1024;
+    for listener in client_listeners {
+        let ctx = ctx.clone();
+        let stop = shutdown.clone();
+        let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+        let incoming = tokio_stream::StreamExt::map(incoming, |s| {
+            s.inspect(|s| {
+                let _ = s.set_nodelay(true);
+            })
+        });
+        let router = tonic::transport::Server::builder()
+            .tcp_nodelay(true)
+            .http2_keepalive_interval(Some(Duration::from_secs(30)))
+            .add_service(
+                KvServer::new(rpc::kv::KvService::new(ctx.clone()))
+                    .max_decoding_message_size(max_msg),
+            )
+            .add_service(
+                WatchServer::new(rpc::watch::WatchService::new(ctx.clone()))
+                    .max_decoding_message_size(max_msg),
+            )
+            .add_service(
+                LeaseServer::new(rpc::lease::LeaseService::new(ctx.clone()))
+                    .max_decoding_message_size(max_msg),
+            )
+            .add_service(
+                MaintenanceServer::new(rpc::maintenance::MaintenanceService::new(ctx.clone()))
+                    .max_decoding_message_size(max_msg)
+                    .max_encoding_message_size(usize::MAX),
+            )
+            .add_service(ClusterServer::new(
+                rpc::maintenance::MaintenanceService::new(ctx.clone()),
+            ));
+        tasks.push(tokio::spawn(async move {
+            if let Err(e) = router
+                .serve_with_incoming_shutdown(incoming, stop.cancelled_owned())
+                .await
+            {
+                tracing::error!(error = %e, "gRPC server failed");
+            }
+        }));
+    }
+    for listener in metrics_listeners {
+        let router = service_kit::admin::router(health.clone(), admin_metrics.clone());
+        let stop = shutdown.clone();
+        tasks.push(tokio::spawn(async move {
+            if let Err(e) = service_kit::admin::serve(listener, router, stop).await {
+                tracing::error!(error = %e, "admin server failed");
+            }
+        }));
+    }
+    tasks.push(tokio::spawn(rpc::lease::expiry_loop(
+        ctx.clone(),
+        shutdown.clone(),
+    )));
+    tasks.push(tokio::spawn(housekeeping(
+        ctx.clone(),
+        config.watch_progress_notify_interval,
+        shutdown.clone(),
+    )));
+
+    health.set_ready(true);
+    tracing::info!(
+        name = %config.name,
+        data_dir = %data_dir.display(),
+        client = ?client_addrs,
+        metrics = ?metrics_addrs,
+        member_id = format!("{member_id:016x}"),
+        cluster_id = format!("{cluster_id:016x}"),
+        revision,
+        term,
+        replayed,
+        startup_ms = started.elapsed().as_millis() as u64,
+        "coordinator ready"
+    );
+    Ok(Running {
+        client_addrs,
+        metrics_addrs,
+        shutdown,
+        tasks,
+        node,
+    })
+}
+
+fn identity(
+    backend: &Arc<dyn Backend>,
+    config: &Config,
+    members: &[(String, String)],
+    peer_urls: &[String],
+) -> anyhow::Result<(u64, u64)> {
+    let stored_c = backend.get(mvcc::keys::META_CLUSTER_ID)?;
+    let stored_m = backend.get(mvcc::keys::META_MEMBER_ID)?;
+    if let (Some(c), Some(m)) = (stored_c, stored_m) {
+        return Ok((
+            mvcc::keys::decode_i64(&c)? as u64,
+            mvcc::keys::decode_i64(&m)? as u64,
+        ));
+    }
+    let mut peer_parts: Vec<&[u8]> = peer_urls.iter().map(|u| u.as_bytes()).collect();
+    peer_parts.push(config.initial_cluster_token.as_bytes());
+    let member_id = rpc::fnv64(&peer_parts);
+    let mut cluster_parts: Vec<Vec<u8>> = members
+        .iter()
+        .map(|(n, u)| format!("{n}={u}").into_bytes())
+        .collect();
+    cluster_parts.sort();
+    cluster_parts.push(config.initial_cluster_token.clone().into_bytes());
+    let refs: Vec<&[u8]> = cluster_parts.iter().map(|v| v.as_slice()).collect();
+    let cluster_id = rpc::fnv64(&refs);
+    let mut b = mvcc::Batch::default();
+    b.put(
+        mvcc::keys::META_CLUSTER_ID.to_vec(),
+        (cluster_id as i64).to_le_bytes().to_vec(),
+    );
+    b.put(
+        mvcc::keys::META_MEMBER_ID.to_vec(),
+        (member_id as i64).to_le_bytes().to_vec(),
+    );
+    backend.apply(b)?;
+    backend.flush()?;
+    Ok((cluster_id, member_id))
+}
+
+/// Periodic chores: quota alarm, progress notifications, gauges.
+async fn housekeeping(ctx: Ctx, progress_every: Duration, shutdown: CancellationToken) {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    let mut last_progress = tokio::time::Instant::now();
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let size = ctx.node.state().read().store().backend().size_on_disk();
+        ctx.node.metrics().db_bytes.set(size as i64);
+        if size > ctx.limits.quota_backend_bytes && !ctx.nospace.swap(true, Ordering::AcqRel) {
+            tracing::error!(
+                size,
+                quota = ctx.limits.quota_backend_bytes,
+                "database space exceeded: NOSPACE alarm raised"
+            );
+        }
+        if last_progress.elapsed() >= progress_every {
+            last_progress = tokio::time::Instant::now();
+            ctx.node.hub().notify_progress();
+        }
+    }
+}

@@ -1,1 +1,19 @@
-//! placeholder
+//! Protocol definitions and their generated code.
+//!
+//! - [`mvccpb`] and [`etcdserverpb`]: the etcd v3 client API, wire compatible with etcd 3.4/3.5 so
+//!   that `etcdctl` and etcd client libraries work against the coordinator unchanged. The `.proto`
+//!   files under `etcd/` were written from etcd's public API documentation; field numbers and
+//!   types are etcd's.
+//!
+//! Code is generated at build time by `protox` + `tonic-prost-build`; no `protoc` is required.
+#![allow(clippy::all, missing_docs, rust_2018_idioms)]
+
+/// etcd's key-value and event messages.
+pub mod mvccpb {
+    tonic::include_proto!("mvccpb");
+}
+
+/// etcd's v3 RPC services and messages.
+pub mod etcdserverpb {
+    tonic::include_proto!("etcdserverpb");
+}

@@ -1,0 +1,225 @@
+//! Command line and environment, in etcd's style so that scripts written for etcd run unchanged.
+//!
+//! Every flag also reads the environment variable etcd uses (`--data-dir` ↔ `ETCD_DATA_DIR`).
+//! The peer and `--initial-*` flags are accepted and checked now; replication gives them their
+//! full meaning. With no flags the server runs one member on 127.0.0.1:2379 with its data in
+//! `./default.etcd`, ready for `etcdctl`.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Parser;
+use service_kit::config::{parse_duration, parse_listen_url};
+use service_kit::telemetry::LogFormat;
+
+/// The coordinator's configuration.
+#[derive(Debug, Clone, Parser)]
+#[command(
+    name = "coordinator",
+    version,
+    about = "etcd v3 compatible coordination store"
+)]
+pub struct Config {
+    /// Human-readable name of this member.
+    #[arg(long, env = "ETCD_NAME", default_value = "default")]
+    pub name: String,
+
+    /// Directory for the log and the key space (default: `<name>.etcd`).
+    #[arg(long, env = "ETCD_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+
+    /// URLs to serve clients on (comma-separated).
+    #[arg(long, env = "ETCD_LISTEN_CLIENT_URLS", default_value = "http://127.0.0.1:2379",
+          value_delimiter = ',', value_parser = parse_listen_url)]
+    pub listen_client_urls: Vec<SocketAddr>,
+
+    /// Client URLs announced to the cluster (default: the listen URLs).
+    #[arg(long, env = "ETCD_ADVERTISE_CLIENT_URLS", value_delimiter = ',')]
+    pub advertise_client_urls: Vec<String>,
+
+    /// URLs to serve peers on (used once replication is on).
+    #[arg(long, env = "ETCD_LISTEN_PEER_URLS", default_value = "http://127.0.0.1:2380",
+          value_delimiter = ',', value_parser = parse_listen_url)]
+    pub listen_peer_urls: Vec<SocketAddr>,
+
+    /// Peer URLs announced to the cluster.
+    #[arg(
+        long,
+        env = "ETCD_INITIAL_ADVERTISE_PEER_URLS",
+        default_value = "http://127.0.0.1:2380",
+        value_delimiter = ','
+    )]
+    pub initial_advertise_peer_urls: Vec<String>,
+
+    /// Initial cluster: `name=peer-url,...` (default: this member alone).
+    #[arg(long, env = "ETCD_INITIAL_CLUSTER")]
+    pub initial_cluster: Option<String>,
+
+    /// `new` or `existing`.
+    #[arg(long, env = "ETCD_INITIAL_CLUSTER_STATE", default_value = "new")]
+    pub initial_cluster_state: String,
+
+    /// Token that makes cluster ids unique between clusters with the same members.
+    #[arg(
+        long,
+        env = "ETCD_INITIAL_CLUSTER_TOKEN",
+        default_value = "etcd-cluster"
+    )]
+    pub initial_cluster_token: String,
+
+    /// URLs of the admin HTTP server: /metrics, /healthz, /readyz (comma-separated).
+    #[arg(long, env = "ETCD_LISTEN_METRICS_URLS", default_value = "http://127.0.0.1:2381",
+          value_delimiter = ',', value_parser = parse_listen_url)]
+    pub listen_metrics_urls: Vec<SocketAddr>,
+
+    /// Largest request accepted, in bytes (etcd's default: 1.5 MiB).
+    #[arg(long, env = "ETCD_MAX_REQUEST_BYTES", default_value_t = 1_572_864)]
+    pub max_request_bytes: usize,
+
+    /// Most operations in one txn branch (etcd's default: 128).
+    #[arg(long, env = "ETCD_MAX_TXN_OPS", default_value_t = 128)]
+    pub max_txn_ops: usize,
+
+    /// Most watchers on one watch stream; more are refused with a clear error.
+    #[arg(long, env = "ETCD_MAX_WATCHERS_PER_STREAM", default_value_t = 4096)]
+    pub max_watchers_per_stream: usize,
+
+    /// Backend size at which the NOSPACE alarm is raised and writes refused (default 2 GiB).
+    #[arg(long, env = "ETCD_QUOTA_BACKEND_BYTES", default_value_t = 2 * 1024 * 1024 * 1024)]
+    pub quota_backend_bytes: u64,
+
+    /// Interval of progress notifications to watchers that asked for them.
+    #[arg(long, env = "ETCD_WATCH_PROGRESS_NOTIFY_INTERVAL", default_value = "10m",
+          value_parser = parse_duration)]
+    pub watch_progress_notify_interval: Duration,
+
+    /// Heartbeat interval in milliseconds (used once replication is on).
+    #[arg(long, env = "ETCD_HEARTBEAT_INTERVAL", default_value_t = 100)]
+    pub heartbeat_interval: u64,
+
+    /// Election timeout in milliseconds (used once replication is on).
+    #[arg(long, env = "ETCD_ELECTION_TIMEOUT", default_value_t = 1000)]
+    pub election_timeout: u64,
+
+    /// sled page cache, in bytes.
+    #[arg(long, env = "COORDINATOR_CACHE_BYTES", default_value_t = 256 * 1024 * 1024)]
+    pub cache_bytes: u64,
+
+    /// Log format.
+    #[arg(long, env = "LOG_FORMAT", default_value = "text")]
+    pub log_format: LogFormat,
+}
+
+impl Config {
+    /// The data directory.
+    pub fn data_dir(&self) -> PathBuf {
+        self.data_dir
+            .clone()
+            .unwrap_or_else(|| PathBuf::from(format!("{}.etcd", self.name)))
+    }
+
+    /// The initial cluster as (name, peer URL) pairs.
+    pub fn initial_members(&self) -> Result<Vec<(String, String)>, String> {
+        let spec = match &self.initial_cluster {
+            Some(s) => s.clone(),
+            None => {
+                let url = self
+                    .initial_advertise_peer_urls
+                    .first()
+                    .cloned()
+                    .unwrap_or_else(|| "http://127.0.0.1:2380".into());
+                format!("{}={}", self.name, url)
+            }
+        };
+        let mut out = Vec::new();
+        for part in spec.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+            let (n, u) = part
+                .split_once('=')
+                .ok_or_else(|| format!("--initial-cluster entry {part:?} is not name=url"))?;
+            if n.is_empty() || u.is_empty() {
+                return Err(format!("--initial-cluster entry {part:?} is not name=url"));
+            }
+            out.push((n.to_string(), u.to_string()));
+        }
+        Ok(out)
+    }
+
+    /// Check what clap cannot.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.name.is_empty() {
+            return Err("--name must not be empty".into());
+        }
+        if self.listen_client_urls.is_empty() {
+            return Err("--listen-client-urls needs at least one URL".into());
+        }
+        if !matches!(self.initial_cluster_state.as_str(), "new" | "existing") {
+            return Err(format!(
+                "--initial-cluster-state must be new or existing, not {:?}",
+                self.initial_cluster_state
+            ));
+        }
+        let members = self.initial_members()?;
+        if !members.iter().any(|(n, _)| n == &self.name) {
+            return Err(format!(
+                "--initial-cluster has no member named {:?} (this member's --name)",
+                self.name
+            ));
+        }
+        if members.len() > 1 {
+            return Err(
+                "--initial-cluster names several members; this build runs a single member \
+                 (replication is not available yet)"
+                    .into(),
+            );
+        }
+        if self.max_request_bytes < 1024 || self.max_request_bytes > 64 * 1024 * 1024 {
+            return Err("--max-request-bytes must be between 1 KiB and 64 MiB".into());
+        }
+        if self.max_txn_ops == 0 {
+            return Err("--max-txn-ops must be at least 1".into());
+        }
+        if self.max_watchers_per_stream == 0 {
+            return Err("--max-watchers-per-stream must be at least 1".into());
+        }
+        Ok(())
+    }
+
+    /// Client URLs announced in member lists.
+    pub fn client_urls(&self, bound: &[SocketAddr]) -> Vec<String> {
+        if self.advertise_client_urls.is_empty() {
+            bound.iter().map(|a| format!("http://{a}")).collect()
+        } else {
+            self.advertise_client_urls.clone()
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_run_one_member_on_the_etcd_port() {
+        let c = Config::parse_from(["coordinator"]);
+        c.validate().expect("defaults are valid");
+        assert_eq!(
+            c.listen_client_urls,
+            vec!["127.0.0.1:2379".parse().expect("addr")]
+        );
+        assert_eq!(c.data_dir(), PathBuf::from("default.etcd"));
+        assert_eq!(c.initial_members().expect("members").len(), 1);
+    }
+
+    #[test]
+    fn initial_cluster_must_name_this_member() {
+        let c = Config::parse_from([
+            "coordinator",
+            "--name",
+            "n1",
+            "--initial-cluster",
+            "n2=http://x:2380",
+        ]);
+        assert!(c.validate().unwrap_err().contains("n1"));
+    }
+}

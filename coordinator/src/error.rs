@@ -1,0 +1,119 @@
+//! The coordinator's one error type, and its translation to gRPC statuses.
+//!
+//! etcd clients match on the gRPC code *and* the exact message text (for example
+//! `etcdserver: mvcc: required revision has been compacted`), so every variant that etcd also has
+//! carries etcd's text verbatim. The mapping lives here and nowhere else.
+
+use tonic::{Code, Status};
+
+/// Everything that can go wrong while serving a request or applying a command.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A request named no key where one is required.
+    #[error("etcdserver: key is not provided")]
+    EmptyKey,
+    /// `ignore_value` / `ignore_lease` on a key that does not exist.
+    #[error("etcdserver: key not found")]
+    KeyNotFound,
+    /// `ignore_value` set together with a value.
+    #[error("etcdserver: value is provided")]
+    ValueProvided,
+    /// `ignore_lease` set together with a lease.
+    #[error("etcdserver: lease is provided")]
+    LeaseProvided,
+    /// A txn branch with more operations than `--max-txn-ops`.
+    #[error("etcdserver: too many operations in txn request")]
+    TooManyOps,
+    /// Two writes to the same key in one txn branch.
+    #[error("etcdserver: duplicate key given in txn request")]
+    DuplicateKey,
+    /// A request larger than `--max-request-bytes`.
+    #[error("etcdserver: request is too large")]
+    RequestTooLarge,
+    /// The requested revision was removed by compaction.
+    #[error("etcdserver: mvcc: required revision has been compacted")]
+    Compacted {
+        /// The store's compacted revision.
+        compact_revision: i64,
+    },
+    /// The requested revision has not happened yet.
+    #[error("etcdserver: mvcc: required revision is a future revision")]
+    FutureRevision,
+    /// The lease does not exist (never granted, revoked or expired).
+    #[error("etcdserver: requested lease not found")]
+    LeaseNotFound,
+    /// A lease with the requested ID already exists.
+    #[error("etcdserver: lease already exists")]
+    LeaseExists,
+    /// The TTL asked for is above the maximum.
+    #[error("etcdserver: too large lease TTL")]
+    LeaseTtlTooLarge,
+    /// The backend is over its quota; only reads and deletes are served until space is freed.
+    #[error("etcdserver: mvcc: database space exceeded")]
+    NoSpace,
+    /// The member has no leader to order writes.
+    #[error("etcdserver: no leader")]
+    NoLeader,
+    /// The server is shutting down.
+    #[error("etcdserver: server stopped")]
+    Stopped,
+    /// The member named in a cluster request does not exist.
+    #[error("etcdserver: member not found")]
+    MemberNotFound,
+    /// A request the server understands but cannot serve in this mode.
+    #[error("etcdserver: {0}")]
+    Unsupported(String),
+    /// A malformed request (bad enum value, bad argument).
+    #[error("etcdserver: {0}")]
+    InvalidArgument(String),
+    /// The on-disk state is damaged; the server refuses to go on rather than serve wrong data.
+    #[error("storage corrupted: {0}")]
+    Corrupt(String),
+    /// The storage engine failed.
+    #[error("storage error: {0}")]
+    Storage(#[from] sled::Error),
+    /// The operating system failed an I/O call.
+    #[error("I/O error: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// Shorthand for results in this crate.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+impl Error {
+    /// The gRPC code etcd uses for this error.
+    pub fn code(&self) -> Code {
+        match self {
+            Error::EmptyKey
+            | Error::KeyNotFound
+            | Error::ValueProvided
+            | Error::LeaseProvided
+            | Error::TooManyOps
+            | Error::DuplicateKey
+            | Error::RequestTooLarge
+            | Error::InvalidArgument(_) => Code::InvalidArgument,
+            Error::Compacted { .. } | Error::FutureRevision | Error::LeaseTtlTooLarge => {
+                Code::OutOfRange
+            }
+            Error::LeaseNotFound | Error::MemberNotFound => Code::NotFound,
+            Error::LeaseExists => Code::FailedPrecondition,
+            Error::NoSpace => Code::ResourceExhausted,
+            Error::NoLeader | Error::Stopped => Code::Unavailable,
+            Error::Unsupported(_) => Code::Unimplemented,
+            Error::Corrupt(_) => Code::DataLoss,
+            Error::Storage(_) | Error::Io(_) => Code::Internal,
+        }
+    }
+}
+
+impl From<Error> for Status {
+    fn from(e: Error) -> Status {
+        Status::new(e.code(), e.to_string())
+    }
+}
+
+impl From<bincode::Error> for Error {
+    fn from(e: bincode::Error) -> Error {
+        Error::Corrupt(format!("undecodable record: {e}"))
+    }
+}

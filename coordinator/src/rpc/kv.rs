@@ -1,0 +1,172 @@
+//! `etcdserverpb.KV`.
+
+use proto::etcdserverpb::kv_server::Kv;
+use proto::etcdserverpb::{
+    CompactionRequest, CompactionResponse, DeleteRangeRequest, DeleteRangeResponse, PutRequest,
+    PutResponse, RangeRequest, RangeResponse, TxnRequest, TxnResponse,
+};
+use tonic::{Request, Response, Status};
+
+use super::{Ctx, delete_req, put_req, range_req, txn_req};
+use crate::command::Command;
+use crate::error::{Error, Result};
+use crate::state::{self, Response as SmResponse};
+
+/// The KV service.
+#[derive(Clone)]
+pub struct KvService {
+    ctx: Ctx,
+}
+
+impl KvService {
+    /// Wrap a context.
+    pub fn new(ctx: Ctx) -> KvService {
+        KvService { ctx }
+    }
+
+    async fn write(&self, cmd: Command) -> Result<(i64, SmResponse)> {
+        state::validate(&cmd, self.ctx.limits.max_txn_ops)?;
+        let applied = self.ctx.node.propose(cmd).await?;
+        let resp = applied.result?;
+        Ok((applied.revision, resp))
+    }
+
+    async fn do_range(&self, r: RangeRequest) -> Result<RangeResponse> {
+        self.ctx.check_size(&r)?;
+        let req = range_req(r)?;
+        let st = self.ctx.node.state().read();
+        let rr = st.store().range(&req)?;
+        Ok(RangeResponse {
+            header: self.ctx.header(rr.revision),
+            kvs: rr.kvs,
+            more: rr.more,
+            count: rr.count,
+        })
+    }
+
+    async fn do_put(&self, p: PutRequest) -> Result<PutResponse> {
+        self.ctx.check_size(&p)?;
+        self.ctx.check_space()?;
+        match self.write(Command::Put(put_req(p))).await? {
+            (rev, SmResponse::Put(mut r)) => {
+                r.header = self.ctx.header(rev);
+                Ok(r)
+            }
+            _ => Err(Error::InvalidArgument("unexpected response to put".into())),
+        }
+    }
+
+    async fn do_delete(&self, d: DeleteRangeRequest) -> Result<DeleteRangeResponse> {
+        self.ctx.check_size(&d)?;
+        match self.write(Command::Delete(delete_req(d))).await? {
+            (rev, SmResponse::Delete(mut r)) => {
+                r.header = self.ctx.header(rev);
+                Ok(r)
+            }
+            _ => Err(Error::InvalidArgument(
+                "unexpected response to delete".into(),
+            )),
+        }
+    }
+
+    async fn do_txn(&self, t: TxnRequest) -> Result<TxnResponse> {
+        self.ctx.check_size(&t)?;
+        let t = txn_req(t)?;
+        if t.is_read_only() {
+            state::validate_txn(&t, self.ctx.limits.max_txn_ops)?;
+            let st = self.ctx.node.state().read();
+            let mut r = st.read_txn(&t)?;
+            r.header = self.ctx.header(st.revision());
+            return Ok(r);
+        }
+        self.ctx.check_space()?;
+        match self.write(Command::Txn(t)).await? {
+            (rev, SmResponse::Txn(mut r)) => {
+                r.header = self.ctx.header(rev);
+                fill_headers(&self.ctx, &mut r);
+                Ok(r)
+            }
+            _ => Err(Error::InvalidArgument("unexpected response to txn".into())),
+        }
+    }
+
+    async fn do_compact(&self, c: CompactionRequest) -> Result<CompactionResponse> {
+        let (rev, _) = self
+            .write(Command::Compact {
+                revision: c.revision,
+            })
+            .await?;
+        Ok(CompactionResponse {
+            header: self.ctx.header(rev),
+        })
+    }
+}
+
+/// Give nested responses full headers (the state machine sets only revisions).
+fn fill_headers(ctx: &Ctx, r: &mut TxnResponse) {
+    use proto::etcdserverpb::response_op::Response as R;
+    for op in &mut r.responses {
+        match &mut op.response {
+            Some(R::ResponseRange(x)) => x.header = ctx.header(rev_of(&x.header)),
+            Some(R::ResponsePut(x)) => x.header = ctx.header(rev_of(&x.header)),
+            Some(R::ResponseDeleteRange(x)) => x.header = ctx.header(rev_of(&x.header)),
+            Some(R::ResponseTxn(x)) => {
+                x.header = ctx.header(rev_of(&x.header));
+                fill_headers(ctx, x);
+            }
+            None => {}
+        }
+    }
+}
+
+fn rev_of(h: &Option<proto::etcdserverpb::ResponseHeader>) -> i64 {
+    h.as_ref().map(|h| h.revision).unwrap_or(0)
+}
+
+fn done<T>(ctx: &Ctx, method: &'static str, r: Result<T>) -> Result<Response<T>, Status> {
+    let r = r.map(Response::new).map_err(Status::from);
+    ctx.node.metrics().rpc(method, &r);
+    r
+}
+
+#[tonic::async_trait]
+impl Kv for KvService {
+    #[tracing::instrument(skip_all, name = "KV.Range")]
+    async fn range(&self, req: Request<RangeRequest>) -> Result<Response<RangeResponse>, Status> {
+        done(&self.ctx, "Range", self.do_range(req.into_inner()).await)
+    }
+
+    #[tracing::instrument(skip_all, name = "KV.Put")]
+    async fn put(&self, req: Request<PutRequest>) -> Result<Response<PutResponse>, Status> {
+        done(&self.ctx, "Put", self.do_put(req.into_inner()).await)
+    }
+
+    #[tracing::instrument(skip_all, name = "KV.DeleteRange")]
+    async fn delete_range(
+        &self,
+        req: Request<DeleteRangeRequest>,
+    ) -> Result<Response<DeleteRangeResponse>, Status> {
+        done(
+            &self.ctx,
+            "DeleteRange",
+            self.do_delete(req.into_inner()).await,
+        )
+    }
+
+    #[tracing::instrument(skip_all, name = "KV.Txn")]
+    async fn txn(&self, req: Request<TxnRequest>) -> Result<Response<TxnResponse>, Status> {
+        done(&self.ctx, "Txn", self.do_txn(req.into_inner()).await)
+    }
+
+    #[tracing::instrument(skip_all, name = "KV.Compact")]
+    async fn compact(
+        &self,
+        req: Request<CompactionRequest>,
+    ) -> Result<Response<CompactionResponse>, Status> {
+        done(
+            &self.ctx,
+            "Compact",
+            self.do_compact(req.into_inner()).await,
+        )
+    }
+}

@@ -1,0 +1,238 @@
+//! `etcdserverpb.Lease`.
+
+use std::pin::Pin;
+
+use futures::Stream;
+use proto::etcdserverpb::lease_server::Lease;
+use proto::etcdserverpb::{
+    LeaseGrantRequest, LeaseGrantResponse, LeaseKeepAliveRequest, LeaseKeepAliveResponse,
+    LeaseLeasesRequest, LeaseLeasesResponse, LeaseRevokeRequest, LeaseRevokeResponse, LeaseStatus,
+    LeaseTimeToLiveRequest, LeaseTimeToLiveResponse,
+};
+use tokio::sync::mpsc;
+use tokio_stream::StreamExt;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
+
+use super::Ctx;
+use crate::command::Command;
+use crate::error::{Error, Result};
+use crate::lease::MIN_TTL;
+use crate::state::{MAX_LEASE_TTL, Response as SmResponse};
+
+/// The Lease service.
+#[derive(Clone)]
+pub struct LeaseService {
+    ctx: Ctx,
+}
+
+impl LeaseService {
+    /// Wrap a context.
+    pub fn new(ctx: Ctx) -> LeaseService {
+        LeaseService { ctx }
+    }
+
+    async fn grant(&self, r: LeaseGrantRequest) -> Result<LeaseGrantResponse> {
+        self.ctx.check_space()?;
+        if r.ttl > MAX_LEASE_TTL {
+            return Err(Error::LeaseTtlTooLarge);
+        }
+        if r.id < 0 {
+            return Err(Error::InvalidArgument("lease ID must be positive".into()));
+        }
+        let ttl = r.ttl.max(MIN_TTL);
+        let mut id = r.id;
+        if id == 0 {
+            // Chosen here, before proposing, so that apply stays deterministic.
+            loop {
+                id = (rand::random::<u64>() >> 1) as i64;
+                if id != 0 && !self.ctx.node.state().read().leases().contains_key(&id) {
+                    break;
+                }
+            }
+        }
+        let applied = self
+            .ctx
+            .node
+            .propose(Command::LeaseGrant { id, ttl })
+            .await?;
+        match applied.result? {
+            SmResponse::LeaseGrant { id, ttl } => Ok(LeaseGrantResponse {
+                header: self.ctx.header(applied.revision),
+                id,
+                ttl,
+                error: String::new(),
+            }),
+            _ => Err(Error::InvalidArgument(
+                "unexpected response to lease grant".into(),
+            )),
+        }
+    }
+
+    async fn revoke(&self, r: LeaseRevokeRequest) -> Result<LeaseRevokeResponse> {
+        let applied = self
+            .ctx
+            .node
+            .propose(Command::LeaseRevoke { id: r.id })
+            .await?;
+        applied.result?;
+        Ok(LeaseRevokeResponse {
+            header: self.ctx.header(applied.revision),
+        })
+    }
+
+    fn time_to_live(&self, r: LeaseTimeToLiveRequest) -> LeaseTimeToLiveResponse {
+        let st = self.ctx.node.state().read();
+        let rev = st.revision();
+        match st.leases().get(&r.id) {
+            Some(info) => {
+                let ttl = self.ctx.node.lessor().remaining(r.id).unwrap_or(info.ttl);
+                LeaseTimeToLiveResponse {
+                    header: self.ctx.header(rev),
+                    id: r.id,
+                    ttl,
+                    granted_ttl: info.ttl,
+                    keys: if r.keys {
+                        info.keys.iter().cloned().collect()
+                    } else {
+                        Vec::new()
+                    },
+                }
+            }
+            // etcd answers an unknown lease with TTL -1, not an error.
+            None => LeaseTimeToLiveResponse {
+                header: self.ctx.header(rev),
+                id: r.id,
+                ttl: -1,
+                granted_ttl: 0,
+                keys: Vec::new(),
+            },
+        }
+    }
+
+    fn leases(&self) -> LeaseLeasesResponse {
+        let st = self.ctx.node.state().read();
+        LeaseLeasesResponse {
+            header: self.ctx.header(st.revision()),
+            leases: st
+                .leases()
+                .keys()
+                .map(|id| LeaseStatus { id: *id })
+                .collect(),
+        }
+    }
+}
+
+fn done<T>(ctx: &Ctx, method: &'static str, r: Result<T>) -> Result<Response<T>, Status> {
+    let r = r.map(Response::new).map_err(Status::from);
+    ctx.node.metrics().rpc(method, &r);
+    r
+}
+
+type KeepAliveStream = Pin<Box<dyn Stream<Item = Result<LeaseKeepAliveResponse, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl Lease for LeaseService {
+    #[tracing::instrument(skip_all, name = "Lease.LeaseGrant")]
+    async fn lease_grant(
+        &self,
+        req: Request<LeaseGrantRequest>,
+    ) -> Result<Response<LeaseGrantResponse>, Status> {
+        done(&self.ctx, "LeaseGrant", self.grant(req.into_inner()).await)
+    }
+
+    #[tracing::instrument(skip_all, name = "Lease.LeaseRevoke")]
+    async fn lease_revoke(
+        &self,
+        req: Request<LeaseRevokeRequest>,
+    ) -> Result<Response<LeaseRevokeResponse>, Status> {
+        done(
+            &self.ctx,
+            "LeaseRevoke",
+            self.revoke(req.into_inner()).await,
+        )
+    }
+
+    type LeaseKeepAliveStream = KeepAliveStream;
+
+    async fn lease_keep_alive(
+        &self,
+        req: Request<Streaming<LeaseKeepAliveRequest>>,
+    ) -> Result<Response<Self::LeaseKeepAliveStream>, Status> {
+        let mut incoming = req.into_inner();
+        let (tx, rx) = mpsc::channel(64);
+        let ctx = self.ctx.clone();
+        ctx.node.metrics().rpc::<()>("LeaseKeepAlive", &Ok(()));
+        tokio::spawn(async move {
+            while let Some(Ok(m)) = incoming.next().await {
+                // Unknown (expired, revoked) leases answer TTL 0, as etcd does.
+                let known = ctx.node.state().read().leases().contains_key(&m.id);
+                let ttl = if known {
+                    ctx.node.lessor().renew(m.id).unwrap_or(0)
+                } else {
+                    0
+                };
+                let rev = ctx.node.state().read().revision();
+                let resp = LeaseKeepAliveResponse {
+                    header: ctx.header(rev),
+                    id: m.id,
+                    ttl,
+                };
+                if tx.send(Ok(resp)).await.is_err() {
+                    break;
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    #[tracing::instrument(skip_all, name = "Lease.LeaseTimeToLive")]
+    async fn lease_time_to_live(
+        &self,
+        req: Request<LeaseTimeToLiveRequest>,
+    ) -> Result<Response<LeaseTimeToLiveResponse>, Status> {
+        done(
+            &self.ctx,
+            "LeaseTimeToLive",
+            Ok(self.time_to_live(req.into_inner())),
+        )
+    }
+
+    #[tracing::instrument(skip_all, name = "Lease.LeaseLeases")]
+    async fn lease_leases(
+        &self,
+        _req: Request<LeaseLeasesRequest>,
+    ) -> Result<Response<LeaseLeasesResponse>, Status> {
+        done(&self.ctx, "LeaseLeases", Ok(self.leases()))
+    }
+}
+
+/// Propose revocation of expired leases, forever (until the node stops).
+pub async fn expiry_loop(ctx: Ctx, shutdown: tokio_util::sync::CancellationToken) {
+    let mut tick = tokio::time::interval(std::time::Duration::from_millis(250));
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        // At most 500 revocations per tick (etcd limits its revoke rate the same way).
+        for id in ctx.node.lessor().expired(500) {
+            match ctx.node.propose(Command::LeaseRevoke { id }).await {
+                Ok(a) => {
+                    if let Err(Error::LeaseNotFound) = a.result {
+                        ctx.node.lessor().revoked(id);
+                    } else {
+                        tracing::debug!(lease = id, "lease expired");
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(lease = id, error = %e, "could not propose lease expiry");
+                    break;
+                }
+            }
+        }
+        let st = ctx.node.state().read();
+        ctx.node.metrics().leases.set(st.leases().len() as i64);
+        ctx.node.metrics().revision.set(st.revision());
+    }
+}

@@ -1,0 +1,366 @@
+//! `etcdserverpb.Maintenance` and `etcdserverpb.Cluster`.
+//!
+//! Snapshot format (ours, not etcd's bolt file, so `etcdctl snapshot status` cannot read it):
+//! the 8 bytes `CSNAP001`, then for every backend entry `[key len u32 LE][key][value len u32
+//! LE][value]`, then a CRC-32 of everything before it (u32 LE). The copy is taken under the
+//! state lock, so it is one consistent point in time; writes wait while it is copied to a
+//! temporary file, then the file is streamed.
+
+use std::io::{Read, Write};
+use std::pin::Pin;
+use std::sync::atomic::Ordering;
+
+use futures::Stream;
+use proto::etcdserverpb::cluster_server::Cluster;
+use proto::etcdserverpb::maintenance_server::Maintenance;
+use proto::etcdserverpb::{
+    AlarmMember, AlarmRequest, AlarmResponse, AlarmType, DefragmentRequest, DefragmentResponse,
+    HashKvRequest, HashKvResponse, HashRequest, HashResponse, Member, MemberAddRequest,
+    MemberAddResponse, MemberListRequest, MemberListResponse, MemberPromoteRequest,
+    MemberPromoteResponse, MemberRemoveRequest, MemberRemoveResponse, MemberUpdateRequest,
+    MemberUpdateResponse, MoveLeaderRequest, MoveLeaderResponse, SnapshotRequest, SnapshotResponse,
+    StatusRequest, StatusResponse, alarm_request::AlarmAction,
+};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status};
+
+use super::Ctx;
+use crate::error::{Error, Result};
+
+const SNAPSHOT_CHUNK: usize = 32 * 1024;
+
+/// Maintenance and Cluster services.
+#[derive(Clone)]
+pub struct MaintenanceService {
+    ctx: Ctx,
+}
+
+impl MaintenanceService {
+    /// Wrap a context.
+    pub fn new(ctx: Ctx) -> MaintenanceService {
+        MaintenanceService { ctx }
+    }
+
+    fn member(&self) -> Member {
+        Member {
+            id: self.ctx.id.member_id,
+            name: self.ctx.id.name.clone(),
+            peer_ur_ls: self.ctx.id.peer_urls.clone(),
+            client_ur_ls: self.ctx.id.client_urls.clone(),
+            is_learner: false,
+        }
+    }
+
+    fn rev(&self) -> i64 {
+        self.ctx.node.state().read().revision()
+    }
+
+    fn single_member_only(&self) -> Status {
+        Status::from(Error::Unsupported(
+            "member changes need replication, which this build does not run yet".into(),
+        ))
+    }
+}
+
+fn done<T>(ctx: &Ctx, method: &'static str, r: Result<T>) -> Result<Response<T>, Status> {
+    let r = r.map(Response::new).map_err(Status::from);
+    ctx.node.metrics().rpc(method, &r);
+    r
+}
+
+type SnapStream = Pin<Box<dyn Stream<Item = Result<SnapshotResponse, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl Maintenance for MaintenanceService {
+    async fn alarm(&self, req: Request<AlarmRequest>) -> Result<Response<AlarmResponse>, Status> {
+        let r = req.into_inner();
+        let nospace = &self.ctx.nospace;
+        match AlarmAction::try_from(r.action) {
+            Ok(AlarmAction::Get) => {}
+            Ok(AlarmAction::Activate) => {
+                if r.alarm == AlarmType::Nospace as i32 {
+                    nospace.store(true, Ordering::Release);
+                }
+            }
+            Ok(AlarmAction::Deactivate) => {
+                if r.alarm == AlarmType::Nospace as i32 || r.alarm == AlarmType::None as i32 {
+                    nospace.store(false, Ordering::Release);
+                }
+            }
+            Err(_) => {
+                return done(
+                    &self.ctx,
+                    "Alarm",
+                    Err(Error::InvalidArgument(format!(
+                        "unknown alarm action {}",
+                        r.action
+                    ))),
+                );
+            }
+        }
+        let alarms = if nospace.load(Ordering::Acquire) {
+            vec![AlarmMember {
+                member_id: self.ctx.id.member_id,
+                alarm: AlarmType::Nospace as i32,
+            }]
+        } else {
+            Vec::new()
+        };
+        done(
+            &self.ctx,
+            "Alarm",
+            Ok(AlarmResponse {
+                header: self.ctx.header(self.rev()),
+                alarms,
+            }),
+        )
+    }
+
+    async fn status(&self, _: Request<StatusRequest>) -> Result<Response<StatusResponse>, Status> {
+        let st = self.ctx.node.state().read();
+        let size = st.store().backend().size_on_disk() as i64;
+        let mut errors = Vec::new();
+        if self.ctx.nospace.load(Ordering::Acquire) {
+            errors.push(
+                "memberID:".to_string() + &self.ctx.id.member_id.to_string() + " alarm:NOSPACE",
+            );
+        }
+        let resp = StatusResponse {
+            header: self.ctx.header(st.revision()),
+            version: self.ctx.version.to_string(),
+            db_size: size,
+            leader: self.ctx.id.member_id,
+            raft_index: st.applied_index(),
+            raft_term: self.ctx.node.term(),
+            raft_applied_index: st.applied_index(),
+            errors,
+            db_size_in_use: size,
+            is_learner: false,
+        };
+        drop(st);
+        done(&self.ctx, "Status", Ok(resp))
+    }
+
+    async fn defragment(
+        &self,
+        _: Request<DefragmentRequest>,
+    ) -> Result<Response<DefragmentResponse>, Status> {
+        // sled reclaims space itself; a flush is what an operator expects to see happen here.
+        let r = self.ctx.node.state().read().store().backend().flush();
+        done(
+            &self.ctx,
+            "Defragment",
+            r.map(|_| DefragmentResponse {
+                header: self.ctx.header(self.rev()),
+            }),
+        )
+    }
+
+    async fn hash(&self, _: Request<HashRequest>) -> Result<Response<HashResponse>, Status> {
+        let st = self.ctx.node.state().read();
+        let mut h = crc32fast::Hasher::new();
+        let r = st.store().backend().scan(&[0], &[0xff], &mut |k, v| {
+            h.update(k);
+            h.update(v);
+            true
+        });
+        let rev = st.revision();
+        drop(st);
+        done(
+            &self.ctx,
+            "Hash",
+            r.map(|_| HashResponse {
+                header: self.ctx.header(rev),
+                hash: h.finalize(),
+            }),
+        )
+    }
+
+    async fn hash_kv(
+        &self,
+        req: Request<HashKvRequest>,
+    ) -> Result<Response<HashKvResponse>, Status> {
+        let r = req.into_inner();
+        let st = self.ctx.node.state().read();
+        let rev = if r.revision <= 0 {
+            st.revision()
+        } else {
+            r.revision
+        };
+        let res = st.store().hash_kv(rev).map(|hash| HashKvResponse {
+            header: self.ctx.header(st.revision()),
+            hash,
+            compact_revision: st.store().compact_revision(),
+            hash_revision: rev,
+        });
+        drop(st);
+        done(&self.ctx, "HashKV", res)
+    }
+
+    type SnapshotStream = SnapStream;
+
+    async fn snapshot(
+        &self,
+        _: Request<SnapshotRequest>,
+    ) -> Result<Response<Self::SnapshotStream>, Status> {
+        let ctx = self.ctx.clone();
+        let file = tokio::task::spawn_blocking(move || write_snapshot(&ctx))
+            .await
+            .map_err(|e| Status::internal(format!("snapshot task failed: {e}")))?;
+        let (mut file, total, rev) = match file {
+            Ok(f) => f,
+            Err(e) => {
+                let s = Status::from(e);
+                self.ctx
+                    .node
+                    .metrics()
+                    .rpc::<()>("Snapshot", &Err(s.clone()));
+                return Err(s);
+            }
+        };
+        let (tx, rx) = mpsc::channel(4);
+        let ctx = self.ctx.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut sent = 0u64;
+            let mut buf = vec![0u8; SNAPSHOT_CHUNK];
+            loop {
+                let n = match file.read(&mut buf) {
+                    Ok(0) => break,
+                    Ok(n) => n,
+                    Err(e) => {
+                        let _ =
+                            tx.blocking_send(Err(Status::internal(format!("snapshot read: {e}"))));
+                        return;
+                    }
+                };
+                sent += n as u64;
+                let resp = SnapshotResponse {
+                    header: ctx.header(rev),
+                    remaining_bytes: total - sent,
+                    blob: buf[..n].to_vec(),
+                    version: ctx.version.to_string(),
+                };
+                if tx.blocking_send(Ok(resp)).is_err() {
+                    return;
+                }
+            }
+        });
+        self.ctx.node.metrics().rpc::<()>("Snapshot", &Ok(()));
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn move_leader(
+        &self,
+        req: Request<MoveLeaderRequest>,
+    ) -> Result<Response<MoveLeaderResponse>, Status> {
+        let r = req.into_inner();
+        if r.target_id != self.ctx.id.member_id {
+            return done(&self.ctx, "MoveLeader", Err(Error::MemberNotFound));
+        }
+        done(
+            &self.ctx,
+            "MoveLeader",
+            Ok(MoveLeaderResponse {
+                header: self.ctx.header(self.rev()),
+            }),
+        )
+    }
+}
+
+fn write_snapshot(ctx: &Ctx) -> Result<(std::fs::File, u64, i64)> {
+    let mut tmp = tempfile_in_data()?;
+    let st = ctx.node.state().read();
+    let rev = st.revision();
+    let mut h = crc32fast::Hasher::new();
+    let mut w = std::io::BufWriter::with_capacity(1 << 20, &mut tmp);
+    let mut io_err = None;
+    w.write_all(b"CSNAP001")?;
+    h.update(b"CSNAP001");
+    st.store().backend().scan(&[0], &[0xff], &mut |k, v| {
+        let mut rec = Vec::with_capacity(8 + k.len() + v.len());
+        rec.extend_from_slice(&(k.len() as u32).to_le_bytes());
+        rec.extend_from_slice(k);
+        rec.extend_from_slice(&(v.len() as u32).to_le_bytes());
+        rec.extend_from_slice(v);
+        h.update(&rec);
+        if let Err(e) = w.write_all(&rec) {
+            io_err = Some(e);
+            return false;
+        }
+        true
+    })?;
+    drop(st);
+    if let Some(e) = io_err {
+        return Err(e.into());
+    }
+    w.write_all(&h.finalize().to_le_bytes())?;
+    w.flush()?;
+    drop(w);
+    let total = tmp.metadata()?.len();
+    use std::io::Seek;
+    tmp.seek(std::io::SeekFrom::Start(0))?;
+    Ok((tmp, total, rev))
+}
+
+fn tempfile_in_data() -> Result<std::fs::File> {
+    // An unnamed temporary file: gone when closed, even after a crash.
+    let dir = std::env::temp_dir();
+    let path = dir.join(format!(
+        "coordinator-snapshot-{}-{}",
+        std::process::id(),
+        rand::random::<u64>()
+    ));
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create_new(true)
+        .open(&path)?;
+    std::fs::remove_file(&path)?;
+    Ok(f)
+}
+
+#[tonic::async_trait]
+impl Cluster for MaintenanceService {
+    async fn member_add(
+        &self,
+        _: Request<MemberAddRequest>,
+    ) -> Result<Response<MemberAddResponse>, Status> {
+        Err(self.single_member_only())
+    }
+
+    async fn member_remove(
+        &self,
+        _: Request<MemberRemoveRequest>,
+    ) -> Result<Response<MemberRemoveResponse>, Status> {
+        Err(self.single_member_only())
+    }
+
+    async fn member_update(
+        &self,
+        _: Request<MemberUpdateRequest>,
+    ) -> Result<Response<MemberUpdateResponse>, Status> {
+        Err(self.single_member_only())
+    }
+
+    async fn member_list(
+        &self,
+        _: Request<MemberListRequest>,
+    ) -> Result<Response<MemberListResponse>, Status> {
+        done(
+            &self.ctx,
+            "MemberList",
+            Ok(MemberListResponse {
+                header: self.ctx.header(self.rev()),
+                members: vec![self.member()],
+            }),
+        )
+    }
+
+    async fn member_promote(
+        &self,
+        _: Request<MemberPromoteRequest>,
+    ) -> Result<Response<MemberPromoteResponse>, Status> {
+        Err(self.single_member_only())
+    }
+}

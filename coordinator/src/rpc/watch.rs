@@ -1,0 +1,216 @@
+//! `etcdserverpb.Watch`: one bidirectional stream carrying many watchers.
+//!
+//! Outgoing messages of all watchers of a stream share one bounded channel; the hub never waits
+//! on it (see [`crate::watch`]). Limits: at most `--max-watchers-per-stream` watchers per stream.
+
+use std::collections::HashMap;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use futures::Stream;
+use proto::etcdserverpb::watch_request::RequestUnion;
+use proto::etcdserverpb::watch_server::Watch;
+use proto::etcdserverpb::{WatchCreateRequest, WatchRequest, WatchResponse};
+use tokio::sync::mpsc;
+use tokio_stream::StreamExt;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
+
+use super::{Ctx, key_range};
+use crate::watch::{WatchSpec, Watcher};
+
+/// Messages buffered per stream before its watchers are moved to catch-up.
+const STREAM_BUFFER: usize = 1024;
+
+/// The Watch service.
+#[derive(Clone)]
+pub struct WatchService {
+    ctx: Ctx,
+}
+
+impl WatchService {
+    /// Wrap a context.
+    pub fn new(ctx: Ctx) -> WatchService {
+        WatchService { ctx }
+    }
+}
+
+type WatchStream = Pin<Box<dyn Stream<Item = Result<WatchResponse, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl Watch for WatchService {
+    type WatchStream = WatchStream;
+
+    async fn watch(
+        &self,
+        req: Request<Streaming<WatchRequest>>,
+    ) -> Result<Response<Self::WatchStream>, Status> {
+        let mut incoming = req.into_inner();
+        let (tx, rx) = mpsc::channel(STREAM_BUFFER);
+        let ctx = self.ctx.clone();
+        let stream_id = ctx.next_stream.fetch_add(1, Ordering::Relaxed);
+        ctx.node.metrics().rpc::<()>("Watch", &Ok(()));
+        tokio::spawn(async move {
+            let mut session = Session {
+                ctx: ctx.clone(),
+                stream: stream_id,
+                tx,
+                watchers: HashMap::new(),
+                next_id: 0,
+            };
+            loop {
+                tokio::select! {
+                    msg = incoming.next() => match msg {
+                        Some(Ok(m)) => {
+                            if !session.handle(m).await {
+                                break;
+                            }
+                        }
+                        Some(Err(_)) | None => break,
+                    },
+                    _ = session.tx.closed() => break,
+                }
+            }
+            session.close();
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+}
+
+struct Session {
+    ctx: Ctx,
+    stream: u64,
+    tx: mpsc::Sender<Result<WatchResponse, Status>>,
+    watchers: HashMap<i64, Arc<Watcher>>,
+    next_id: i64,
+}
+
+impl Session {
+    /// Handle one request; false when the stream should end.
+    async fn handle(&mut self, m: WatchRequest) -> bool {
+        match m.request_union {
+            Some(RequestUnion::CreateRequest(c)) => self.create(c).await,
+            Some(RequestUnion::CancelRequest(c)) => {
+                if let Some(w) = self.watchers.remove(&c.watch_id) {
+                    self.ctx.node.hub().cancel(&w);
+                    self.update_gauge();
+                    let resp = WatchResponse {
+                        header: self.ctx.header(self.ctx.node.hub().published_revision()),
+                        watch_id: c.watch_id,
+                        canceled: true,
+                        ..Default::default()
+                    };
+                    return self.tx.send(Ok(resp)).await.is_ok();
+                }
+                true
+            }
+            Some(RequestUnion::ProgressRequest(_)) => {
+                let rev = self.ctx.node.hub().progress_revision(self.stream);
+                let resp = WatchResponse {
+                    header: self.ctx.header(rev),
+                    watch_id: -1,
+                    ..Default::default()
+                };
+                self.tx.send(Ok(resp)).await.is_ok()
+            }
+            None => true,
+        }
+    }
+
+    async fn create(&mut self, c: WatchCreateRequest) -> bool {
+        let hub = self.ctx.node.hub().clone();
+        let refuse = |id: i64, reason: String, rev: i64, ctx: &Ctx| WatchResponse {
+            header: ctx.header(rev),
+            watch_id: id,
+            created: true,
+            canceled: true,
+            cancel_reason: reason,
+            ..Default::default()
+        };
+        let rev = hub.published_revision();
+        if self.watchers.len() >= self.ctx.limits.max_watchers_per_stream {
+            let r = refuse(
+                c.watch_id,
+                format!(
+                    "etcdserver: too many watchers on this stream (limit {})",
+                    self.ctx.limits.max_watchers_per_stream
+                ),
+                rev,
+                &self.ctx,
+            );
+            return self.tx.send(Ok(r)).await.is_ok();
+        }
+        if c.key.is_empty() {
+            let r = refuse(
+                c.watch_id,
+                "etcdserver: key is not provided".into(),
+                rev,
+                &self.ctx,
+            );
+            return self.tx.send(Ok(r)).await.is_ok();
+        }
+        let id = if c.watch_id != 0 {
+            if self.watchers.contains_key(&c.watch_id) {
+                let r = refuse(
+                    c.watch_id,
+                    "etcdserver: duplicate watch ID provided on the WatchStream".into(),
+                    rev,
+                    &self.ctx,
+                );
+                return self.tx.send(Ok(r)).await.is_ok();
+            }
+            c.watch_id
+        } else {
+            while self.watchers.contains_key(&self.next_id) {
+                self.next_id += 1;
+            }
+            let id = self.next_id;
+            self.next_id += 1;
+            id
+        };
+        let spec = WatchSpec {
+            range: key_range(c.key, c.range_end),
+            no_put: c.filters.contains(&0),
+            no_delete: c.filters.contains(&1),
+            prev_kv: c.prev_kv,
+            progress_notify: c.progress_notify,
+        };
+        // `created` goes out before any event of this watcher: the watcher is registered only
+        // after the message is queued.
+        let created = WatchResponse {
+            header: self.ctx.header(rev),
+            watch_id: id,
+            created: true,
+            ..Default::default()
+        };
+        if self.tx.send(Ok(created)).await.is_err() {
+            return false;
+        }
+        // A watch from revision 0 means "after what the client was told is current".
+        let start = if c.start_revision == 0 {
+            rev + 1
+        } else {
+            c.start_revision
+        };
+        let w = hub.watch(self.stream, id, spec, start, self.tx.clone());
+        self.watchers.insert(id, w);
+        self.update_gauge();
+        true
+    }
+
+    fn update_gauge(&self) {
+        self.ctx
+            .node
+            .metrics()
+            .watchers
+            .set(self.ctx.node.hub().watcher_count() as i64);
+    }
+
+    fn close(&mut self) {
+        for (_, w) in self.watchers.drain() {
+            self.ctx.node.hub().cancel(&w);
+        }
+        self.update_gauge();
+    }
+}

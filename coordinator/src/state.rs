@@ -1,0 +1,658 @@
+//! The state machine: `apply` is the only code that changes the key space.
+//!
+//! `apply(index, command)` takes the next committed log entry and returns the response and the
+//! events it produced. It is deterministic — no clock, no randomness, no I/O beyond the backend —
+//! so every member that applies the same log reaches the same state. Requests that could be
+//! refused without looking at the state (empty keys, too many txn ops, duplicate keys) are
+//! refused *before* proposing by [`validate`]; what depends on the state (does the lease exist?
+//! does the key exist for `ignore_value`?) is checked here, before anything is written, so a
+//! failing command changes nothing.
+//!
+//! Leases live here too (their TTL and attached keys); *when* a lease expires is not state but
+//! the leader's business (see [`crate::lease`]), which proposes a `LeaseRevoke` when it does.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+
+use proto::etcdserverpb::{
+    self as pb, DeleteRangeResponse, PutResponse, RangeResponse, ResponseHeader, ResponseOp,
+    TxnResponse, response_op,
+};
+use proto::mvccpb::Event;
+
+use crate::command::{
+    Command, Compare, CompareResult, CompareTarget, DeleteReq, KeyRange, Op, PutReq, TxnReq,
+};
+use crate::error::{Error, Result};
+use crate::mvcc::keys;
+use crate::mvcc::store::WriteTxn;
+use crate::mvcc::{Backend, MvccStore};
+
+/// Largest TTL a lease may ask for (etcd's limit, in seconds).
+pub const MAX_LEASE_TTL: i64 = 9_000_000_000;
+
+/// A granted lease, as replicated state.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LeaseInfo {
+    /// TTL granted, in seconds.
+    pub ttl: i64,
+    /// Keys attached now.
+    pub keys: BTreeSet<Vec<u8>>,
+}
+
+/// What applying one command produced.
+#[derive(Debug)]
+pub struct Applied {
+    /// Store revision after the command.
+    pub revision: i64,
+    /// The response, or the error the command was refused with (nothing changed then).
+    pub result: Result<Response>,
+    /// Events to deliver to watchers, all at `revision`.
+    pub events: Vec<Event>,
+}
+
+/// Responses of commands (headers are filled in by the adapters).
+#[derive(Debug, Clone, PartialEq)]
+pub enum Response {
+    /// Put.
+    Put(PutResponse),
+    /// DeleteRange.
+    Delete(DeleteRangeResponse),
+    /// Txn.
+    Txn(TxnResponse),
+    /// Compact.
+    Compact,
+    /// LeaseGrant: id and ttl granted.
+    LeaseGrant {
+        /// Lease ID.
+        id: i64,
+        /// TTL.
+        ttl: i64,
+    },
+    /// LeaseRevoke.
+    LeaseRevoke,
+    /// Noop.
+    Noop,
+}
+
+/// The key space plus leases plus the applied index.
+pub struct StateMachine {
+    store: MvccStore,
+    leases: BTreeMap<i64, LeaseInfo>,
+    applied_index: u64,
+    applied_term: u64,
+}
+
+fn header(rev: i64) -> Option<ResponseHeader> {
+    Some(ResponseHeader {
+        revision: rev,
+        ..Default::default()
+    })
+}
+
+impl StateMachine {
+    /// Open the state machine over a backend, rebuilding index and lease table.
+    pub fn open(backend: Arc<dyn Backend>) -> Result<StateMachine> {
+        let store = MvccStore::open(backend.clone())?;
+        let mut leases = BTreeMap::new();
+        let mut err = None;
+        backend.scan(
+            &[keys::LEASE],
+            &[keys::LEASE + 1],
+            &mut |k, v| match keys::parse_lease_key(k).and_then(|id| Ok((id, keys::decode_i64(v)?)))
+            {
+                Ok((id, ttl)) => {
+                    leases.insert(
+                        id,
+                        LeaseInfo {
+                            ttl,
+                            keys: BTreeSet::new(),
+                        },
+                    );
+                    true
+                }
+                Err(e) => {
+                    err = Some(e);
+                    false
+                }
+            },
+        )?;
+        if let Some(e) = err {
+            return Err(e);
+        }
+        // Re-attach keys to their leases from the current version of every key.
+        let all = KeyRange {
+            key: vec![0],
+            end: vec![0],
+        };
+        for kv in store.latest_in(&all, false)? {
+            if kv.lease != 0 {
+                if let Some(l) = leases.get_mut(&kv.lease) {
+                    l.keys.insert(kv.key);
+                }
+            }
+        }
+        let applied_index = match backend.get(keys::META_APPLIED)? {
+            Some(v) => keys::decode_i64(&v)? as u64,
+            None => 0,
+        };
+        let applied_term = match backend.get(keys::META_TERM)? {
+            Some(v) => keys::decode_i64(&v)? as u64,
+            None => 0,
+        };
+        Ok(StateMachine {
+            store,
+            leases,
+            applied_index,
+            applied_term,
+        })
+    }
+
+    /// The key space (read-only).
+    pub fn store(&self) -> &MvccStore {
+        &self.store
+    }
+
+    /// Index of the last applied log entry.
+    pub fn applied_index(&self) -> u64 {
+        self.applied_index
+    }
+
+    /// Term of the last applied log entry.
+    pub fn applied_term(&self) -> u64 {
+        self.applied_term
+    }
+
+    /// Current revision.
+    pub fn revision(&self) -> i64 {
+        self.store.current_revision()
+    }
+
+    /// Leases with their TTL and keys.
+    pub fn leases(&self) -> &BTreeMap<i64, LeaseInfo> {
+        &self.leases
+    }
+
+    /// Land every change applied since the last commit, with the applied index, atomically.
+    pub fn commit(&mut self) -> Result<()> {
+        self.store.stage(
+            keys::META_APPLIED.to_vec(),
+            Some((self.applied_index as i64).to_le_bytes().to_vec()),
+        );
+        self.store.stage(
+            keys::META_TERM.to_vec(),
+            Some((self.applied_term as i64).to_le_bytes().to_vec()),
+        );
+        self.store.commit()
+    }
+
+    /// Apply the log entry at `index` (entries at or below the applied index are skipped, so
+    /// replaying a log after a crash is safe).
+    pub fn apply(&mut self, index: u64, term: u64, cmd: &Command) -> Option<Applied> {
+        if index <= self.applied_index {
+            return None;
+        }
+        self.applied_index = index;
+        self.applied_term = term;
+        let mut events = Vec::new();
+        let result = match cmd {
+            Command::Put(p) => self.apply_put(p, &mut events),
+            Command::Delete(d) => self.apply_delete(d, &mut events),
+            Command::Txn(t) => self.apply_txn(t, &mut events),
+            Command::Compact { revision } => {
+                self.store.compact(*revision).map(|_| Response::Compact)
+            }
+            Command::LeaseGrant { id, ttl } => self.apply_grant(*id, *ttl),
+            Command::LeaseRevoke { id } => self.apply_revoke(*id, &mut events),
+            Command::Noop => Ok(Response::Noop),
+        };
+        Some(Applied {
+            revision: self.store.current_revision(),
+            result,
+            events,
+        })
+    }
+
+    fn apply_put(&mut self, p: &PutReq, events: &mut Vec<Event>) -> Result<Response> {
+        self.check_put(p, None)?;
+        let mut txn = self.store.begin_write();
+        let resp = put_in(&mut txn, &mut self.leases, p)?;
+        let (rev, evs) = txn.finish();
+        events.extend(evs);
+        Ok(Response::Put(PutResponse {
+            header: header(rev),
+            ..resp
+        }))
+    }
+
+    fn apply_delete(&mut self, d: &DeleteReq, events: &mut Vec<Event>) -> Result<Response> {
+        let mut txn = self.store.begin_write();
+        let resp = delete_in(&mut txn, &mut self.leases, d)?;
+        let (rev, evs) = txn.finish();
+        events.extend(evs);
+        Ok(Response::Delete(DeleteRangeResponse {
+            header: header(rev),
+            ..resp
+        }))
+    }
+
+    /// Check a put against the state before anything is written.
+    fn check_put(&self, p: &PutReq, txn_view: Option<&WriteTxn<'_>>) -> Result<()> {
+        if p.lease != 0 && !p.ignore_lease && !self.leases.contains_key(&p.lease) {
+            return Err(Error::LeaseNotFound);
+        }
+        if p.ignore_value || p.ignore_lease {
+            let exists = match txn_view {
+                Some(t) => t.get(&p.key)?.is_some(),
+                None => self.store.get(&p.key)?.is_some(),
+            };
+            if !exists {
+                return Err(Error::KeyNotFound);
+            }
+        }
+        Ok(())
+    }
+
+    fn apply_txn(&mut self, t: &TxnReq, events: &mut Vec<Event>) -> Result<Response> {
+        // Decide every branch first, against the state before the txn (etcd does the same for
+        // nested txns), then check every op on the chosen path, then execute.
+        let mut path = Vec::new();
+        self.choose_path(t, &mut path)?;
+        let mut cursor = 0;
+        self.check_path(t, &path, &mut cursor)?;
+        let mut txn = self.store.begin_write();
+        let mut cursor = 0;
+        let resp = exec_txn(&mut txn, &mut self.leases, t, &path, &mut cursor)?;
+        let (rev, evs) = txn.finish();
+        events.extend(evs);
+        let mut resp = resp;
+        resp.header = header(rev);
+        Ok(Response::Txn(resp))
+    }
+
+    fn choose_path(&self, t: &TxnReq, path: &mut Vec<bool>) -> Result<()> {
+        let ok = t
+            .compare
+            .iter()
+            .map(|c| self.compare(c))
+            .collect::<Result<Vec<_>>>()?;
+        let ok = ok.into_iter().all(|b| b);
+        path.push(ok);
+        let ops = if ok { &t.success } else { &t.failure };
+        for op in ops {
+            if let Op::Txn(inner) = op {
+                self.choose_path(inner, path)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn check_path(&self, t: &TxnReq, path: &[bool], cursor: &mut usize) -> Result<()> {
+        let ok = path.get(*cursor).copied().unwrap_or(false);
+        *cursor += 1;
+        let ops = if ok { &t.success } else { &t.failure };
+        for op in ops {
+            match op {
+                Op::Put(p) => {
+                    if p.lease != 0 && !p.ignore_lease && !self.leases.contains_key(&p.lease) {
+                        return Err(Error::LeaseNotFound);
+                    }
+                    if (p.ignore_value || p.ignore_lease) && self.store.get(&p.key)?.is_none() {
+                        return Err(Error::KeyNotFound);
+                    }
+                }
+                Op::Range(r) => self.store.validate_range(r)?,
+                Op::Delete(_) => {}
+                Op::Txn(inner) => self.check_path(inner, path, cursor)?,
+            }
+        }
+        Ok(())
+    }
+
+    fn compare(&self, c: &Compare) -> Result<bool> {
+        let kvs = if c.range.is_single() {
+            self.store
+                .get(&c.range.key)?
+                .into_iter()
+                .collect::<Vec<_>>()
+        } else {
+            let with_value = matches!(c.target, CompareTarget::Value(_));
+            self.store.latest_in(&c.range, with_value)?
+        };
+        if kvs.is_empty() {
+            // A missing key compares as version/create/mod/lease 0; a value compare fails.
+            if let CompareTarget::Value(_) = c.target {
+                return Ok(false);
+            }
+            return Ok(compare_one(c, &proto::mvccpb::KeyValue::default()));
+        }
+        Ok(kvs.iter().all(|kv| compare_one(c, kv)))
+    }
+
+    fn apply_grant(&mut self, id: i64, ttl: i64) -> Result<Response> {
+        if id == 0 {
+            return Err(Error::InvalidArgument("lease id 0 is reserved".into()));
+        }
+        if ttl > MAX_LEASE_TTL {
+            return Err(Error::LeaseTtlTooLarge);
+        }
+        if self.leases.contains_key(&id) {
+            return Err(Error::LeaseExists);
+        }
+        self.leases.insert(
+            id,
+            LeaseInfo {
+                ttl,
+                keys: BTreeSet::new(),
+            },
+        );
+        self.store.stage(
+            keys::lease_key(id).to_vec(),
+            Some(ttl.to_le_bytes().to_vec()),
+        );
+        Ok(Response::LeaseGrant { id, ttl })
+    }
+
+    fn apply_revoke(&mut self, id: i64, events: &mut Vec<Event>) -> Result<Response> {
+        let Some(info) = self.leases.remove(&id) else {
+            return Err(Error::LeaseNotFound);
+        };
+        let mut txn = self.store.begin_write();
+        for k in &info.keys {
+            txn.delete(&KeyRange::single(k.clone()))?;
+        }
+        let (_, evs) = txn.finish();
+        events.extend(evs);
+        self.store.stage(keys::lease_key(id).to_vec(), None);
+        Ok(Response::LeaseRevoke)
+    }
+}
+
+fn compare_one(c: &Compare, kv: &proto::mvccpb::KeyValue) -> bool {
+    use std::cmp::Ordering;
+    let ord = match &c.target {
+        CompareTarget::Version(v) => kv.version.cmp(v),
+        CompareTarget::Create(v) => kv.create_revision.cmp(v),
+        CompareTarget::Mod(v) => kv.mod_revision.cmp(v),
+        CompareTarget::Lease(v) => kv.lease.cmp(v),
+        CompareTarget::Value(v) => kv.value.as_slice().cmp(v.as_slice()),
+    };
+    match c.result {
+        CompareResult::Equal => ord == Ordering::Equal,
+        CompareResult::NotEqual => ord != Ordering::Equal,
+        CompareResult::Greater => ord == Ordering::Greater,
+        CompareResult::Less => ord == Ordering::Less,
+    }
+}
+
+fn put_in(
+    txn: &mut WriteTxn<'_>,
+    leases: &mut BTreeMap<i64, LeaseInfo>,
+    p: &PutReq,
+) -> Result<PutResponse> {
+    let cur = if p.ignore_value || p.ignore_lease {
+        txn.get(&p.key)?
+    } else {
+        None
+    };
+    let value = if p.ignore_value {
+        cur.as_ref().map(|c| c.value.clone()).unwrap_or_default()
+    } else {
+        p.value.clone()
+    };
+    let lease = if p.ignore_lease {
+        cur.as_ref().map(|c| c.lease).unwrap_or(0)
+    } else {
+        p.lease
+    };
+    let prev = txn.put(&p.key, value, lease)?;
+    if let Some(prev) = &prev {
+        if prev.lease != 0 && prev.lease != lease {
+            if let Some(l) = leases.get_mut(&prev.lease) {
+                l.keys.remove(&p.key);
+            }
+        }
+    }
+    if lease != 0 {
+        if let Some(l) = leases.get_mut(&lease) {
+            l.keys.insert(p.key.clone());
+        }
+    }
+    Ok(PutResponse {
+        header: None,
+        prev_kv: if p.prev_kv { prev } else { None },
+    })
+}
+
+fn delete_in(
+    txn: &mut WriteTxn<'_>,
+    leases: &mut BTreeMap<i64, LeaseInfo>,
+    d: &DeleteReq,
+) -> Result<DeleteRangeResponse> {
+    let gone = txn.delete(&d.range)?;
+    for kv in &gone {
+        if kv.lease != 0 {
+            if let Some(l) = leases.get_mut(&kv.lease) {
+                l.keys.remove(&kv.key);
+            }
+        }
+    }
+    Ok(DeleteRangeResponse {
+        header: None,
+        deleted: gone.len() as i64,
+        prev_kvs: if d.prev_kv { gone } else { Vec::new() },
+    })
+}
+
+fn exec_txn(
+    txn: &mut WriteTxn<'_>,
+    leases: &mut BTreeMap<i64, LeaseInfo>,
+    t: &TxnReq,
+    path: &[bool],
+    cursor: &mut usize,
+) -> Result<TxnResponse> {
+    let ok = path.get(*cursor).copied().unwrap_or(false);
+    *cursor += 1;
+    let ops = if ok { &t.success } else { &t.failure };
+    let mut responses = Vec::with_capacity(ops.len());
+    for op in ops {
+        let r = match op {
+            Op::Range(r) => {
+                let rr = txn.range(r)?;
+                response_op::Response::ResponseRange(RangeResponse {
+                    header: header(rr.revision),
+                    kvs: rr.kvs,
+                    more: rr.more,
+                    count: rr.count,
+                })
+            }
+            Op::Put(p) => {
+                let mut resp = put_in(txn, leases, p)?;
+                resp.header = header(txn.read_revision());
+                response_op::Response::ResponsePut(resp)
+            }
+            Op::Delete(d) => {
+                let mut resp = delete_in(txn, leases, d)?;
+                resp.header = header(txn.read_revision());
+                response_op::Response::ResponseDeleteRange(resp)
+            }
+            Op::Txn(inner) => {
+                let mut resp = exec_txn(txn, leases, inner, path, cursor)?;
+                resp.header = header(txn.read_revision());
+                response_op::Response::ResponseTxn(resp)
+            }
+        };
+        responses.push(ResponseOp { response: Some(r) });
+    }
+    Ok(TxnResponse {
+        header: None,
+        succeeded: ok,
+        responses,
+    })
+}
+
+/// Refuse, before proposing, what can be refused without the state: empty keys, too many ops,
+/// duplicate writes in one txn branch, bad ignore_* combinations.
+pub fn validate(cmd: &Command, max_txn_ops: usize) -> Result<()> {
+    match cmd {
+        Command::Put(p) => validate_put(p),
+        Command::Delete(d) => {
+            if d.range.key.is_empty() {
+                return Err(Error::EmptyKey);
+            }
+            Ok(())
+        }
+        Command::Txn(t) => {
+            validate_txn(t, max_txn_ops)?;
+            Ok(())
+        }
+        _ => Ok(()),
+    }
+}
+
+fn validate_put(p: &PutReq) -> Result<()> {
+    if p.key.is_empty() {
+        return Err(Error::EmptyKey);
+    }
+    if p.ignore_value && !p.value.is_empty() {
+        return Err(Error::ValueProvided);
+    }
+    if p.ignore_lease && p.lease != 0 {
+        return Err(Error::LeaseProvided);
+    }
+    Ok(())
+}
+
+/// Validate a txn: op counts per branch, keys, and no key written twice in one branch.
+pub fn validate_txn(t: &TxnReq, max_txn_ops: usize) -> Result<()> {
+    if t.compare.len() > max_txn_ops
+        || t.success.len() > max_txn_ops
+        || t.failure.len() > max_txn_ops
+    {
+        return Err(Error::TooManyOps);
+    }
+    for c in &t.compare {
+        if c.range.key.is_empty() {
+            return Err(Error::EmptyKey);
+        }
+    }
+    for branch in [&t.success, &t.failure] {
+        for op in branch.iter() {
+            match op {
+                Op::Range(r) => {
+                    if r.range.key.is_empty() {
+                        return Err(Error::EmptyKey);
+                    }
+                }
+                Op::Put(p) => validate_put(p)?,
+                Op::Delete(d) => {
+                    if d.range.key.is_empty() {
+                        return Err(Error::EmptyKey);
+                    }
+                }
+                Op::Txn(inner) => validate_txn(inner, max_txn_ops)?,
+            }
+        }
+        let mut writes = Vec::new();
+        collect_writes(branch, &mut writes);
+        check_no_overlap(&writes)?;
+    }
+    Ok(())
+}
+
+/// Every range written by a branch; nested txns contribute both of their branches (either may
+/// run), as etcd counts them.
+fn collect_writes(ops: &[Op], out: &mut Vec<(KeyRange, bool)>) {
+    for op in ops {
+        match op {
+            Op::Put(p) => out.push((KeyRange::single(p.key.clone()), true)),
+            Op::Delete(d) => out.push((d.range.clone(), false)),
+            Op::Txn(inner) => {
+                // Each nested branch is checked on its own; across the outer branch, a nested
+                // branch's writes must not collide with the outer ones.
+                let mut s = Vec::new();
+                collect_writes(&inner.success, &mut s);
+                let mut f = Vec::new();
+                collect_writes(&inner.failure, &mut f);
+                out.extend(dedup_union(s, f));
+            }
+            Op::Range(_) => {}
+        }
+    }
+}
+
+fn dedup_union(a: Vec<(KeyRange, bool)>, b: Vec<(KeyRange, bool)>) -> Vec<(KeyRange, bool)> {
+    let mut out = a;
+    for r in b {
+        if !out.iter().any(|x| x.0 == r.0) {
+            out.push(r);
+        }
+    }
+    out
+}
+
+fn check_no_overlap(writes: &[(KeyRange, bool)]) -> Result<()> {
+    for (i, (a, a_put)) in writes.iter().enumerate() {
+        for (b, b_put) in &writes[i + 1..] {
+            // Two puts of one key, or a put inside a deleted range, are duplicates. Two deletes
+            // may overlap (etcd allows it).
+            if (*a_put || *b_put) && a.overlaps(b) {
+                return Err(Error::DuplicateKey);
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Convert a state-machine response for one op into the wire form used by `pb::ResponseOp`.
+pub fn wire_header(rev: i64) -> Option<pb::ResponseHeader> {
+    header(rev)
+}
+
+impl StateMachine {
+    /// Evaluate a txn that writes nothing, against the current state, without the log.
+    pub fn read_txn(&self, t: &TxnReq) -> Result<TxnResponse> {
+        let mut path = Vec::new();
+        self.choose_path(t, &mut path)?;
+        let mut cursor = 0;
+        self.check_path(t, &path, &mut cursor)?;
+        let mut cursor = 0;
+        let mut resp = self.read_txn_at(t, &path, &mut cursor)?;
+        resp.header = header(self.revision());
+        Ok(resp)
+    }
+
+    fn read_txn_at(&self, t: &TxnReq, path: &[bool], cursor: &mut usize) -> Result<TxnResponse> {
+        let ok = path.get(*cursor).copied().unwrap_or(false);
+        *cursor += 1;
+        let ops = if ok { &t.success } else { &t.failure };
+        let mut responses = Vec::with_capacity(ops.len());
+        for op in ops {
+            let r = match op {
+                Op::Range(r) => {
+                    let rr = self.store.range(r)?;
+                    response_op::Response::ResponseRange(RangeResponse {
+                        header: header(rr.revision),
+                        kvs: rr.kvs,
+                        more: rr.more,
+                        count: rr.count,
+                    })
+                }
+                Op::Txn(inner) => {
+                    let mut resp = self.read_txn_at(inner, path, cursor)?;
+                    resp.header = header(self.revision());
+                    response_op::Response::ResponseTxn(resp)
+                }
+                Op::Put(_) | Op::Delete(_) => {
+                    return Err(Error::InvalidArgument("write in a read-only txn".into()));
+                }
+            };
+            responses.push(ResponseOp { response: Some(r) });
+        }
+        Ok(TxnResponse {
+            header: None,
+            succeeded: ok,
+            responses,
+        })
+    }
+}
