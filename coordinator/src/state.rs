@@ -656,3 +656,509 @@ impl StateMachine {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::command::{RangeReq, SortOrder, SortTarget};
+    use crate::mvcc::MemBackend;
+
+    struct T {
+        sm: StateMachine,
+        backend: Arc<dyn Backend>,
+        index: u64,
+    }
+
+    impl T {
+        fn new() -> T {
+            let backend: Arc<dyn Backend> = Arc::new(MemBackend::default());
+            T {
+                sm: StateMachine::open(backend.clone()).expect("open"),
+                backend,
+                index: 0,
+            }
+        }
+        fn apply(&mut self, cmd: Command) -> Applied {
+            validate(&cmd, 128).expect("valid");
+            self.index += 1;
+            let a = self.sm.apply(self.index, 1, &cmd).expect("new index");
+            self.sm.commit().expect("commit");
+            a
+        }
+        fn put(&mut self, k: &str, v: &str) -> i64 {
+            let a = self.apply(Command::Put(PutReq {
+                key: k.into(),
+                value: v.into(),
+                ..Default::default()
+            }));
+            a.result.expect("put");
+            a.revision
+        }
+        fn get_at(&self, k: &str, rev: i64) -> Result<Option<proto::mvccpb::KeyValue>> {
+            let r = self.sm.store().range(&RangeReq {
+                range: KeyRange::single(k.as_bytes().to_vec()),
+                revision: rev,
+                ..Default::default()
+            })?;
+            Ok(r.kvs.into_iter().next())
+        }
+    }
+
+    fn prefix(p: &str) -> KeyRange {
+        let mut end = p.as_bytes().to_vec();
+        let last = end.len() - 1;
+        end[last] += 1;
+        KeyRange {
+            key: p.as_bytes().to_vec(),
+            end,
+        }
+    }
+
+    fn cmp(k: &str, result: CompareResult, target: CompareTarget) -> Compare {
+        Compare {
+            range: KeyRange::single(k.as_bytes().to_vec()),
+            result,
+            target,
+        }
+    }
+
+    fn put_op(k: &str, v: &str) -> Op {
+        Op::Put(PutReq {
+            key: k.into(),
+            value: v.into(),
+            ..Default::default()
+        })
+    }
+
+    #[test]
+    fn revisions_start_at_one_and_a_txn_takes_exactly_one() {
+        let mut t = T::new();
+        assert_eq!(t.sm.revision(), 1);
+        assert_eq!(t.put("a", "1"), 2);
+        let a = t.apply(Command::Txn(TxnReq {
+            compare: vec![],
+            success: vec![put_op("b", "1"), put_op("c", "1")],
+            failure: vec![],
+        }));
+        assert_eq!(a.revision, 3);
+        assert_eq!(a.events.len(), 2);
+        assert_eq!(t.get_at("b", 0).expect("get").expect("b").mod_revision, 3);
+        assert_eq!(t.get_at("c", 0).expect("get").expect("c").mod_revision, 3);
+        // A txn that writes nothing does not move the revision.
+        let a = t.apply(Command::Txn(TxnReq::default()));
+        assert_eq!(a.revision, 3);
+    }
+
+    #[test]
+    fn versions_count_puts_and_a_delete_resets_them() {
+        let mut t = T::new();
+        t.put("k", "1");
+        t.put("k", "2");
+        let kv = t.get_at("k", 0).expect("get").expect("k");
+        assert_eq!((kv.create_revision, kv.mod_revision, kv.version), (2, 3, 2));
+        let a = t.apply(Command::Delete(DeleteReq {
+            range: KeyRange::single("k"),
+            prev_kv: true,
+        }));
+        match a.result.expect("delete") {
+            Response::Delete(d) => {
+                assert_eq!(d.deleted, 1);
+                assert_eq!(d.prev_kvs[0].value, b"2");
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+        assert!(t.get_at("k", 0).expect("get").is_none());
+        t.put("k", "3");
+        let kv = t.get_at("k", 0).expect("get").expect("k");
+        assert_eq!((kv.create_revision, kv.version), (5, 1));
+        // The past stays readable.
+        assert_eq!(t.get_at("k", 3).expect("get").expect("k").value, b"2");
+        assert!(t.get_at("k", 4).expect("get").is_none());
+    }
+
+    #[test]
+    fn future_revisions_are_refused() {
+        let mut t = T::new();
+        t.put("k", "1");
+        assert!(matches!(t.get_at("k", 3), Err(Error::FutureRevision)));
+    }
+
+    #[test]
+    fn compaction_keeps_the_state_at_its_revision_and_drops_older_history() {
+        let mut t = T::new();
+        t.put("k", "1"); // 2
+        t.put("k", "2"); // 3
+        t.put("gone", "x"); // 4
+        t.apply(Command::Delete(DeleteReq {
+            range: KeyRange::single("gone"),
+            prev_kv: false,
+        })); // 5
+        t.put("k", "3"); // 6
+        let a = t.apply(Command::Compact { revision: 5 });
+        a.result.expect("compact");
+        assert!(matches!(
+            t.get_at("k", 4),
+            Err(Error::Compacted {
+                compact_revision: 5
+            })
+        ));
+        assert_eq!(
+            t.get_at("k", 5).expect("at compact rev").expect("k").value,
+            b"2"
+        );
+        assert_eq!(t.get_at("k", 6).expect("after").expect("k").value, b"3");
+        // Compacting again at or below is refused, as is the future.
+        assert!(matches!(
+            t.apply(Command::Compact { revision: 5 }).result,
+            Err(Error::Compacted { .. })
+        ));
+        assert!(matches!(
+            t.apply(Command::Compact { revision: 99 }).result,
+            Err(Error::FutureRevision)
+        ));
+        // History from the compact revision on is intact for watchers.
+        let evs = t.sm.store().events_between(5, 6, false).expect("history");
+        assert_eq!(evs.iter().map(|e| e.0).collect::<Vec<_>>(), vec![5, 6]);
+        assert!(matches!(
+            t.sm.store().events_between(4, 6, false),
+            Err(Error::Compacted { .. })
+        ));
+    }
+
+    #[test]
+    fn compares_cover_every_target_and_missing_keys_compare_as_zero() {
+        let mut t = T::new();
+        t.put("k", "b"); // rev 2, version 1
+        let sm = &t.sm;
+        use CompareResult::*;
+        assert!(
+            sm.compare(&cmp("k", Equal, CompareTarget::Version(1)))
+                .expect("c")
+        );
+        assert!(
+            sm.compare(&cmp("k", Greater, CompareTarget::Create(1)))
+                .expect("c")
+        );
+        assert!(
+            sm.compare(&cmp("k", Less, CompareTarget::Mod(3)))
+                .expect("c")
+        );
+        assert!(
+            sm.compare(&cmp("k", NotEqual, CompareTarget::Value(b"a".to_vec())))
+                .expect("c")
+        );
+        assert!(
+            sm.compare(&cmp("k", Greater, CompareTarget::Value(b"a".to_vec())))
+                .expect("c")
+        );
+        assert!(
+            sm.compare(&cmp("k", Equal, CompareTarget::Lease(0)))
+                .expect("c")
+        );
+        assert!(
+            sm.compare(&cmp("missing", Equal, CompareTarget::Create(0)))
+                .expect("c")
+        );
+        assert!(
+            !sm.compare(&cmp("missing", Equal, CompareTarget::Value(vec![])))
+                .expect("c")
+        );
+    }
+
+    #[test]
+    fn txn_runs_the_failure_branch_and_nested_txns_in_one_revision() {
+        let mut t = T::new();
+        t.put("k", "1");
+        let a = t.apply(Command::Txn(TxnReq {
+            compare: vec![cmp(
+                "k",
+                CompareResult::Equal,
+                CompareTarget::Value(b"nope".to_vec()),
+            )],
+            success: vec![put_op("s", "1")],
+            failure: vec![
+                put_op("f", "1"),
+                Op::Txn(TxnReq {
+                    compare: vec![cmp("k", CompareResult::Equal, CompareTarget::Version(1))],
+                    success: vec![put_op("n", "1")],
+                    failure: vec![],
+                }),
+                Op::Range(RangeReq {
+                    range: KeyRange::single("f"),
+                    ..Default::default()
+                }),
+            ],
+        }));
+        let Response::Txn(r) = a.result.expect("txn") else {
+            panic!("not a txn")
+        };
+        assert!(!r.succeeded);
+        assert_eq!(a.revision, 3);
+        assert!(t.get_at("s", 0).expect("get").is_none());
+        assert_eq!(t.get_at("n", 0).expect("get").expect("n").mod_revision, 3);
+        // The range inside the txn saw the txn's own write.
+        let Some(response_op::Response::ResponseRange(rr)) = &r.responses[2].response else {
+            panic!("no range response")
+        };
+        assert_eq!(rr.kvs[0].key, b"f");
+    }
+
+    #[test]
+    fn invalid_txns_are_refused_before_proposing() {
+        let dup = TxnReq {
+            compare: vec![],
+            success: vec![put_op("a", "1"), put_op("a", "2")],
+            failure: vec![],
+        };
+        assert!(matches!(validate_txn(&dup, 128), Err(Error::DuplicateKey)));
+        let del_then_put = TxnReq {
+            compare: vec![],
+            success: vec![
+                Op::Delete(DeleteReq {
+                    range: prefix("a"),
+                    prev_kv: false,
+                }),
+                put_op("ab", "1"),
+            ],
+            failure: vec![],
+        };
+        assert!(matches!(
+            validate_txn(&del_then_put, 128),
+            Err(Error::DuplicateKey)
+        ));
+        let same_key_other_branch = TxnReq {
+            compare: vec![],
+            success: vec![put_op("a", "1")],
+            failure: vec![put_op("a", "2")],
+        };
+        validate_txn(&same_key_other_branch, 128).expect("branches are separate");
+        let many = TxnReq {
+            compare: vec![],
+            success: (0..129).map(|i| put_op(&format!("k{i}"), "v")).collect(),
+            failure: vec![],
+        };
+        assert!(matches!(validate_txn(&many, 128), Err(Error::TooManyOps)));
+        assert!(matches!(
+            validate(&Command::Put(PutReq::default()), 128),
+            Err(Error::EmptyKey)
+        ));
+    }
+
+    #[test]
+    fn unknown_lease_refuses_the_whole_write_and_changes_nothing() {
+        let mut t = T::new();
+        let a = t.apply(Command::Put(PutReq {
+            key: b"k".to_vec(),
+            lease: 42,
+            ..Default::default()
+        }));
+        assert!(matches!(a.result, Err(Error::LeaseNotFound)));
+        assert_eq!(a.revision, 1);
+        let a = t.apply(Command::Txn(TxnReq {
+            compare: vec![],
+            success: vec![
+                put_op("ok", "1"),
+                Op::Put(PutReq {
+                    key: b"k".to_vec(),
+                    lease: 42,
+                    ..Default::default()
+                }),
+            ],
+            failure: vec![],
+        }));
+        assert!(matches!(a.result, Err(Error::LeaseNotFound)));
+        assert!(t.get_at("ok", 0).expect("get").is_none());
+        assert_eq!(t.sm.revision(), 1);
+    }
+
+    #[test]
+    fn revoking_a_lease_deletes_its_keys_in_one_revision() {
+        let mut t = T::new();
+        t.apply(Command::LeaseGrant { id: 7, ttl: 10 })
+            .result
+            .expect("grant");
+        for k in ["a", "b", "c"] {
+            t.apply(Command::Put(PutReq {
+                key: k.into(),
+                value: b"v".to_vec(),
+                lease: 7,
+                ..Default::default()
+            }))
+            .result
+            .expect("put");
+        }
+        // Re-putting "c" without the lease detaches it.
+        t.put("c", "free");
+        assert_eq!(t.sm.leases()[&7].keys.len(), 2);
+        let a = t.apply(Command::LeaseRevoke { id: 7 });
+        a.result.expect("revoke");
+        assert_eq!(a.events.len(), 2);
+        assert!(
+            a.events
+                .iter()
+                .all(|e| e.kv.as_ref().expect("kv").mod_revision == a.revision)
+        );
+        assert!(t.get_at("a", 0).expect("get").is_none());
+        assert_eq!(t.get_at("c", 0).expect("get").expect("c").value, b"free");
+        assert!(matches!(
+            t.apply(Command::LeaseRevoke { id: 7 }).result,
+            Err(Error::LeaseNotFound)
+        ));
+        assert!(matches!(
+            t.apply(Command::LeaseGrant {
+                id: 8,
+                ttl: MAX_LEASE_TTL + 1
+            })
+            .result,
+            Err(Error::LeaseTtlTooLarge)
+        ));
+    }
+
+    #[test]
+    fn range_options_limit_sort_count_and_filters() {
+        let mut t = T::new();
+        t.put("p/a", "3"); // 2
+        t.put("p/b", "1"); // 3
+        t.put("p/c", "2"); // 4
+        t.put("p/a", "4"); // 5
+        t.put("q", "x");
+        let store = t.sm.store();
+        let base = RangeReq {
+            range: prefix("p/"),
+            ..Default::default()
+        };
+        let r = store
+            .range(&RangeReq {
+                limit: 2,
+                ..base.clone()
+            })
+            .expect("range");
+        assert_eq!((r.kvs.len(), r.more, r.count), (2, true, 3));
+        let r = store
+            .range(&RangeReq {
+                sort_order: SortOrder::Descend,
+                ..base.clone()
+            })
+            .expect("range");
+        assert_eq!(r.kvs[0].key, b"p/c");
+        let r = store
+            .range(&RangeReq {
+                sort_target: SortTarget::Mod,
+                sort_order: SortOrder::Descend,
+                limit: 1,
+                ..base.clone()
+            })
+            .expect("range");
+        assert_eq!(r.kvs[0].key, b"p/a");
+        let r = store
+            .range(&RangeReq {
+                sort_target: SortTarget::Value,
+                ..base.clone()
+            })
+            .expect("range");
+        assert_eq!(
+            r.kvs.iter().map(|k| k.value.clone()).collect::<Vec<_>>(),
+            vec![b"1".to_vec(), b"2".to_vec(), b"4".to_vec()]
+        );
+        let r = store
+            .range(&RangeReq {
+                keys_only: true,
+                ..base.clone()
+            })
+            .expect("range");
+        assert!(r.kvs.iter().all(|k| k.value.is_empty()));
+        let r = store
+            .range(&RangeReq {
+                count_only: true,
+                ..base.clone()
+            })
+            .expect("range");
+        assert_eq!((r.kvs.len(), r.count), (0, 3));
+        let r = store
+            .range(&RangeReq {
+                min_mod_revision: 4,
+                ..base.clone()
+            })
+            .expect("range");
+        assert_eq!(r.kvs.len(), 2);
+        let r = store
+            .range(&RangeReq {
+                max_create_revision: 2,
+                ..base.clone()
+            })
+            .expect("range");
+        assert_eq!(r.kvs.len(), 1);
+        let all = KeyRange {
+            key: vec![0],
+            end: vec![0],
+        };
+        assert_eq!(
+            store
+                .range(&RangeReq {
+                    range: all,
+                    ..Default::default()
+                })
+                .expect("all")
+                .count,
+            4
+        );
+    }
+
+    #[test]
+    fn ignore_value_and_ignore_lease_keep_what_the_key_has() {
+        let mut t = T::new();
+        t.apply(Command::LeaseGrant { id: 9, ttl: 10 })
+            .result
+            .expect("grant");
+        t.apply(Command::Put(PutReq {
+            key: b"k".to_vec(),
+            value: b"v".to_vec(),
+            lease: 9,
+            ..Default::default()
+        }))
+        .result
+        .expect("put");
+        t.apply(Command::Put(PutReq {
+            key: b"k".to_vec(),
+            ignore_value: true,
+            ignore_lease: true,
+            ..Default::default()
+        }))
+        .result
+        .expect("put");
+        let kv = t.get_at("k", 0).expect("get").expect("k");
+        assert_eq!(
+            (kv.value.as_slice(), kv.lease, kv.version),
+            (&b"v"[..], 9, 2)
+        );
+        let a = t.apply(Command::Put(PutReq {
+            key: b"nope".to_vec(),
+            ignore_value: true,
+            ..Default::default()
+        }));
+        assert!(matches!(a.result, Err(Error::KeyNotFound)));
+    }
+
+    #[test]
+    fn state_survives_reopen_and_replayed_entries_are_skipped() {
+        let mut t = T::new();
+        t.apply(Command::LeaseGrant { id: 5, ttl: 30 })
+            .result
+            .expect("grant");
+        t.apply(Command::Put(PutReq {
+            key: b"k".to_vec(),
+            value: b"v".to_vec(),
+            lease: 5,
+            ..Default::default()
+        }))
+        .result
+        .expect("put");
+        let idx = t.index;
+        let reopened = StateMachine::open(t.backend.clone()).expect("reopen");
+        assert_eq!(reopened.applied_index(), idx);
+        assert_eq!(reopened.revision(), 2);
+        assert!(reopened.leases()[&5].keys.contains(&b"k".to_vec()));
+        let mut reopened = reopened;
+        assert!(reopened.apply(idx, 1, &Command::Noop).is_none());
+    }
+}

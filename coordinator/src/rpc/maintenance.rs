@@ -2,7 +2,10 @@
 //!
 //! Snapshot format (ours, not etcd's bolt file, so `etcdctl snapshot status` cannot read it):
 //! the 8 bytes `CSNAP001`, then for every backend entry `[key len u32 LE][key][value len u32
-//! LE][value]`, then a CRC-32 of everything before it (u32 LE). The copy is taken under the
+//! LE][value]`, then an end marker (key len `u32::MAX`), then a CRC-32 of everything before it
+//! (u32 LE), then zero padding to a multiple of 512 bytes, then the SHA-256 of everything
+//! before it. The last two follow etcd's convention, which `etcdctl snapshot save` checks
+//! (`size % 512 == 32`, the trailing 32 bytes being a SHA-256). The copy is taken under the
 //! state lock, so it is one consistent point in time; writes wait while it is copied to a
 //! temporary file, then the file is streamed.
 
@@ -21,6 +24,7 @@ use proto::etcdserverpb::{
     MemberUpdateResponse, MoveLeaderRequest, MoveLeaderResponse, SnapshotRequest, SnapshotResponse,
     StatusRequest, StatusResponse, alarm_request::AlarmAction,
 };
+use sha2::{Digest, Sha256};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
@@ -294,11 +298,29 @@ fn write_snapshot(ctx: &Ctx) -> Result<(std::fs::File, u64, i64)> {
     if let Some(e) = io_err {
         return Err(e.into());
     }
+    let mut sha = Sha256::new();
+    // `h` covered the records; `sha` is computed over the file as written.
+    let end = u32::MAX.to_le_bytes();
+    h.update(&end);
+    w.write_all(&end)?;
     w.write_all(&h.finalize().to_le_bytes())?;
     w.flush()?;
     drop(w);
-    let total = tmp.metadata()?.len();
+    let len = tmp.metadata()?.len();
+    let pad = (512 - (len % 512)) % 512;
+    tmp.write_all(&vec![0u8; pad as usize])?;
     use std::io::Seek;
+    tmp.seek(std::io::SeekFrom::Start(0))?;
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = tmp.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        sha.update(&buf[..n]);
+    }
+    tmp.write_all(&sha.finalize())?;
+    let total = tmp.metadata()?.len();
     tmp.seek(std::io::SeekFrom::Start(0))?;
     Ok((tmp, total, rev))
 }
