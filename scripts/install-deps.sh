@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# Installs what the tests need beyond the Rust toolchain, from Debian's packages:
+#   etcd-client       etcdctl 3.4, driven by the compatibility tests
+#   etcd-server       etcd 3.4, the peer the benchmarks compare against
+#   protobuf-compiler protoc, needed to build the etcd-client crate (a dev-dependency)
+set -euo pipefail
+need=()
+command -v etcdctl >/dev/null || need+=(etcd-client)
+command -v etcd >/dev/null || need+=(etcd-server)
+command -v protoc >/dev/null || need+=(protobuf-compiler)
+if [ ${#need[@]} -eq 0 ]; then
+  exit 0
+fi
+SUDO=""
+[ "$(id -u)" -eq 0 ] || SUDO="sudo"
+$SUDO apt-get update -qq
+# The etcd-server package may try to start a service; there is no init system in CI containers,
+# and policy-rc.d keeps it from starting where there is one.
+DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${need[@]}"
