@@ -13,9 +13,11 @@ ctx=target/image-context
 rm -rf "$ctx" && mkdir -p "$ctx"
 for b in "${BINS[@]}"; do
   cp "target/$TARGET/release/$b" "$ctx/$b"
+  # Debug info stays in target/ for profiling; images carry stripped binaries.
+  if command -v strip >/dev/null; then strip --strip-debug "$ctx/$b"; fi
 done
 for b in "${BINS[@]}"; do
   echo "==> image platform/$b:dev"
-  docker build -q -f compose/Dockerfile --build-arg BIN="$b" -t "platform/$b:dev" "$ctx" >/dev/null
+  DOCKER_BUILDKIT=0 docker build -q -f compose/Dockerfile --build-arg BIN="$b" -t "platform/$b:dev" "$ctx" >/dev/null
 done
 docker images --format '{{.Repository}}:{{.Tag}}  {{.Size}}' | grep '^platform/'

@@ -1,14 +1,15 @@
 #!/usr/bin/env bash
 # Builds everything the stack needs (static binaries, images) and starts it in the background.
-# Stop it with: scripts/compose.sh -f compose/docker-compose.yml down
+# Stop it with: scripts/compose.sh -p platform -f compose/docker-compose.yml down
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/build-images.sh
-bash scripts/compose.sh -f compose/docker-compose.yml up -d "$@"
+PROJECT="${COMPOSE_PROJECT_NAME:-platform}"
+bash scripts/compose.sh -p "$PROJECT" -f compose/docker-compose.yml up -d "$@"
 echo "==> waiting for every container to be healthy"
 deadline=$((SECONDS + 120))
 while :; do
-  states=$(docker ps --filter "label=com.docker.compose.project=compose" --format '{{.Names}} {{.Status}}')
+  states=$(docker ps --filter "label=com.docker.compose.project=$PROJECT" --format '{{.Names}} {{.Status}}')
   if [ -n "$states" ] && ! grep -qv '(healthy)' <<<"$states"; then
     echo "$states"
     break
