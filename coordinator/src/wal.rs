@@ -43,6 +43,15 @@ struct Segment {
     path: PathBuf,
 }
 
+/// Where one entry sits on disk.
+#[derive(Debug, Clone, Copy)]
+struct Position {
+    index: u64,
+    term: u64,
+    segment_first: u64,
+    offset: u64,
+}
+
 /// An append-only, fsynced, segmented log.
 pub struct Wal {
     dir: PathBuf,
@@ -52,6 +61,7 @@ pub struct Wal {
     last_index: u64,
     last_term: u64,
     buf: Vec<u8>,
+    positions: std::collections::VecDeque<Position>,
 }
 
 fn seg_name(first: u64) -> String {
@@ -72,7 +82,7 @@ fn sync_dir(dir: &Path) -> Result<()> {
 
 /// What reading one segment found.
 struct Scan {
-    entries: Vec<Entry>,
+    entries: Vec<(u64, Entry)>,
     /// Byte offset after the last good record.
     good_len: u64,
     /// Whether bytes after `good_len` failed to parse.
@@ -123,11 +133,14 @@ fn scan_segment(path: &Path) -> Result<Scan> {
         let index = u64::from_le_bytes(b8);
         b8.copy_from_slice(&body[8..16]);
         let term = u64::from_le_bytes(b8);
-        entries.push(Entry {
-            index,
-            term,
-            data: body[16..].to_vec(),
-        });
+        entries.push((
+            pos,
+            Entry {
+                index,
+                term,
+                data: body[16..].to_vec(),
+            },
+        ));
         pos += 8 + u64::from(len);
     }
 }
@@ -148,6 +161,7 @@ impl Wal {
         }
         segments.sort_by_key(|s| s.first);
         let mut all: Vec<Entry> = Vec::new();
+        let mut positions = std::collections::VecDeque::new();
         let n = segments.len();
         for (i, seg) in segments.iter().enumerate() {
             let scan = scan_segment(&seg.path)?;
@@ -165,7 +179,13 @@ impl Wal {
                 f.set_len(scan.good_len)?;
                 f.sync_all()?;
             }
-            for e in scan.entries {
+            for (offset, e) in scan.entries {
+                positions.push_back(Position {
+                    index: e.index,
+                    term: e.term,
+                    segment_first: seg.first,
+                    offset,
+                });
                 if let Some(prev) = all.last() {
                     if e.index != prev.index + 1 {
                         return Err(Error::Corrupt(format!(
@@ -213,6 +233,7 @@ impl Wal {
             last_index,
             last_term,
             buf: Vec::with_capacity(1 << 20),
+            positions,
         };
         Ok((wal, all))
     }
@@ -236,6 +257,7 @@ impl Wal {
             self.roll()?;
         }
         self.buf.clear();
+        let seg_first = self.segments.last().map(|s| s.first).unwrap_or(1);
         for e in entries {
             if e.index != self.last_index + 1 {
                 return Err(Error::Corrupt(format!(
@@ -245,6 +267,12 @@ impl Wal {
             }
             let len = (16 + e.data.len()) as u32;
             let start = self.buf.len();
+            self.positions.push_back(Position {
+                index: e.index,
+                term: e.term,
+                segment_first: seg_first,
+                offset: self.file_len + start as u64,
+            });
             self.buf.extend_from_slice(&len.to_le_bytes());
             self.buf.extend_from_slice(&[0u8; 4]);
             self.buf.extend_from_slice(&e.index.to_le_bytes());
@@ -291,12 +319,60 @@ impl Wal {
             }
             let seg = self.segments.remove(0);
             fs::remove_file(&seg.path)?;
+            while self.positions.front().is_some_and(|p| p.segment_first == seg.first) {
+                self.positions.pop_front();
+            }
             removed += 1;
         }
         if removed > 0 {
             sync_dir(&self.dir)?;
         }
         Ok(removed)
+    }
+
+    /// Term of the entry at `index`, if the log holds it.
+    pub fn term_at(&self, index: u64) -> Option<u64> {
+        let first = self.positions.front()?.index;
+        if index < first {
+            return None;
+        }
+        self.positions.get((index - first) as usize).map(|p| p.term)
+    }
+
+    /// Delete every entry at or after `index` (a Raft follower does this when its log conflicts
+    /// with the leader's). Durable before returning.
+    pub fn truncate_from(&mut self, index: u64) -> Result<()> {
+        if index > self.last_index {
+            return Ok(());
+        }
+        let Some(first) = self.positions.front().map(|p| p.index) else {
+            return Err(Error::Corrupt(format!("truncate at {index} in an empty log")));
+        };
+        if index < first {
+            return Err(Error::Corrupt(format!(
+                "truncate at {index} below the first entry held ({first})"
+            )));
+        }
+        let pos = self.positions[(index - first) as usize];
+        // Drop whole segments after the one holding `index`.
+        while self.segments.last().is_some_and(|s| s.first > pos.segment_first) {
+            if let Some(seg) = self.segments.pop() {
+                fs::remove_file(&seg.path)?;
+            }
+        }
+        let Some(seg) = self.segments.last() else {
+            return Err(Error::Corrupt("no segment left to truncate".into()));
+        };
+        let mut f = OpenOptions::new().append(true).read(true).open(&seg.path)?;
+        f.set_len(pos.offset)?;
+        f.sync_all()?;
+        sync_dir(&self.dir)?;
+        self.file_len = f.seek(SeekFrom::End(0))?;
+        self.file = f;
+        self.positions.truncate((index - first) as usize);
+        self.last_index = index - 1;
+        self.last_term = self.positions.back().map(|p| p.term).unwrap_or(0);
+        Ok(())
     }
 
     /// Bytes held by all segments.
@@ -371,6 +447,22 @@ mod tests {
             Err(e) => panic!("wrong error {e}"),
             Ok(_) => panic!("opened a corrupted log"),
         }
+    }
+
+    #[test]
+    fn truncation_drops_the_suffix_even_across_segments() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let (mut w, _) = Wal::open(dir.path()).expect("open");
+        w.append(&[entry(1), entry(2)]).expect("append");
+        w.roll().expect("roll");
+        w.append(&[entry(3), entry(4)]).expect("append");
+        w.truncate_from(2).expect("truncate");
+        assert_eq!(w.last_index(), 1);
+        w.append(&[Entry { index: 2, term: 2, data: b"new".to_vec() }]).expect("append");
+        assert_eq!(w.term_at(2), Some(2));
+        drop(w);
+        let (_, got) = Wal::open(dir.path()).expect("reopen");
+        assert_eq!(got, vec![entry(1), Entry { index: 2, term: 2, data: b"new".to_vec() }]);
     }
 
     #[test]
