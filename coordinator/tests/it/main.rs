@@ -1,0 +1,23 @@
+//! Integration tests for the coordinator, as one test binary (one link on 2 cores).
+//!
+//! Every test starts its own server (in process on port 0, or the binary as a child process
+//! when it must be killed) with a temporary data directory, and talks to it the way real
+//! clients do:
+//!
+//! - [`etcdctl`]: the installed `etcdctl` 3.4, command by command.
+//! - [`etcd_client`]: the third-party `etcd-client` crate, as Rust applications use it.
+//! - [`restart`]: SIGKILL the binary and restart it on the same data directory.
+//! - [`admin`]: the admin HTTP port (health, readiness, metrics).
+//! - [`bad_input`]: requests etcd rejects, rejected with etcd's codes and texts.
+//! - [`watch`]: watch ordering, replay, compaction, filters, progress, slow consumers.
+//!
+//! [`harness`] holds the shared helpers.
+
+mod harness;
+
+mod admin;
+mod bad_input;
+mod etcd_client;
+mod etcdctl;
+mod restart;
+mod watch;
