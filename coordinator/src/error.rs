@@ -72,6 +72,14 @@ pub enum Error {
     /// The storage engine failed.
     #[error("storage error: {0}")]
     Storage(#[from] sled::Error),
+    /// An error raised on another member, carried with its gRPC code and text.
+    #[error("{message}")]
+    Remote {
+        /// gRPC code.
+        code: i32,
+        /// Message as the client will see it.
+        message: String,
+    },
     /// The operating system failed an I/O call.
     #[error("I/O error: {0}")]
     Io(#[from] std::io::Error),
@@ -102,6 +110,36 @@ impl Error {
             Error::Unsupported(_) => Code::Unimplemented,
             Error::Corrupt(_) => Code::DataLoss,
             Error::Storage(_) | Error::Io(_) => Code::Internal,
+            Error::Remote { code, .. } => Code::from(*code),
+        }
+    }
+}
+
+impl Error {
+    /// Rebuild an error that crossed the network; known etcd errors get their variant back.
+    pub fn from_wire(e: crate::state::ErrorWire) -> Error {
+        if e.compact_revision != 0 {
+            return Error::Compacted {
+                compact_revision: e.compact_revision,
+            };
+        }
+        let known = [
+            Error::LeaseNotFound,
+            Error::LeaseExists,
+            Error::LeaseTtlTooLarge,
+            Error::KeyNotFound,
+            Error::FutureRevision,
+            Error::NoSpace,
+            Error::NoLeader,
+        ];
+        for k in known {
+            if k.to_string() == e.message {
+                return k;
+            }
+        }
+        Error::Remote {
+            code: e.code,
+            message: e.message,
         }
     }
 }

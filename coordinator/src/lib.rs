@@ -101,10 +101,7 @@ impl Running {
         for t in self.tasks {
             let _ = t.await;
         }
-        let backend = self.node.state().read().store().backend().clone();
-        if let Err(e) = tokio::task::spawn_blocking(move || backend.flush()).await {
-            tracing::warn!(error = %e, "final flush failed");
-        }
+        self.node.stop().await;
     }
 }
 
@@ -240,6 +237,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         let router = tonic::transport::Server::builder()
             .tcp_nodelay(true)
             .http2_keepalive_interval(Some(Duration::from_secs(30)))
+            .layer(tower::util::MapResponseLayer::new(rpc::too_large_as_etcd))
             .add_service(
                 KvServer::new(rpc::kv::KvService::new(ctx.clone()))
                     .max_decoding_message_size(max_msg),

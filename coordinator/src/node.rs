@@ -45,6 +45,12 @@ struct Proposal {
     reply: oneshot::Sender<Result<Applied>>,
 }
 
+enum LogMsg {
+    Propose(Proposal),
+    /// Finish what was taken, stop the pipeline threads, then answer.
+    Stop(std::sync::mpsc::Sender<()>),
+}
+
 struct Batch {
     entries: Vec<(u64, u64, Proposal)>,
 }
@@ -59,11 +65,29 @@ struct Shared {
     state: Arc<RwLock<StateMachine>>,
     hub: Arc<WatchHub>,
     lessor: Arc<Lessor>,
-    proposals: mpsc::Sender<Proposal>,
+    proposals: mpsc::Sender<LogMsg>,
     term: u64,
-    failed: AtomicBool,
+    failed: Arc<AtomicBool>,
     metrics: CoordinatorMetrics,
     wal_bytes: Arc<AtomicU64>,
+    stop_checkpoint: parking_lot::Mutex<Option<std::sync::mpsc::Sender<()>>>,
+    threads: parking_lot::Mutex<Vec<thread::JoinHandle<()>>>,
+}
+
+/// What the log thread needs (not the proposal sender, so that stopping can close it).
+struct LogSide {
+    failed: Arc<AtomicBool>,
+    metrics: CoordinatorMetrics,
+    wal_bytes: Arc<AtomicU64>,
+}
+
+/// What the apply thread needs.
+struct ApplySide {
+    state: Arc<RwLock<StateMachine>>,
+    hub: Arc<WatchHub>,
+    lessor: Arc<Lessor>,
+    failed: Arc<AtomicBool>,
+    metrics: CoordinatorMetrics,
 }
 
 /// What the node needs to start.
@@ -108,51 +132,50 @@ pub fn replay(state: &mut StateMachine, entries: &[Entry]) -> Result<usize> {
 impl Node {
     /// Start the pipeline threads.
     pub fn start(parts: NodeParts) -> Node {
-        let (tx, rx) = mpsc::channel::<Proposal>(16 * 1024);
+        let (tx, rx) = mpsc::channel::<LogMsg>(16 * 1024);
         let (apply_tx, apply_rx) = std::sync::mpsc::sync_channel::<Batch>(4);
+        let (stop_tx, stop_rx) = std::sync::mpsc::channel::<()>();
         let purge_to = Arc::new(AtomicU64::new(0));
         let wal_bytes = Arc::new(AtomicU64::new(parts.wal.size_bytes()));
-        let shared = Arc::new(Shared {
+        let failed = Arc::new(AtomicBool::new(false));
+        let mut threads = Vec::new();
+        let log_side = LogSide {
+            failed: failed.clone(),
+            metrics: parts.metrics.clone(),
+            wal_bytes: wal_bytes.clone(),
+        };
+        let wal = parts.wal;
+        let term = parts.term;
+        let p = purge_to.clone();
+        threads.extend(
+            thread::Builder::new()
+                .name("wal".into())
+                .spawn(move || log_loop(log_side, wal, term, rx, apply_tx, p))
+                .ok(),
+        );
+        let apply_side = ApplySide {
             state: parts.state.clone(),
             hub: parts.hub.clone(),
             lessor: parts.lessor.clone(),
-            proposals: tx,
-            term: parts.term,
-            failed: AtomicBool::new(false),
+            failed: failed.clone(),
             metrics: parts.metrics.clone(),
-            wal_bytes: wal_bytes.clone(),
-        });
-        {
-            let shared = shared.clone();
-            let purge_to = purge_to.clone();
-            let wal = parts.wal;
-            let term = parts.term;
-            thread::Builder::new()
-                .name("wal".into())
-                .spawn(move || log_loop(shared, wal, term, rx, apply_tx, purge_to))
-                .ok();
-        }
-        {
-            let shared = shared.clone();
+        };
+        threads.extend(
             thread::Builder::new()
                 .name("apply".into())
-                .spawn(move || apply_loop(shared, apply_rx))
-                .ok();
-        }
-        {
-            let state = parts.state.clone();
-            let backend = parts.backend.clone();
-            let weak = Arc::downgrade(&shared);
+                .spawn(move || apply_loop(apply_side, apply_rx))
+                .ok(),
+        );
+        let state = parts.state.clone();
+        let backend = parts.backend.clone();
+        threads.extend(
             thread::Builder::new()
                 .name("checkpoint".into())
                 .spawn(move || {
-                    loop {
-                        thread::sleep(CHECKPOINT_EVERY);
-                        let Some(shared) = weak.upgrade() else { return };
-                        if shared.proposals.is_closed() {
-                            return;
-                        }
-                        drop(shared);
+                    // Wakes every CHECKPOINT_EVERY, or at once when told to stop.
+                    while let Err(std::sync::mpsc::RecvTimeoutError::Timeout) =
+                        stop_rx.recv_timeout(CHECKPOINT_EVERY)
+                    {
                         let applied = state.read().applied_index();
                         match backend.flush() {
                             Ok(()) => purge_to.store(applied, Ordering::Release),
@@ -160,14 +183,51 @@ impl Node {
                         }
                     }
                 })
-                .ok();
-        }
+                .ok(),
+        );
+        let shared = Arc::new(Shared {
+            state: parts.state,
+            hub: parts.hub,
+            lessor: parts.lessor,
+            proposals: tx,
+            term: parts.term,
+            failed,
+            metrics: parts.metrics,
+            wal_bytes,
+            stop_checkpoint: parking_lot::Mutex::new(Some(stop_tx)),
+            threads: parking_lot::Mutex::new(threads),
+        });
         Node { shared }
+    }
+
+    /// Stop the pipeline: proposals already taken are finished, later ones get `Stopped`; the
+    /// threads end, sled is flushed and released (so the data dir can be opened again).
+    pub async fn stop(&self) {
+        let (tx, rx) = std::sync::mpsc::channel();
+        if self.shared.proposals.send(LogMsg::Stop(tx)).await.is_ok() {
+            let _ = tokio::task::spawn_blocking(move || rx.recv()).await;
+        }
+        if let Some(s) = self.shared.stop_checkpoint.lock().take() {
+            let _ = s.send(());
+        }
+        let threads: Vec<_> = std::mem::take(&mut *self.shared.threads.lock());
+        let state = self.shared.state.clone();
+        let _ = tokio::task::spawn_blocking(move || {
+            for t in threads {
+                let _ = t.join();
+            }
+            let mut st = state.write();
+            if let Err(e) = st.store().backend().flush() {
+                tracing::warn!(error = %e, "final flush failed");
+            }
+            st.close();
+        })
+        .await;
     }
 
     /// Propose a command and wait until it is durable and applied.
     pub async fn propose(&self, cmd: Command) -> Result<Applied> {
-        if self.shared.failed.load(Ordering::Acquire) {
+        if self.shared.failed.load(Ordering::Acquire) || self.shared.proposals.is_closed() {
             return Err(Error::Stopped);
         }
         let data = bincode::serialize(&cmd)
@@ -175,7 +235,7 @@ impl Node {
         let (reply, rx) = oneshot::channel();
         self.shared
             .proposals
-            .send(Proposal { cmd, data, reply })
+            .send(LogMsg::Propose(Proposal { cmd, data, reply }))
             .await
             .map_err(|_| Error::Stopped)?;
         rx.await.map_err(|_| Error::Stopped)?
@@ -213,22 +273,31 @@ impl Node {
 }
 
 fn log_loop(
-    shared: Arc<Shared>,
+    shared: LogSide,
     mut wal: Wal,
     term: u64,
-    mut rx: mpsc::Receiver<Proposal>,
+    mut rx: mpsc::Receiver<LogMsg>,
     apply_tx: std::sync::mpsc::SyncSender<Batch>,
     purge_to: Arc<AtomicU64>,
 ) {
     let mut purged = 0u64;
     let mut entries: Vec<Entry> = Vec::new();
+    let mut stop: Option<std::sync::mpsc::Sender<()>> = None;
     while let Some(first) = rx.blocking_recv() {
-        let mut props = vec![first];
-        while props.len() < MAX_BATCH {
+        let mut props = Vec::new();
+        match first {
+            LogMsg::Propose(p) => props.push(p),
+            LogMsg::Stop(s) => stop = Some(s),
+        }
+        while stop.is_none() && props.len() < MAX_BATCH {
             match rx.try_recv() {
-                Ok(p) => props.push(p),
+                Ok(LogMsg::Propose(p)) => props.push(p),
+                Ok(LogMsg::Stop(s)) => stop = Some(s),
                 Err(_) => break,
             }
+        }
+        if props.is_empty() {
+            break;
         }
         entries.clear();
         let mut idx = wal.last_index();
@@ -247,8 +316,7 @@ fn log_loop(
             for p in props {
                 let _ = p.reply.send(Err(Error::Stopped));
             }
-            rx.close();
-            continue;
+            break;
         }
         shared
             .metrics
@@ -263,7 +331,7 @@ fn log_loop(
                 .collect(),
         };
         if apply_tx.send(batch).is_err() {
-            return;
+            break;
         }
         let target = purge_to.load(Ordering::Acquire);
         if target > purged {
@@ -275,10 +343,30 @@ fn log_loop(
                 Err(e) => tracing::warn!(error = %e, "purging the write-ahead log failed"),
             }
         }
+        if stop.is_some() {
+            break;
+        }
+    }
+    // Refuse whatever is still queued, then let the apply thread drain and end.
+    rx.close();
+    while let Ok(msg) = rx.try_recv() {
+        match msg {
+            LogMsg::Propose(p) => {
+                let _ = p.reply.send(Err(Error::Stopped));
+            }
+            LogMsg::Stop(s) => {
+                let _ = s.send(());
+            }
+        }
+    }
+    drop(apply_tx);
+    drop(wal);
+    if let Some(s) = stop {
+        let _ = s.send(());
     }
 }
 
-fn apply_loop(shared: Arc<Shared>, rx: std::sync::mpsc::Receiver<Batch>) {
+fn apply_loop(shared: ApplySide, rx: std::sync::mpsc::Receiver<Batch>) {
     while let Ok(batch) = rx.recv() {
         let started = Instant::now();
         let mut done = Vec::with_capacity(batch.entries.len());

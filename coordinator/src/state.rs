@@ -1162,3 +1162,112 @@ mod tests {
         assert!(reopened.apply(idx, 1, &Command::Noop).is_none());
     }
 }
+
+/// The outcome of one applied command in a form that crosses the network (a forwarded write's
+/// answer) and can sit in openraft's response type: responses as their protobuf encoding, errors
+/// as the gRPC code and etcd's text that the client will see.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct OutcomeWire {
+    /// Store revision after the command.
+    pub revision: i64,
+    /// The response, or the refused command's error.
+    pub result: Result<ResponseWire, ErrorWire>,
+}
+
+/// [`Response`] on the wire.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub enum ResponseWire {
+    /// Encoded `PutResponse`.
+    Put(Vec<u8>),
+    /// Encoded `DeleteRangeResponse`.
+    Delete(Vec<u8>),
+    /// Encoded `TxnResponse`.
+    Txn(Vec<u8>),
+    /// Compact.
+    Compact,
+    /// LeaseGrant.
+    LeaseGrant {
+        /// Lease ID.
+        id: i64,
+        /// TTL.
+        ttl: i64,
+    },
+    /// LeaseRevoke.
+    LeaseRevoke,
+    /// Noop.
+    Noop,
+}
+
+/// [`Error`] on the wire.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ErrorWire {
+    /// gRPC code.
+    pub code: i32,
+    /// Message (etcd's text).
+    pub message: String,
+    /// Compacted revision, for `Compacted`.
+    pub compact_revision: i64,
+}
+
+impl OutcomeWire {
+    /// Encode an in-process result.
+    pub fn from_result(revision: i64, result: &Result<Response>) -> OutcomeWire {
+        use prost::Message;
+        let result = match result {
+            Ok(Response::Put(r)) => Ok(ResponseWire::Put(r.encode_to_vec())),
+            Ok(Response::Delete(r)) => Ok(ResponseWire::Delete(r.encode_to_vec())),
+            Ok(Response::Txn(r)) => Ok(ResponseWire::Txn(r.encode_to_vec())),
+            Ok(Response::Compact) => Ok(ResponseWire::Compact),
+            Ok(Response::LeaseGrant { id, ttl }) => {
+                Ok(ResponseWire::LeaseGrant { id: *id, ttl: *ttl })
+            }
+            Ok(Response::LeaseRevoke) => Ok(ResponseWire::LeaseRevoke),
+            Ok(Response::Noop) => Ok(ResponseWire::Noop),
+            Err(e) => Err(ErrorWire {
+                code: e.code() as i32,
+                message: e.to_string(),
+                compact_revision: match e {
+                    Error::Compacted { compact_revision } => *compact_revision,
+                    _ => 0,
+                },
+            }),
+        };
+        OutcomeWire { revision, result }
+    }
+
+    /// Decode into the in-process form.
+    pub fn into_result(self) -> (i64, Result<Response>) {
+        use prost::Message;
+        let decode_err =
+            |e: prost::DecodeError| Error::Corrupt(format!("undecodable response: {e}"));
+        let result = match self.result {
+            Ok(ResponseWire::Put(b)) => PutResponse::decode(b.as_slice())
+                .map(Response::Put)
+                .map_err(decode_err),
+            Ok(ResponseWire::Delete(b)) => DeleteRangeResponse::decode(b.as_slice())
+                .map(Response::Delete)
+                .map_err(decode_err),
+            Ok(ResponseWire::Txn(b)) => TxnResponse::decode(b.as_slice())
+                .map(Response::Txn)
+                .map_err(decode_err),
+            Ok(ResponseWire::Compact) => Ok(Response::Compact),
+            Ok(ResponseWire::LeaseGrant { id, ttl }) => Ok(Response::LeaseGrant { id, ttl }),
+            Ok(ResponseWire::LeaseRevoke) => Ok(Response::LeaseRevoke),
+            Ok(ResponseWire::Noop) => Ok(Response::Noop),
+            Err(e) => Err(Error::from_wire(e)),
+        };
+        (self.revision, result)
+    }
+}
+
+impl StateMachine {
+    /// Release the backend (sled's files and lock): the state machine is empty afterwards and
+    /// only good to be dropped. Used when the node stops.
+    pub fn close(&mut self) {
+        let empty: Arc<dyn Backend> = Arc::new(crate::mvcc::MemBackend::default());
+        if let Ok(store) = MvccStore::open(empty) {
+            self.store = store;
+        }
+        self.leases.clear();
+    }
+}

@@ -319,7 +319,11 @@ impl Wal {
             }
             let seg = self.segments.remove(0);
             fs::remove_file(&seg.path)?;
-            while self.positions.front().is_some_and(|p| p.segment_first == seg.first) {
+            while self
+                .positions
+                .front()
+                .is_some_and(|p| p.segment_first == seg.first)
+            {
                 self.positions.pop_front();
             }
             removed += 1;
@@ -346,7 +350,9 @@ impl Wal {
             return Ok(());
         }
         let Some(first) = self.positions.front().map(|p| p.index) else {
-            return Err(Error::Corrupt(format!("truncate at {index} in an empty log")));
+            return Err(Error::Corrupt(format!(
+                "truncate at {index} in an empty log"
+            )));
         };
         if index < first {
             return Err(Error::Corrupt(format!(
@@ -355,7 +361,11 @@ impl Wal {
         }
         let pos = self.positions[(index - first) as usize];
         // Drop whole segments after the one holding `index`.
-        while self.segments.last().is_some_and(|s| s.first > pos.segment_first) {
+        while self
+            .segments
+            .last()
+            .is_some_and(|s| s.first > pos.segment_first)
+        {
             if let Some(seg) = self.segments.pop() {
                 fs::remove_file(&seg.path)?;
             }
@@ -458,11 +468,26 @@ mod tests {
         w.append(&[entry(3), entry(4)]).expect("append");
         w.truncate_from(2).expect("truncate");
         assert_eq!(w.last_index(), 1);
-        w.append(&[Entry { index: 2, term: 2, data: b"new".to_vec() }]).expect("append");
+        w.append(&[Entry {
+            index: 2,
+            term: 2,
+            data: b"new".to_vec(),
+        }])
+        .expect("append");
         assert_eq!(w.term_at(2), Some(2));
         drop(w);
         let (_, got) = Wal::open(dir.path()).expect("reopen");
-        assert_eq!(got, vec![entry(1), Entry { index: 2, term: 2, data: b"new".to_vec() }]);
+        assert_eq!(
+            got,
+            vec![
+                entry(1),
+                Entry {
+                    index: 2,
+                    term: 2,
+                    data: b"new".to_vec()
+                }
+            ]
+        );
     }
 
     #[test]

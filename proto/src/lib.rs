@@ -4,6 +4,8 @@
 //!   that `etcdctl` and etcd client libraries work against the coordinator unchanged. The `.proto`
 //!   files under `etcd/` were written from etcd's public API documentation; field numbers and
 //!   types are etcd's.
+//! - [`peerpb`]: the coordinator's internal peer service (Raft messages, forwarded writes),
+//!   served on the peer port only.
 //!
 //! Code is generated at build time by `protox` + `tonic-prost-build`; no `protoc` is required.
 #![allow(clippy::all, missing_docs, rust_2018_idioms)]
@@ -16,4 +18,9 @@ pub mod mvccpb {
 /// etcd's v3 RPC services and messages.
 pub mod etcdserverpb {
     tonic::include_proto!("etcdserverpb");
+}
+
+/// The coordinator's internal peer service (Raft transport, forwarding).
+pub mod peerpb {
+    tonic::include_proto!("peerpb");
 }

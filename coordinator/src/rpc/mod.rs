@@ -251,3 +251,62 @@ pub fn fnv64(parts: &[&[u8]]) -> u64 {
     }
     h
 }
+
+/// Rewrites gRPC's own "message too large" refusal (raised by tonic before our handlers run,
+/// with code OutOfRange, which etcd clients read as a revision error) into etcd's
+/// `InvalidArgument: etcdserver: request is too large`. The status may travel in the headers
+/// (trailers-only response) or in the trailers, so both are checked.
+pub fn too_large_as_etcd(
+    mut resp: tonic::codegen::http::Response<tonic::body::Body>,
+) -> tonic::codegen::http::Response<tonic::body::Body> {
+    fix_too_large(resp.headers_mut());
+    resp.map(|b| tonic::body::Body::new(TooLargeBody { inner: b }))
+}
+
+fn fix_too_large(h: &mut tonic::codegen::http::HeaderMap) {
+    use tonic::codegen::http::HeaderValue;
+    let out_of_range = h.get("grpc-status").is_some_and(|v| v == "11");
+    let too_large = h
+        .get("grpc-message")
+        .and_then(|m| m.to_str().ok())
+        .is_some_and(|m| m.contains("too large") || m.contains("too%20large"));
+    if out_of_range && too_large {
+        h.insert("grpc-status", HeaderValue::from_static("3"));
+        h.insert(
+            "grpc-message",
+            HeaderValue::from_static("etcdserver: request is too large"),
+        );
+    }
+}
+
+struct TooLargeBody {
+    inner: tonic::body::Body,
+}
+
+impl http_body::Body for TooLargeBody {
+    type Data = bytes::Bytes;
+    type Error = tonic::Status;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<bytes::Bytes>, tonic::Status>>> {
+        match std::pin::Pin::new(&mut self.inner).poll_frame(cx) {
+            std::task::Poll::Ready(Some(Ok(mut frame))) => {
+                if let Some(t) = frame.trailers_mut() {
+                    fix_too_large(t);
+                }
+                std::task::Poll::Ready(Some(Ok(frame)))
+            }
+            other => other,
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
+}
