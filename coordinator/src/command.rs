@@ -251,6 +251,13 @@ pub enum Command {
     },
     /// No change; written at start-up so every term begins with an entry of its own.
     Noop,
+    /// A member publishes the client URLs it serves (as etcd members publish their attributes).
+    MemberAttrs {
+        /// Member id.
+        id: u64,
+        /// Client URLs.
+        client_urls: Vec<String>,
+    },
 }
 
 impl Command {
@@ -264,6 +271,7 @@ impl Command {
             Command::LeaseGrant { .. } => "lease_grant",
             Command::LeaseRevoke { .. } => "lease_revoke",
             Command::Noop => "noop",
+            Command::MemberAttrs { .. } => "member_attrs",
         }
     }
 }

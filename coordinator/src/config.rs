@@ -166,13 +166,6 @@ impl Config {
                 self.name
             ));
         }
-        if members.len() > 1 {
-            return Err(
-                "--initial-cluster names several members; this build runs a single member \
-                 (replication is not available yet)"
-                    .into(),
-            );
-        }
         if self.max_request_bytes < 1024 || self.max_request_bytes > 64 * 1024 * 1024 {
             return Err("--max-request-bytes must be between 1 KiB and 64 MiB".into());
         }

@@ -22,6 +22,8 @@ pub const MIN_TTL: i64 = 2;
 #[derive(Default)]
 pub struct Lessor {
     deadlines: Mutex<HashMap<i64, (Instant, i64)>>,
+    /// Only the leader keeps deadlines; followers forward keep-alives to it.
+    active: std::sync::atomic::AtomicBool,
 }
 
 impl Lessor {
@@ -30,21 +32,38 @@ impl Lessor {
         Lessor::default()
     }
 
-    /// Give every lease a full TTL from now (on start or on becoming leader).
-    pub fn promote(&self, leases: impl Iterator<Item = (i64, i64)>) {
+    /// Whether this member keeps lease deadlines (it is the leader).
+    pub fn is_active(&self) -> bool {
+        self.active.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// Start keeping deadlines: every lease gets its full TTL plus `extend` from now (on start
+    /// or on becoming leader, so that no lease expires early because of an election).
+    pub fn promote(&self, leases: impl Iterator<Item = (i64, i64)>, extend: Duration) {
         let now = Instant::now();
         let mut d = self.deadlines.lock();
         d.clear();
         for (id, ttl) in leases {
-            d.insert(id, (now + secs(ttl), ttl));
+            d.insert(id, (now + secs(ttl) + extend, ttl));
         }
+        self.active
+            .store(true, std::sync::atomic::Ordering::Release);
+    }
+
+    /// Stop keeping deadlines (this member is no longer the leader).
+    pub fn demote(&self) {
+        self.active
+            .store(false, std::sync::atomic::Ordering::Release);
+        self.deadlines.lock().clear();
     }
 
     /// A lease was granted (applied).
     pub fn granted(&self, id: i64, ttl: i64) {
-        self.deadlines
-            .lock()
-            .insert(id, (Instant::now() + secs(ttl), ttl));
+        if self.is_active() {
+            self.deadlines
+                .lock()
+                .insert(id, (Instant::now() + secs(ttl), ttl));
+        }
     }
 
     /// A lease was revoked (applied).
@@ -91,6 +110,7 @@ mod tests {
     #[test]
     fn renewal_moves_the_deadline_and_unknown_leases_are_none() {
         let l = Lessor::new();
+        l.promote(std::iter::empty(), Duration::ZERO);
         l.granted(7, 0);
         assert_eq!(l.expired(10), vec![7]);
         l.granted(8, 100);

@@ -7,7 +7,9 @@
 //! - [`state`]: `apply`, the only code that changes the key space; leases as state.
 //! - [`mvcc`]: revisions, ranges, compaction over sled ([`mvcc::backend`]).
 //! - [`wal`]: the fsynced write-ahead log (CRC per record, torn tails truncated).
-//! - [`node`]: the pipeline that orders, logs, applies and answers (group commit).
+//! - [`node`]: the single-member pipeline that orders, logs, applies and answers (group commit).
+//! - [`raft`]: the replicated mode: openraft over our log, state machine and peer service.
+//! - [`member`]: what the adapters call, in either mode.
 //! - [`watch`]: fan-out of events to watchers, with catch-up from history.
 //! - [`lease`]: lease deadlines (the leader's clock).
 //! - [`rpc`]: thin gRPC adapters; [`error`]: the one error type and its gRPC mapping.
@@ -27,9 +29,11 @@ pub mod command;
 pub mod config;
 pub mod error;
 pub mod lease;
+pub mod member;
 pub mod metrics;
 pub mod mvcc;
 pub mod node;
+pub mod raft;
 pub mod rpc;
 pub mod state;
 pub mod wal;
@@ -54,6 +58,7 @@ use tokio_util::sync::CancellationToken;
 pub use config::Config;
 
 use crate::lease::Lessor;
+use crate::member::Member;
 use crate::metrics::CoordinatorMetrics;
 use crate::mvcc::{Backend, SledBackend};
 use crate::node::{Node, NodeParts};
@@ -71,7 +76,7 @@ pub struct Running {
     metrics_addrs: Vec<SocketAddr>,
     shutdown: CancellationToken,
     tasks: Vec<JoinHandle<()>>,
-    node: Node,
+    member: Member,
 }
 
 impl Running {
@@ -85,9 +90,9 @@ impl Running {
         self.metrics_addrs[0]
     }
 
-    /// The node (for tests and tools in process).
-    pub fn node(&self) -> &Node {
-        &self.node
+    /// The member (for tests and tools in process).
+    pub fn member(&self) -> &Member {
+        &self.member
     }
 
     /// Resolves when the server was asked to stop.
@@ -101,7 +106,7 @@ impl Running {
         for t in self.tasks {
             let _ = t.await;
         }
-        self.node.stop().await;
+        self.member.stop().await;
     }
 }
 
@@ -128,22 +133,33 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
             .context("cannot open the key space (sled)")?,
     );
     let mut state = StateMachine::open(backend.clone()).context("cannot load the key space")?;
-    let (wal, entries) =
-        Wal::open(&member_dir.join("wal")).context("cannot open the write-ahead log")?;
-    let replayed =
-        node::replay(&mut state, &entries).context("cannot replay the write-ahead log")?;
-    let term = entries
-        .last()
-        .map(|e| e.term)
-        .unwrap_or(0)
-        .max(state.applied_term())
-        + 1;
-    drop(entries);
 
     // Identity: derived once from name, peer URLs and token, then kept in the data dir.
     let members = config.initial_members().map_err(|e| anyhow::anyhow!(e))?;
     let peer_urls = config.initial_advertise_peer_urls.clone();
     let (cluster_id, member_id) = identity(&backend, &config, &members, &peer_urls)?;
+
+    // A cluster of several members (or a data dir that already holds a Raft log) runs Raft;
+    // one member alone orders commands itself.
+    let raft_dir = member_dir.join("raft");
+    let raft_mode = members.len() > 1 || raft_dir.exists();
+    let mut single = None;
+    let mut replayed = 0;
+    let mut term = 0;
+    if !raft_mode {
+        let (wal, entries) =
+            Wal::open(&member_dir.join("wal")).context("cannot open the write-ahead log")?;
+        replayed =
+            node::replay(&mut state, &entries).context("cannot replay the write-ahead log")?;
+        term = entries
+            .last()
+            .map(|e| e.term)
+            .unwrap_or(0)
+            .max(state.applied_term())
+            + 1;
+        drop(entries);
+        single = Some(wal);
+    }
 
     let mut client_listeners = Vec::new();
     for addr in &config.listen_client_urls {
@@ -169,14 +185,24 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         .iter()
         .map(|l| l.local_addr())
         .collect::<Result<_, _>>()?;
+    let mut peer_listeners = Vec::new();
+    if raft_mode {
+        for addr in &config.listen_peer_urls {
+            peer_listeners.push(
+                TcpListener::bind(addr)
+                    .await
+                    .with_context(|| format!("cannot listen for peers on {addr}"))?,
+            );
+        }
+    }
 
     let admin_metrics = service_kit::admin::Metrics::new();
     let metrics = CoordinatorMetrics::register(&admin_metrics);
     let health = service_kit::admin::Health::new();
 
     let lessor = Arc::new(Lessor::new());
-    lessor.promote(state.leases().iter().map(|(id, l)| (*id, l.ttl)));
     let revision = state.revision();
+    let leases: Vec<(i64, i64)> = state.leases().iter().map(|(id, l)| (*id, l.ttl)).collect();
     let state = Arc::new(RwLock::new(state));
     let hub = WatchHub::new(
         state.clone(),
@@ -187,22 +213,103 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         },
         tokio::runtime::Handle::current(),
     );
-    let node = Node::start(NodeParts {
+    let shutdown = CancellationToken::new();
+    let mut tasks = Vec::new();
+    let member = match single {
+        Some(wal) => {
+            lessor.promote(leases.into_iter(), Duration::ZERO);
+            let node = Node::start(NodeParts {
+                state: state.clone(),
+                wal,
+                backend: backend.clone(),
+                term,
+                hub: hub.clone(),
+                lessor: lessor.clone(),
+                metrics: metrics.clone(),
+            });
+            // Every term starts with an entry of its own.
+            node.propose(command::Command::Noop)
+                .await
+                .context("cannot write the first log entry")?;
+            Member::Single(node)
+        }
+        None => {
+            let token = config.initial_cluster_token.clone();
+            let initial = members
+                .iter()
+                .map(|(n, u)| {
+                    (
+                        rpc::member_id_for(u, &token),
+                        raft::MemberNode {
+                            name: n.clone(),
+                            peer_url: u.clone(),
+                        },
+                    )
+                })
+                .collect();
+            let r = raft::RaftMember::start(raft::RaftParts {
+                id: member_id,
+                me: raft::MemberNode {
+                    name: config.name.clone(),
+                    peer_url: peer_urls.first().cloned().unwrap_or_default(),
+                },
+                initial,
+                bootstrap: config.initial_cluster_state == "new",
+                token: token.clone(),
+                dir: raft_dir,
+                election_timeout: Duration::from_millis(config.election_timeout),
+                heartbeat: Duration::from_millis(config.heartbeat_interval),
+                state: state.clone(),
+                hub: hub.clone(),
+                lessor: lessor.clone(),
+                metrics: metrics.clone(),
+            })
+            .await
+            .context("cannot start Raft")?;
+            for listener in peer_listeners {
+                let svc = proto::peerpb::peer_server::PeerServer::new(r.peer_service())
+                    .max_decoding_message_size(256 * 1024 * 1024)
+                    .max_encoding_message_size(256 * 1024 * 1024);
+                let stop = shutdown.clone();
+                let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+                tasks.push(tokio::spawn(async move {
+                    let res = tonic::transport::Server::builder()
+                        .tcp_nodelay(true)
+                        .add_service(svc)
+                        .serve_with_incoming_shutdown(incoming, stop.cancelled_owned())
+                        .await;
+                    if let Err(e) = res {
+                        tracing::error!(error = %e, "peer server failed");
+                    }
+                }));
+            }
+            // Publish our client URLs once a leader exists (as etcd members publish attributes).
+            let urls = config.client_urls(&client_addrs);
+            let publisher = Member::Raft(r.clone());
+            let stop = shutdown.clone();
+            tasks.push(tokio::spawn(async move {
+                loop {
+                    let cmd = command::Command::MemberAttrs {
+                        id: member_id,
+                        client_urls: urls.clone(),
+                    };
+                    tokio::select! {
+                        _ = stop.cancelled() => return,
+                        res = publisher.propose(cmd) => if res.is_ok() { return },
+                    }
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+            }));
+            Member::Raft(r)
+        }
+    };
+
+    let ctx = Ctx {
+        member: member.clone(),
         state: state.clone(),
-        wal,
-        backend: backend.clone(),
-        term,
         hub: hub.clone(),
         lessor: lessor.clone(),
         metrics: metrics.clone(),
-    });
-    // Every term starts with an entry of its own.
-    node.propose(command::Command::Noop)
-        .await
-        .context("cannot write the first log entry")?;
-
-    let ctx = Ctx {
-        node: node.clone(),
         id: Arc::new(Identity {
             cluster_id,
             member_id,
@@ -221,8 +328,6 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         version: API_VERSION,
     };
 
-    let shutdown = CancellationToken::new();
-    let mut tasks = Vec::new();
     // gRPC's own limit sits above ours so that etcd's "request is too large" is what clients see.
     let max_msg = config.max_request_bytes + 512 * 1024;
     for listener in client_listeners {
@@ -305,7 +410,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         metrics_addrs,
         shutdown,
         tasks,
-        node,
+        member,
     })
 }
 
@@ -323,9 +428,8 @@ fn identity(
             mvcc::keys::decode_i64(&m)? as u64,
         ));
     }
-    let mut peer_parts: Vec<&[u8]> = peer_urls.iter().map(|u| u.as_bytes()).collect();
-    peer_parts.push(config.initial_cluster_token.as_bytes());
-    let member_id = rpc::fnv64(&peer_parts);
+    let my_url = peer_urls.first().cloned().unwrap_or_default();
+    let member_id = rpc::member_id_for(&my_url, &config.initial_cluster_token);
     let mut cluster_parts: Vec<Vec<u8>> = members
         .iter()
         .map(|(n, u)| format!("{n}={u}").into_bytes())
@@ -357,8 +461,8 @@ async fn housekeeping(ctx: Ctx, progress_every: Duration, shutdown: Cancellation
             _ = shutdown.cancelled() => return,
             _ = tick.tick() => {}
         }
-        let size = ctx.node.state().read().store().backend().size_on_disk();
-        ctx.node.metrics().db_bytes.set(size as i64);
+        let size = ctx.state.read().store().backend().size_on_disk();
+        ctx.metrics.db_bytes.set(size as i64);
         if size > ctx.limits.quota_backend_bytes && !ctx.nospace.swap(true, Ordering::AcqRel) {
             tracing::error!(
                 size,
@@ -368,7 +472,7 @@ async fn housekeeping(ctx: Ctx, progress_every: Duration, shutdown: Cancellation
         }
         if last_progress.elapsed() >= progress_every {
             last_progress = tokio::time::Instant::now();
-            ctx.node.hub().notify_progress();
+            ctx.hub.notify_progress();
         }
     }
 }

@@ -28,6 +28,9 @@ use crate::mvcc::keys;
 use crate::mvcc::store::WriteTxn;
 use crate::mvcc::{Backend, MvccStore};
 
+/// Meta prefix of published member attributes (`m` + "member/" + id BE).
+const MEMBER_ATTRS: &[u8] = b"mmember/";
+
 /// Largest TTL a lease may ask for (etcd's limit, in seconds).
 pub const MAX_LEASE_TTL: i64 = 9_000_000_000;
 
@@ -205,6 +208,17 @@ impl StateMachine {
             Command::LeaseGrant { id, ttl } => self.apply_grant(*id, *ttl),
             Command::LeaseRevoke { id } => self.apply_revoke(*id, &mut events),
             Command::Noop => Ok(Response::Noop),
+            Command::MemberAttrs { id, client_urls } => {
+                let mut k = MEMBER_ATTRS.to_vec();
+                k.extend_from_slice(&id.to_be_bytes());
+                match bincode::serialize(client_urls) {
+                    Ok(v) => {
+                        self.store.stage(k, Some(v));
+                        Ok(Response::Noop)
+                    }
+                    Err(e) => Err(Error::InvalidArgument(format!("member attributes: {e}"))),
+                }
+            }
         };
         Some(Applied {
             revision: self.store.current_revision(),
@@ -1269,5 +1283,34 @@ impl StateMachine {
             self.store = store;
         }
         self.leases.clear();
+    }
+}
+
+impl StateMachine {
+    /// Queue a write of a value beside the key space (consensus metadata) into the next commit.
+    pub fn stage(&mut self, key: Vec<u8>, value: Option<Vec<u8>>) {
+        self.store.stage(key, value);
+    }
+}
+
+impl StateMachine {
+    /// Client URLs each member published.
+    pub fn member_client_urls(&self) -> BTreeMap<u64, Vec<String>> {
+        let mut out = BTreeMap::new();
+        let mut end = MEMBER_ATTRS.to_vec();
+        if let Some(l) = end.last_mut() {
+            *l += 1;
+        }
+        let _ = self.store.backend().scan(MEMBER_ATTRS, &end, &mut |k, v| {
+            if k.len() == MEMBER_ATTRS.len() + 8 {
+                let mut id = [0u8; 8];
+                id.copy_from_slice(&k[MEMBER_ATTRS.len()..]);
+                if let Ok(urls) = bincode::deserialize::<Vec<String>>(v) {
+                    out.insert(u64::from_be_bytes(id), urls);
+                }
+            }
+            true
+        });
+        out
     }
 }

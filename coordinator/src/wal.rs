@@ -385,6 +385,32 @@ impl Wal {
         Ok(())
     }
 
+    /// Drop every entry and continue the log at `next` (after a snapshot made the whole log
+    /// redundant and the next entry comes from beyond its end).
+    pub fn reset_to(&mut self, next: u64) -> Result<()> {
+        let path = self.dir.join(seg_name(next));
+        let f = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .read(true)
+            .open(&path)?;
+        f.set_len(0)?;
+        f.sync_all()?;
+        for seg in self.segments.drain(..) {
+            if seg.path != path {
+                fs::remove_file(&seg.path)?;
+            }
+        }
+        sync_dir(&self.dir)?;
+        self.segments.push(Segment { first: next, path });
+        self.file = f;
+        self.file_len = 0;
+        self.positions.clear();
+        self.last_index = next - 1;
+        self.last_term = 0;
+        Ok(())
+    }
+
     /// Bytes held by all segments.
     pub fn size_bytes(&self) -> u64 {
         self.segments

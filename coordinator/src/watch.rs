@@ -178,6 +178,20 @@ impl WatchHub {
         }
     }
 
+    /// After the store was replaced by a snapshot: every synced watcher replays history from
+    /// its cursor (what the snapshot skipped is in its history), and publishing resumes at `rev`.
+    pub fn reset_after_snapshot(self: &Arc<Self>, rev: i64) {
+        let mut inner = self.inner.lock();
+        let synced: Vec<(u64, Synced)> = inner.synced.drain().collect();
+        for (gid, s) in synced {
+            inner
+                .catching_up
+                .insert(gid, (s.watcher.stream, s.next_rev));
+            self.spawn_catch_up(s.watcher, s.next_rev);
+        }
+        inner.published_rev = rev;
+    }
+
     /// Register a watcher. `start_rev` 0 means "from the next revision". The `created` response
     /// must already have been sent on `tx`.
     pub fn watch(

@@ -26,15 +26,19 @@ impl KvService {
 
     async fn write(&self, cmd: Command) -> Result<(i64, SmResponse)> {
         state::validate(&cmd, self.ctx.limits.max_txn_ops)?;
-        let applied = self.ctx.node.propose(cmd).await?;
+        let applied = self.ctx.member.propose(cmd).await?;
         let resp = applied.result?;
         Ok((applied.revision, resp))
     }
 
     async fn do_range(&self, r: RangeRequest) -> Result<RangeResponse> {
         self.ctx.check_size(&r)?;
+        let serializable = r.serializable;
         let req = range_req(r)?;
-        let st = self.ctx.node.state().read();
+        if !serializable {
+            self.ctx.member.read_barrier().await?;
+        }
+        let st = self.ctx.state.read();
         let rr = st.store().range(&req)?;
         Ok(RangeResponse {
             header: self.ctx.header(rr.revision),
@@ -74,7 +78,8 @@ impl KvService {
         let t = txn_req(t)?;
         if t.is_read_only() {
             state::validate_txn(&t, self.ctx.limits.max_txn_ops)?;
-            let st = self.ctx.node.state().read();
+            self.ctx.member.read_barrier().await?;
+            let st = self.ctx.state.read();
             let mut r = st.read_txn(&t)?;
             r.header = self.ctx.header(st.revision());
             return Ok(r);
@@ -125,7 +130,7 @@ fn rev_of(h: &Option<proto::etcdserverpb::ResponseHeader>) -> i64 {
 
 fn done<T>(ctx: &Ctx, method: &'static str, r: Result<T>) -> Result<Response<T>, Status> {
     let r = r.map(Response::new).map_err(Status::from);
-    ctx.node.metrics().rpc(method, &r);
+    ctx.metrics.rpc(method, &r);
     r
 }
 

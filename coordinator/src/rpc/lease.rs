@@ -46,14 +46,14 @@ impl LeaseService {
             // Chosen here, before proposing, so that apply stays deterministic.
             loop {
                 id = (rand::random::<u64>() >> 1) as i64;
-                if id != 0 && !self.ctx.node.state().read().leases().contains_key(&id) {
+                if id != 0 && !self.ctx.state.read().leases().contains_key(&id) {
                     break;
                 }
             }
         }
         let applied = self
             .ctx
-            .node
+            .member
             .propose(Command::LeaseGrant { id, ttl })
             .await?;
         match applied.result? {
@@ -72,7 +72,7 @@ impl LeaseService {
     async fn revoke(&self, r: LeaseRevokeRequest) -> Result<LeaseRevokeResponse> {
         let applied = self
             .ctx
-            .node
+            .member
             .propose(Command::LeaseRevoke { id: r.id })
             .await?;
         applied.result?;
@@ -81,24 +81,23 @@ impl LeaseService {
         })
     }
 
-    fn time_to_live(&self, r: LeaseTimeToLiveRequest) -> LeaseTimeToLiveResponse {
-        let st = self.ctx.node.state().read();
+    async fn time_to_live(&self, r: LeaseTimeToLiveRequest) -> Result<LeaseTimeToLiveResponse> {
+        // The leader owns deadlines: ask it (locally when alone).
+        let remaining = self.ctx.member.lease_remaining(r.id).await?;
+        let st = self.ctx.state.read();
         let rev = st.revision();
-        match st.leases().get(&r.id) {
-            Some(info) => {
-                let ttl = self.ctx.node.lessor().remaining(r.id).unwrap_or(info.ttl);
-                LeaseTimeToLiveResponse {
-                    header: self.ctx.header(rev),
-                    id: r.id,
-                    ttl,
-                    granted_ttl: info.ttl,
-                    keys: if r.keys {
-                        info.keys.iter().cloned().collect()
-                    } else {
-                        Vec::new()
-                    },
-                }
-            }
+        Ok(match st.leases().get(&r.id) {
+            Some(info) => LeaseTimeToLiveResponse {
+                header: self.ctx.header(rev),
+                id: r.id,
+                ttl: if remaining < 0 { info.ttl } else { remaining },
+                granted_ttl: info.ttl,
+                keys: if r.keys {
+                    info.keys.iter().cloned().collect()
+                } else {
+                    Vec::new()
+                },
+            },
             // etcd answers an unknown lease with TTL -1, not an error.
             None => LeaseTimeToLiveResponse {
                 header: self.ctx.header(rev),
@@ -107,11 +106,11 @@ impl LeaseService {
                 granted_ttl: 0,
                 keys: Vec::new(),
             },
-        }
+        })
     }
 
     fn leases(&self) -> LeaseLeasesResponse {
-        let st = self.ctx.node.state().read();
+        let st = self.ctx.state.read();
         LeaseLeasesResponse {
             header: self.ctx.header(st.revision()),
             leases: st
@@ -125,7 +124,7 @@ impl LeaseService {
 
 fn done<T>(ctx: &Ctx, method: &'static str, r: Result<T>) -> Result<Response<T>, Status> {
     let r = r.map(Response::new).map_err(Status::from);
-    ctx.node.metrics().rpc(method, &r);
+    ctx.metrics.rpc(method, &r);
     r
 }
 
@@ -162,17 +161,18 @@ impl Lease for LeaseService {
         let mut incoming = req.into_inner();
         let (tx, rx) = mpsc::channel(64);
         let ctx = self.ctx.clone();
-        ctx.node.metrics().rpc::<()>("LeaseKeepAlive", &Ok(()));
+        ctx.metrics.rpc::<()>("LeaseKeepAlive", &Ok(()));
         tokio::spawn(async move {
             while let Some(Ok(m)) = incoming.next().await {
                 // Unknown (expired, revoked) leases answer TTL 0, as etcd does.
-                let known = ctx.node.state().read().leases().contains_key(&m.id);
-                let ttl = if known {
-                    ctx.node.lessor().renew(m.id).unwrap_or(0)
-                } else {
-                    0
+                let ttl = match ctx.member.lease_renew(m.id).await {
+                    Ok(ttl) => ttl,
+                    Err(e) => {
+                        let _ = tx.send(Err(Status::from(e))).await;
+                        break;
+                    }
                 };
-                let rev = ctx.node.state().read().revision();
+                let rev = ctx.state.read().revision();
                 let resp = LeaseKeepAliveResponse {
                     header: ctx.header(rev),
                     id: m.id,
@@ -194,7 +194,7 @@ impl Lease for LeaseService {
         done(
             &self.ctx,
             "LeaseTimeToLive",
-            Ok(self.time_to_live(req.into_inner())),
+            self.time_to_live(req.into_inner()).await,
         )
     }
 
@@ -215,12 +215,18 @@ pub async fn expiry_loop(ctx: Ctx, shutdown: tokio_util::sync::CancellationToken
             _ = shutdown.cancelled() => return,
             _ = tick.tick() => {}
         }
-        // At most 500 revocations per tick (etcd limits its revoke rate the same way).
-        for id in ctx.node.lessor().expired(500) {
-            match ctx.node.propose(Command::LeaseRevoke { id }).await {
+        // Only the leader expires leases. At most 500 revocations per tick (etcd limits its
+        // revoke rate the same way).
+        let expired = if ctx.lessor.is_active() {
+            ctx.lessor.expired(500)
+        } else {
+            Vec::new()
+        };
+        for id in expired {
+            match ctx.member.propose(Command::LeaseRevoke { id }).await {
                 Ok(a) => {
                     if let Err(Error::LeaseNotFound) = a.result {
-                        ctx.node.lessor().revoked(id);
+                        ctx.lessor.revoked(id);
                     } else {
                         tracing::debug!(lease = id, "lease expired");
                     }
@@ -231,8 +237,8 @@ pub async fn expiry_loop(ctx: Ctx, shutdown: tokio_util::sync::CancellationToken
                 }
             }
         }
-        let st = ctx.node.state().read();
-        ctx.node.metrics().leases.set(st.leases().len() as i64);
-        ctx.node.metrics().revision.set(st.revision());
+        let st = ctx.state.read();
+        ctx.metrics.leases.set(st.leases().len() as i64);
+        ctx.metrics.revision.set(st.revision());
     }
 }

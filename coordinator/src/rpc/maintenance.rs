@@ -46,30 +46,53 @@ impl MaintenanceService {
         MaintenanceService { ctx }
     }
 
-    fn member(&self) -> Member {
-        Member {
-            id: self.ctx.id.member_id,
-            name: self.ctx.id.name.clone(),
-            peer_ur_ls: self.ctx.id.peer_urls.clone(),
-            client_ur_ls: self.ctx.id.client_urls.clone(),
-            is_learner: false,
+    fn members(&self) -> Vec<Member> {
+        match &self.ctx.member {
+            crate::member::Member::Single(_) => vec![Member {
+                id: self.ctx.id.member_id,
+                name: self.ctx.id.name.clone(),
+                peer_ur_ls: self.ctx.id.peer_urls.clone(),
+                client_ur_ls: self.ctx.id.client_urls.clone(),
+                is_learner: false,
+            }],
+            crate::member::Member::Raft(r) => {
+                let urls = self.ctx.state.read().member_client_urls();
+                r.members()
+                    .into_iter()
+                    .map(|(id, node, learner)| Member {
+                        id,
+                        name: node.name,
+                        peer_ur_ls: vec![node.peer_url],
+                        client_ur_ls: urls.get(&id).cloned().unwrap_or_default(),
+                        is_learner: learner,
+                    })
+                    .collect()
+            }
+        }
+    }
+
+    fn raft(&self) -> Result<&crate::raft::RaftMember, Status> {
+        match &self.ctx.member {
+            crate::member::Member::Raft(r) => Ok(r),
+            crate::member::Member::Single(_) => Err(self.single_member_only()),
         }
     }
 
     fn rev(&self) -> i64 {
-        self.ctx.node.state().read().revision()
+        self.ctx.state.read().revision()
     }
 
     fn single_member_only(&self) -> Status {
         Status::from(Error::Unsupported(
-            "member changes need replication, which this build does not run yet".into(),
+            "member changes need a member started with --initial-cluster naming several members"
+                .into(),
         ))
     }
 }
 
 fn done<T>(ctx: &Ctx, method: &'static str, r: Result<T>) -> Result<Response<T>, Status> {
     let r = r.map(Response::new).map_err(Status::from);
-    ctx.node.metrics().rpc(method, &r);
+    ctx.metrics.rpc(method, &r);
     r
 }
 
@@ -122,7 +145,7 @@ impl Maintenance for MaintenanceService {
     }
 
     async fn status(&self, _: Request<StatusRequest>) -> Result<Response<StatusResponse>, Status> {
-        let st = self.ctx.node.state().read();
+        let st = self.ctx.state.read();
         let size = st.store().backend().size_on_disk() as i64;
         let mut errors = Vec::new();
         if self.ctx.nospace.load(Ordering::Acquire) {
@@ -134,13 +157,13 @@ impl Maintenance for MaintenanceService {
             header: self.ctx.header(st.revision()),
             version: self.ctx.version.to_string(),
             db_size: size,
-            leader: self.ctx.id.member_id,
-            raft_index: st.applied_index(),
-            raft_term: self.ctx.node.term(),
+            leader: self.ctx.member.leader(self.ctx.id.member_id).unwrap_or(0),
+            raft_index: self.ctx.member.last_log_index(st.applied_index()),
+            raft_term: self.ctx.member.term(),
             raft_applied_index: st.applied_index(),
             errors,
             db_size_in_use: size,
-            is_learner: false,
+            is_learner: self.ctx.member.is_learner(self.ctx.id.member_id),
         };
         drop(st);
         done(&self.ctx, "Status", Ok(resp))
@@ -151,7 +174,7 @@ impl Maintenance for MaintenanceService {
         _: Request<DefragmentRequest>,
     ) -> Result<Response<DefragmentResponse>, Status> {
         // sled reclaims space itself; a flush is what an operator expects to see happen here.
-        let r = self.ctx.node.state().read().store().backend().flush();
+        let r = self.ctx.state.read().store().backend().flush();
         done(
             &self.ctx,
             "Defragment",
@@ -162,7 +185,7 @@ impl Maintenance for MaintenanceService {
     }
 
     async fn hash(&self, _: Request<HashRequest>) -> Result<Response<HashResponse>, Status> {
-        let st = self.ctx.node.state().read();
+        let st = self.ctx.state.read();
         let mut h = crc32fast::Hasher::new();
         let r = st.store().backend().scan(&[0], &[0xff], &mut |k, v| {
             h.update(k);
@@ -186,7 +209,7 @@ impl Maintenance for MaintenanceService {
         req: Request<HashKvRequest>,
     ) -> Result<Response<HashKvResponse>, Status> {
         let r = req.into_inner();
-        let st = self.ctx.node.state().read();
+        let st = self.ctx.state.read();
         let rev = if r.revision <= 0 {
             st.revision()
         } else {
@@ -216,10 +239,7 @@ impl Maintenance for MaintenanceService {
             Ok(f) => f,
             Err(e) => {
                 let s = Status::from(e);
-                self.ctx
-                    .node
-                    .metrics()
-                    .rpc::<()>("Snapshot", &Err(s.clone()));
+                self.ctx.metrics.rpc::<()>("Snapshot", &Err(s.clone()));
                 return Err(s);
             }
         };
@@ -250,7 +270,7 @@ impl Maintenance for MaintenanceService {
                 }
             }
         });
-        self.ctx.node.metrics().rpc::<()>("Snapshot", &Ok(()));
+        self.ctx.metrics.rpc::<()>("Snapshot", &Ok(()));
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 
@@ -274,7 +294,7 @@ impl Maintenance for MaintenanceService {
 
 fn write_snapshot(ctx: &Ctx) -> Result<(std::fs::File, u64, i64)> {
     let mut tmp = tempfile_in_data()?;
-    let st = ctx.node.state().read();
+    let st = ctx.state.read();
     let rev = st.revision();
     let mut h = crc32fast::Hasher::new();
     let mut w = std::io::BufWriter::with_capacity(1 << 20, &mut tmp);
@@ -346,23 +366,58 @@ fn tempfile_in_data() -> Result<std::fs::File> {
 impl Cluster for MaintenanceService {
     async fn member_add(
         &self,
-        _: Request<MemberAddRequest>,
+        req: Request<MemberAddRequest>,
     ) -> Result<Response<MemberAddResponse>, Status> {
-        Err(self.single_member_only())
+        let r = req.into_inner();
+        let raft = self.raft()?;
+        let Some(url) = r.peer_ur_ls.first().cloned() else {
+            return Err(Status::invalid_argument(
+                "etcdserver: member peer URLs are not provided",
+            ));
+        };
+        let id = raft
+            .add_member(&url, r.is_learner)
+            .await
+            .map_err(Status::from)?;
+        let members = self.members();
+        let member = members.iter().find(|m| m.id == id).cloned();
+        done(
+            &self.ctx,
+            "MemberAdd",
+            Ok(MemberAddResponse {
+                header: self.ctx.header(self.rev()),
+                member,
+                members,
+            }),
+        )
     }
 
     async fn member_remove(
         &self,
-        _: Request<MemberRemoveRequest>,
+        req: Request<MemberRemoveRequest>,
     ) -> Result<Response<MemberRemoveResponse>, Status> {
-        Err(self.single_member_only())
+        let r = req.into_inner();
+        self.raft()?
+            .remove_member(r.id)
+            .await
+            .map_err(Status::from)?;
+        done(
+            &self.ctx,
+            "MemberRemove",
+            Ok(MemberRemoveResponse {
+                header: self.ctx.header(self.rev()),
+                members: self.members(),
+            }),
+        )
     }
 
     async fn member_update(
         &self,
         _: Request<MemberUpdateRequest>,
     ) -> Result<Response<MemberUpdateResponse>, Status> {
-        Err(self.single_member_only())
+        Err(Status::from(Error::Unsupported(
+            "changing a member's peer URLs is not supported; remove and add the member".into(),
+        )))
     }
 
     async fn member_list(
@@ -374,15 +429,27 @@ impl Cluster for MaintenanceService {
             "MemberList",
             Ok(MemberListResponse {
                 header: self.ctx.header(self.rev()),
-                members: vec![self.member()],
+                members: self.members(),
             }),
         )
     }
 
     async fn member_promote(
         &self,
-        _: Request<MemberPromoteRequest>,
+        req: Request<MemberPromoteRequest>,
     ) -> Result<Response<MemberPromoteResponse>, Status> {
-        Err(self.single_member_only())
+        let r = req.into_inner();
+        self.raft()?
+            .promote_member(r.id)
+            .await
+            .map_err(Status::from)?;
+        done(
+            &self.ctx,
+            "MemberPromote",
+            Ok(MemberPromoteResponse {
+                header: self.ctx.header(self.rev()),
+                members: self.members(),
+            }),
+        )
     }
 }

@@ -21,7 +21,11 @@ use crate::command::{
     SortTarget, TxnReq,
 };
 use crate::error::{Error, Result};
-use crate::node::Node;
+use crate::lease::Lessor;
+use crate::member::Member;
+use crate::metrics::CoordinatorMetrics;
+use crate::state::StateMachine;
+use crate::watch::WatchHub;
 
 /// Who this member is.
 #[derive(Debug, Clone)]
@@ -54,8 +58,16 @@ pub struct Limits {
 /// Everything an adapter needs. Cheap to clone.
 #[derive(Clone)]
 pub struct Ctx {
-    /// The node.
-    pub node: Node,
+    /// Who orders commands (one member alone, or Raft).
+    pub member: Member,
+    /// The state machine (read it under the lock; never across an await).
+    pub state: Arc<parking_lot::RwLock<StateMachine>>,
+    /// Watch hub.
+    pub hub: Arc<WatchHub>,
+    /// Lease deadlines (kept by the leader).
+    pub lessor: Arc<Lessor>,
+    /// Metrics.
+    pub metrics: CoordinatorMetrics,
     /// Identity.
     pub id: Arc<Identity>,
     /// Limits.
@@ -75,7 +87,7 @@ impl Ctx {
             cluster_id: self.id.cluster_id,
             member_id: self.id.member_id,
             revision: rev,
-            raft_term: self.node.term(),
+            raft_term: self.member.term(),
         })
     }
 
@@ -309,4 +321,10 @@ impl http_body::Body for TooLargeBody {
     fn size_hint(&self) -> http_body::SizeHint {
         self.inner.size_hint()
     }
+}
+
+/// A member's id: derived from its peer URL and the cluster token, so every member computes the
+/// same ids from `--initial-cluster` alone.
+pub fn member_id_for(peer_url: &str, token: &str) -> u64 {
+    fnv64(&[peer_url.as_bytes(), token.as_bytes()])
 }

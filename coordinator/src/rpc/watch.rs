@@ -50,7 +50,7 @@ impl Watch for WatchService {
         let (tx, rx) = mpsc::channel(STREAM_BUFFER);
         let ctx = self.ctx.clone();
         let stream_id = ctx.next_stream.fetch_add(1, Ordering::Relaxed);
-        ctx.node.metrics().rpc::<()>("Watch", &Ok(()));
+        ctx.metrics.rpc::<()>("Watch", &Ok(()));
         tokio::spawn(async move {
             let mut session = Session {
                 ctx: ctx.clone(),
@@ -93,10 +93,10 @@ impl Session {
             Some(RequestUnion::CreateRequest(c)) => self.create(c).await,
             Some(RequestUnion::CancelRequest(c)) => {
                 if let Some(w) = self.watchers.remove(&c.watch_id) {
-                    self.ctx.node.hub().cancel(&w);
+                    self.ctx.hub.cancel(&w);
                     self.update_gauge();
                     let resp = WatchResponse {
-                        header: self.ctx.header(self.ctx.node.hub().published_revision()),
+                        header: self.ctx.header(self.ctx.hub.published_revision()),
                         watch_id: c.watch_id,
                         canceled: true,
                         ..Default::default()
@@ -106,7 +106,7 @@ impl Session {
                 true
             }
             Some(RequestUnion::ProgressRequest(_)) => {
-                let rev = self.ctx.node.hub().progress_revision(self.stream);
+                let rev = self.ctx.hub.progress_revision(self.stream);
                 let resp = WatchResponse {
                     header: self.ctx.header(rev),
                     watch_id: -1,
@@ -119,7 +119,7 @@ impl Session {
     }
 
     async fn create(&mut self, c: WatchCreateRequest) -> bool {
-        let hub = self.ctx.node.hub().clone();
+        let hub = self.ctx.hub.clone();
         let refuse = |id: i64, reason: String, rev: i64, ctx: &Ctx| WatchResponse {
             header: ctx.header(rev),
             watch_id: id,
@@ -201,15 +201,14 @@ impl Session {
 
     fn update_gauge(&self) {
         self.ctx
-            .node
-            .metrics()
+            .metrics
             .watchers
-            .set(self.ctx.node.hub().watcher_count() as i64);
+            .set(self.ctx.hub.watcher_count() as i64);
     }
 
     fn close(&mut self) {
         for (_, w) in self.watchers.drain() {
-            self.ctx.node.hub().cancel(&w);
+            self.ctx.hub.cancel(&w);
         }
         self.update_gauge();
     }

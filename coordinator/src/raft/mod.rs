@@ -1,0 +1,708 @@
+//! Replication: the same state machine, ordered by Raft (openraft 0.9) across members.
+//!
+//! - [`log_store`]: the Raft log and vote, fsynced, with group commit.
+//! - [`sm`]: the state machine store (the same `apply` as single-member mode) and snapshots.
+//! - [`network`]: openraft's messages over our `peerpb.Peer` gRPC service on the peer port.
+//! - this module: [`RaftMember`] — what the gRPC adapters call — and the peer service.
+//!
+//! # Behaviour clients see
+//! - Any member takes any request. A write on a follower is forwarded to the leader over the
+//!   peer port; when no leader is known it waits up to [`PROPOSE_WAIT`], then answers
+//!   `etcdserver: no leader`.
+//! - A linearizable read asks the leader for a read index (the leader confirms it still leads
+//!   with a quorum round), waits until this member applied that far, then reads locally.
+//!   Serializable reads are served locally at once.
+//! - Leases: only the leader keeps deadlines; keep-alives on a follower are forwarded. On
+//!   becoming leader a member gives every lease its full TTL plus one election timeout (etcd does
+//!   the same), so no lease expires early because of an election.
+//!
+//! # Elections
+//! openraft 0.9 draws its election timeout once per process, so two members with close draws
+//! could split votes forever. We switch its timer off (`enable_elect = false`) and run our own:
+//! a follower that has heard nothing from a leader (append-entries or a vote it granted) for a
+//! timeout drawn afresh in `[election, 2 × election)` before *every* campaign calls
+//! `trigger().elect()`.
+
+pub mod log_store;
+pub mod network;
+pub mod sm;
+
+use std::collections::{BTreeMap, HashMap};
+use std::io::Cursor;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use openraft::error::{ClientWriteError, RaftError};
+use openraft::{Raft, ServerState};
+use parking_lot::{Mutex, RwLock};
+use proto::peerpb::Blob;
+use proto::peerpb::peer_client::PeerClient;
+use proto::peerpb::peer_server::Peer;
+use serde::{Deserialize, Serialize};
+use tokio_util::sync::CancellationToken;
+use tonic::transport::Channel;
+use tonic::{Request, Response, Status};
+
+use crate::command::Command;
+use crate::error::{Error, Result};
+use crate::lease::Lessor;
+use crate::metrics::CoordinatorMetrics;
+use crate::state::{OutcomeWire, StateMachine};
+use crate::watch::WatchHub;
+
+/// How long a write waits for a leader before `etcdserver: no leader`.
+pub const PROPOSE_WAIT: Duration = Duration::from_secs(5);
+
+/// A member as the membership knows it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MemberNode {
+    /// Member name.
+    pub name: String,
+    /// Peer URL (`http://host:port`).
+    pub peer_url: String,
+}
+
+openraft::declare_raft_types!(
+    /// openraft's types for the coordinator.
+    pub TypeConfig:
+        D = Command,
+        R = OutcomeWire,
+        NodeId = u64,
+        Node = MemberNode,
+        Entry = openraft::Entry<TypeConfig>,
+        SnapshotData = Cursor<Vec<u8>>,
+        AsyncRuntime = openraft::TokioRuntime,
+);
+
+/// Why a forwarded request failed on the member it was sent to.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+enum PeerError {
+    /// That member is not the leader (maybe it knows who is).
+    NotLeader(Option<u64>),
+    /// Anything else.
+    Failed(String),
+}
+
+/// What a member needs to join or form a cluster.
+pub struct RaftParts {
+    /// This member's id.
+    pub id: u64,
+    /// This member's name and peer URL.
+    pub me: MemberNode,
+    /// Every initial member (id → node), this one included.
+    pub initial: BTreeMap<u64, MemberNode>,
+    /// `--initial-cluster-state new`: initialise the cluster if this member's log is empty.
+    pub bootstrap: bool,
+    /// Cluster token (member ids derive from it).
+    pub token: String,
+    /// Directory for the Raft log and vote.
+    pub dir: std::path::PathBuf,
+    /// Election timeout.
+    pub election_timeout: Duration,
+    /// Heartbeat interval.
+    pub heartbeat: Duration,
+    /// The opened state machine, watch hub, lessor, metrics.
+    pub state: Arc<RwLock<StateMachine>>,
+    /// Watch hub.
+    pub hub: Arc<WatchHub>,
+    /// Lease deadlines.
+    pub lessor: Arc<Lessor>,
+    /// Metrics.
+    pub metrics: CoordinatorMetrics,
+}
+
+struct Inner {
+    id: u64,
+    raft: Raft<TypeConfig>,
+    state: Arc<RwLock<StateMachine>>,
+    lessor: Arc<Lessor>,
+    sm: sm::SmStore,
+    log: log_store::LogStore,
+    peers: Mutex<HashMap<u64, PeerClient<Channel>>>,
+    last_heartbeat: Mutex<Instant>,
+    election_timeout: Duration,
+    stop: CancellationToken,
+    token: String,
+}
+
+/// A member of a replicated coordinator. Cheap to clone.
+#[derive(Clone)]
+pub struct RaftMember {
+    inner: Arc<Inner>,
+}
+
+/// The outcome of a proposal, in process.
+pub type Outcome = (i64, Result<crate::state::Response>);
+
+impl RaftMember {
+    /// Open the log, start openraft, and (for a new cluster) initialise the membership.
+    pub async fn start(p: RaftParts) -> anyhow::Result<RaftMember> {
+        let log = log_store::LogStore::open(&p.dir)?;
+        let sm = sm::SmStore::new(
+            p.state.clone(),
+            p.hub.clone(),
+            p.lessor.clone(),
+            p.metrics.clone(),
+        )?;
+        let et = p.election_timeout.as_millis() as u64;
+        let config = openraft::Config {
+            cluster_name: "coordinator".into(),
+            heartbeat_interval: p.heartbeat.as_millis() as u64,
+            election_timeout_min: et,
+            election_timeout_max: et * 2,
+            enable_elect: false,
+            install_snapshot_timeout: 10_000,
+            max_payload_entries: 1024,
+            snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(20_000),
+            max_in_snapshot_log_to_keep: 2_000,
+            purge_batch_size: 512,
+            ..Default::default()
+        }
+        .validate()?;
+        let raft = Raft::new(
+            p.id,
+            Arc::new(config),
+            network::Network,
+            log.clone(),
+            sm.clone(),
+        )
+        .await?;
+        if p.bootstrap && !raft.is_initialized().await? {
+            // Every initial member may call this with the same membership; it is a no-op where a
+            // log already exists.
+            if let Err(e) = raft.initialize(p.initial.clone()).await {
+                tracing::info!(error = %e, "cluster already initialised");
+            }
+        }
+        let member = RaftMember {
+            inner: Arc::new(Inner {
+                id: p.id,
+                raft,
+                state: p.state,
+                lessor: p.lessor,
+                sm,
+                log,
+                peers: Mutex::new(HashMap::new()),
+                last_heartbeat: Mutex::new(Instant::now()),
+                election_timeout: p.election_timeout,
+                stop: CancellationToken::new(),
+                token: p.token,
+            }),
+        };
+        tokio::spawn(member.clone().election_timer());
+        tokio::spawn(member.clone().leadership_watch());
+        Ok(member)
+    }
+
+    /// This member's id.
+    pub fn id(&self) -> u64 {
+        self.inner.id
+    }
+
+    /// The openraft handle (membership changes, metrics).
+    pub fn raft(&self) -> &Raft<TypeConfig> {
+        &self.inner.raft
+    }
+
+    /// Current term.
+    pub fn term(&self) -> u64 {
+        self.inner.raft.metrics().borrow().current_term
+    }
+
+    /// The leader this member knows of.
+    pub fn leader(&self) -> Option<u64> {
+        self.inner.raft.metrics().borrow().current_leader
+    }
+
+    /// Whether this member leads.
+    pub fn is_leader(&self) -> bool {
+        let m = self.inner.raft.metrics();
+        let m = m.borrow();
+        m.state == ServerState::Leader && m.current_leader == Some(self.inner.id)
+    }
+
+    /// Last log index this member holds.
+    pub fn last_log_index(&self) -> u64 {
+        self.inner
+            .raft
+            .metrics()
+            .borrow()
+            .last_log_index
+            .unwrap_or(0)
+    }
+
+    /// Members: (id, node, is_learner).
+    pub fn members(&self) -> Vec<(u64, MemberNode, bool)> {
+        let m = self.inner.raft.metrics().borrow().membership_config.clone();
+        let voters: std::collections::BTreeSet<u64> = m.membership().voter_ids().collect();
+        m.membership()
+            .nodes()
+            .map(|(id, n)| (*id, n.clone(), !voters.contains(id)))
+            .collect()
+    }
+
+    fn node_of(&self, id: u64) -> Option<MemberNode> {
+        let m = self.inner.raft.metrics().borrow().membership_config.clone();
+        m.membership().get_node(&id).cloned()
+    }
+
+    fn peer(&self, id: u64) -> Result<PeerClient<Channel>> {
+        if let Some(c) = self.inner.peers.lock().get(&id) {
+            return Ok(c.clone());
+        }
+        let node = self.node_of(id).ok_or(Error::NoLeader)?;
+        let ch = network::channel(&node.peer_url)
+            .map_err(|e| Error::InvalidArgument(format!("bad peer URL {}: {e}", node.peer_url)))?;
+        let c = PeerClient::new(ch)
+            .max_decoding_message_size(64 * 1024 * 1024)
+            .max_encoding_message_size(64 * 1024 * 1024);
+        self.inner.peers.lock().insert(id, c.clone());
+        Ok(c)
+    }
+
+    /// Wait (bounded) for a leader to be known; `None` if none appears in time.
+    async fn wait_leader(&self, deadline: Instant) -> Option<u64> {
+        let mut rx = self.inner.raft.metrics();
+        loop {
+            if let Some(l) = rx.borrow().current_leader {
+                return Some(l);
+            }
+            let left = deadline.checked_duration_since(Instant::now())?;
+            if tokio::time::timeout(left, rx.changed()).await.is_err() {
+                return None;
+            }
+        }
+    }
+
+    /// Propose a command; forwarded to the leader when this member does not lead.
+    pub async fn propose(&self, cmd: Command) -> Result<Outcome> {
+        let deadline = Instant::now() + PROPOSE_WAIT;
+        loop {
+            let Some(leader) = self.wait_leader(deadline).await else {
+                return Err(Error::NoLeader);
+            };
+            if leader == self.inner.id {
+                match self.inner.raft.client_write(cmd.clone()).await {
+                    Ok(r) => return Ok(r.data.into_result()),
+                    Err(RaftError::APIError(ClientWriteError::ForwardToLeader(_))) => {}
+                    Err(RaftError::APIError(e)) => return Err(Error::Unsupported(e.to_string())),
+                    Err(RaftError::Fatal(_)) => return Err(Error::Stopped),
+                }
+            } else {
+                let data = bincode::serialize(&cmd)
+                    .map_err(|e| Error::InvalidArgument(format!("unencodable command: {e}")))?;
+                let mut c = self.peer(leader)?;
+                match c.forward(Blob { data }).await {
+                    Ok(r) => {
+                        let res: std::result::Result<OutcomeWire, PeerError> =
+                            bincode::deserialize(&r.into_inner().data)?;
+                        match res {
+                            Ok(o) => return Ok(o.into_result()),
+                            Err(PeerError::NotLeader(_)) => {}
+                            Err(PeerError::Failed(m)) => {
+                                return Err(Error::Remote {
+                                    code: 14,
+                                    message: m,
+                                });
+                            }
+                        }
+                    }
+                    // The leader may have applied the write before the connection broke: tell the
+                    // client it is unknown (etcd's text for this case) rather than retrying.
+                    Err(s) => {
+                        return Err(Error::Remote {
+                            code: tonic::Code::Unavailable as i32,
+                            message: format!("etcdserver: leader changed ({})", s.message()),
+                        });
+                    }
+                }
+            }
+            if Instant::now() >= deadline {
+                return Err(Error::NoLeader);
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Linearizable read barrier: returns once this member applied everything committed before
+    /// the call (confirmed by the leader with a quorum round).
+    pub async fn read_barrier(&self) -> Result<()> {
+        let deadline = Instant::now() + PROPOSE_WAIT;
+        loop {
+            let Some(leader) = self.wait_leader(deadline).await else {
+                return Err(Error::NoLeader);
+            };
+            let index = if leader == self.inner.id {
+                match self.inner.raft.ensure_linearizable().await {
+                    Ok(l) => Some(l.map(|l| l.index).unwrap_or(0)),
+                    Err(RaftError::Fatal(_)) => return Err(Error::Stopped),
+                    Err(_) => None,
+                }
+            } else {
+                let mut c = self.peer(leader)?;
+                match c.read_index(Blob { data: Vec::new() }).await {
+                    Ok(r) => {
+                        let res: std::result::Result<u64, PeerError> =
+                            bincode::deserialize(&r.into_inner().data)?;
+                        res.ok()
+                    }
+                    Err(_) => None,
+                }
+            };
+            if let Some(index) = index {
+                let left = deadline.saturating_duration_since(Instant::now());
+                return match self
+                    .inner
+                    .raft
+                    .wait(Some(left))
+                    .applied_index_at_least(Some(index), "read barrier")
+                    .await
+                {
+                    Ok(_) => Ok(()),
+                    Err(_) => Err(Error::NoLeader),
+                };
+            }
+            if Instant::now() >= deadline {
+                return Err(Error::NoLeader);
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Renew a lease at the leader; the TTL, or 0 if the lease is unknown.
+    pub async fn lease_renew(&self, id: i64) -> Result<i64> {
+        self.lease_call(id, true).await
+    }
+
+    /// Seconds left of a lease per the leader; -1 if unknown.
+    pub async fn lease_remaining(&self, id: i64) -> Result<i64> {
+        self.lease_call(id, false).await
+    }
+
+    async fn lease_call(&self, id: i64, renew: bool) -> Result<i64> {
+        let deadline = Instant::now() + PROPOSE_WAIT;
+        loop {
+            let Some(leader) = self.wait_leader(deadline).await else {
+                return Err(Error::NoLeader);
+            };
+            if leader == self.inner.id && self.inner.lessor.is_active() {
+                return Ok(self.local_lease(id, renew));
+            }
+            if leader != self.inner.id {
+                let mut c = self.peer(leader)?;
+                let data =
+                    bincode::serialize(&id).map_err(|e| Error::InvalidArgument(e.to_string()))?;
+                let r = if renew {
+                    c.lease_keep_alive(Blob { data }).await
+                } else {
+                    c.lease_time_to_live(Blob { data }).await
+                };
+                if let Ok(r) = r {
+                    let res: std::result::Result<i64, PeerError> =
+                        bincode::deserialize(&r.into_inner().data)?;
+                    if let Ok(v) = res {
+                        return Ok(v);
+                    }
+                }
+            }
+            if Instant::now() >= deadline {
+                return Err(Error::NoLeader);
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    fn local_lease(&self, id: i64, renew: bool) -> i64 {
+        let known = self.inner.state.read().leases().contains_key(&id);
+        if !known {
+            return if renew { 0 } else { -1 };
+        }
+        let v = if renew {
+            self.inner.lessor.renew(id)
+        } else {
+            self.inner.lessor.remaining(id)
+        };
+        v.unwrap_or(if renew { 0 } else { -1 })
+    }
+
+    fn must_lead(&self) -> Result<()> {
+        if self.is_leader() {
+            return Ok(());
+        }
+        Err(Error::Remote {
+            code: tonic::Code::FailedPrecondition as i32,
+            message: format!(
+                "etcdserver: member changes are served by the leader ({:016x}); send it there",
+                self.leader().unwrap_or(0)
+            ),
+        })
+    }
+
+    /// Add a member (as a learner, then as a voter unless `learner`); returns its id.
+    pub async fn add_member(&self, peer_url: &str, learner: bool) -> Result<u64> {
+        self.must_lead()?;
+        let id = crate::rpc::member_id_for(peer_url, &self.inner.token);
+        if self.members().iter().any(|(m, _, _)| *m == id) {
+            return Err(Error::Remote {
+                code: tonic::Code::FailedPrecondition as i32,
+                message: "etcdserver: peerURL exists".into(),
+            });
+        }
+        let node = MemberNode {
+            name: String::new(),
+            peer_url: peer_url.to_string(),
+        };
+        self.inner
+            .raft
+            .add_learner(id, node, false)
+            .await
+            .map_err(|e| Error::Unsupported(e.to_string()))?;
+        if !learner {
+            self.change(openraft::ChangeMembers::AddVoterIds([id].into()))
+                .await?;
+        }
+        Ok(id)
+    }
+
+    /// Promote a learner to a voter.
+    pub async fn promote_member(&self, id: u64) -> Result<()> {
+        self.must_lead()?;
+        if !self.members().iter().any(|(m, _, l)| *m == id && *l) {
+            return Err(Error::Remote {
+                code: tonic::Code::FailedPrecondition as i32,
+                message: "etcdserver: can only promote a learner member".into(),
+            });
+        }
+        self.change(openraft::ChangeMembers::AddVoterIds([id].into()))
+            .await
+    }
+
+    /// Remove a member (voter or learner).
+    pub async fn remove_member(&self, id: u64) -> Result<()> {
+        self.must_lead()?;
+        let Some((_, _, learner)) = self.members().into_iter().find(|(m, _, _)| *m == id) else {
+            return Err(Error::MemberNotFound);
+        };
+        if learner {
+            self.change(openraft::ChangeMembers::RemoveNodes([id].into()))
+                .await
+        } else {
+            self.change(openraft::ChangeMembers::RemoveVoters([id].into()))
+                .await
+        }
+    }
+
+    async fn change(&self, c: openraft::ChangeMembers<u64, MemberNode>) -> Result<()> {
+        self.inner
+            .raft
+            .change_membership(c, false)
+            .await
+            .map(|_| ())
+            .map_err(|e| Error::Unsupported(e.to_string()))
+    }
+
+    /// Stop openraft and the background tasks; the log writer ends after what it holds.
+    pub async fn stop(&self) {
+        self.inner.stop.cancel();
+        let _ = self.inner.raft.shutdown().await;
+        self.inner.log.close();
+    }
+
+    fn heard_from_leader(&self) {
+        *self.inner.last_heartbeat.lock() = Instant::now();
+    }
+
+    async fn election_timer(self) {
+        let base = self.inner.election_timeout;
+        let mut timeout = draw(base);
+        let mut tick = tokio::time::interval(Duration::from_millis(25));
+        loop {
+            tokio::select! {
+                _ = self.inner.stop.cancelled() => return,
+                _ = tick.tick() => {}
+            }
+            if self.is_leader() {
+                self.heard_from_leader();
+                continue;
+            }
+            let since = self.inner.last_heartbeat.lock().elapsed();
+            if since >= timeout {
+                // Only voters campaign.
+                let voter = self
+                    .members()
+                    .iter()
+                    .any(|(id, _, learner)| *id == self.inner.id && !learner);
+                if voter {
+                    tracing::info!(
+                        member = self.inner.id,
+                        after_ms = since.as_millis() as u64,
+                        "no leader heard from; campaigning"
+                    );
+                    let _ = self.inner.raft.trigger().elect().await;
+                }
+                self.heard_from_leader();
+                timeout = draw(base);
+            }
+        }
+    }
+
+    async fn leadership_watch(self) {
+        let mut rx = self.inner.raft.metrics();
+        let mut leading = false;
+        loop {
+            let now_leading = {
+                let m = rx.borrow();
+                m.state == ServerState::Leader && m.current_leader == Some(self.inner.id)
+            };
+            if now_leading && !leading {
+                let leases: Vec<(i64, i64)> = self
+                    .inner
+                    .state
+                    .read()
+                    .leases()
+                    .iter()
+                    .map(|(id, l)| (*id, l.ttl))
+                    .collect();
+                self.inner
+                    .lessor
+                    .promote(leases.into_iter(), self.inner.election_timeout);
+                tracing::info!(
+                    member = self.inner.id,
+                    term = rx.borrow().current_term,
+                    "became leader"
+                );
+            } else if !now_leading && leading {
+                self.inner.lessor.demote();
+                tracing::info!(member = self.inner.id, "no longer leader");
+            }
+            leading = now_leading;
+            tokio::select! {
+                _ = self.inner.stop.cancelled() => return,
+                r = rx.changed() => if r.is_err() { return },
+            }
+        }
+    }
+
+    /// The peer gRPC service for this member.
+    pub fn peer_service(&self) -> PeerService {
+        PeerService {
+            member: self.clone(),
+        }
+    }
+
+    /// Membership as the state machine last applied it.
+    pub fn applied_membership(&self) -> openraft::StoredMembership<u64, MemberNode> {
+        self.inner.sm.membership()
+    }
+}
+
+fn draw(base: Duration) -> Duration {
+    let ms = base.as_millis() as u64;
+    Duration::from_millis(ms + rand::random::<u64>() % ms.max(1))
+}
+
+/// Serves `peerpb.Peer` for one member.
+#[derive(Clone)]
+pub struct PeerService {
+    member: RaftMember,
+}
+
+fn blob<T: Serialize>(v: &T) -> std::result::Result<Response<Blob>, Status> {
+    bincode::serialize(v)
+        .map(|data| Response::new(Blob { data }))
+        .map_err(|e| Status::internal(format!("encode: {e}")))
+}
+
+fn decode<T: serde::de::DeserializeOwned>(b: &Blob) -> std::result::Result<T, Status> {
+    bincode::deserialize(&b.data)
+        .map_err(|e| Status::invalid_argument(format!("undecodable peer message: {e}")))
+}
+
+#[tonic::async_trait]
+impl Peer for PeerService {
+    async fn append_entries(
+        &self,
+        req: Request<Blob>,
+    ) -> std::result::Result<Response<Blob>, Status> {
+        let rpc = decode(req.get_ref())?;
+        let res = self.member.inner.raft.append_entries(rpc).await;
+        if let Ok(r) = &res {
+            if !matches!(r, openraft::raft::AppendEntriesResponse::HigherVote(_)) {
+                self.member.heard_from_leader();
+            }
+        }
+        blob(&res)
+    }
+
+    async fn vote(&self, req: Request<Blob>) -> std::result::Result<Response<Blob>, Status> {
+        let rpc = decode(req.get_ref())?;
+        let res = self.member.inner.raft.vote(rpc).await;
+        if let Ok(r) = &res {
+            if r.vote_granted {
+                self.member.heard_from_leader();
+            }
+        }
+        blob(&res)
+    }
+
+    async fn install_snapshot(
+        &self,
+        req: Request<Blob>,
+    ) -> std::result::Result<Response<Blob>, Status> {
+        let rpc = decode(req.get_ref())?;
+        let res = self.member.inner.raft.install_snapshot(rpc).await;
+        self.member.heard_from_leader();
+        blob(&res)
+    }
+
+    async fn forward(&self, req: Request<Blob>) -> std::result::Result<Response<Blob>, Status> {
+        let cmd: Command = decode(req.get_ref())?;
+        let res: std::result::Result<OutcomeWire, PeerError> =
+            match self.member.inner.raft.client_write(cmd).await {
+                Ok(r) => Ok(r.data),
+                Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => {
+                    Err(PeerError::NotLeader(f.leader_id))
+                }
+                Err(e) => Err(PeerError::Failed(e.to_string())),
+            };
+        blob(&res)
+    }
+
+    async fn read_index(&self, _req: Request<Blob>) -> std::result::Result<Response<Blob>, Status> {
+        let res: std::result::Result<u64, PeerError> =
+            match self.member.inner.raft.ensure_linearizable().await {
+                Ok(l) => Ok(l.map(|l| l.index).unwrap_or(0)),
+                Err(e) => Err(PeerError::NotLeader(None)).map_err(|x: PeerError| {
+                    tracing::debug!(error = %e, "read index refused");
+                    x
+                }),
+            };
+        blob(&res)
+    }
+
+    async fn lease_keep_alive(
+        &self,
+        req: Request<Blob>,
+    ) -> std::result::Result<Response<Blob>, Status> {
+        let id: i64 = decode(req.get_ref())?;
+        let res: std::result::Result<i64, PeerError> = if self.member.inner.lessor.is_active() {
+            Ok(self.member.local_lease(id, true))
+        } else {
+            Err(PeerError::NotLeader(None))
+        };
+        blob(&res)
+    }
+
+    async fn lease_time_to_live(
+        &self,
+        req: Request<Blob>,
+    ) -> std::result::Result<Response<Blob>, Status> {
+        let id: i64 = decode(req.get_ref())?;
+        let res: std::result::Result<i64, PeerError> = if self.member.inner.lessor.is_active() {
+            Ok(self.member.local_lease(id, false))
+        } else {
+            Err(PeerError::NotLeader(None))
+        };
+        blob(&res)
+    }
+}

@@ -1,0 +1,147 @@
+//! Raft transport: openraft's messages, bincode-encoded, over our tonic `peerpb.Peer` service on
+//! the peer port.
+//!
+//! Connection failures are reported to openraft as `Unreachable` (it backs off); everything else
+//! as a network error (it retries). Every call is bounded by openraft's own deadline.
+
+use std::time::Duration;
+
+use openraft::error::{
+    InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Unreachable,
+};
+use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
+use openraft::raft::{
+    AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse,
+    VoteRequest, VoteResponse,
+};
+use proto::peerpb::Blob;
+use proto::peerpb::peer_client::PeerClient;
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use tonic::transport::{Channel, Endpoint};
+
+use super::{MemberNode, TypeConfig};
+
+type NodeId = u64;
+
+/// Opens a client per peer.
+#[derive(Clone, Default)]
+pub struct Network;
+
+/// A lazily connected client to one peer.
+pub struct PeerConn {
+    target: NodeId,
+    client: Option<PeerClient<Channel>>,
+    url: String,
+}
+
+/// A lazily connecting channel to a peer URL (`http://host:port`).
+pub fn channel(url: &str) -> Result<Channel, tonic::transport::Error> {
+    Ok(Endpoint::from_shared(url.to_string())?
+        .connect_timeout(Duration::from_millis(500))
+        .tcp_nodelay(true)
+        .http2_keep_alive_interval(Duration::from_secs(10))
+        .keep_alive_while_idle(true)
+        .connect_lazy())
+}
+
+impl RaftNetworkFactory<TypeConfig> for Network {
+    type Network = PeerConn;
+
+    async fn new_client(&mut self, target: NodeId, node: &MemberNode) -> PeerConn {
+        let client = channel(&node.peer_url).ok().map(|c| {
+            PeerClient::new(c)
+                .max_decoding_message_size(256 * 1024 * 1024)
+                .max_encoding_message_size(256 * 1024 * 1024)
+        });
+        PeerConn {
+            target,
+            client,
+            url: node.peer_url.clone(),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+struct Msg(String);
+
+impl PeerConn {
+    async fn call<Req, Resp, E>(
+        &mut self,
+        which: &'static str,
+        req: &Req,
+        option: &RPCOption,
+    ) -> Result<Resp, RPCError<NodeId, MemberNode, E>>
+    where
+        Req: Serialize,
+        Resp: DeserializeOwned,
+        E: std::error::Error + DeserializeOwned,
+    {
+        let Some(client) = self.client.as_mut() else {
+            return Err(RPCError::Unreachable(Unreachable::new(&Msg(format!(
+                "bad peer URL {}",
+                self.url
+            )))));
+        };
+        let data = bincode::serialize(req).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
+        let blob = tonic::Request::new(Blob { data });
+        let fut = async {
+            match which {
+                "append" => client.append_entries(blob).await,
+                "vote" => client.vote(blob).await,
+                _ => client.install_snapshot(blob).await,
+            }
+        };
+        let resp = match tokio::time::timeout(option.hard_ttl(), fut).await {
+            Err(_) => {
+                return Err(RPCError::Network(NetworkError::new(&Msg(format!(
+                    "{which} to {} timed out",
+                    self.target
+                )))));
+            }
+            Ok(Err(status)) => {
+                let e = Msg(format!("{which} to {}: {status}", self.target));
+                return Err(if status.code() == tonic::Code::Unavailable {
+                    RPCError::Unreachable(Unreachable::new(&e))
+                } else {
+                    RPCError::Network(NetworkError::new(&e))
+                });
+            }
+            Ok(Ok(r)) => r.into_inner(),
+        };
+        let decoded: Result<Resp, E> = bincode::deserialize(&resp.data)
+            .map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
+        decoded.map_err(|e| RPCError::RemoteError(RemoteError::new(self.target, e)))
+    }
+}
+
+impl RaftNetwork<TypeConfig> for PeerConn {
+    async fn append_entries(
+        &mut self,
+        rpc: AppendEntriesRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<AppendEntriesResponse<NodeId>, RPCError<NodeId, MemberNode, RaftError<NodeId>>>
+    {
+        self.call("append", &rpc, &option).await
+    }
+
+    async fn install_snapshot(
+        &mut self,
+        rpc: InstallSnapshotRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<
+        InstallSnapshotResponse<NodeId>,
+        RPCError<NodeId, MemberNode, RaftError<NodeId, InstallSnapshotError>>,
+    > {
+        self.call("snapshot", &rpc, &option).await
+    }
+
+    async fn vote(
+        &mut self,
+        rpc: VoteRequest<NodeId>,
+        option: RPCOption,
+    ) -> Result<VoteResponse<NodeId>, RPCError<NodeId, MemberNode, RaftError<NodeId>>> {
+        self.call("vote", &rpc, &option).await
+    }
+}

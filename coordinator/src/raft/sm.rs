@@ -1,0 +1,264 @@
+//! openraft's state machine: the same `apply` as the single-member mode, plus snapshots.
+//!
+//! Committed entries are applied in one sled batch per call, together with the last applied log
+//! id and the membership, so a crash leaves the state machine at a batch boundary it can resume
+//! from (the log replays the rest). After the batch lands, its events go to the watch hub and the
+//! lease hooks run, exactly as in [`crate::node`].
+//!
+//! A snapshot is every backend entry (records, leases, meta) taken under the state's read lock,
+//! so it is one consistent point; installing one replaces the backend's contents in one batch and
+//! rebuilds the index. Snapshots are held in memory (the key space is expected to fit; the
+//! whole store is scanned to build one).
+
+use std::io::Cursor;
+use std::sync::Arc;
+
+use openraft::storage::{RaftStateMachine, Snapshot};
+use openraft::{
+    EntryPayload, ErrorSubject, ErrorVerb, LogId, RaftSnapshotBuilder, SnapshotMeta, StorageError,
+    StorageIOError, StoredMembership,
+};
+use parking_lot::{Mutex, RwLock};
+
+use super::{MemberNode, TypeConfig};
+use crate::command::Command;
+use crate::lease::Lessor;
+use crate::metrics::CoordinatorMetrics;
+use crate::mvcc::{Backend, Batch};
+use crate::state::{OutcomeWire, Response, StateMachine};
+use crate::watch::WatchHub;
+
+type NodeId = u64;
+
+/// Meta key: last applied log id (bincode).
+const META_RAFT_APPLIED: &[u8] = b"mraft_last_applied";
+/// Meta key: last membership (bincode).
+const META_RAFT_MEMBERSHIP: &[u8] = b"mraft_membership";
+
+fn sm_err<E: std::error::Error + 'static>(verb: ErrorVerb, e: &E) -> StorageError<NodeId> {
+    StorageIOError::new(ErrorSubject::StateMachine, verb, openraft::AnyError::new(e)).into()
+}
+
+struct Stored {
+    meta: SnapshotMeta<NodeId, MemberNode>,
+    data: Vec<u8>,
+}
+
+/// The state machine store handed to openraft. Cheap to clone.
+#[derive(Clone)]
+pub struct SmStore {
+    state: Arc<RwLock<StateMachine>>,
+    hub: Arc<WatchHub>,
+    lessor: Arc<Lessor>,
+    metrics: CoordinatorMetrics,
+    applied: Arc<Mutex<(Option<LogId<NodeId>>, StoredMembership<NodeId, MemberNode>)>>,
+    current: Arc<Mutex<Option<Stored>>>,
+}
+
+impl SmStore {
+    /// Wrap an opened state machine.
+    pub fn new(
+        state: Arc<RwLock<StateMachine>>,
+        hub: Arc<WatchHub>,
+        lessor: Arc<Lessor>,
+        metrics: CoordinatorMetrics,
+    ) -> crate::error::Result<SmStore> {
+        let (applied, membership) = {
+            let st = state.read();
+            let b = st.store().backend();
+            let applied = match b.get(META_RAFT_APPLIED)? {
+                Some(v) => bincode::deserialize(&v)?,
+                None => None,
+            };
+            let membership = match b.get(META_RAFT_MEMBERSHIP)? {
+                Some(v) => bincode::deserialize(&v)?,
+                None => StoredMembership::default(),
+            };
+            (applied, membership)
+        };
+        Ok(SmStore {
+            state,
+            hub,
+            lessor,
+            metrics,
+            applied: Arc::new(Mutex::new((applied, membership))),
+            current: Arc::new(Mutex::new(None)),
+        })
+    }
+
+    /// The membership last applied (for member lists).
+    pub fn membership(&self) -> StoredMembership<NodeId, MemberNode> {
+        self.applied.lock().1.clone()
+    }
+
+    fn dump(
+        &self,
+    ) -> Result<
+        (
+            Vec<u8>,
+            Option<LogId<NodeId>>,
+            StoredMembership<NodeId, MemberNode>,
+        ),
+        StorageError<NodeId>,
+    > {
+        let st = self.state.read();
+        let (applied, membership) = self.applied.lock().clone();
+        let mut entries: Vec<(Vec<u8>, Vec<u8>)> = Vec::new();
+        st.store()
+            .backend()
+            .scan(&[0], &[0xff], &mut |k, v| {
+                entries.push((k.to_vec(), v.to_vec()));
+                true
+            })
+            .map_err(|e| sm_err(ErrorVerb::Read, &e))?;
+        drop(st);
+        let data = bincode::serialize(&entries).map_err(|e| sm_err(ErrorVerb::Read, &e))?;
+        Ok((data, applied, membership))
+    }
+}
+
+impl RaftSnapshotBuilder<TypeConfig> for SmStore {
+    async fn build_snapshot(&mut self) -> Result<Snapshot<TypeConfig>, StorageError<NodeId>> {
+        let this = self.clone();
+        let (data, applied, membership) = tokio::task::spawn_blocking(move || this.dump())
+            .await
+            .map_err(|e| sm_err(ErrorVerb::Read, &e))??;
+        let snapshot_id = match applied {
+            Some(l) => format!("{}-{}-{}", l.leader_id.term, l.leader_id.node_id, l.index),
+            None => "0-0-0".to_string(),
+        };
+        let meta = SnapshotMeta {
+            last_log_id: applied,
+            last_membership: membership,
+            snapshot_id,
+        };
+        *self.current.lock() = Some(Stored {
+            meta: meta.clone(),
+            data: data.clone(),
+        });
+        Ok(Snapshot {
+            meta,
+            snapshot: Box::new(Cursor::new(data)),
+        })
+    }
+}
+
+impl RaftStateMachine<TypeConfig> for SmStore {
+    type SnapshotBuilder = SmStore;
+
+    async fn applied_state(
+        &mut self,
+    ) -> Result<(Option<LogId<NodeId>>, StoredMembership<NodeId, MemberNode>), StorageError<NodeId>>
+    {
+        Ok(self.applied.lock().clone())
+    }
+
+    async fn apply<I>(&mut self, entries: I) -> Result<Vec<OutcomeWire>, StorageError<NodeId>>
+    where
+        I: IntoIterator<Item = openraft::Entry<TypeConfig>> + openraft::OptionalSend,
+        I::IntoIter: openraft::OptionalSend,
+    {
+        let started = std::time::Instant::now();
+        let mut outs = Vec::new();
+        let mut done = Vec::new();
+        {
+            let mut st = self.state.write();
+            let mut applied = self.applied.lock();
+            for e in entries {
+                applied.0 = Some(e.log_id);
+                let cmd = match e.payload {
+                    EntryPayload::Blank => Command::Noop,
+                    EntryPayload::Normal(c) => c,
+                    EntryPayload::Membership(m) => {
+                        applied.1 = StoredMembership::new(Some(e.log_id), m);
+                        Command::Noop
+                    }
+                };
+                match st.apply(e.log_id.index, e.log_id.leader_id.term, &cmd) {
+                    Some(a) => {
+                        outs.push(OutcomeWire::from_result(a.revision, &a.result));
+                        done.push((cmd, a));
+                    }
+                    None => outs.push(OutcomeWire::from_result(st.revision(), &Ok(Response::Noop))),
+                }
+            }
+            let a = bincode::serialize(&applied.0).map_err(|e| sm_err(ErrorVerb::Write, &e))?;
+            let m = bincode::serialize(&applied.1).map_err(|e| sm_err(ErrorVerb::Write, &e))?;
+            st.stage(META_RAFT_APPLIED.to_vec(), Some(a));
+            st.stage(META_RAFT_MEMBERSHIP.to_vec(), Some(m));
+            st.commit().map_err(|e| sm_err(ErrorVerb::Write, &e))?;
+        }
+        self.metrics
+            .apply_seconds
+            .observe(started.elapsed().as_secs_f64());
+        for (cmd, a) in done {
+            self.hub.publish(a.revision, &a.events);
+            match (&a.result, &cmd) {
+                (Ok(Response::LeaseGrant { id, ttl }), _) => self.lessor.granted(*id, *ttl),
+                (Ok(Response::LeaseRevoke), Command::LeaseRevoke { id }) => {
+                    self.lessor.revoked(*id)
+                }
+                _ => {}
+            }
+            self.metrics.applied.inc();
+        }
+        Ok(outs)
+    }
+
+    async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
+        self.clone()
+    }
+
+    async fn begin_receiving_snapshot(
+        &mut self,
+    ) -> Result<Box<Cursor<Vec<u8>>>, StorageError<NodeId>> {
+        Ok(Box::new(Cursor::new(Vec::new())))
+    }
+
+    async fn install_snapshot(
+        &mut self,
+        meta: &SnapshotMeta<NodeId, MemberNode>,
+        snapshot: Box<Cursor<Vec<u8>>>,
+    ) -> Result<(), StorageError<NodeId>> {
+        let data = snapshot.into_inner();
+        let entries: Vec<(Vec<u8>, Vec<u8>)> =
+            bincode::deserialize(&data).map_err(|e| sm_err(ErrorVerb::Read, &e))?;
+        let rev = {
+            let mut st = self.state.write();
+            let backend: Arc<dyn Backend> = st.store().backend().clone();
+            let mut batch = Batch::default();
+            backend
+                .scan(&[0], &[0xff], &mut |k, _| {
+                    batch.delete(k.to_vec());
+                    true
+                })
+                .map_err(|e| sm_err(ErrorVerb::Write, &e))?;
+            for (k, v) in entries {
+                batch.put(k, v);
+            }
+            backend
+                .apply(batch)
+                .map_err(|e| sm_err(ErrorVerb::Write, &e))?;
+            let fresh = StateMachine::open(backend).map_err(|e| sm_err(ErrorVerb::Read, &e))?;
+            *st = fresh;
+            *self.applied.lock() = (meta.last_log_id, meta.last_membership.clone());
+            st.revision()
+        };
+        self.hub.reset_after_snapshot(rev);
+        *self.current.lock() = Some(Stored {
+            meta: meta.clone(),
+            data,
+        });
+        tracing::info!(snapshot = %meta.snapshot_id, revision = rev, "installed snapshot");
+        Ok(())
+    }
+
+    async fn get_current_snapshot(
+        &mut self,
+    ) -> Result<Option<Snapshot<TypeConfig>>, StorageError<NodeId>> {
+        Ok(self.current.lock().as_ref().map(|s| Snapshot {
+            meta: s.meta.clone(),
+            snapshot: Box::new(Cursor::new(s.data.clone())),
+        }))
+    }
+}
