@@ -102,6 +102,10 @@ pub struct Config {
     #[arg(long, env = "ETCD_ELECTION_TIMEOUT", default_value_t = 1000)]
     pub election_timeout: u64,
 
+    /// Raft: applied entries between snapshots (after which the log behind a snapshot is purged).
+    #[arg(long, env = "ETCD_SNAPSHOT_COUNT", default_value_t = 20_000)]
+    pub snapshot_count: u64,
+
     /// sled page cache, in bytes.
     #[arg(long, env = "COORDINATOR_CACHE_BYTES", default_value_t = 256 * 1024 * 1024)]
     pub cache_bytes: u64,
@@ -168,6 +172,15 @@ impl Config {
         }
         if self.max_request_bytes < 1024 || self.max_request_bytes > 64 * 1024 * 1024 {
             return Err("--max-request-bytes must be between 1 KiB and 64 MiB".into());
+        }
+        if self.snapshot_count == 0 {
+            return Err("--snapshot-count must be at least 1".into());
+        }
+        if self.election_timeout < 5 * self.heartbeat_interval {
+            return Err(format!(
+                "--election-timeout ({} ms) must be at least 5 × --heartbeat-interval ({} ms)",
+                self.election_timeout, self.heartbeat_interval
+            ));
         }
         if self.max_txn_ops == 0 {
             return Err("--max-txn-ops must be at least 1".into());

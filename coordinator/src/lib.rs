@@ -256,6 +256,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
                 initial,
                 bootstrap: config.initial_cluster_state == "new",
                 token: token.clone(),
+                snapshot_count: config.snapshot_count,
                 dir: raft_dir,
                 election_timeout: Duration::from_millis(config.election_timeout),
                 heartbeat: Duration::from_millis(config.heartbeat_interval),

@@ -93,6 +93,8 @@ pub struct RaftParts {
     pub initial: BTreeMap<u64, MemberNode>,
     /// `--initial-cluster-state new`: initialise the cluster if this member's log is empty.
     pub bootstrap: bool,
+    /// Applied entries between snapshots.
+    pub snapshot_count: u64,
     /// Cluster token (member ids derive from it).
     pub token: String,
     /// Directory for the Raft log and vote.
@@ -153,8 +155,8 @@ impl RaftMember {
             enable_elect: false,
             install_snapshot_timeout: 10_000,
             max_payload_entries: 1024,
-            snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(20_000),
-            max_in_snapshot_log_to_keep: 2_000,
+            snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(p.snapshot_count),
+            max_in_snapshot_log_to_keep: (p.snapshot_count / 10).max(10),
             purge_batch_size: 512,
             ..Default::default()
         }
