@@ -1,0 +1,231 @@
+//! A coordinator in process that can be restarted on the same data dir and port, a TCP proxy in
+//! front of it that can cut every connection, and bounded waiting. Nothing here sleeps to let
+//! something happen: waits poll until a deadline.
+//!
+//! `registry-svc`'s tests include this file too (`#[path]`), so it depends only on what both
+//! crates have as dev-dependencies.
+//!
+//! Why the proxy: `coordinator::Running::shutdown` waits for open streams (a watch, a lease
+//! keep-alive) to end, and a client holding one open keeps it from returning. Clients therefore
+//! connect through [`Coordinator::url`] (the proxy), and [`Coordinator::restart`] first cuts
+//! every proxied connection and refuses new ones, as a crashed member would, then restarts the
+//! coordinator on the same data dir and port, then lets connections through again.
+
+#![allow(dead_code)]
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use clap::Parser as _;
+use tokio::net::{TcpListener, TcpStream};
+use tokio_util::sync::CancellationToken;
+
+/// How long a coordinator may take to start or stop.
+pub const START: Duration = Duration::from_secs(20);
+
+/// A coordinator running in this process, behind a [`Proxy`].
+pub struct Coordinator {
+    running: Option<coordinator::Running>,
+    addr: SocketAddr,
+    proxy: Proxy,
+    dir: tempfile::TempDir,
+}
+
+impl Coordinator {
+    /// Starts one on a fresh data dir and an ephemeral port.
+    pub async fn start() -> Coordinator {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let running = launch(dir.path(), "127.0.0.1:0").await;
+        let addr = running.client_addr();
+        Coordinator {
+            proxy: Proxy::start(addr).await,
+            addr,
+            running: Some(running),
+            dir,
+        }
+    }
+
+    /// `http://127.0.0.1:PORT` of the proxy: what clients under test connect to.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.proxy.addr)
+    }
+
+    /// `http://127.0.0.1:PORT` of the coordinator itself (not cut by the proxy).
+    pub fn direct_url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Cuts every client connection and stops the coordinator; clients see it as down.
+    pub async fn stop(&mut self) {
+        self.proxy.block();
+        if let Some(running) = self.running.take() {
+            within(START, "coordinator shutdown", running.shutdown()).await;
+        }
+    }
+
+    /// Starts it again on the same data dir and port, and lets clients through again.
+    pub async fn start_again(&mut self) {
+        assert!(self.running.is_none(), "stop it first");
+        let running = launch(self.dir.path(), &self.addr.to_string()).await;
+        self.running = Some(running);
+        self.proxy.unblock();
+    }
+
+    /// Stops and starts it again on the same data dir and port.
+    pub async fn restart(&mut self) {
+        self.stop().await;
+        self.start_again().await;
+    }
+}
+
+async fn launch(dir: &std::path::Path, addr: &str) -> coordinator::Running {
+    let data = dir.join("data").display().to_string();
+    let url = format!("http://{addr}");
+    let config = coordinator::Config::parse_from([
+        "coordinator",
+        "--data-dir",
+        &data,
+        "--listen-client-urls",
+        &url,
+        "--listen-metrics-urls",
+        "http://127.0.0.1:0",
+    ]);
+    // The port of a just-stopped server can take a moment to be free again.
+    let deadline = Instant::now() + START;
+    loop {
+        match coordinator::start(config.clone()).await {
+            Ok(running) => return running,
+            Err(e) if Instant::now() < deadline => {
+                eprintln!("coordinator start failed, retrying: {e:#}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(e) => panic!("coordinator::start: {e:#}"),
+        }
+    }
+}
+
+/// Awaits `fut`, panicking naming `what` after `timeout`.
+pub async fn within<T>(timeout: Duration, what: &str, fut: impl Future<Output = T>) -> T {
+    match tokio::time::timeout(timeout, fut).await {
+        Ok(v) => v,
+        Err(_) => panic!("timed out after {timeout:?}: {what}"),
+    }
+}
+
+/// Polls `condition` every 20 ms until it holds; panics naming `what` after `timeout`.
+pub async fn wait_until<F, Fut>(timeout: Duration, what: &str, mut condition: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let deadline = Instant::now() + timeout;
+    while !condition().await {
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A port nothing listens on (bound, then released).
+pub fn dead_endpoint() -> String {
+    let addr = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("bind");
+    format!("http://{addr}")
+}
+
+/// A TCP proxy that forwards to one address and can cut every connection at once.
+pub struct Proxy {
+    addr: SocketAddr,
+    blocked: Arc<AtomicBool>,
+    /// Cancelled to cut the connections of the current generation.
+    cut: Arc<cut_slot::Slot>,
+    stop: CancellationToken,
+}
+
+/// A replaceable cancellation token (without pulling in parking_lot).
+mod cut_slot {
+    use std::sync::Mutex;
+    use tokio_util::sync::CancellationToken;
+
+    #[derive(Default)]
+    pub struct Slot(Mutex<CancellationToken>);
+
+    impl Slot {
+        pub fn current(&self) -> CancellationToken {
+            self.0.lock().expect("slot").clone()
+        }
+        pub fn replace(&self) {
+            let old = std::mem::take(&mut *self.0.lock().expect("slot"));
+            old.cancel();
+        }
+    }
+}
+
+impl Proxy {
+    /// Listens on an ephemeral port and forwards to `upstream`.
+    pub async fn start(upstream: SocketAddr) -> Proxy {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind proxy");
+        let addr = listener.local_addr().expect("proxy addr");
+        let blocked = Arc::new(AtomicBool::new(false));
+        let cut = Arc::new(cut_slot::Slot::default());
+        let stop = CancellationToken::new();
+        let (b, c, s) = (blocked.clone(), cut.clone(), stop.clone());
+        tokio::spawn(async move {
+            loop {
+                let (mut inbound, _) = tokio::select! {
+                    _ = s.cancelled() => return,
+                    accepted = listener.accept() => match accepted {
+                        Ok(a) => a,
+                        Err(_) => continue,
+                    },
+                };
+                if b.load(Ordering::SeqCst) {
+                    drop(inbound);
+                    continue;
+                }
+                let token = c.current();
+                tokio::spawn(async move {
+                    let Ok(mut outbound) = TcpStream::connect(upstream).await else {
+                        return;
+                    };
+                    let _ = inbound.set_nodelay(true);
+                    let _ = outbound.set_nodelay(true);
+                    tokio::select! {
+                        _ = token.cancelled() => {}
+                        _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
+                    }
+                });
+            }
+        });
+        Proxy {
+            addr,
+            blocked,
+            cut,
+            stop,
+        }
+    }
+
+    /// Cuts every open connection and refuses new ones until [`Proxy::unblock`].
+    pub fn block(&self) {
+        self.blocked.store(true, Ordering::SeqCst);
+        self.cut.replace();
+    }
+
+    /// Lets new connections through again.
+    pub fn unblock(&self) {
+        self.blocked.store(false, Ordering::SeqCst);
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        self.stop.cancel();
+        self.cut.replace();
+    }
+}
