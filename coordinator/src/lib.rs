@@ -113,7 +113,10 @@ impl Running {
 /// Run until `shutdown` is cancelled.
 pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
     let running = start(config).await?;
-    shutdown.cancelled().await;
+    tokio::select! {
+        _ = shutdown.cancelled() => {}
+        _ = running.stopped() => tracing::warn!("stopping: this member was removed from the cluster"),
+    }
     tracing::info!("shutting down");
     running.shutdown().await;
     Ok(())
@@ -214,6 +217,8 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         tokio::runtime::Handle::current(),
     );
     let shutdown = CancellationToken::new();
+    // A removed member stops serving: the token ends `run`.
+    let removed = shutdown.clone();
     let mut tasks = Vec::new();
     let member = match single {
         Some(wal) => {
@@ -257,6 +262,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
                 bootstrap: config.initial_cluster_state == "new",
                 token: token.clone(),
                 snapshot_count: config.snapshot_count,
+                removed: removed.clone(),
                 dir: raft_dir,
                 election_timeout: Duration::from_millis(config.election_timeout),
                 heartbeat: Duration::from_millis(config.heartbeat_interval),

@@ -89,6 +89,8 @@ pub struct WatchHub {
     inner: Mutex<Inner>,
     state: Arc<RwLock<StateMachine>>,
     header: HeaderTemplate,
+    /// The current term, kept up to date by the Raft member.
+    term: std::sync::atomic::AtomicU64,
     rt: tokio::runtime::Handle,
 }
 
@@ -109,6 +111,7 @@ impl WatchHub {
             }),
             state,
             header,
+            term: std::sync::atomic::AtomicU64::new(0),
             rt,
         })
     }
@@ -119,8 +122,13 @@ impl WatchHub {
             cluster_id: self.header.cluster_id,
             member_id: self.header.member_id,
             revision: rev,
-            raft_term: self.header.raft_term,
+            raft_term: self.term.load(Ordering::Relaxed).max(self.header.raft_term),
         })
+    }
+
+    /// Record the current Raft term (for response headers).
+    pub fn set_term(&self, term: u64) {
+        self.term.store(term, Ordering::Relaxed);
     }
 
     /// The last revision whose events were published.

@@ -93,6 +93,8 @@ pub struct RaftParts {
     pub initial: BTreeMap<u64, MemberNode>,
     /// `--initial-cluster-state new`: initialise the cluster if this member's log is empty.
     pub bootstrap: bool,
+    /// Cancelled when this member learns it was removed from the cluster.
+    pub removed: CancellationToken,
     /// Applied entries between snapshots.
     pub snapshot_count: u64,
     /// Cluster token (member ids derive from it).
@@ -125,6 +127,8 @@ struct Inner {
     election_timeout: Duration,
     stop: CancellationToken,
     token: String,
+    hub: Arc<WatchHub>,
+    removed: CancellationToken,
 }
 
 /// A member of a replicated coordinator. Cheap to clone.
@@ -189,11 +193,18 @@ impl RaftMember {
                 election_timeout: p.election_timeout,
                 stop: CancellationToken::new(),
                 token: p.token,
+                hub: p.hub.clone(),
+                removed: p.removed,
             }),
         };
         tokio::spawn(member.clone().election_timer());
         tokio::spawn(member.clone().leadership_watch());
         Ok(member)
+    }
+
+    /// The election timeout.
+    pub fn election_timeout(&self) -> Duration {
+        self.inner.election_timeout
     }
 
     /// This member's id.
@@ -578,6 +589,18 @@ impl RaftMember {
                 tracing::info!(member = self.inner.id, "no longer leader");
             }
             leading = now_leading;
+            let (term, removed) = {
+                let m = rx.borrow();
+                let known = m.membership_config.membership().get_node(&self.inner.id).is_some();
+                let has_members = m.membership_config.membership().nodes().next().is_some();
+                (m.current_term, has_members && !known)
+            };
+            self.inner.hub.set_term(term);
+            if removed {
+                tracing::warn!(member = self.inner.id, "this member was removed from the cluster; stopping");
+                self.inner.removed.cancel();
+                return;
+            }
             tokio::select! {
                 _ = self.inner.stop.cancelled() => return,
                 r = rx.changed() => if r.is_err() { return },

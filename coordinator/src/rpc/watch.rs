@@ -46,6 +46,13 @@ impl Watch for WatchService {
         &self,
         req: Request<Streaming<WatchRequest>>,
     ) -> Result<Response<Self::WatchStream>, Status> {
+        // etcd clients send `hasleader=true` to have the stream cancelled while this member
+        // has no leader, so they can move to one that has.
+        let require_leader = req
+            .metadata()
+            .get("hasleader")
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v == "true");
         let mut incoming = req.into_inner();
         let (tx, rx) = mpsc::channel(STREAM_BUFFER);
         let ctx = self.ctx.clone();
@@ -59,8 +66,26 @@ impl Watch for WatchService {
                 watchers: HashMap::new(),
                 next_id: 0,
             };
+            let check_every = match &ctx.member {
+                crate::member::Member::Raft(r) => r.election_timeout(),
+                crate::member::Member::Single(_) => std::time::Duration::from_secs(3600),
+            };
+            let mut leader_check = tokio::time::interval(check_every);
+            let mut leaderless = 0u32;
             loop {
                 tokio::select! {
+                    _ = leader_check.tick(), if require_leader => {
+                        if ctx.member.leader(ctx.id.member_id).is_none() {
+                            leaderless += 1;
+                        } else {
+                            leaderless = 0;
+                        }
+                        // etcd cancels after three checks without a leader.
+                        if leaderless >= 3 {
+                            let _ = session.tx.send(Err(tonic::Status::from(crate::error::Error::NoLeader))).await;
+                            break;
+                        }
+                    }
                     msg = incoming.next() => match msg {
                         Some(Ok(m)) => {
                             if !session.handle(m).await {
