@@ -591,13 +591,20 @@ impl RaftMember {
             leading = now_leading;
             let (term, removed) = {
                 let m = rx.borrow();
-                let known = m.membership_config.membership().get_node(&self.inner.id).is_some();
+                let known = m
+                    .membership_config
+                    .membership()
+                    .get_node(&self.inner.id)
+                    .is_some();
                 let has_members = m.membership_config.membership().nodes().next().is_some();
                 (m.current_term, has_members && !known)
             };
             self.inner.hub.set_term(term);
             if removed {
-                tracing::warn!(member = self.inner.id, "this member was removed from the cluster; stopping");
+                tracing::warn!(
+                    member = self.inner.id,
+                    "this member was removed from the cluster; stopping"
+                );
                 self.inner.removed.cancel();
                 return;
             }

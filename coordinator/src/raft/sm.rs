@@ -111,7 +111,11 @@ impl SmStore {
                 true
             })
             .map_err(|e| sm_err(ErrorVerb::Read, &e))?;
+        let backend = st.store().backend().clone();
         drop(st);
+        // openraft purges the log behind a snapshot: everything it covers must be durable in
+        // sled first (the snapshot itself lives in memory only).
+        backend.flush().map_err(|e| sm_err(ErrorVerb::Write, &e))?;
         let data = bincode::serialize(&entries).map_err(|e| sm_err(ErrorVerb::Read, &e))?;
         Ok((data, applied, membership))
     }
