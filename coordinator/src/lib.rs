@@ -394,6 +394,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     )));
     tasks.push(tokio::spawn(housekeeping(
         ctx.clone(),
+        health.clone(),
         config.watch_progress_notify_interval,
         shutdown.clone(),
     )));
@@ -460,7 +461,12 @@ fn identity(
 }
 
 /// Periodic chores: quota alarm, progress notifications, gauges.
-async fn housekeeping(ctx: Ctx, progress_every: Duration, shutdown: CancellationToken) {
+async fn housekeeping(
+    ctx: Ctx,
+    health: service_kit::admin::Health,
+    progress_every: Duration,
+    shutdown: CancellationToken,
+) {
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     let mut last_progress = tokio::time::Instant::now();
     loop {
@@ -468,6 +474,8 @@ async fn housekeeping(ctx: Ctx, progress_every: Duration, shutdown: Cancellation
             _ = shutdown.cancelled() => return,
             _ = tick.tick() => {}
         }
+        // Ready means able to serve linearizable requests: a leader is known.
+        health.set_ready(ctx.member.leader(ctx.id.member_id).is_some());
         let size = ctx.state.read().store().backend().size_on_disk();
         ctx.metrics.db_bytes.set(size as i64);
         if size > ctx.limits.quota_backend_bytes && !ctx.nospace.swap(true, Ordering::AcqRel) {
