@@ -54,6 +54,9 @@ pub enum Error {
     /// The member has no leader to order writes.
     #[error("etcdserver: no leader")]
     NoLeader,
+    /// The request was proposed but not committed in time; it may still take effect.
+    #[error("etcdserver: request timed out")]
+    Timeout,
     /// The server is shutting down.
     #[error("etcdserver: server stopped")]
     Stopped,
@@ -106,7 +109,7 @@ impl Error {
             Error::LeaseNotFound | Error::MemberNotFound => Code::NotFound,
             Error::LeaseExists => Code::FailedPrecondition,
             Error::NoSpace => Code::ResourceExhausted,
-            Error::NoLeader | Error::Stopped => Code::Unavailable,
+            Error::NoLeader | Error::Stopped | Error::Timeout => Code::Unavailable,
             Error::Unsupported(_) => Code::Unimplemented,
             Error::Corrupt(_) => Code::DataLoss,
             Error::Storage(_) | Error::Io(_) => Code::Internal,
@@ -131,6 +134,7 @@ impl Error {
             Error::FutureRevision,
             Error::NoSpace,
             Error::NoLeader,
+            Error::Timeout,
         ];
         for k in known {
             if k.to_string() == e.message {

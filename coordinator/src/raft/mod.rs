@@ -295,7 +295,12 @@ impl RaftMember {
                 return Err(Error::NoLeader);
             };
             if leader == self.inner.id {
-                match self.inner.raft.client_write(cmd.clone()).await {
+                let write = self.inner.raft.client_write(cmd.clone());
+                let Ok(res) = tokio::time::timeout(PROPOSE_WAIT, write).await else {
+                    // A leader cut off from its quorum never commits: the outcome is unknown.
+                    return Err(Error::Timeout);
+                };
+                match res {
                     Ok(r) => return Ok(r.data.into_result()),
                     Err(RaftError::APIError(ClientWriteError::ForwardToLeader(_))) => {}
                     Err(RaftError::APIError(e)) => return Err(Error::Unsupported(e.to_string())),
@@ -313,10 +318,11 @@ impl RaftMember {
                             Ok(o) => return Ok(o.into_result()),
                             Err(PeerError::NotLeader(_)) => {}
                             Err(PeerError::Failed(m)) => {
-                                return Err(Error::Remote {
-                                    code: 14,
+                                return Err(Error::from_wire(crate::state::ErrorWire {
+                                    code: tonic::Code::Unavailable as i32,
                                     message: m,
-                                });
+                                    compact_revision: 0,
+                                }));
                             }
                         }
                     }
@@ -689,14 +695,19 @@ impl Peer for PeerService {
 
     async fn forward(&self, req: Request<Blob>) -> std::result::Result<Response<Blob>, Status> {
         let cmd: Command = decode(req.get_ref())?;
-        let res: std::result::Result<OutcomeWire, PeerError> =
-            match self.member.inner.raft.client_write(cmd).await {
-                Ok(r) => Ok(r.data),
-                Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => {
-                    Err(PeerError::NotLeader(f.leader_id))
-                }
-                Err(e) => Err(PeerError::Failed(e.to_string())),
-            };
+        let res: std::result::Result<OutcomeWire, PeerError> = match tokio::time::timeout(
+            PROPOSE_WAIT,
+            self.member.inner.raft.client_write(cmd),
+        )
+        .await
+        {
+            Err(_) => Err(PeerError::Failed(Error::Timeout.to_string())),
+            Ok(Ok(r)) => Ok(r.data),
+            Ok(Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f)))) => {
+                Err(PeerError::NotLeader(f.leader_id))
+            }
+            Ok(Err(e)) => Err(PeerError::Failed(e.to_string())),
+        };
         blob(&res)
     }
 
