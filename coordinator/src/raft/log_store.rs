@@ -12,6 +12,8 @@
 //! The vote and the last purged log id live in a small file (`raft-meta`) replaced atomically
 //! (write, fsync, rename, fsync dir): a member never votes twice in a term across restarts.
 
+#![allow(clippy::result_large_err, clippy::type_complexity)] // openraft fixes these error and state types.
+
 use std::collections::BTreeMap;
 use std::fmt::Debug;
 use std::fs;

@@ -10,6 +10,8 @@
 //! rebuilds the index. Snapshots are held in memory (the key space is expected to fit; the
 //! whole store is scanned to build one).
 
+#![allow(clippy::result_large_err, clippy::type_complexity)] // openraft fixes these error and state types.
+
 use std::io::Cursor;
 use std::sync::Arc;
 
