@@ -6,6 +6,8 @@
 //!   types are etcd's.
 //! - [`peerpb`]: the coordinator's internal peer service (Raft messages, forwarded writes),
 //!   served on the peer port only.
+//! - [`registry_v1`]: `registry.v1`, the API of `registry-svc` (registration, discovery, health,
+//!   watches).
 //!
 //! Code is generated at build time by `protox` + `tonic-prost-build`; no `protoc` is required.
 #![allow(clippy::all, missing_docs, rust_2018_idioms)]
@@ -23,4 +25,9 @@ pub mod etcdserverpb {
 /// The coordinator's internal peer service (Raft transport, forwarding).
 pub mod peerpb {
     tonic::include_proto!("peerpb");
+}
+
+/// `registry.v1`: the service registry's API (registry-svc).
+pub mod registry_v1 {
+    tonic::include_proto!("registry.v1");
 }

@@ -11,6 +11,11 @@ fn command() -> Command {
     let mut command = Command::new(BIN);
     for var in [
         "REGISTRY_ADMIN_LISTEN",
+        "REGISTRY_GRPC_LISTEN",
+        "REGISTRY_HTTP_LISTEN",
+        "REGISTRY_COORDINATOR_ENDPOINTS",
+        "REGISTRY_REPLICA_ID",
+        "REGISTRY_REPLICA_TTL",
         "LOG_FORMAT",
         "RUST_LOG",
         "OTEL_EXPORTER_OTLP_ENDPOINT",
@@ -43,6 +48,16 @@ fn invalid_environment_variable_exits_64() {
     assert_eq!(out.status.code(), Some(64), "{out:?}");
     let out = output(command().env("LOG_FORMAT", "yaml"));
     assert_eq!(out.status.code(), Some(64), "{out:?}");
+}
+
+#[test]
+fn out_of_range_replica_ttl_exits_64() {
+    let out = output(command().args(["--replica-ttl", "1s"]));
+    assert_eq!(out.status.code(), Some(64), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("--replica-ttl"),
+        "{out:?}"
+    );
 }
 
 #[test]
@@ -85,6 +100,12 @@ impl Running {
     fn start(command: &mut Command) -> Self {
         let mut child = command
             .args(["--admin-listen", "127.0.0.1:0", "--log-format", "json"])
+            .args([
+                "--grpc-listen",
+                "127.0.0.1:0",
+                "--http-listen",
+                "127.0.0.1:0",
+            ])
             .stdout(Stdio::piped())
             .spawn()
             .expect("spawn the binary");

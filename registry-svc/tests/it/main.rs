@@ -1,7 +1,27 @@
 //! Integration tests of `registry-svc`, in one test binary to save link time.
 //!
-//! - `run`: the library's `run` in process, on an ephemeral port.
-//! - `binary`: the built `registry-svc` executable: exit codes, logs, signals and the `health` subcommand.
+//! - `coord`: an in-process coordinator behind a cuttable proxy, and bounded waits (shared with
+//!   `coord-client`'s tests).
+//! - `harness`: registry-svc in process on ephemeral ports, HTTP and gRPC helpers, test
+//!   backends whose health can be switched.
+//! - `run`: the library's `run` in process; `binary`: the built executable (exit codes, logs,
+//!   signals, `health`).
+//! - `registration`: register, discover, TTL expiry, deregister, bad input, REST face.
+//! - `health_checks`: HTTP/TCP/gRPC probes marking instances unhealthy and back, protect
+//!   threshold, one prober per instance across replicas.
+//! - `watch`: snapshot + ordered changes, resume, compaction.
+//! - `outages`: registry and coordinator restarts, the client library re-registering.
+//!
+//! Not here: "coordinator leader killed" — it needs replication, which `coordinator` does not
+//! offer in-process yet.
+
+#[path = "../../../coord-client/tests/it/harness.rs"]
+mod coord;
 
 mod binary;
+mod harness;
+mod health_checks;
+mod outages;
+mod registration;
 mod run;
+mod watch;

@@ -8,10 +8,20 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 fn config(admin_listen: &str) -> Config {
+    config_for(admin_listen, "http://127.0.0.1:2379")
+}
+
+fn config_for(admin_listen: &str, coordinator: &str) -> Config {
     Config::try_parse_from([
         "registry-svc",
         "--admin-listen",
         admin_listen,
+        "--grpc-listen",
+        "127.0.0.1:0",
+        "--http-listen",
+        "127.0.0.1:0",
+        "--coordinator-endpoints",
+        coordinator,
         "--log-format",
         "text",
     ])
@@ -28,17 +38,23 @@ async fn probe(addr: SocketAddr, path: &'static str) -> Result<(), String> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn serves_health_and_readiness_until_cancelled_then_returns_ok() {
+    let coordinator = crate::coord::Coordinator::start().await;
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = listener.local_addr().expect("local addr");
     let shutdown = CancellationToken::new();
     let service = tokio::spawn(run_with_listener(
-        config("127.0.0.1:0"),
+        config_for("127.0.0.1:0", &coordinator.url()),
         listener,
         shutdown.clone(),
     ));
 
     probe(addr, "/healthz").await.expect("/healthz answers 200");
-    probe(addr, "/readyz").await.expect("ready once listening");
+    crate::coord::wait_until(
+        Duration::from_secs(15),
+        "ready once it joined the replica set",
+        || async { probe(addr, "/readyz").await.is_ok() },
+    )
+    .await;
 
     shutdown.cancel();
     tokio::time::timeout(Duration::from_secs(5), service)
@@ -59,4 +75,29 @@ async fn run_fails_naming_the_address_when_it_is_taken() {
         .await
         .expect_err("the address is in use");
     assert!(format!("{err:#}").contains(&addr.to_string()), "{err:#}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serves_health_but_is_not_ready_while_the_coordinator_is_unreachable() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("local addr");
+    let shutdown = CancellationToken::new();
+    let service = tokio::spawn(run_with_listener(
+        config_for("127.0.0.1:0", &crate::coord::dead_endpoint()),
+        listener,
+        shutdown.clone(),
+    ));
+    crate::coord::wait_until(Duration::from_secs(10), "/healthz", || async {
+        probe(addr, "/healthz").await.is_ok()
+    })
+    .await;
+    probe(addr, "/readyz")
+        .await
+        .expect_err("not ready without a coordinator");
+    shutdown.cancel();
+    tokio::time::timeout(Duration::from_secs(10), service)
+        .await
+        .expect("run returns promptly after cancel")
+        .expect("no panic")
+        .expect("Ok");
 }

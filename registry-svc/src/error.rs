@@ -1,0 +1,116 @@
+//! The service's one error type, mapped to a gRPC status and to an HTTP JSON answer here and
+//! nowhere else.
+//!
+//! | variant | gRPC | HTTP |
+//! |---|---|---|
+//! | `InvalidArgument` | `INVALID_ARGUMENT` | 400 |
+//! | `NotFound` | `NOT_FOUND` | 404 |
+//! | `Unavailable` | `UNAVAILABLE` | 503 |
+//! | `Internal` | `INTERNAL` | 500 |
+//!
+//! HTTP bodies are `{"error": {"code": "invalid_argument", "message": "..."}}`.
+
+use axum::Json;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use serde_json::json;
+
+/// Everything a registry call can fail with.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The request is malformed; the message says what is wrong.
+    #[error("{0}")]
+    InvalidArgument(String),
+    /// The instance (or other object) does not exist (any more).
+    #[error("{0}")]
+    NotFound(String),
+    /// The coordinator could not be reached; retry later.
+    #[error("coordinator unavailable: {0}")]
+    Unavailable(#[source] coord_client::Error),
+    /// Anything else (a record that does not parse, an unexpected coordinator answer).
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+/// Shorthand for this crate's results.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+impl Error {
+    /// An `InvalidArgument` error.
+    pub fn invalid(message: impl Into<String>) -> Error {
+        Error::InvalidArgument(message.into())
+    }
+
+    /// The code string used in HTTP bodies and metrics labels.
+    pub fn code(&self) -> &'static str {
+        match self {
+            Error::InvalidArgument(_) => "invalid_argument",
+            Error::NotFound(_) => "not_found",
+            Error::Unavailable(_) => "unavailable",
+            Error::Internal(_) => "internal",
+        }
+    }
+
+    fn http_status(&self) -> StatusCode {
+        match self {
+            Error::InvalidArgument(_) => StatusCode::BAD_REQUEST,
+            Error::NotFound(_) => StatusCode::NOT_FOUND,
+            Error::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            Error::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+}
+
+impl From<coord_client::Error> for Error {
+    fn from(e: coord_client::Error) -> Error {
+        if e.is_unavailable() {
+            Error::Unavailable(e)
+        } else {
+            Error::Internal(e.to_string())
+        }
+    }
+}
+
+impl From<Error> for tonic::Status {
+    fn from(e: Error) -> tonic::Status {
+        let message = e.to_string();
+        match e {
+            Error::InvalidArgument(_) => tonic::Status::invalid_argument(message),
+            Error::NotFound(_) => tonic::Status::not_found(message),
+            Error::Unavailable(_) => tonic::Status::unavailable(message),
+            Error::Internal(_) => tonic::Status::internal(message),
+        }
+    }
+}
+
+impl IntoResponse for Error {
+    fn into_response(self) -> Response {
+        let body = json!({ "error": { "code": self.code(), "message": self.to_string() } });
+        (self.http_status(), Json(body)).into_response()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn invalid_argument_is_400_and_grpc_invalid_argument() {
+        let e = Error::invalid("port 0 is out of range");
+        assert_eq!(e.http_status(), StatusCode::BAD_REQUEST);
+        let s = tonic::Status::from(e);
+        assert_eq!(s.code(), tonic::Code::InvalidArgument);
+        assert_eq!(s.message(), "port 0 is out of range");
+    }
+
+    #[test]
+    fn not_found_and_unavailable_map_in_both_faces() {
+        assert_eq!(
+            Error::NotFound("x".into()).http_status(),
+            StatusCode::NOT_FOUND
+        );
+        let e = Error::Unavailable(coord_client::Error::Timeout { what: "Range" });
+        assert_eq!(e.http_status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(tonic::Status::from(e).code(), tonic::Code::Unavailable);
+    }
+}
