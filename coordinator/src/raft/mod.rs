@@ -129,6 +129,13 @@ struct Inner {
     token: String,
     hub: Arc<WatchHub>,
     removed: CancellationToken,
+    reads: Mutex<ReadRounds>,
+}
+
+#[derive(Default)]
+struct ReadRounds {
+    waiting: Vec<tokio::sync::oneshot::Sender<Option<u64>>>,
+    running: bool,
 }
 
 /// A member of a replicated coordinator. Cheap to clone.
@@ -195,6 +202,7 @@ impl RaftMember {
                 token: p.token,
                 hub: p.hub.clone(),
                 removed: p.removed,
+                reads: Mutex::new(ReadRounds::default()),
             }),
         };
         tokio::spawn(member.clone().election_timer());
@@ -348,26 +356,10 @@ impl RaftMember {
     pub async fn read_barrier(&self) -> Result<()> {
         let deadline = Instant::now() + PROPOSE_WAIT;
         loop {
-            let Some(leader) = self.wait_leader(deadline).await else {
+            if self.wait_leader(deadline).await.is_none() {
                 return Err(Error::NoLeader);
-            };
-            let index = if leader == self.inner.id {
-                match self.inner.raft.ensure_linearizable().await {
-                    Ok(l) => Some(l.map(|l| l.index).unwrap_or(0)),
-                    Err(RaftError::Fatal(_)) => return Err(Error::Stopped),
-                    Err(_) => None,
-                }
-            } else {
-                let mut c = self.peer(leader)?;
-                match c.read_index(Blob { data: Vec::new() }).await {
-                    Ok(r) => {
-                        let res: std::result::Result<u64, PeerError> =
-                            bincode::deserialize(&r.into_inner().data)?;
-                        res.ok()
-                    }
-                    Err(_) => None,
-                }
-            };
+            }
+            let index = self.read_index_round().await;
             if let Some(index) = index {
                 let left = deadline.saturating_duration_since(Instant::now());
                 return match self
@@ -385,6 +377,60 @@ impl RaftMember {
                 return Err(Error::NoLeader);
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Join the next read-index round. Concurrent reads share one round (one quorum check at the
+    /// leader), as etcd batches its ReadIndex requests; a round always starts after every read
+    /// that joins it was invoked, so its index covers every write acknowledged before them.
+    async fn read_index_round(&self) -> Option<u64> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let start_round = {
+            let mut w = self.inner.reads.lock();
+            w.waiting.push(tx);
+            !std::mem::replace(&mut w.running, true)
+        };
+        if start_round {
+            let me = self.clone();
+            tokio::spawn(async move { me.run_read_rounds().await });
+        }
+        rx.await.ok().flatten()
+    }
+
+    async fn run_read_rounds(self) {
+        loop {
+            let waiters = {
+                let mut w = self.inner.reads.lock();
+                if w.waiting.is_empty() {
+                    w.running = false;
+                    return;
+                }
+                std::mem::take(&mut w.waiting)
+            };
+            let index = self.fetch_read_index().await;
+            for tx in waiters {
+                let _ = tx.send(index);
+            }
+        }
+    }
+
+    async fn fetch_read_index(&self) -> Option<u64> {
+        let leader = self.leader()?;
+        if leader == self.inner.id {
+            match self.inner.raft.get_read_log_id().await {
+                Ok((read, _applied)) => Some(read.map(|l| l.index).unwrap_or(0)),
+                Err(_) => None,
+            }
+        } else {
+            let mut c = self.peer(leader).ok()?;
+            match c.read_index(Blob { data: Vec::new() }).await {
+                Ok(r) => {
+                    let res: std::result::Result<u64, PeerError> =
+                        bincode::deserialize(&r.into_inner().data).ok()?;
+                    res.ok()
+                }
+                Err(_) => None,
+            }
         }
     }
 
@@ -713,8 +759,8 @@ impl Peer for PeerService {
 
     async fn read_index(&self, _req: Request<Blob>) -> std::result::Result<Response<Blob>, Status> {
         let res: std::result::Result<u64, PeerError> =
-            match self.member.inner.raft.ensure_linearizable().await {
-                Ok(l) => Ok(l.map(|l| l.index).unwrap_or(0)),
+            match self.member.inner.raft.get_read_log_id().await {
+                Ok((l, _)) => Ok(l.map(|l| l.index).unwrap_or(0)),
                 Err(e) => Err(PeerError::NotLeader(None)).map_err(|x: PeerError| {
                     tracing::debug!(error = %e, "read index refused");
                     x
