@@ -21,6 +21,8 @@
 //! Everything shared with the other services (telemetry, signals, the admin
 //! server, parsers) lives in `service-kit`.
 
+pub mod hash;
+
 use std::net::SocketAddr;
 
 use anyhow::Context as _;
