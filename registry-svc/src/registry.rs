@@ -13,13 +13,16 @@
 //!   coordinator reconnects; resuming from a compacted revision yields a fresh snapshot flagged
 //!   `resynced`.
 
-use std::collections::{BTreeSet, HashSet};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
 
 use coord_client::{Client, EventKind, KeyValue, Txn, WatchEvent, WatchOptions};
 use parking_lot::Mutex;
+use proto::etcdserverpb::response_op::Response as ResponseOp;
 use serde::{Deserialize, Serialize};
-use tokio::sync::mpsc;
+use tokio::sync::{broadcast, mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
 use crate::error::{Error, Result};
@@ -74,6 +77,47 @@ pub enum WatchItem {
     },
 }
 
+/// Changes a feed keeps for watchers that are behind; one further behind reads on its own.
+const FEED_BUFFER: usize = 8192;
+/// How long a new watcher waits for a new feed to be established before reading on its own.
+const FEED_READY_WAIT: Duration = Duration::from_secs(5);
+/// How often a feed checks whether anyone still listens.
+const FEED_IDLE_CHECK: Duration = Duration::from_secs(10);
+
+/// One coordinator watch of a prefix, shared by every watcher of that prefix in this replica,
+/// so that N watchers of a service cost the coordinator one watch, and each change is decoded
+/// once.
+///
+/// A watcher subscribes, then reads `position` (the revision of the last change the feed sent,
+/// or where its coordinator watch started). The feed updates `position` *before* sending a
+/// change, so every change above the position read is in the subscriber's receiver. A watcher
+/// that needs older changes (a resume from before the position), or that falls more than
+/// [`FEED_BUFFER`] changes behind, or whose feed ends, continues with a coordinator watch of its
+/// own from the last revision it delivered; nothing is skipped or repeated either way.
+struct Feed {
+    tx: broadcast::Sender<Arc<FeedItem>>,
+    /// 0 until the coordinator watch is established.
+    position: watch::Receiver<i64>,
+    ended: AtomicBool,
+}
+
+enum FeedItem {
+    Change(i64, WatchItem),
+    End,
+}
+
+impl Feed {
+    /// The feed's position once it is established (`None` if that takes longer than `wait`).
+    async fn position(&self, wait: Duration) -> Option<i64> {
+        let mut rx = self.position.clone();
+        let established = tokio::time::timeout(wait, rx.wait_for(|p| *p > 0)).await;
+        match established {
+            Ok(Ok(p)) => Some(*p),
+            _ => None,
+        }
+    }
+}
+
 /// The registry: a handle on the coordinator plus metrics. Cheap to share behind an `Arc`.
 pub struct Registry {
     client: Client,
@@ -81,6 +125,8 @@ pub struct Registry {
     /// Services whose record is known to exist (saves a write per registration). A std-free
     /// `parking_lot` mutex: held only to look up or insert, never across an await.
     known_services: Mutex<HashSet<(String, String)>>,
+    /// Shared coordinator watches, one per watched prefix (see [`Feed`]).
+    feeds: Mutex<HashMap<String, Arc<Feed>>>,
     /// Cancelled when the service stops: ends every watch and keep-alive stream, so that the
     /// servers' graceful shutdown does not wait for clients to hang up.
     shutdown: CancellationToken,
@@ -124,6 +170,7 @@ impl Registry {
             client,
             metrics,
             known_services: Mutex::new(HashSet::new()),
+            feeds: Mutex::new(HashMap::new()),
             shutdown,
         })
     }
@@ -166,28 +213,14 @@ impl Registry {
             .await?;
         // A concurrent registration of the same ID can move the record under us; try a few
         // times, each guarded by the revision we saw.
+        // Guess that the ID is new (the common case: one transaction, no read); a failed guard
+        // answers with the record as it is, and the next attempt is guarded by that.
+        let (mut old_rev, mut old_lease) = (0, 0);
         for _ in 0..5 {
-            let (existing, _) = match self.client.get(key.clone()).await {
-                Ok(v) => v,
-                Err(e) => {
-                    self.revoke_quietly(lease);
-                    return Err(e.into());
-                }
-            };
-            let (old_rev, old_lease) = existing
-                .as_ref()
-                .map(|kv| (kv.mod_revision, kv.lease))
-                .unwrap_or((0, 0));
-            if old_lease == lease {
-                // Our own earlier attempt was applied (a retried txn).
-                instance.revision = old_rev;
-                return Ok((instance, old_rev));
-            }
-            let txn = Txn::new().if_mod_revision(key.clone(), old_rev).then_put(
-                key.clone(),
-                value.clone(),
-                lease,
-            );
+            let txn = Txn::new()
+                .if_mod_revision(key.clone(), old_rev)
+                .then_put(key.clone(), value.clone(), lease)
+                .else_get(key.clone());
             let resp = match self.client.txn_guarded(txn).await {
                 Ok(r) => r,
                 Err(e) => {
@@ -197,12 +230,25 @@ impl Registry {
             };
             if resp.succeeded {
                 let revision = header_revision(resp.header.as_ref());
-                if old_lease != 0 {
+                if old_lease != 0 && old_lease != lease {
                     self.revoke_quietly(old_lease);
                 }
                 instance.revision = revision;
                 tracing::debug!(key, lease, revision, "registered");
                 return Ok((instance, revision));
+            }
+            let current = resp.responses.into_iter().find_map(|op| match op.response {
+                Some(ResponseOp::ResponseRange(r)) => r.kvs.into_iter().next(),
+                _ => None,
+            });
+            match current {
+                // Our own earlier attempt was applied (a retried txn).
+                Some(kv) if kv.lease == lease => {
+                    instance.revision = kv.mod_revision;
+                    return Ok((instance, kv.mod_revision));
+                }
+                Some(kv) => (old_rev, old_lease) = (kv.mod_revision, kv.lease),
+                None => (old_rev, old_lease) = (0, 0),
             }
         }
         self.revoke_quietly(lease);
@@ -452,19 +498,137 @@ impl Registry {
     }
 
     async fn run_watch(
-        &self,
+        self: &Arc<Self>,
         prefix: String,
         after_revision: i64,
         tx: &mpsc::Sender<Result<WatchItem>>,
     ) -> Result<()> {
+        // Subscribe to the shared feed first, then learn its position: every change after that
+        // position is in `feed_rx` (see `Feed`).
+        let feed = self.feed(&prefix);
+        let mut feed_rx = feed.tx.subscribe();
+        let position = feed.position(FEED_READY_WAIT).await;
         let mut after = if after_revision > 0 {
             after_revision
         } else {
+            // Read after the position was known, so the snapshot's revision is at least it.
             match self.snapshot(&prefix, false, tx).await? {
                 Some(rev) => rev,
                 None => return Ok(()),
             }
         };
+        if let Some(position) = position
+            && after >= position
+        {
+            loop {
+                let item = tokio::select! {
+                    _ = tx.closed() => return Ok(()),
+                    _ = self.shutdown.cancelled() => return Ok(()),
+                    item = feed_rx.recv() => item,
+                };
+                match item.as_deref() {
+                    Ok(FeedItem::Change(rev, change)) => {
+                        if *rev <= after {
+                            continue;
+                        }
+                        after = *rev;
+                        if tx.send(Ok(change.clone())).await.is_err() {
+                            return Ok(());
+                        }
+                    }
+                    // The feed ended, or this watcher fell too far behind it: go on alone.
+                    Ok(FeedItem::End) | Err(_) => break,
+                }
+            }
+        }
+        drop(feed_rx);
+        self.private_watch(prefix, after, tx).await
+    }
+
+    /// The shared feed of `prefix`, started if there is none (or it ended).
+    fn feed(self: &Arc<Self>, prefix: &str) -> Arc<Feed> {
+        let mut feeds = self.feeds.lock();
+        if let Some(feed) = feeds.get(prefix)
+            && !feed.ended.load(Ordering::Acquire)
+        {
+            return feed.clone();
+        }
+        let (tx, _) = broadcast::channel(FEED_BUFFER);
+        let (position_tx, position_rx) = watch::channel(0);
+        let feed = Arc::new(Feed {
+            tx,
+            position: position_rx,
+            ended: AtomicBool::new(false),
+        });
+        feeds.insert(prefix.to_owned(), feed.clone());
+        tokio::spawn(
+            self.clone()
+                .run_feed(prefix.to_owned(), feed.clone(), position_tx),
+        );
+        feed
+    }
+
+    async fn run_feed(
+        self: Arc<Self>,
+        prefix: String,
+        feed: Arc<Feed>,
+        position: watch::Sender<i64>,
+    ) {
+        let mut stream = self
+            .client
+            .watch(WatchOptions::prefix(prefix.clone(), 0).with_prev_kv());
+        let mut idle = tokio::time::interval(FEED_IDLE_CHECK);
+        idle.tick().await;
+        loop {
+            let item = tokio::select! {
+                _ = self.shutdown.cancelled() => break,
+                _ = idle.tick() => {
+                    if feed.tx.receiver_count() == 0 {
+                        break;
+                    }
+                    continue;
+                }
+                item = stream.next() => item,
+            };
+            match item {
+                Some(WatchEvent::Created { revision }) => {
+                    let _ = position.send(revision);
+                }
+                Some(WatchEvent::Events(events)) => {
+                    for e in events {
+                        let rev = e.revision();
+                        let change = match to_change(&e) {
+                            Ok(c) => c,
+                            Err(err) => {
+                                tracing::warn!(error = %err, "skipping an unreadable record");
+                                continue;
+                            }
+                        };
+                        // Position first, then send: whoever reads a position subscribed before
+                        // every later change was sent.
+                        let _ = position.send(rev);
+                        let _ = feed.tx.send(Arc::new(FeedItem::Change(rev, change)));
+                    }
+                }
+                Some(WatchEvent::Compacted { .. }) | None => break,
+            }
+        }
+        feed.ended.store(true, Ordering::Release);
+        let _ = feed.tx.send(Arc::new(FeedItem::End));
+        let mut feeds = self.feeds.lock();
+        if feeds.get(&prefix).is_some_and(|f| Arc::ptr_eq(f, &feed)) {
+            feeds.remove(&prefix);
+        }
+    }
+
+    /// A watch of its own on the coordinator, from `after + 1` (a resume from before the shared
+    /// feed's position, or a watcher that fell behind the feed).
+    async fn private_watch(
+        &self,
+        prefix: String,
+        mut after: i64,
+        tx: &mpsc::Sender<Result<WatchItem>>,
+    ) -> Result<()> {
         loop {
             let mut stream = self
                 .client

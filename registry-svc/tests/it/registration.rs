@@ -134,14 +134,24 @@ async fn deregister_removes_at_once_and_re_registering_replaces_the_record() {
     let c = Coordinator::start().await;
     let r = Registry::start(&c.url()).await;
     let mut g = r.grpc().await;
+    let coord = coord_client::Client::connect([c.url()]).expect("client");
     let first = register(&mut g, instance("ns", "svc", "a", 1000)).await;
+    let (kv, _) = coord
+        .get("/registry/v1/instances/ns/svc/a")
+        .await
+        .expect("get");
+    let first_lease = kv.expect("record").lease;
     let second = register(&mut g, instance("ns", "svc", "a", 2000)).await;
     assert!(second.revision > first.revision);
     let d = discover(&mut g, "ns", "svc", false).await;
     assert_eq!(d.instances.len(), 1, "one record per ID");
     assert_eq!(d.instances[0].port, 2000);
     // The first registration's lease is revoked; the record lives on under the new one.
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    wait_until(T, "the replaced lease to be revoked", || {
+        let coord = coord.clone();
+        async move { coord.lease_time_to_live(first_lease).await.ok() == Some(-1) }
+    })
+    .await;
     assert_eq!(
         discover(&mut g, "ns", "svc", false).await.instances.len(),
         1

@@ -195,3 +195,73 @@ async fn read_some(addr: std::net::SocketAddr, path: &str) -> String {
     }
     String::from_utf8_lossy(&out).into_owned()
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn many_watchers_sharing_a_feed_each_see_every_change_once_in_order() {
+    let c = Coordinator::start().await;
+    let r = Registry::start(&c.url()).await;
+    let mut g = r.grpc().await;
+    let mut revisions = vec![
+        register(&mut g, instance("mw", "svc", "i0", 1))
+            .await
+            .revision,
+    ];
+    // Ten watchers from the start, then more registrations, then ten resuming from the middle.
+    let mut from_start = Vec::new();
+    for _ in 0..10 {
+        let mut s = g
+            .watch(pb::WatchRequest {
+                namespace: "mw".into(),
+                service: "svc".into(),
+                after_revision: 0,
+            })
+            .await
+            .expect("watch")
+            .into_inner();
+        assert!(matches!(next(&mut s).await, Event::Snapshot(_)));
+        from_start.push(s);
+    }
+    for n in 1..20 {
+        revisions.push(
+            register(&mut g, instance("mw", "svc", &format!("i{n}"), 1))
+                .await
+                .revision,
+        );
+    }
+    let middle = revisions[9];
+    let mut resumed = Vec::new();
+    for _ in 0..10 {
+        resumed.push(
+            g.watch(pb::WatchRequest {
+                namespace: "mw".into(),
+                service: "svc".into(),
+                after_revision: middle,
+            })
+            .await
+            .expect("watch")
+            .into_inner(),
+        );
+    }
+    for n in 20..30 {
+        revisions.push(
+            register(&mut g, instance("mw", "svc", &format!("i{n}"), 1))
+                .await
+                .revision,
+        );
+    }
+    for s in &mut from_start {
+        let mut got = Vec::new();
+        while got.len() < 29 {
+            got.push(change(s).await.2);
+        }
+        assert_eq!(got, revisions[1..].to_vec());
+    }
+    for s in &mut resumed {
+        let mut got = Vec::new();
+        while got.len() < 20 {
+            got.push(change(s).await.2);
+        }
+        assert_eq!(got, revisions[10..].to_vec());
+    }
+    r.stop().await;
+}
