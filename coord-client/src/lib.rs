@@ -174,7 +174,8 @@ fn is_transport_error(status: &Status) -> bool {
 
 impl Client {
     /// A client for `config.endpoints`. Connections are opened lazily, so this succeeds while
-    /// the coordinator is down; the first call waits for it (up to the retry deadline).
+    /// the coordinator is down; the first call waits for it (up to the retry deadline). Must be
+    /// called inside a Tokio runtime (each endpoint's channel spawns its worker task).
     pub fn new(config: ClientConfig) -> Result<Client> {
         if config.endpoints.is_empty() {
             return Err(Error::InvalidEndpoint("no endpoints given".into()));
