@@ -18,7 +18,7 @@
 #   BENCH_REPS [2]               repetitions of each (workload, clients) pair per server
 #   BENCH_CLIENTS [1,64,256]     client counts
 #   BENCH_WORKLOADS [put range mixed]
-#   BENCH_LOAD_KEYS [1000000]    keys written in the scale phase (0 skips phases 3)
+#   BENCH_LOAD_KEYS [1000000]    keys written in the scale phase (0 skips phase 3)
 #   BENCH_WATCHERS [10000]       watchers in the scale phase, over BENCH_WATCH_STREAMS [100]
 #   BENCH_FSYNC_DURATION [3s]    length of each fsync-counting run (phase 2; "0" skips it)
 #   BENCH_SKIP_BUILD [0]         1: use the existing target/release binaries
@@ -208,8 +208,8 @@ start_fresh() {
 }
 
 stop_both() {
-    stop_pid "$PID_coordinator"
-    stop_pid "$PID_etcd"
+    stop_pid "$(pid_of coordinator)"
+    stop_pid "$(pid_of etcd)"
     rm -rf "$TMP/coordinator-data" "$TMP/etcd-data"
 }
 
