@@ -6,11 +6,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "etcd/rpc.proto",
         "peer/peer.proto",
         "registry/registry.proto",
+        "config/config.proto",
     ];
     for f in files {
         println!("cargo:rerun-if-changed={f}");
     }
-    let fds = protox::compile(files, ["etcd", "peer", "registry"])?;
+    let fds = protox::compile(files, ["etcd", "peer", "registry", "config"])?;
     tonic_prost_build::configure()
         .build_server(true)
         .build_client(true)

@@ -1,37 +1,77 @@
 //! `config-svc`: the configuration service of the platform.
 //!
-//! **Placeholder.** Until its issue lands, this service does nothing but
-//! serve the admin endpoints every process has: `/healthz`, `/readyz` (ready
-//! once the admin listener is bound) and `/metrics`. It exists now so that
-//! deployment, health checks and dashboards can be wired up ahead of the real
-//! work, and so that its shape — a library with `run(config, shutdown)` and a
-//! thin `main.rs` — is already fixed.
+//! Applications read their configuration here and are told the moment it changes, as they
+//! would with Nacos config, Spring Cloud Config or ZooKeeper-backed configuration. An *item*
+//! (namespace / group / key, in json, yaml, toml, properties or text) has immutable numbered
+//! *versions*; publishing creates one and moves the item's *current* pointer to it. History,
+//! diff, rollback, validation (format and JSON Schema), watches and staged rollouts sit on
+//! top. The service keeps no state of its own: everything lives in the coordinator (through
+//! `coord-client`), so any number of replicas can run side by side and restarting one loses
+//! nothing.
 //!
 //! # Layout
+//! - [`model`]: items, versions, pointers, rollouts; which version a client gets
+//!   (label selectors, stable percentage hashing), released versions, retention. Pure.
+//! - [`validate`]: parsing each format with line/column errors, JSON Schema. Pure.
+//! - [`diff`]: line diff and key-path diff. Pure.
+//! - [`keys`]: the key layout in the coordinator (documented there, and only there).
+//! - [`store`]: the operations (publish, get, list, history, diff, rollback, delete, purge,
+//!   options, promote, abort, validate), each change one guarded coordinator Txn.
+//! - [`watch`]: one coordinator watch per process fanned out to every client watch, with
+//!   per-client catch-up (resume, slow readers).
+//! - [`grpc`]: the `config.v1.Config` gRPC face; [`rest`]: the same over REST/JSON
+//!   (`/openapi.json` documents it). [`error`]: the one error type, mapped to gRPC status and
+//!   HTTP JSON in one place.
+//! - [`client`]: the library applications use: fetch, a local cache of the last good version
+//!   served while the service is unreachable, change callbacks.
+//! - [`metrics`]: publishes, reads, watchers, push latency.
+//! - `main.rs`: the binary; `src/bin/bench.rs`: the load generator.
 //!
-//! - [`Config`]: command-line flags, each with an environment variable.
-//! - [`run`]: binds the admin address and serves until the shutdown token
-//!   is cancelled; [`run_with_listener`] does the same on a listener the
-//!   caller bound (tests bind `127.0.0.1:0`).
-//! - `main.rs`: parses the config (exit 64 if invalid), initialises
-//!   telemetry, logs the effective config and runs until SIGTERM or SIGINT.
-//!   `config-svc health` probes the admin `/healthz` and exits 0 or 1, for container
-//!   health checks.
+//! # Serving
+//! Three listeners: gRPC (`config.v1.Config` and `grpc.health.v1.Health`), REST, and the
+//! admin server (`/healthz`, `/readyz`, `/metrics`). The process starts serving even while the
+//! coordinator is unreachable; it becomes ready (`/readyz` 200, gRPC health `SERVING`) once its
+//! coordinator watch is established.
 //!
-//! Everything shared with the other services (telemetry, signals, the admin
-//! server, parsers) lives in `service-kit`.
+//! # Caveats
+//! - Readiness is not withdrawn when the coordinator becomes unreachable later; calls then
+//!   answer `UNAVAILABLE` / 503, and watches stay open and catch up when it is back.
+//! - The push-latency metric compares this replica's clock with the writer's (another replica
+//!   may have written the change).
+
+pub mod client;
+pub mod diff;
+pub mod error;
+pub mod grpc;
+pub mod keys;
+pub mod metrics;
+pub mod model;
+pub mod rest;
+pub mod store;
+pub mod validate;
+pub mod watch;
 
 use std::net::SocketAddr;
+use std::time::Duration;
 
 use anyhow::Context as _;
+use coord_client::{Client, ClientConfig};
 use service_kit::admin::{self, Health, Metrics};
 use service_kit::config::parse_listen_url;
 use service_kit::telemetry::LogFormat;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
+use crate::grpc::GrpcService;
+use crate::metrics::ConfigMetrics;
+use crate::store::{Limits, Store};
+use crate::watch::Hub;
+
 /// The name this service reports in logs, traces and `--version`.
 pub const SERVICE_NAME: &str = "config-svc";
+
+/// How long the servers get to finish after shutdown before they are dropped.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 
 /// The service's configuration, from flags or environment variables.
 #[derive(Debug, Clone, clap::Parser)]
@@ -47,47 +87,260 @@ pub struct Config {
     )]
     pub admin_listen: SocketAddr,
 
+    /// Address of the gRPC server (`config.v1.Config`, `grpc.health.v1.Health`).
+    #[arg(
+        long,
+        env = "CONFIG_GRPC_LISTEN",
+        default_value = "127.0.0.1:9300",
+        value_name = "ADDR",
+        value_parser = parse_listen_url
+    )]
+    pub grpc_listen: SocketAddr,
+
+    /// Address of the REST/JSON server.
+    #[arg(
+        long,
+        env = "CONFIG_HTTP_LISTEN",
+        default_value = "127.0.0.1:9301",
+        value_name = "ADDR",
+        value_parser = parse_listen_url
+    )]
+    pub http_listen: SocketAddr,
+
+    /// Coordinator endpoints, comma-separated (`http://host:port`).
+    #[arg(
+        long,
+        env = "CONFIG_COORDINATOR_ENDPOINTS",
+        default_value = "http://127.0.0.1:2379",
+        value_delimiter = ',',
+        value_name = "URLS"
+    )]
+    pub coordinator_endpoints: Vec<String>,
+
+    /// Largest content accepted, in bytes (1 KiB to 1 MiB; the coordinator's default request
+    /// limit is 1.5 MiB).
+    #[arg(
+        long,
+        env = "CONFIG_MAX_CONTENT_BYTES",
+        default_value_t = 1024 * 1024,
+        value_name = "BYTES"
+    )]
+    pub max_content_bytes: usize,
+
+    /// Versions kept per item unless the item sets its own retention (1 to 10000).
+    #[arg(
+        long,
+        env = "CONFIG_DEFAULT_RETENTION",
+        default_value_t = 100,
+        value_name = "N"
+    )]
+    pub default_retention: u32,
+
     /// Format of the log lines written to stdout.
     #[arg(long, env = "LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
 }
 
-/// Binds `config.admin_listen` and serves until `shutdown` is cancelled.
-///
-/// Fails if the address cannot be bound or the server fails; returns
-/// `Ok(())` after a clean shutdown.
-pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
-    let listener = TcpListener::bind(config.admin_listen)
-        .await
-        .with_context(|| format!("cannot listen on the admin address {}", config.admin_listen))?;
-    run_with_listener(config, listener, shutdown).await
+impl Config {
+    /// Checks what the parsers cannot.
+    pub fn validate(&self) -> Result<(), String> {
+        if self
+            .coordinator_endpoints
+            .iter()
+            .all(|e| e.trim().is_empty())
+        {
+            return Err("--coordinator-endpoints is empty".into());
+        }
+        if !(1024..=1024 * 1024).contains(&self.max_content_bytes) {
+            return Err(format!(
+                "--max-content-bytes {} is out of range: expected 1024 to 1048576",
+                self.max_content_bytes
+            ));
+        }
+        if !(1..=model::MAX_RETENTION).contains(&self.default_retention) {
+            return Err(format!(
+                "--default-retention {} is out of range: expected 1 to {}",
+                self.default_retention,
+                model::MAX_RETENTION
+            ));
+        }
+        Ok(())
+    }
 }
 
-/// Like [`run`], but serves the admin endpoints on `admin_listener`, which
-/// the caller has bound, instead of binding `config.admin_listen`.
+/// The listeners the service serves on, bound by the caller.
+pub struct Listeners {
+    /// Admin HTTP (health, readiness, metrics).
+    pub admin: TcpListener,
+    /// gRPC.
+    pub grpc: TcpListener,
+    /// REST.
+    pub http: TcpListener,
+}
+
+async fn bind(addr: SocketAddr, what: &str) -> anyhow::Result<TcpListener> {
+    TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("cannot listen on the {what} address {addr}"))
+}
+
+/// Binds every address of `config` and serves until `shutdown` is cancelled.
+///
+/// Fails if an address cannot be bound or a server fails; returns `Ok(())` after a clean
+/// shutdown.
+pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let admin = bind(config.admin_listen, "admin").await?;
+    run_with_listener(config, admin, shutdown).await
+}
+
+/// Like [`run`], but serves the admin endpoints on `admin_listener`, which the caller has
+/// bound, instead of binding `config.admin_listen`.
 pub async fn run_with_listener(
     config: Config,
     admin_listener: TcpListener,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
+    let grpc = bind(config.grpc_listen, "gRPC").await?;
+    let http = bind(config.http_listen, "REST").await?;
+    run_with_listeners(
+        config,
+        Listeners {
+            admin: admin_listener,
+            grpc,
+            http,
+        },
+        shutdown,
+    )
+    .await
+}
+
+/// Like [`run`], on listeners the caller bound (tests bind `127.0.0.1:0`).
+pub async fn run_with_listeners(
+    config: Config,
+    listeners: Listeners,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    config.validate().map_err(|e| anyhow::anyhow!(e))?;
     // Destructured so that a new field does not compile until it is used.
     let Config {
         admin_listen: _,
+        grpc_listen: _,
+        http_listen: _,
+        coordinator_endpoints,
+        max_content_bytes,
+        default_retention,
         log_format: _,
     } = config;
+    let addr = |l: &TcpListener, what: &str| {
+        l.local_addr()
+            .with_context(|| format!("cannot read the {what} listener's address"))
+    };
+    let (admin_addr, grpc_addr, http_addr) = (
+        addr(&listeners.admin, "admin")?,
+        addr(&listeners.grpc, "gRPC")?,
+        addr(&listeners.http, "REST")?,
+    );
 
-    let addr = admin_listener
-        .local_addr()
-        .context("cannot read the admin listener's address")?;
     let health = Health::new();
     let metrics = Metrics::new();
-    // A placeholder has nothing to wait for: ready as soon as it listens.
-    health.set_ready(true);
-    tracing::info!(admin = %addr, "admin server listening");
+    let config_metrics = ConfigMetrics::register(&metrics);
+    let client = Client::new(ClientConfig::new(
+        coordinator_endpoints
+            .iter()
+            .map(|e| e.trim().to_owned())
+            .filter(|e| !e.is_empty()),
+    ))
+    .context("invalid coordinator endpoint")?;
+    let store = Store::new(
+        client,
+        config_metrics,
+        Limits {
+            max_content_bytes,
+            default_retention,
+        },
+    );
+    let hub = Hub::start(store.clone(), shutdown.clone());
 
-    admin::serve(admin_listener, admin::router(health, metrics), shutdown)
-        .await
-        .context("admin server failed")?;
+    // gRPC: the config service and grpc.health.v1, NOT_SERVING until the hub is ready.
+    let (reporter, health_service) = tonic_health::server::health_reporter();
+    reporter
+        .set_service_status("", tonic_health::ServingStatus::NotServing)
+        .await;
+    reporter
+        .set_not_serving::<proto::config_v1::config_server::ConfigServer<GrpcService>>()
+        .await;
+    let grpc_server = {
+        let incoming = tokio_stream::wrappers::TcpListenerStream::new(listeners.grpc);
+        let service = GrpcService::new(store.clone(), hub.clone()).server();
+        let stop = shutdown.clone();
+        tokio::spawn(async move {
+            tonic::transport::Server::builder()
+                .tcp_nodelay(true)
+                .add_service(health_service)
+                .add_service(service)
+                .serve_with_incoming_shutdown(incoming, stop.cancelled_owned())
+                .await
+        })
+    };
+    let rest_server = {
+        let router = rest::router(store.clone(), hub.clone());
+        let stop = shutdown.clone();
+        tokio::spawn(async move {
+            axum::serve(listeners.http, router)
+                .with_graceful_shutdown(stop.cancelled_owned())
+                .await
+        })
+    };
+    tracing::info!(grpc = %grpc_addr, rest = %http_addr, "config service listening");
+    tracing::info!(admin = %admin_addr, "admin server listening");
+
+    let readiness = {
+        let (hub, health, shutdown) = (hub.clone(), health.clone(), shutdown.clone());
+        tokio::spawn(async move {
+            while !shutdown.is_cancelled() {
+                if hub.wait_ready(Duration::from_secs(3600)).await {
+                    health.set_ready(true);
+                    reporter
+                        .set_service_status("", tonic_health::ServingStatus::Serving)
+                        .await;
+                    reporter
+                        .set_serving::<proto::config_v1::config_server::ConfigServer<GrpcService>>()
+                        .await;
+                    tracing::info!("ready");
+                    return;
+                }
+            }
+        })
+    };
+
+    let admin_result = admin::serve(
+        listeners.admin,
+        admin::router(health.clone(), metrics),
+        shutdown.clone(),
+    )
+    .await
+    .context("admin server failed");
+    health.set_ready(false);
+    shutdown.cancel();
+    let finish = async {
+        let grpc = grpc_server.await;
+        let rest = rest_server.await;
+        let _ = readiness.await;
+        (grpc, rest)
+    };
+    let (grpc, rest) =
+        match tokio::time::timeout(SHUTDOWN_GRACE + Duration::from_secs(3), finish).await {
+            Ok(done) => done,
+            Err(_) => {
+                tracing::warn!("servers still busy after the grace period; stopping anyway");
+                return admin_result;
+            }
+        };
+    admin_result?;
+    grpc.context("gRPC server task failed")?
+        .context("gRPC server failed")?;
+    rest.context("REST server task failed")?
+        .context("REST server failed")?;
     tracing::info!("stopped");
     Ok(())
 }

@@ -8,8 +8,9 @@ use config_svc::{Config, SERVICE_NAME};
 use service_kit::config::{exit_bad_config, parse_args_or_exit, parse_duration};
 use service_kit::{probe, shutdown, telemetry};
 
-/// The configuration service of the platform (placeholder: serves only
-/// health and metrics).
+/// The configuration service of the platform: versioned configuration with
+/// history, rollback, validation, watches and staged rollout, kept in the
+/// coordinator.
 #[derive(Debug, Parser)]
 #[command(name = SERVICE_NAME, version, about)]
 struct Cli {
@@ -51,6 +52,9 @@ fn health(config: &Config, timeout: Duration) -> ExitCode {
 }
 
 fn serve(config: Config) -> ExitCode {
+    if let Err(err) = config.validate() {
+        exit_bad_config(err);
+    }
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(runtime) => runtime,
         Err(err) => {
@@ -67,6 +71,11 @@ fn serve(config: Config) -> ExitCode {
         tracing::info!(
             version = env!("CARGO_PKG_VERSION"),
             admin_listen = %config.admin_listen,
+            grpc_listen = %config.grpc_listen,
+            http_listen = %config.http_listen,
+            coordinator_endpoints = %config.coordinator_endpoints.join(","),
+            max_content_bytes = config.max_content_bytes,
+            default_retention = config.default_retention,
             log_format = %config.log_format,
             "starting config-svc"
         );

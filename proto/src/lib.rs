@@ -8,6 +8,8 @@
 //!   served on the peer port only.
 //! - [`registry_v1`]: `registry.v1`, the API of `registry-svc` (registration, discovery, health,
 //!   watches).
+//! - [`config_v1`]: `config.v1`, the API of `config-svc` (versioned configuration, rollouts,
+//!   watches).
 //!
 //! Code is generated at build time by `protox` + `tonic-prost-build`; no `protoc` is required.
 #![allow(clippy::all, missing_docs, rust_2018_idioms)]
@@ -30,4 +32,9 @@ pub mod peerpb {
 /// `registry.v1`: the service registry's API (registry-svc).
 pub mod registry_v1 {
     tonic::include_proto!("registry.v1");
+}
+
+/// `config.v1`: the configuration service's API (config-svc).
+pub mod config_v1 {
+    tonic::include_proto!("config.v1");
 }

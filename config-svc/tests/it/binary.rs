@@ -8,6 +8,11 @@ fn command() -> Command {
     let mut command = Command::new(BIN);
     for var in [
         "CONFIG_ADMIN_LISTEN",
+        "CONFIG_GRPC_LISTEN",
+        "CONFIG_HTTP_LISTEN",
+        "CONFIG_COORDINATOR_ENDPOINTS",
+        "CONFIG_MAX_CONTENT_BYTES",
+        "CONFIG_DEFAULT_RETENTION",
         "LOG_FORMAT",
         "RUST_LOG",
         "OTEL_EXPORTER_OTLP_ENDPOINT",
@@ -40,6 +45,22 @@ fn invalid_environment_variable_exits_64() {
     assert_eq!(out.status.code(), Some(64), "{out:?}");
     let out = output(command().env("LOG_FORMAT", "yaml"));
     assert_eq!(out.status.code(), Some(64), "{out:?}");
+}
+
+#[test]
+fn out_of_range_limits_exit_64_naming_the_flag() {
+    let out = output(command().args(["--max-content-bytes", "10"]));
+    assert_eq!(out.status.code(), Some(64), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("--max-content-bytes"),
+        "{out:?}"
+    );
+    let out = output(command().env("CONFIG_DEFAULT_RETENTION", "0"));
+    assert_eq!(out.status.code(), Some(64), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("--default-retention"),
+        "{out:?}"
+    );
 }
 
 #[test]
