@@ -1,36 +1,72 @@
-//! `lb-gateway`: the load-balancing gateway of the platform.
+//! `lb-gateway`: the front door of the platform.
 //!
-//! **Placeholder.** Until its issue lands, this service does nothing but
-//! serve the admin endpoints every process has: `/healthz`, `/readyz` (ready
-//! once the admin listener is bound) and `/metrics`. It exists now so that
-//! deployment, health checks and dashboards can be wired up ahead of the real
-//! work, and so that its shape — a library with `run(config, shutdown)` and a
-//! thin `main.rs` — is already fixed.
+//! An HTTP/1.1, HTTP/2 (h2c too) and gRPC reverse proxy. Each request is matched to a route
+//! (host, path prefix or gRPC service, from a TOML routes file), and sent to one instance of the
+//! route's registry service, chosen by consistent hashing with bounded loads over the
+//! instances the registry reports live at that moment. It keeps no state of its own: backend
+//! sets come from `registry-svc` watches.
 //!
 //! # Layout
 //!
-//! - [`Config`]: command-line flags, each with an environment variable.
-//! - [`run`]: binds the admin address and serves until the shutdown token
-//!   is cancelled; [`run_with_listener`] does the same on a listener the
-//!   caller bound (tests bind `127.0.0.1:0`).
-//! - `main.rs`: parses the config (exit 64 if invalid), initialises
-//!   telemetry, logs the effective config and runs until SIGTERM or SIGINT.
-//!   `lb-gateway health` probes the admin `/healthz` and exits 0 or 1, for container
-//!   health checks.
+//! - [`hash`]: the pure core. [`hash::ring`] (ketama-like, weighted virtual nodes),
+//!   [`hash::maglev`] (weighted Maglev), [`hash::select`] (bounded loads, power of two
+//!   choices). No I/O; property-tested.
+//! - [`routes`]: the routes file (model, checks, matching, hash keys, rewrites).
+//! - [`pool`]: a route's live backend set behind an `ArcSwap`, rebuilt and swapped on every
+//!   registry change; backends' loads, outlier state and connections; draining.
+//! - [`discovery`]: one registry watch per routed service, feeding the pools; keeps the last
+//!   known set while the registry is unreachable.
+//! - [`proxy`]: the request path (admit, pick, forward, retry, answer); [`upstream`]: per-backend
+//!   connection pools and the bodies; [`server`]: the listener (h1 + h2c, upgrades, graceful
+//!   drain).
+//! - [`resilience`]: rate limits (GCRA), retry budget, outlier ejection.
+//! - [`trace`]: W3C `traceparent`; [`metrics`]: Prometheus families; [`admin`]: the JSON API.
+//! - `main.rs`: the binary (exit 64 on a bad config or routes file, `health` subcommand).
 //!
-//! Everything shared with the other services (telemetry, signals, the admin
-//! server, parsers) lives in `service-kit`.
+//! # Guarantees
+//! - A registry change swaps a route's whole backend set at once: a request sees the old set
+//!   or the new one. Requests already on a backend that left finish there (draining).
+//! - Keyed requests stay on their key's owner unless it is ejected, at its circuit breaker, or
+//!   above `(1 + ε)` × the mean in-flight load; then they walk the key's fixed order of
+//!   preference. One of `n` backends joining or leaving moves about `1/n` of the keys.
+//! - While the registry is unreachable the gateway routes with the last set it had.
+//!
+//! # Caveats
+//! - Loads, ejections and circuit breakers are per route: two routes over one service count
+//!   their requests separately.
+//! - Timeouts bound the time to a response's headers, not its body (streams may run long).
+//! - Routes come from the file only, read at start; overriding them from config-svc is a
+//!   follow-up.
 
+pub mod admin;
+pub mod discovery;
 pub mod hash;
+pub mod metrics;
+pub mod pool;
+pub mod proxy;
+pub mod resilience;
+pub mod routes;
+pub mod server;
+pub mod trace;
+pub mod upstream;
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
+use std::time::Duration;
 
 use anyhow::Context as _;
-use service_kit::admin::{self, Health, Metrics};
-use service_kit::config::parse_listen_url;
+use registry_svc::client::RegistryClient;
+use service_kit::admin::{self as kit_admin, Health, Metrics};
+use service_kit::config::{parse_duration, parse_listen_url};
 use service_kit::telemetry::LogFormat;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
+
+use crate::pool::RouteState;
+use crate::proxy::Gateway;
+use crate::resilience::{GlobalLimit, KeyedLimit};
 
 /// The name this service reports in logs, traces and `--version`.
 pub const SERVICE_NAME: &str = "lb-gateway";
@@ -38,7 +74,17 @@ pub const SERVICE_NAME: &str = "lb-gateway";
 /// The service's configuration, from flags or environment variables.
 #[derive(Debug, Clone, clap::Parser)]
 pub struct Config {
-    /// Address of the admin HTTP server (health, readiness, metrics), as
+    /// Address the proxy listens on (HTTP/1.1 and h2c), as `host:port` or `http://host:port`.
+    #[arg(
+        long,
+        env = "LB_GATEWAY_LISTEN",
+        default_value = "127.0.0.1:8080",
+        value_name = "ADDR",
+        value_parser = parse_listen_url
+    )]
+    pub listen: SocketAddr,
+
+    /// Address of the admin HTTP server (health, readiness, metrics, admin API), as
     /// `host:port` or `http://host:port`.
     #[arg(
         long,
@@ -49,47 +95,224 @@ pub struct Config {
     )]
     pub admin_listen: SocketAddr,
 
+    /// The routes file (TOML). Without one the gateway has no routes and answers 404.
+    #[arg(long, env = "LB_GATEWAY_ROUTES", value_name = "FILE")]
+    pub routes: Option<PathBuf>,
+
+    /// gRPC endpoints of registry-svc replicas, comma-separated (`http://host:port`).
+    #[arg(
+        long,
+        env = "LB_GATEWAY_REGISTRY_ENDPOINTS",
+        default_value = "http://127.0.0.1:9200",
+        value_delimiter = ',',
+        value_name = "URLS"
+    )]
+    pub registry_endpoints: Vec<String>,
+
+    /// Tokio worker threads (default: one per CPU).
+    #[arg(long, env = "LB_GATEWAY_WORKER_THREADS", value_name = "N")]
+    pub worker_threads: Option<usize>,
+
+    /// Most client connections open at once; beyond it, accepting waits.
+    #[arg(
+        long,
+        env = "LB_GATEWAY_MAX_CONNECTIONS",
+        default_value_t = 20_000,
+        value_name = "N"
+    )]
+    pub max_connections: usize,
+
+    /// Write one access log line per request (`true` or `false`).
+    #[arg(
+        long,
+        env = "LB_GATEWAY_ACCESS_LOG",
+        default_value_t = true,
+        action = clap::ArgAction::Set,
+        value_name = "BOOL"
+    )]
+    pub access_log: bool,
+
+    /// How long in-flight requests may take to finish after shutdown is asked, e.g. "10s".
+    #[arg(
+        long,
+        env = "LB_GATEWAY_SHUTDOWN_GRACE",
+        default_value = "10s",
+        value_name = "DURATION",
+        value_parser = parse_duration
+    )]
+    pub shutdown_grace: Duration,
+
     /// Format of the log lines written to stdout.
     #[arg(long, env = "LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
 }
 
-/// Binds `config.admin_listen` and serves until `shutdown` is cancelled.
-///
-/// Fails if the address cannot be bound or the server fails; returns
-/// `Ok(())` after a clean shutdown.
-pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
-    let listener = TcpListener::bind(config.admin_listen)
-        .await
-        .with_context(|| format!("cannot listen on the admin address {}", config.admin_listen))?;
-    run_with_listener(config, listener, shutdown).await
+impl Config {
+    /// Checks what the parsers cannot.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.registry_endpoints.iter().all(|e| e.trim().is_empty()) {
+            return Err("--registry-endpoints is empty".into());
+        }
+        if self.worker_threads == Some(0) {
+            return Err("--worker-threads must be at least 1".into());
+        }
+        if self.max_connections == 0 {
+            return Err("--max-connections must be at least 1".into());
+        }
+        Ok(())
+    }
+
+    /// Loads the routes file (an empty set without one).
+    pub fn load_routes(&self) -> Result<routes::RoutesFile, routes::RoutesError> {
+        match &self.routes {
+            Some(path) => routes::load(path),
+            None => routes::parse(""),
+        }
+    }
 }
 
-/// Like [`run`], but serves the admin endpoints on `admin_listener`, which
-/// the caller has bound, instead of binding `config.admin_listen`.
+/// The listeners the service serves on, bound by the caller.
+pub struct Listeners {
+    /// The proxy (clients' traffic).
+    pub proxy: TcpListener,
+    /// Admin HTTP.
+    pub admin: TcpListener,
+}
+
+async fn bind(addr: SocketAddr, what: &str) -> anyhow::Result<TcpListener> {
+    TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("cannot listen on the {what} address {addr}"))
+}
+
+/// Binds both addresses of `config` and serves until `shutdown` is cancelled.
+///
+/// Fails if the routes file is bad, an address cannot be bound or a server fails; returns
+/// `Ok(())` after a clean shutdown.
+pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let admin = bind(config.admin_listen, "admin").await?;
+    run_with_listener(config, admin, shutdown).await
+}
+
+/// Like [`run`], but serves the admin endpoints on `admin_listener`, which the caller has
+/// bound, instead of binding `config.admin_listen`.
 pub async fn run_with_listener(
     config: Config,
     admin_listener: TcpListener,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
+    let proxy = bind(config.listen, "proxy").await?;
+    run_with_listeners(
+        config,
+        Listeners {
+            proxy,
+            admin: admin_listener,
+        },
+        shutdown,
+    )
+    .await
+}
+
+/// Like [`run`], on listeners the caller bound (tests bind `127.0.0.1:0`).
+pub async fn run_with_listeners(
+    config: Config,
+    listeners: Listeners,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    config.validate().map_err(|e| anyhow::anyhow!(e))?;
+    let file = config.load_routes()?;
     // Destructured so that a new field does not compile until it is used.
     let Config {
+        listen: _,
         admin_listen: _,
+        routes: _,
+        registry_endpoints,
+        worker_threads: _,
+        max_connections,
+        access_log,
+        shutdown_grace,
         log_format: _,
     } = config;
-
-    let addr = admin_listener
+    let proxy_addr = listeners
+        .proxy
+        .local_addr()
+        .context("cannot read the proxy listener's address")?;
+    let admin_addr = listeners
+        .admin
         .local_addr()
         .context("cannot read the admin listener's address")?;
+
     let health = Health::new();
     let metrics = Metrics::new();
-    // A placeholder has nothing to wait for: ready as soon as it listens.
-    health.set_ready(true);
-    tracing::info!(admin = %addr, "admin server listening");
+    let gm = metrics::GatewayMetrics::register(&metrics);
+    let routes: Vec<Arc<RouteState>> = file
+        .routes
+        .iter()
+        .map(|r| Arc::new(RouteState::new(r.clone(), gm.route(&r.name))))
+        .collect();
+    let settings = file.gateway.clone();
+    let gw = Arc::new(Gateway {
+        global_limit: settings.rate_limit.global.as_ref().map(GlobalLimit::new),
+        ip_limit: settings
+            .rate_limit
+            .per_client_ip
+            .as_ref()
+            .map(KeyedLimit::new),
+        settings,
+        routes: routes.clone(),
+        in_flight: Arc::new(AtomicU64::new(0)),
+        access_log,
+        unrouted: gm.route("-"),
+    });
 
-    admin::serve(admin_listener, admin::router(health, metrics), shutdown)
+    let client = RegistryClient::connect(
+        registry_endpoints
+            .iter()
+            .map(|e| e.trim().to_owned())
+            .filter(|e| !e.is_empty()),
+    )
+    .map_err(|s| anyhow::anyhow!("invalid registry endpoint: {}", s.message()))?;
+    let watches = discovery::spawn(client, &routes, health.clone(), shutdown.clone());
+
+    // Once a second: expired ejections, drained backends, gauges.
+    let ticker = {
+        let (routes, stop) = (routes.clone(), shutdown.clone());
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(1));
+            loop {
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    _ = tick.tick() => {}
+                }
+                for r in &routes {
+                    r.prune_draining();
+                    r.refresh_gauges();
+                }
+            }
+        })
+    };
+
+    tracing::info!(proxy = %proxy_addr, admin = %admin_addr, routes = routes.len(), "lb-gateway listening");
+    let proxy_server = tokio::spawn(server::serve(
+        listeners.proxy,
+        Arc::clone(&gw),
+        max_connections,
+        shutdown_grace,
+        shutdown.clone(),
+    ));
+    let admin_router = kit_admin::router(health.clone(), metrics).merge(admin::router(gw));
+    let admin_result = kit_admin::serve(listeners.admin, admin_router, shutdown.clone())
         .await
-        .context("admin server failed")?;
+        .context("admin server failed");
+    health.set_ready(false);
+    shutdown.cancel();
+    let proxy_result = proxy_server.await.context("proxy server task failed")?;
+    for w in watches {
+        let _ = w.await;
+    }
+    let _ = ticker.await;
+    admin_result?;
+    proxy_result.context("proxy server failed")?;
     tracing::info!("stopped");
     Ok(())
 }

@@ -8,8 +8,9 @@ use lb_gateway::{Config, SERVICE_NAME};
 use service_kit::config::{exit_bad_config, parse_args_or_exit, parse_duration};
 use service_kit::{probe, shutdown, telemetry};
 
-/// The load-balancing gateway of the platform (placeholder: serves only
-/// health and metrics).
+/// The load-balancing gateway of the platform: an HTTP/1.1, HTTP/2 and gRPC
+/// reverse proxy routing by consistent hashing with bounded loads over the
+/// registry's live instances.
 #[derive(Debug, Parser)]
 #[command(name = SERVICE_NAME, version, about)]
 struct Cli {
@@ -51,7 +52,20 @@ fn health(config: &Config, timeout: Duration) -> ExitCode {
 }
 
 fn serve(config: Config) -> ExitCode {
-    let runtime = match tokio::runtime::Runtime::new() {
+    if let Err(err) = config.validate() {
+        exit_bad_config(err);
+    }
+    // A bad routes file is a bad configuration: exit 64 before anything starts.
+    let routes = match config.load_routes() {
+        Ok(routes) => routes,
+        Err(err) => exit_bad_config(err),
+    };
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    builder.enable_all();
+    if let Some(n) = config.worker_threads {
+        builder.worker_threads(n);
+    }
+    let runtime = match builder.build() {
         Ok(runtime) => runtime,
         Err(err) => {
             eprintln!("error: cannot start the Tokio runtime: {err}");
@@ -66,10 +80,21 @@ fn serve(config: Config) -> ExitCode {
         };
         tracing::info!(
             version = env!("CARGO_PKG_VERSION"),
+            listen = %config.listen,
             admin_listen = %config.admin_listen,
+            routes_file = %config.routes.as_ref().map_or("(none)".into(), |p| p.display().to_string()),
+            routes = routes.routes.len(),
+            registry_endpoints = %config.registry_endpoints.join(","),
+            worker_threads = config.worker_threads.unwrap_or(0),
+            max_connections = config.max_connections,
+            access_log = config.access_log,
+            shutdown_grace = ?config.shutdown_grace,
             log_format = %config.log_format,
             "starting lb-gateway"
         );
+        if config.routes.is_none() {
+            tracing::warn!("no --routes file: every request will be answered 404");
+        }
         match lb_gateway::run(config, shutdown::token_on_signal()).await {
             Ok(()) => ExitCode::SUCCESS,
             Err(err) => {

@@ -33,6 +33,10 @@ use super::Table;
 pub trait Loads {
     /// Number of members (indices `0..len()`).
     fn len(&self) -> usize;
+    /// Whether there is no member.
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
     /// Requests in flight at member `i`.
     fn load(&self, i: usize) -> u64;
     /// Weight of member `i` (at least 1).

@@ -8,6 +8,11 @@ fn command() -> Command {
     let mut command = Command::new(BIN);
     for var in [
         "LB_GATEWAY_ADMIN_LISTEN",
+        "LB_GATEWAY_LISTEN",
+        "LB_GATEWAY_ROUTES",
+        "LB_GATEWAY_REGISTRY_ENDPOINTS",
+        "LB_GATEWAY_WORKER_THREADS",
+        "LB_GATEWAY_ACCESS_LOG",
         "LOG_FORMAT",
         "RUST_LOG",
         "OTEL_EXPORTER_OTLP_ENDPOINT",
@@ -69,4 +74,43 @@ fn health_subcommand_exits_1_when_nothing_listens() {
         String::from_utf8_lossy(&out.stderr).starts_with("unhealthy: "),
         "{out:?}"
     );
+}
+
+#[test]
+fn a_bad_routes_file_exits_64_naming_the_route_and_the_field() {
+    let file = tempfile::NamedTempFile::new().expect("temp file");
+    std::fs::write(
+        file.path(),
+        "[[routes]]\nname = \"orders\"\nbackend = { namespace = \"prod\", service = \"orders\" }\nalgorithm = \"maglev\"\ntable_size = 1000\n",
+    )
+    .expect("write");
+    let out = output(command().args(["--routes", &file.path().display().to_string()]));
+    assert_eq!(out.status.code(), Some(64), "{out:?}");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.starts_with("error: invalid configuration: routes file "),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("route 1 (\"orders\")") && stderr.contains("table_size 1000"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn a_routes_file_that_is_not_toml_exits_64_with_the_line() {
+    let file = tempfile::NamedTempFile::new().expect("temp file");
+    std::fs::write(file.path(), "[[routes]]\nname = \"x\"\nbackend = {{ oops\n").expect("write");
+    let out = output(command().args(["--routes", &file.path().display().to_string()]));
+    assert_eq!(out.status.code(), Some(64), "{out:?}");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("line 3"), "{stderr}");
+}
+
+#[test]
+fn a_missing_routes_file_exits_64_naming_it() {
+    let out = output(command().args(["--routes", "/nonexistent/routes.toml"]));
+    assert_eq!(out.status.code(), Some(64), "{out:?}");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("/nonexistent/routes.toml"), "{stderr}");
 }

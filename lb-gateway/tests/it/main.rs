@@ -1,7 +1,21 @@
 //! Integration tests of `lb-gateway`, in one test binary to save link time.
 //!
-//! - `run`: the library's `run` in process, on an ephemeral port.
-//! - `binary`: the built `lb-gateway` executable: exit codes.
+//! - `coord`: an in-process coordinator (shared with `coord-client`'s tests) and bounded waits.
+//! - `harness`: registry-svc in process, small HTTP and gRPC backends registered in it, the
+//!   gateway in process, clients.
+//! - `run`: the library's `run` in process; `binary`: the built executable (exit codes, a bad
+//!   routes file).
+//! - `routing`: stickiness, membership changes, ejection, draining, registry outage, rewrite,
+//!   traceparent, bounded loads, refusals.
+//! - `grpc`: unary and streaming calls, status and trailers.
+//! - `limits`: rate limiting (429), load shedding (503), WebSocket tunnels.
+
+#[path = "../../../coord-client/tests/it/harness.rs"]
+mod coord;
 
 mod binary;
+mod grpc;
+mod harness;
+mod limits;
+mod routing;
 mod run;

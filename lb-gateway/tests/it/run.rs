@@ -12,6 +12,8 @@ fn config(admin_listen: &str) -> Config {
         "lb-gateway",
         "--admin-listen",
         admin_listen,
+        "--listen",
+        "127.0.0.1:0",
         "--log-format",
         "text",
     ])

@@ -1,0 +1,836 @@
+//! The request path: match a route, admit, pick, forward, retry, answer.
+//!
+//! 1. **Route**: the first route whose conditions hold; none → 404.
+//! 2. **Admit**: the gateway's and the route's rate limits (global, per client IP) → 429;
+//!    more than `max_in_flight` requests in the gateway → 503. Every refusal says why, as JSON
+//!    (`{"error": "...", "message": "..."}`), or for a gRPC request as `grpc-status` and
+//!    `grpc-message` (RESOURCE_EXHAUSTED, UNAVAILABLE, ...).
+//! 3. **Pick**: the route's hash key, if the request has one, goes through the table with
+//!    bounded loads; keyless requests go by power of two choices. Ejected backends, backends
+//!    at their circuit breaker and backends this request already tried are skipped.
+//! 4. **Forward**: over HTTP/1.1 or HTTP/2 (gRPC), hop-by-hop headers removed, `x-forwarded-for`
+//!    appended, a `traceparent` naming the gateway's span. The body streams both ways;
+//!    trailers (gRPC status) pass through. An `Upgrade` (WebSocket) answered 101 becomes a
+//!    byte tunnel.
+//! 5. **Retry**: a failed connect goes to the next choice, always (nothing was sent). A
+//!    timeout, a reset or a 502/503/504 goes to the next choice when the request is idempotent
+//!    and bodyless, tries remain, the overall deadline has not passed and the retry budget
+//!    allows. Outcomes feed outlier detection.
+//!
+//! Timeouts bound the time to the response's *headers*; a response body (a gRPC stream, a
+//! download) may then take as long as it takes.
+
+use std::convert::Infallible;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Method, Request, Response, StatusCode, Uri, Version};
+use http_body::Body as _;
+use hyper::body::Incoming;
+use hyper::client::conn::http1;
+use hyper_util::rt::TokioIo;
+use tracing::Instrument as _;
+
+use crate::pool::{Backend, LiveLoads, RouteState, Wire};
+use crate::resilience::{GlobalLimit, KeyedLimit, Outcome, now_ns};
+use crate::routes::{GatewaySettings, RequestView, rewrite};
+use crate::trace::{self, TRACEPARENT};
+use crate::upstream::{Finish, ProxyBody, UpBody};
+
+/// Everything the request path needs; shared by every connection.
+pub struct Gateway {
+    /// The routes, in matching order.
+    pub routes: Vec<Arc<RouteState>>,
+    /// Gateway-wide settings.
+    pub settings: GatewaySettings,
+    /// Requests in flight over the gateway (until their response body ends).
+    pub in_flight: Arc<AtomicU64>,
+    /// Gateway-wide global rate limit.
+    pub global_limit: Option<GlobalLimit>,
+    /// Gateway-wide per-IP rate limit.
+    pub ip_limit: Option<KeyedLimit>,
+    /// Whether to write an access log line per request.
+    pub access_log: bool,
+    /// Metrics of requests that match no route (route label `-`).
+    pub unrouted: crate::metrics::RouteMetrics,
+}
+
+/// Why the gateway answered itself.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    /// No route matched.
+    NoRoute,
+    /// A rate limit.
+    RateLimited,
+    /// Too many requests in flight.
+    Overloaded,
+    /// The route has no backend to offer.
+    NoBackend,
+    /// Every backend left is ejected, at its circuit breaker, or already tried.
+    Unavailable,
+    /// Connecting failed on every try.
+    ConnectFailed,
+    /// The backend did not answer in time.
+    Timeout,
+    /// The backend broke the exchange.
+    UpstreamError,
+}
+
+impl Refusal {
+    /// The label used in metrics and the `error` field.
+    pub fn code(self) -> &'static str {
+        match self {
+            Refusal::NoRoute => "no_route",
+            Refusal::RateLimited => "rate_limited",
+            Refusal::Overloaded => "overloaded",
+            Refusal::NoBackend => "no_backend",
+            Refusal::Unavailable => "backends_unavailable",
+            Refusal::ConnectFailed => "connect_failed",
+            Refusal::Timeout => "upstream_timeout",
+            Refusal::UpstreamError => "upstream_error",
+        }
+    }
+
+    fn status(self) -> StatusCode {
+        match self {
+            Refusal::NoRoute => StatusCode::NOT_FOUND,
+            Refusal::RateLimited => StatusCode::TOO_MANY_REQUESTS,
+            Refusal::Overloaded | Refusal::NoBackend | Refusal::Unavailable => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
+            Refusal::ConnectFailed | Refusal::UpstreamError => StatusCode::BAD_GATEWAY,
+            Refusal::Timeout => StatusCode::GATEWAY_TIMEOUT,
+        }
+    }
+
+    /// The gRPC status code for gRPC callers.
+    fn grpc_status(self) -> u8 {
+        match self {
+            Refusal::NoRoute => 12,    // UNIMPLEMENTED
+            Refusal::RateLimited => 8, // RESOURCE_EXHAUSTED
+            Refusal::Timeout => 4,     // DEADLINE_EXCEEDED
+            _ => 14,                   // UNAVAILABLE
+        }
+    }
+}
+
+/// A response the gateway writes itself.
+pub fn refuse(
+    why: Refusal,
+    message: &str,
+    grpc: bool,
+    retry_after: Option<Duration>,
+) -> Response<ProxyBody> {
+    let mut resp = if grpc {
+        let mut r = Response::new(ProxyBody::empty());
+        let h = r.headers_mut();
+        h.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/grpc"),
+        );
+        h.insert(
+            "grpc-status",
+            HeaderValue::from(u16::from(why.grpc_status())),
+        );
+        let text = format!("{}: {message}", why.code());
+        if let Ok(v) = HeaderValue::from_str(&percent_encode(&text)) {
+            h.insert("grpc-message", v);
+        }
+        r
+    } else {
+        let body = serde_json::json!({ "error": why.code(), "message": message }).to_string();
+        let mut r = Response::new(ProxyBody::full(Bytes::from(body)));
+        *r.status_mut() = why.status();
+        r.headers_mut().insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+        r
+    };
+    if let Some(wait) = retry_after {
+        let secs = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
+        resp.headers_mut()
+            .insert(header::RETRY_AFTER, HeaderValue::from(secs.max(1)));
+    }
+    resp
+}
+
+/// Percent-encodes a `grpc-message` (the gRPC spec's encoding).
+fn percent_encode(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if (0x20..0x7f).contains(&b) && b != b'%' {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+fn is_grpc(headers: &HeaderMap) -> bool {
+    headers
+        .get(header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"))
+}
+
+/// The request's host without port: `Host`, else the URI's authority.
+fn host_of<'a>(headers: &'a HeaderMap, uri: &'a Uri) -> Option<&'a str> {
+    let raw = headers
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .or_else(|| uri.authority().map(|a| a.as_str()))?;
+    // Strip a port, minding IPv6 literals ("[::1]:80").
+    Some(match raw.rfind(':') {
+        Some(i) if !raw[i..].contains(']') => &raw[..i],
+        _ => raw,
+    })
+}
+
+fn is_upgrade(headers: &HeaderMap) -> bool {
+    headers.contains_key(header::UPGRADE)
+        && headers.get_all(header::CONNECTION).iter().any(|v| {
+            v.to_str().is_ok_and(|s| {
+                s.split(',')
+                    .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
+            })
+        })
+}
+
+/// Removes hop-by-hop headers (RFC 9110 §7.6.1), keeping the upgrade pair when tunnelling and
+/// `te: trailers` (which gRPC needs).
+fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
+    if let Some(conn) = headers.get(header::CONNECTION) {
+        let named: Vec<HeaderName> = conn
+            .to_str()
+            .unwrap_or("")
+            .split(',')
+            .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
+            .collect();
+        for n in named {
+            if !(keep_upgrade && n == header::UPGRADE) {
+                headers.remove(n);
+            }
+        }
+    }
+    if !keep_upgrade {
+        headers.remove(header::CONNECTION);
+        headers.remove(header::UPGRADE);
+    }
+    headers.remove("keep-alive");
+    headers.remove("proxy-connection");
+    headers.remove(header::PROXY_AUTHENTICATE);
+    headers.remove(header::PROXY_AUTHORIZATION);
+    headers.remove(header::TRANSFER_ENCODING);
+    if headers
+        .get(header::TE)
+        .is_some_and(|v| v.as_bytes() != b"trailers")
+    {
+        headers.remove(header::TE);
+    }
+}
+
+fn idempotent(m: &Method) -> bool {
+    matches!(
+        *m,
+        Method::GET | Method::HEAD | Method::OPTIONS | Method::PUT | Method::DELETE | Method::TRACE
+    )
+}
+
+/// Releases a request's share of the loads when its response ends.
+struct LoadGuard {
+    backend: Arc<Backend>,
+    route: Arc<RouteState>,
+    gateway: Arc<AtomicU64>,
+}
+
+impl LoadGuard {
+    fn new(backend: Arc<Backend>, route: Arc<RouteState>, gateway: Arc<AtomicU64>) -> LoadGuard {
+        backend.metrics.in_flight.inc();
+        route.metrics.in_flight.inc();
+        LoadGuard {
+            backend,
+            route,
+            gateway,
+        }
+    }
+}
+
+impl Drop for LoadGuard {
+    fn drop(&mut self) {
+        self.backend.metrics.in_flight.dec();
+        self.route.metrics.in_flight.dec();
+        self.gateway.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// What ends with a response body: the load, and the HTTP/1.1 connection to hand back.
+struct Done {
+    _load: LoadGuard,
+    conn: Option<http1::SendRequest<UpBody>>,
+}
+
+impl Finish for Done {
+    fn finish(&mut self, complete: bool) {
+        if let Some(conn) = self.conn.take()
+            && complete
+        {
+            self._load.backend.conns.put_back(conn);
+        }
+    }
+}
+
+/// Holds the gateway's in-flight count until a load guard takes over, or the request ends.
+struct Admitted(Option<Arc<AtomicU64>>);
+
+impl Admitted {
+    /// A [`LoadGuard`] now holds the count.
+    fn hand_over(&mut self) {
+        self.0 = None;
+    }
+
+    /// The load guard was dropped (a retry follows): hold the count again.
+    fn take_back(&mut self, gateway: &Arc<AtomicU64>) {
+        if self.0.is_none() {
+            gateway.fetch_add(1, Ordering::Relaxed);
+            self.0 = Some(Arc::clone(gateway));
+        }
+    }
+}
+
+impl Drop for Admitted {
+    fn drop(&mut self) {
+        if let Some(g) = self.0.take() {
+            g.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+}
+
+/// Serves one request (the `hyper` service function).
+pub async fn handle(
+    gw: Arc<Gateway>,
+    client: SocketAddr,
+    req: Request<Incoming>,
+) -> Result<Response<ProxyBody>, Infallible> {
+    let start = Instant::now();
+    let grpc = is_grpc(req.headers());
+    let route = {
+        let view = RequestView {
+            host: host_of(req.headers(), req.uri()),
+            path: req.uri().path(),
+            grpc,
+        };
+        gw.routes
+            .iter()
+            .find(|r| r.route.matcher.matches(&view))
+            .cloned()
+    };
+    let Some(route) = route else {
+        gw.unrouted.rejected(Refusal::NoRoute.code());
+        gw.unrouted.answered(404);
+        let msg = format!("no route matches {} {}", req.method(), req.uri().path());
+        return Ok(refuse(Refusal::NoRoute, &msg, grpc, None));
+    };
+    let span = tracing::info_span!(
+        "proxy",
+        otel.kind = "server",
+        route = %route.route.name,
+        method = %req.method(),
+        trace_id = tracing::field::Empty,
+        backend = tracing::field::Empty,
+        status = tracing::field::Empty,
+    );
+    let hop = trace::hop(
+        req.headers().get(TRACEPARENT).map(HeaderValue::as_bytes),
+        &span,
+    );
+    span.record("trace_id", tracing::field::display(hop.ours.trace_id_hex()));
+    let access = gw.access_log.then(|| {
+        (
+            req.method().clone(),
+            req.uri().path().to_owned(),
+            hop.ours.trace_id_hex(),
+        )
+    });
+    let result = proxy(&gw, &route, client.ip(), req, grpc, &hop)
+        .instrument(span.clone())
+        .await;
+    let (resp, backend, attempts) = match result {
+        Ok(done) => done,
+        Err((why, message, retry_after, attempts)) => {
+            route.metrics.rejected(why.code());
+            (refuse(why, &message, grpc, retry_after), None, attempts)
+        }
+    };
+    let status = resp.status().as_u16();
+    let elapsed = start.elapsed();
+    route.metrics.answered(status);
+    route.metrics.duration.observe(elapsed.as_secs_f64());
+    span.record("status", status);
+    if let Some((method, path, trace_id)) = access {
+        let grpc_status = resp
+            .headers()
+            .get("grpc-status")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("");
+        tracing::info!(
+            target: "lb_gateway::access",
+            parent: &span,
+            client = %client.ip(),
+            %method,
+            %path,
+            status,
+            grpc_status,
+            route = %route.route.name,
+            backend = backend.as_deref().unwrap_or("-"),
+            attempts,
+            duration_us = u64::try_from(elapsed.as_micros()).unwrap_or(u64::MAX),
+            %trace_id,
+            "access"
+        );
+    }
+    Ok(resp)
+}
+
+type Failure = (Refusal, String, Option<Duration>, u32);
+
+async fn proxy(
+    gw: &Arc<Gateway>,
+    route: &Arc<RouteState>,
+    client: IpAddr,
+    mut req: Request<Incoming>,
+    grpc: bool,
+    hop: &trace::Hop,
+) -> Result<(Response<ProxyBody>, Option<String>, u32), Failure> {
+    let now = now_ns();
+    // Admission: rate limits, then load shedding.
+    let limits: [(Option<Result<(), Duration>>, &str); 4] = [
+        (
+            gw.global_limit.as_ref().map(|l| l.check(now)),
+            "the gateway's global rate limit",
+        ),
+        (
+            gw.ip_limit.as_ref().map(|l| l.check(client, now)),
+            "the gateway's per-client-IP rate limit",
+        ),
+        (
+            route.global_limit.as_ref().map(|l| l.check(now)),
+            "the route's global rate limit",
+        ),
+        (
+            route.ip_limit.as_ref().map(|l| l.check(client, now)),
+            "the route's per-client-IP rate limit",
+        ),
+    ];
+    for (verdict, what) in limits {
+        if let Some(Err(wait)) = verdict {
+            let msg = format!(
+                "{what} is exceeded; retry in {} ms",
+                wait.as_millis().max(1)
+            );
+            return Err((Refusal::RateLimited, msg, Some(wait), 0));
+        }
+    }
+    let max = gw.settings.max_in_flight;
+    if gw.in_flight.fetch_add(1, Ordering::Relaxed) >= max {
+        gw.in_flight.fetch_sub(1, Ordering::Relaxed);
+        let msg = format!("the gateway has {max} requests in flight, its limit; try again shortly");
+        return Err((Refusal::Overloaded, msg, Some(Duration::from_secs(1)), 0));
+    }
+    let mut admitted = Admitted(Some(gw.in_flight.clone()));
+    route.budget.deposit();
+
+    let r = &route.route;
+    let client_upgrade = is_upgrade(req.headers()).then(|| hyper::upgrade::on(&mut req));
+    let (mut parts, body) = req.into_parts();
+    let key = r.hash.key_hash(&parts, client);
+
+    // The request as it goes out, minus what depends on the wire.
+    strip_hop_by_hop(&mut parts.headers, client_upgrade.is_some());
+    forwarded_for(&mut parts.headers, client);
+    if let Ok(v) = HeaderValue::from_str(&hop.ours.header()) {
+        parts.headers.insert(TRACEPARENT, v);
+    }
+    let authority = parts
+        .headers
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .map(str::to_owned)
+        .or_else(|| parts.uri.authority().map(|a| a.as_str().to_owned()));
+    let path_and_query = {
+        let pq = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+        match (&r.rewrite_prefix, &r.matcher.path_prefix) {
+            (Some(with), Some(prefix)) => {
+                let path = parts.uri.path();
+                let mut out = rewrite(path, prefix, with);
+                if let Some(q) = parts.uri.query() {
+                    out.push('?');
+                    out.push_str(q);
+                }
+                out
+            }
+            _ => pq.to_owned(),
+        }
+    };
+
+    let attempts_allowed = r.retries.attempts;
+    let retryable = attempts_allowed > 1
+        && client_upgrade.is_none()
+        && idempotent(&parts.method)
+        && body.is_end_stream();
+    // What a retry rebuilds the request from (only kept when it may be needed).
+    let template = retryable.then(|| (parts.method.clone(), parts.headers.clone()));
+    let mut pending: Option<(http::request::Parts, UpBody)> = Some((parts, UpBody::Incoming(body)));
+
+    let pool = route.pool.load_full();
+    let deadline = Instant::now() + r.timeouts.overall;
+    let mut tried: Vec<usize> = Vec::new();
+    let mut attempts: u32 = 0;
+    let mut last: Failure = (Refusal::NoBackend, String::new(), None, 0);
+    let mut stale_conn_retries = 0;
+    loop {
+        let now = now_ns();
+        let view = LiveLoads::new(&pool, route, now, &tried);
+        let Some(choice) = view.pick(key) else {
+            if attempts > 0 {
+                last.3 = attempts;
+                return Err(last);
+            }
+            let b = &r.backend;
+            let msg = if pool.members.is_empty() {
+                let sync = route.sync.lock().clone();
+                match sync.last_error {
+                    Some(e) if !sync.synced => format!(
+                        "no instances of {}/{} are known yet (registry: {e})",
+                        b.namespace, b.service
+                    ),
+                    _ => format!(
+                        "no live instances of {}/{} match the route",
+                        b.namespace, b.service
+                    ),
+                }
+            } else {
+                format!(
+                    "all {} instances of {}/{} are ejected or at their limit of {} requests",
+                    pool.members.len(),
+                    b.namespace,
+                    b.service,
+                    r.circuit_breaker.max_requests
+                )
+            };
+            let why = if pool.members.is_empty() {
+                Refusal::NoBackend
+            } else {
+                Refusal::Unavailable
+            };
+            return Err((why, msg, None, attempts));
+        };
+        if choice.spilled {
+            route.metrics.spills.inc();
+        }
+        let member = &pool.members[choice.member];
+        let backend = Arc::clone(&member.backend);
+        let span = tracing::Span::current();
+        span.record("backend", backend.id.as_str());
+        // The gateway's in-flight count moves into the guard.
+        admitted.hand_over();
+        let load = LoadGuard::new(
+            Arc::clone(&backend),
+            Arc::clone(route),
+            gw.in_flight.clone(),
+        );
+        let wire = route.wire(&backend, grpc);
+        let remaining = deadline.saturating_duration_since(Instant::now());
+        let connect_timeout = r.timeouts.connect.min(remaining);
+
+        // Connect first: a failure here leaves the request unsent.
+        enum Sender {
+            H1(http1::SendRequest<UpBody>),
+            H2(hyper::client::conn::http2::SendRequest<UpBody>),
+        }
+        let sender = match wire {
+            Wire::Http1 => backend.conns.h1(connect_timeout).await.map(Sender::H1),
+            Wire::Http2 => backend.conns.h2(connect_timeout).await.map(Sender::H2),
+        };
+        attempts += 1;
+        let mut sender = match sender {
+            Ok(s) => s,
+            Err(e) => {
+                backend.metrics.connect_failures.inc();
+                record(route, &pool, &backend, Outcome::ConnectFailure);
+                tried.push(choice.member);
+                drop(load);
+                admitted.take_back(&gw.in_flight);
+                last = (Refusal::ConnectFailed, format!("{e}"), None, attempts);
+                if attempts < attempts_allowed
+                    && Instant::now() < deadline
+                    && route.budget.try_withdraw(now_ns())
+                {
+                    route.metrics.retries.inc();
+                    continue;
+                }
+                return Err(last);
+            }
+        };
+
+        let (mut parts, body) = match pending.take() {
+            Some(p) => p,
+            None => match &template {
+                Some((method, headers)) => {
+                    let (mut p, ()) = Request::new(()).into_parts();
+                    p.method = method.clone();
+                    p.headers = headers.clone();
+                    (p, UpBody::Empty)
+                }
+                None => return Err(last),
+            },
+        };
+        // Wire-specific head.
+        match wire {
+            Wire::Http1 => {
+                parts.version = Version::HTTP_11;
+                parts.uri = Uri::try_from(path_and_query.as_str())
+                    .unwrap_or_else(|_| Uri::from_static("/"));
+                if !parts.headers.contains_key(header::HOST) {
+                    let host = authority.clone().unwrap_or_else(|| backend.id.clone());
+                    if let Ok(v) = HeaderValue::from_str(&host) {
+                        parts.headers.insert(header::HOST, v);
+                    }
+                }
+            }
+            Wire::Http2 => {
+                parts.version = Version::HTTP_2;
+                let host = authority.as_deref().unwrap_or(&backend.id);
+                parts.uri = Uri::try_from(format!("http://{host}{path_and_query}"))
+                    .unwrap_or_else(|_| Uri::from_static("/"));
+                parts.headers.remove(header::HOST);
+            }
+        }
+        let out = Request::from_parts(parts, body);
+        let per_try = r
+            .timeouts
+            .per_try
+            .min(deadline.saturating_duration_since(Instant::now()));
+        let sent_at = Instant::now();
+        let answer = match &mut sender {
+            Sender::H1(s) => tokio::time::timeout(per_try, s.try_send_request(out)).await,
+            Sender::H2(s) => tokio::time::timeout(per_try, s.try_send_request(out)).await,
+        };
+        let failure = match answer {
+            Ok(Ok(resp)) => {
+                let status = resp.status();
+                backend.metrics.answered(status.as_u16());
+                backend
+                    .metrics
+                    .duration
+                    .observe(sent_at.elapsed().as_secs_f64());
+                let server_error = status.is_server_error()
+                    && status != StatusCode::NOT_IMPLEMENTED
+                    && status != StatusCode::HTTP_VERSION_NOT_SUPPORTED;
+                record(
+                    route,
+                    &pool,
+                    &backend,
+                    if server_error {
+                        Outcome::ServerError
+                    } else {
+                        Outcome::Success
+                    },
+                );
+                let retry_status = matches!(status.as_u16(), 502..=504);
+                if retry_status
+                    && template.is_some()
+                    && attempts < attempts_allowed
+                    && Instant::now() < deadline
+                    && route.budget.try_withdraw(now_ns())
+                {
+                    tracing::debug!(backend = %backend.id, status = status.as_u16(), "retrying at the next choice");
+                    route.metrics.retries.inc();
+                    tried.push(choice.member);
+                    drop(resp);
+                    drop(sender);
+                    drop(load);
+                    admitted.take_back(&gw.in_flight);
+                    continue;
+                }
+                let conn = match sender {
+                    Sender::H1(s) => Some(s),
+                    Sender::H2(_) => None,
+                };
+                let resp = respond(resp, load, conn, client_upgrade);
+                return Ok((resp, Some(backend.id.clone()), attempts));
+            }
+            Ok(Err(mut e)) => {
+                if let Some(req) = e.take_message()
+                    && stale_conn_retries < 2
+                {
+                    // The pooled connection was closed before the request went out: send it
+                    // again on a fresh one, as the same try.
+                    stale_conn_retries += 1;
+                    attempts -= 1;
+                    let (p, b) = req.into_parts();
+                    pending = Some((p, b));
+                    drop(load);
+                    admitted.take_back(&gw.in_flight);
+                    continue;
+                }
+                (
+                    Refusal::UpstreamError,
+                    format!("{} did not answer: {}", backend.id, e.error()),
+                )
+            }
+            Err(_) => (
+                Refusal::Timeout,
+                format!("{} did not answer within {per_try:?}", backend.id),
+            ),
+        };
+        backend.metrics.connect_failures.inc();
+        record(route, &pool, &backend, Outcome::ConnectFailure);
+        tried.push(choice.member);
+        drop(load);
+        admitted.take_back(&gw.in_flight);
+        last = (failure.0, failure.1, None, attempts);
+        if template.is_some()
+            && attempts < attempts_allowed
+            && Instant::now() < deadline
+            && route.budget.try_withdraw(now_ns())
+        {
+            route.metrics.retries.inc();
+            continue;
+        }
+        return Err(last);
+    }
+}
+
+/// Feeds outlier detection; on an ejection, counts and logs it.
+fn record(route: &RouteState, pool: &crate::pool::Pool, backend: &Backend, outcome: Outcome) {
+    let now = now_ns();
+    if let Some(length) = backend
+        .outlier
+        .record(outcome, &route.route.outlier, now, || {
+            route.may_eject(pool, now)
+        })
+    {
+        backend.metrics.ejections.inc();
+        tracing::warn!(route = %route.route.name, backend = %backend.id, ejection = ?length, ?outcome, "backend ejected");
+        route.refresh_gauges();
+    }
+}
+
+fn forwarded_for(headers: &mut HeaderMap, client: IpAddr) {
+    const XFF: HeaderName = HeaderName::from_static("x-forwarded-for");
+    let value = match headers.get(&XFF).and_then(|v| v.to_str().ok()) {
+        Some(prev) => format!("{prev}, {client}"),
+        None => client.to_string(),
+    };
+    if let Ok(v) = HeaderValue::from_str(&value) {
+        headers.insert(XFF, v);
+    }
+}
+
+/// Turns a backend's response into the client's.
+fn respond(
+    mut resp: Response<Incoming>,
+    load: LoadGuard,
+    conn: Option<http1::SendRequest<UpBody>>,
+    client_upgrade: Option<hyper::upgrade::OnUpgrade>,
+) -> Response<ProxyBody> {
+    if resp.status() == StatusCode::SWITCHING_PROTOCOLS
+        && let Some(client_side) = client_upgrade
+    {
+        let backend_side = hyper::upgrade::on(&mut resp);
+        let (parts, _) = resp.into_parts();
+        tokio::spawn(async move {
+            // The load guard lives as long as the tunnel.
+            let _load = load;
+            let _conn = conn;
+            match tokio::try_join!(client_side, backend_side) {
+                Ok((c, b)) => {
+                    let (mut c, mut b) = (TokioIo::new(c), TokioIo::new(b));
+                    let _ = tokio::io::copy_bidirectional(&mut c, &mut b).await;
+                }
+                Err(e) => tracing::debug!(error = %e, "upgrade failed"),
+            }
+        });
+        return Response::from_parts(parts, ProxyBody::empty());
+    }
+    strip_hop_by_hop(resp.headers_mut(), false);
+    let (parts, body) = resp.into_parts();
+    let done = Done { _load: load, conn };
+    Response::from_parts(
+        parts,
+        ProxyBody::Upstream {
+            body,
+            done: Some(Box::new(done)),
+        },
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hop_by_hop_headers_go_and_named_ones_too() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            "connection",
+            HeaderValue::from_static("keep-alive, x-secret"),
+        );
+        h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        h.insert("x-secret", HeaderValue::from_static("1"));
+        h.insert("te", HeaderValue::from_static("trailers"));
+        h.insert("x-kept", HeaderValue::from_static("1"));
+        strip_hop_by_hop(&mut h, false);
+        assert!(h.get("connection").is_none() && h.get("keep-alive").is_none());
+        assert!(h.get("x-secret").is_none());
+        assert_eq!(h.get("te").map(|v| v.as_bytes()), Some(&b"trailers"[..]));
+        assert!(h.get("x-kept").is_some());
+    }
+
+    #[test]
+    fn upgrade_pair_is_kept_when_tunnelling() {
+        let mut h = HeaderMap::new();
+        h.insert("connection", HeaderValue::from_static("Upgrade"));
+        h.insert("upgrade", HeaderValue::from_static("websocket"));
+        assert!(is_upgrade(&h));
+        strip_hop_by_hop(&mut h, true);
+        assert!(h.get("connection").is_some() && h.get("upgrade").is_some());
+    }
+
+    #[test]
+    fn host_loses_its_port() {
+        let mut h = HeaderMap::new();
+        h.insert("host", HeaderValue::from_static("api.example.com:8080"));
+        let uri = Uri::from_static("/x");
+        assert_eq!(host_of(&h, &uri), Some("api.example.com"));
+        h.insert("host", HeaderValue::from_static("[::1]"));
+        assert_eq!(host_of(&h, &uri), Some("[::1]"));
+        let h2 = HeaderMap::new();
+        let abs = Uri::from_static("http://svc.local:80/x");
+        assert_eq!(host_of(&h2, &abs), Some("svc.local"));
+    }
+
+    #[test]
+    fn refusals_say_why_in_json_or_grpc_status() {
+        let r = refuse(
+            Refusal::RateLimited,
+            "slow down",
+            false,
+            Some(Duration::from_millis(1500)),
+        );
+        assert_eq!(r.status(), 429);
+        assert_eq!(r.headers()["retry-after"], "2");
+        let g = refuse(Refusal::Unavailable, "all gone ünd", true, None);
+        assert_eq!(g.status(), 200);
+        assert_eq!(g.headers()["grpc-status"], "14");
+        assert_eq!(
+            g.headers()["grpc-message"],
+            "backends_unavailable: all gone %C3%BCnd"
+        );
+    }
+}

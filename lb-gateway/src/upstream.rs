@@ -1,0 +1,315 @@
+//! Connections to one backend, and the bodies that flow through the gateway.
+//!
+//! Each backend has its own [`ConnPool`]: a stack of idle HTTP/1.1 connections and one shared
+//! HTTP/2 connection (multiplexed, made on first use). Connecting is separate from sending, so
+//! a failed connect leaves the request untouched for the next choice, whatever its body.
+//! An HTTP/1.1 connection goes back to the stack only after its response body was read to the
+//! end; one whose body was abandoned is closed. The pool belongs to the backend, so when a
+//! backend leaves the set and its last request finishes, its connections close with it.
+
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body::{Body, Frame, SizeHint};
+use hyper::body::Incoming;
+use hyper::client::conn::{http1, http2};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use parking_lot::Mutex;
+use tokio::net::TcpStream;
+
+/// Most idle HTTP/1.1 connections kept per backend.
+pub const MAX_IDLE: usize = 512;
+
+/// A request body on its way to a backend: the client's, or none (retries of bodyless
+/// requests).
+#[derive(Debug)]
+pub enum UpBody {
+    /// The client's body, streamed.
+    Incoming(Incoming),
+    /// No body.
+    Empty,
+}
+
+impl Body for UpBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        match self.get_mut() {
+            UpBody::Incoming(b) => Pin::new(b).poll_frame(cx),
+            UpBody::Empty => Poll::Ready(None),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            UpBody::Incoming(b) => b.is_end_stream(),
+            UpBody::Empty => true,
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            UpBody::Incoming(b) => b.size_hint(),
+            UpBody::Empty => SizeHint::with_exact(0),
+        }
+    }
+}
+
+/// Why no connection could be had.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    /// TCP connect failed.
+    #[error("connect to {addr}: {source}")]
+    Io {
+        /// The backend.
+        addr: SocketAddr,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// TCP connect did not finish in time.
+    #[error("connect to {addr} timed out after {timeout:?}")]
+    Timeout {
+        /// The backend.
+        addr: SocketAddr,
+        /// The connect timeout.
+        timeout: Duration,
+    },
+    /// The HTTP handshake failed.
+    #[error("HTTP handshake with {addr}: {source}")]
+    Handshake {
+        /// The backend.
+        addr: SocketAddr,
+        /// Why.
+        #[source]
+        source: hyper::Error,
+    },
+}
+
+/// The connections to one backend.
+#[derive(Debug)]
+pub struct ConnPool {
+    addr: SocketAddr,
+    idle: Mutex<Vec<http1::SendRequest<UpBody>>>,
+    h2: Mutex<Option<http2::SendRequest<UpBody>>>,
+    h2_connecting: tokio::sync::Mutex<()>,
+}
+
+impl ConnPool {
+    /// An empty pool for `addr`.
+    pub fn new(addr: SocketAddr) -> ConnPool {
+        ConnPool {
+            addr,
+            idle: Mutex::new(Vec::new()),
+            h2: Mutex::new(None),
+            h2_connecting: tokio::sync::Mutex::new(()),
+        }
+    }
+
+    /// The backend's address.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Idle HTTP/1.1 connections.
+    pub fn idle(&self) -> usize {
+        self.idle.lock().len()
+    }
+
+    async fn tcp(&self, timeout: Duration) -> Result<TcpStream, ConnectError> {
+        let addr = self.addr;
+        let stream = tokio::time::timeout(timeout, TcpStream::connect(addr))
+            .await
+            .map_err(|_| ConnectError::Timeout { addr, timeout })?
+            .map_err(|source| ConnectError::Io { addr, source })?;
+        let _ = stream.set_nodelay(true);
+        Ok(stream)
+    }
+
+    /// An HTTP/1.1 connection ready for a request: an idle one, or a new one.
+    pub async fn h1(&self, timeout: Duration) -> Result<http1::SendRequest<UpBody>, ConnectError> {
+        loop {
+            let Some(mut sender) = self.idle.lock().pop() else {
+                break;
+            };
+            if sender.is_closed() {
+                continue;
+            }
+            if sender.is_ready() {
+                return Ok(sender);
+            }
+            // Returned just as its previous response ended: it becomes ready at once.
+            if let Ok(Ok(())) =
+                tokio::time::timeout(Duration::from_millis(50), sender.ready()).await
+            {
+                return Ok(sender);
+            }
+        }
+        let stream = self.tcp(timeout).await?;
+        let (sender, conn) = http1::Builder::new()
+            .handshake(TokioIo::new(stream))
+            .await
+            .map_err(|source| ConnectError::Handshake {
+                addr: self.addr,
+                source,
+            })?;
+        tokio::spawn(async move {
+            // Ends when the backend closes or the sender is dropped.
+            let _ = conn.with_upgrades().await;
+        });
+        Ok(sender)
+    }
+
+    /// Puts a connection whose response was read to the end back on the stack.
+    pub fn put_back(&self, sender: http1::SendRequest<UpBody>) {
+        if sender.is_closed() {
+            return;
+        }
+        let mut idle = self.idle.lock();
+        if idle.len() < MAX_IDLE {
+            idle.push(sender);
+        }
+    }
+
+    /// The backend's HTTP/2 connection, made on first use (one connect at a time).
+    pub async fn h2(&self, timeout: Duration) -> Result<http2::SendRequest<UpBody>, ConnectError> {
+        if let Some(s) = self.h2.lock().as_ref()
+            && !s.is_closed()
+        {
+            return Ok(s.clone());
+        }
+        let _connecting = self.h2_connecting.lock().await;
+        if let Some(s) = self.h2.lock().as_ref()
+            && !s.is_closed()
+        {
+            return Ok(s.clone());
+        }
+        let stream = self.tcp(timeout).await?;
+        let (sender, conn) = http2::Builder::new(TokioExecutor::new())
+            .adaptive_window(true)
+            .handshake(TokioIo::new(stream))
+            .await
+            .map_err(|source| ConnectError::Handshake {
+                addr: self.addr,
+                source,
+            })?;
+        tokio::spawn(async move {
+            let _ = conn.await;
+        });
+        *self.h2.lock() = Some(sender.clone());
+        Ok(sender)
+    }
+}
+
+/// Runs when a response body is finished with (read to the end, or dropped).
+pub trait Finish: Send + Sync + 'static {
+    /// `complete`: the body was read to its end.
+    fn finish(&mut self, complete: bool);
+}
+
+/// A response body on its way to a client: a backend's (with what to do when it ends), or
+/// one the gateway wrote.
+pub enum ProxyBody {
+    /// Streamed from a backend.
+    Upstream {
+        /// The backend's body.
+        body: Incoming,
+        /// Releases the request's load and connection.
+        done: Option<Box<dyn Finish>>,
+    },
+    /// Written by the gateway.
+    Full(Option<Bytes>),
+}
+
+impl std::fmt::Debug for ProxyBody {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ProxyBody::Upstream { .. } => f.write_str("ProxyBody::Upstream"),
+            ProxyBody::Full(b) => write!(f, "ProxyBody::Full({b:?})"),
+        }
+    }
+}
+
+impl ProxyBody {
+    /// A body the gateway wrote.
+    pub fn full(bytes: impl Into<Bytes>) -> ProxyBody {
+        ProxyBody::Full(Some(bytes.into()))
+    }
+
+    /// No body.
+    pub fn empty() -> ProxyBody {
+        ProxyBody::Full(None)
+    }
+}
+
+impl Body for ProxyBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        match self.get_mut() {
+            ProxyBody::Upstream { body, done } => {
+                let polled = Pin::new(&mut *body).poll_frame(cx);
+                match &polled {
+                    Poll::Ready(None) => {
+                        if let Some(mut d) = done.take() {
+                            d.finish(true);
+                        }
+                    }
+                    Poll::Ready(Some(Err(_))) => {
+                        if let Some(mut d) = done.take() {
+                            d.finish(false);
+                        }
+                    }
+                    Poll::Ready(Some(Ok(_))) if body.is_end_stream() => {
+                        if let Some(mut d) = done.take() {
+                            d.finish(true);
+                        }
+                    }
+                    _ => {}
+                }
+                polled
+            }
+            ProxyBody::Full(b) => Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            ProxyBody::Upstream { body, .. } => body.is_end_stream(),
+            ProxyBody::Full(b) => b.is_none(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            ProxyBody::Upstream { body, .. } => body.size_hint(),
+            ProxyBody::Full(Some(b)) => SizeHint::with_exact(b.len() as u64),
+            ProxyBody::Full(None) => SizeHint::with_exact(0),
+        }
+    }
+}
+
+impl Drop for ProxyBody {
+    fn drop(&mut self) {
+        if let ProxyBody::Upstream { body, done } = self
+            && let Some(mut d) = done.take()
+        {
+            d.finish(body.is_end_stream());
+        }
+    }
+}
+
+/// Shared so the admin API can show a pool.
+pub type SharedPool = Arc<ConnPool>;

@@ -1,0 +1,431 @@
+//! The whole path in process: a coordinator, registry-svc, small HTTP and gRPC backends
+//! registered in it, and the gateway; plus clients. Nothing sleeps to let something happen:
+//! waits poll with a deadline ([`wait_until`]).
+
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use bytes::Bytes;
+use clap::Parser as _;
+use http::{HeaderMap, Request, Response, StatusCode};
+use http_body_util::{BodyExt as _, Full};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use proto::registry_v1 as pb;
+use registry_svc::client::{Registration, RegistryClient};
+use serde_json::Value;
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+pub use crate::coord::{Coordinator, wait_until, within};
+
+/// Bound on any single wait unless a test says otherwise.
+pub const T: Duration = Duration::from_secs(15);
+
+/// The namespace every test registers in.
+pub const NS: &str = "test";
+
+/// A registry-svc in process.
+pub struct Registry {
+    pub grpc: SocketAddr,
+    shutdown: CancellationToken,
+    task: JoinHandle<anyhow::Result<()>>,
+}
+
+impl Registry {
+    pub async fn start(coordinator: &str) -> Registry {
+        let config = registry_svc::Config::try_parse_from([
+            "registry-svc",
+            "--coordinator-endpoints",
+            coordinator,
+            "--replica-ttl",
+            "2s",
+        ])
+        .expect("registry config");
+        let bind = || async { TcpListener::bind("127.0.0.1:0").await.expect("bind") };
+        let listeners = registry_svc::Listeners {
+            admin: bind().await,
+            grpc: bind().await,
+            http: bind().await,
+        };
+        let grpc = listeners.grpc.local_addr().expect("addr");
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn(registry_svc::run_with_listeners(
+            config,
+            listeners,
+            shutdown.clone(),
+        ));
+        Registry {
+            grpc,
+            shutdown,
+            task,
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.grpc)
+    }
+
+    pub fn client(&self) -> RegistryClient {
+        RegistryClient::connect([self.url()]).expect("registry client")
+    }
+
+    pub async fn stop(self) {
+        self.shutdown.cancel();
+        let _ = within(T, "registry-svc to stop", self.task).await;
+    }
+}
+
+/// Coordinator + registry.
+pub struct Stack {
+    pub coordinator: Coordinator,
+    pub registry: Registry,
+}
+
+impl Stack {
+    pub async fn start() -> Stack {
+        let coordinator = Coordinator::start().await;
+        let registry = Registry::start(&coordinator.url()).await;
+        Stack {
+            coordinator,
+            registry,
+        }
+    }
+
+    /// Registers `127.0.0.1:port` as instance `id` of `svc`, kept alive until dropped.
+    pub async fn register(&self, svc: &str, id: &str, port: u16, grpc: bool) -> Registration {
+        let instance = pb::Instance {
+            namespace: NS.into(),
+            service: svc.into(),
+            instance_id: id.into(),
+            address: "127.0.0.1".into(),
+            port: u32::from(port),
+            protocol: if grpc {
+                pb::Protocol::Grpc as i32
+            } else {
+                pb::Protocol::Http as i32
+            },
+            ttl_seconds: 10,
+            ..Default::default()
+        };
+        let client = self.registry.client();
+        wait_until(T, "registration to succeed", || {
+            let (client, instance) = (client.clone(), instance.clone());
+            async move { client.register_once(instance).await.is_ok() }
+        })
+        .await;
+        within(T, "register", client.register(instance))
+            .await
+            .expect("register")
+    }
+}
+
+/// A small HTTP backend. Every answer is JSON naming the backend and echoing what it got;
+/// `/status/N` answers N; `/slow/MS` answers after MS milliseconds; `/ws` accepts an upgrade
+/// and echoes bytes.
+pub struct HttpBackend {
+    pub name: String,
+    pub addr: SocketAddr,
+    pub hits: Arc<AtomicU64>,
+    stop: CancellationToken,
+}
+
+impl HttpBackend {
+    pub async fn start(name: &str) -> HttpBackend {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let hits = Arc::new(AtomicU64::new(0));
+        let stop = CancellationToken::new();
+        let (n, h, s) = (name.to_owned(), hits.clone(), stop.clone());
+        tokio::spawn(async move {
+            loop {
+                let (stream, _) = tokio::select! {
+                    _ = s.cancelled() => return,
+                    a = listener.accept() => match a { Ok(a) => a, Err(_) => continue },
+                };
+                let (n, h, s) = (n.clone(), h.clone(), s.clone());
+                tokio::spawn(async move {
+                    let svc = service_fn(move |req| backend_answer(n.clone(), h.clone(), req));
+                    let conn = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), svc)
+                        .with_upgrades();
+                    tokio::select! {
+                        _ = s.cancelled() => {}
+                        _ = conn => {}
+                    }
+                });
+            }
+        });
+        HttpBackend {
+            name: name.to_owned(),
+            addr,
+            hits,
+            stop,
+        }
+    }
+
+    pub fn port(&self) -> u16 {
+        self.addr.port()
+    }
+
+    /// Closes the listener and every connection, as a crashed process would.
+    pub fn kill(&self) {
+        self.stop.cancel();
+    }
+
+    pub fn hits(&self) -> u64 {
+        self.hits.load(Ordering::SeqCst)
+    }
+}
+
+impl Drop for HttpBackend {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
+async fn backend_answer(
+    name: String,
+    hits: Arc<AtomicU64>,
+    mut req: Request<Incoming>,
+) -> Result<Response<Full<Bytes>>, Infallible> {
+    hits.fetch_add(1, Ordering::SeqCst);
+    let path = req.uri().path().to_owned();
+    let header = |n: &str| {
+        req.headers()
+            .get(n)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+            .to_owned()
+    };
+    let body = serde_json::json!({
+        "backend": name,
+        "path": path,
+        "query": req.uri().query().unwrap_or(""),
+        "host": header("host"),
+        "traceparent": header("traceparent"),
+        "x_forwarded_for": header("x-forwarded-for"),
+        "version": format!("{:?}", req.version()),
+    });
+    if path == "/ws" {
+        let upgrade = hyper::upgrade::on(&mut req);
+        tokio::spawn(async move {
+            if let Ok(up) = upgrade.await {
+                let mut io = TokioIo::new(up);
+                let (mut r, mut w) = tokio::io::split(&mut io);
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+            }
+        });
+        let resp = Response::builder()
+            .status(StatusCode::SWITCHING_PROTOCOLS)
+            .header("connection", "upgrade")
+            .header("upgrade", "websocket")
+            .body(Full::new(Bytes::new()))
+            .expect("response");
+        return Ok(resp);
+    }
+    let mut status = StatusCode::OK;
+    if let Some(code) = path.strip_prefix("/status/") {
+        status = StatusCode::from_u16(code.parse().unwrap_or(500)).unwrap_or(StatusCode::OK);
+    }
+    if let Some(ms) = path.strip_prefix("/slow/") {
+        tokio::time::sleep(Duration::from_millis(ms.parse().unwrap_or(100))).await;
+    }
+    Ok(Response::builder()
+        .status(status)
+        .header("content-type", "application/json")
+        .header("x-backend", name)
+        .body(Full::new(Bytes::from(body.to_string())))
+        .expect("response"))
+}
+
+/// The gateway in process.
+pub struct Gateway {
+    pub proxy: SocketAddr,
+    pub admin: SocketAddr,
+    shutdown: CancellationToken,
+    task: JoinHandle<anyhow::Result<()>>,
+    _routes: tempfile::NamedTempFile,
+}
+
+impl Gateway {
+    /// Starts one with `routes` (TOML) against `registry`, waiting until it is ready.
+    pub async fn start(registry: &str, routes: &str) -> Gateway {
+        let file = tempfile::NamedTempFile::new().expect("temp file");
+        std::fs::write(file.path(), routes).expect("write routes");
+        let path = file.path().display().to_string();
+        let config = lb_gateway::Config::try_parse_from([
+            "lb-gateway",
+            "--routes",
+            &path,
+            "--registry-endpoints",
+            registry,
+            "--shutdown-grace",
+            "2s",
+        ])
+        .expect("gateway config");
+        let bind = || async { TcpListener::bind("127.0.0.1:0").await.expect("bind") };
+        let listeners = lb_gateway::Listeners {
+            proxy: bind().await,
+            admin: bind().await,
+        };
+        let proxy = listeners.proxy.local_addr().expect("addr");
+        let admin = listeners.admin.local_addr().expect("addr");
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn(lb_gateway::run_with_listeners(
+            config,
+            listeners,
+            shutdown.clone(),
+        ));
+        let gw = Gateway {
+            proxy,
+            admin,
+            shutdown,
+            task,
+            _routes: file,
+        };
+        wait_until(T, "the gateway to be ready", || async {
+            get(admin, "/readyz", &[]).await.0 == 200
+        })
+        .await;
+        gw
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.proxy)
+    }
+
+    /// GET through the gateway.
+    pub async fn get(&self, path: &str, headers: &[(&str, &str)]) -> (u16, Value, HeaderMap) {
+        get(self.proxy, path, headers).await
+    }
+
+    /// An admin API answer.
+    pub async fn admin(&self, path: &str) -> Value {
+        let (status, body, _) = get(self.admin, path, &[]).await;
+        assert_eq!(status, 200, "{path}: {body}");
+        body
+    }
+
+    /// The number of backends of `route` in the current set.
+    pub async fn backends(&self, route: &str) -> Vec<Value> {
+        let all = self.admin("/admin/backends").await;
+        all["routes"]
+            .as_array()
+            .expect("routes")
+            .iter()
+            .find(|r| r["route"] == route)
+            .map(|r| r["backends"].as_array().cloned().unwrap_or_default())
+            .unwrap_or_default()
+    }
+
+    /// Waits until `route` has `n` backends.
+    pub async fn wait_backends(&self, route: &str, n: usize) {
+        wait_until(
+            T,
+            &format!("route {route} to have {n} backends"),
+            || async { self.backends(route).await.len() == n },
+        )
+        .await;
+    }
+
+    /// The `/metrics` text.
+    pub async fn metrics(&self) -> String {
+        raw_get(self.admin, "/metrics").await.1
+    }
+
+    /// Sum of the metric lines that start with `prefix`.
+    pub async fn metric(&self, prefix: &str) -> f64 {
+        self.metrics()
+            .await
+            .lines()
+            .filter(|l| l.starts_with(prefix))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    }
+
+    pub async fn stop(self) {
+        self.shutdown.cancel();
+        within(T, "the gateway to stop", self.task)
+            .await
+            .expect("no panic")
+            .expect("run returns Ok");
+    }
+}
+
+fn client() -> Client<HttpConnector, Full<Bytes>> {
+    Client::builder(TokioExecutor::new())
+        .pool_max_idle_per_host(0)
+        .build_http()
+}
+
+/// GET `path` from `addr` over HTTP/1.1; the body parsed as JSON (Null if it is not).
+pub async fn get(
+    addr: SocketAddr,
+    path: &str,
+    headers: &[(&str, &str)],
+) -> (u16, Value, HeaderMap) {
+    let mut req = Request::get(format!("http://{addr}{path}"));
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    let req = req.body(Full::new(Bytes::new())).expect("request");
+    let resp = within(T, "HTTP request", client().request(req))
+        .await
+        .expect("HTTP exchange");
+    let status = resp.status().as_u16();
+    let headers = resp.headers().clone();
+    let body = within(T, "HTTP body", resp.into_body().collect())
+        .await
+        .expect("body")
+        .to_bytes();
+    (
+        status,
+        serde_json::from_slice(&body).unwrap_or(Value::Null),
+        headers,
+    )
+}
+
+/// GET returning the raw body text.
+pub async fn raw_get(addr: SocketAddr, path: &str) -> (u16, String) {
+    let req = Request::get(format!("http://{addr}{path}"))
+        .body(Full::new(Bytes::new()))
+        .expect("request");
+    let resp = within(T, "HTTP request", client().request(req))
+        .await
+        .expect("HTTP exchange");
+    let status = resp.status().as_u16();
+    let body = within(T, "HTTP body", resp.into_body().collect())
+        .await
+        .expect("body")
+        .to_bytes();
+    (status, String::from_utf8_lossy(&body).into_owned())
+}
+
+/// Which backend served each of `requests` GETs of `path` with the header `x-user: user`.
+pub async fn served_by(
+    gw: &Gateway,
+    path: &str,
+    user: &str,
+    requests: usize,
+) -> HashMap<String, usize> {
+    let mut seen = HashMap::new();
+    for _ in 0..requests {
+        let (status, body, _) = gw.get(path, &[("x-user", user)]).await;
+        assert_eq!(status, 200, "{body}");
+        *seen
+            .entry(body["backend"].as_str().unwrap_or("?").to_owned())
+            .or_insert(0) += 1;
+    }
+    seen
+}
