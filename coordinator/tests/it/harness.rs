@@ -1,5 +1,6 @@
 //! What every test needs: a server (in process, or the binary as a child process so it can be
-//! killed with SIGKILL), clients for it, `etcdctl`, and bounded waiting.
+//! killed with SIGKILL), a [`Cluster`] of such processes forming one Raft group (kill, restart,
+//! pause/resume, who leads), clients for them, `etcdctl`, and bounded waiting.
 //!
 //! Nothing here sleeps for a fixed time to let something happen: waits poll a condition until a
 //! deadline and fail with a message naming what was awaited.
@@ -13,8 +14,9 @@ use std::time::{Duration, Instant};
 use clap::Parser;
 use proto::etcdserverpb::kv_client::KvClient;
 use proto::etcdserverpb::lease_client::LeaseClient;
+use proto::etcdserverpb::maintenance_client::MaintenanceClient;
 use proto::etcdserverpb::watch_client::WatchClient;
-use proto::etcdserverpb::{PutRequest, RangeRequest};
+use proto::etcdserverpb::{PutRequest, RangeRequest, StatusRequest};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader, Lines};
 use tokio::process::{ChildStdout, Command};
 use tonic::transport::Channel;
@@ -631,5 +633,526 @@ impl Drop for Process {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// A cluster of coordinator processes
+// ---------------------------------------------------------------------------------------------
+
+/// Cluster tests measure elections against wall-clock bounds on a 2-core machine, so they run
+/// one at a time: two clusters of three debug processes starving each other would measure the
+/// machine, not the protocol. A [`Cluster`] holds this lock for its whole life.
+static CLUSTER_SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+/// The token every test cluster uses (member ids derive from it and the peer URL).
+const CLUSTER_TOKEN: &str = "etcd-cluster";
+
+/// How long one Status call may take before the member counts as unreachable.
+const STATUS_TIMEOUT: Duration = Duration::from_millis(700);
+
+/// What `Maintenance.Status` says about one member.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MemberStatus {
+    pub member_id: u64,
+    /// The leader this member knows of (0: none).
+    pub leader: u64,
+    pub term: u64,
+    pub raft_index: u64,
+    pub applied_index: u64,
+    /// Store revision.
+    pub revision: i64,
+    pub is_learner: bool,
+}
+
+impl MemberStatus {
+    /// Whether this member says it is the leader.
+    pub fn leads(&self) -> bool {
+        self.leader != 0 && self.leader == self.member_id
+    }
+}
+
+/// One member of a [`Cluster`]: its fixed ports and directories, and its process when running.
+struct ClusterMember {
+    name: String,
+    client_port: u16,
+    peer_port: u16,
+    metrics_port: u16,
+    data_dir: PathBuf,
+    log: PathBuf,
+    /// Flags fixed when the member was created (`--initial-cluster`, `--initial-cluster-state`).
+    args: Vec<String>,
+    child: Option<std::process::Child>,
+    paused: bool,
+    /// False once removed from the membership (it no longer counts towards a majority).
+    in_cluster: bool,
+    /// Times started (log sections are numbered by it).
+    starts: usize,
+}
+
+impl ClusterMember {
+    fn peer_url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.peer_port)
+    }
+
+    fn client_url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.client_port)
+    }
+}
+
+/// Several `coordinator` processes forming one Raft cluster on loopback, each with its own
+/// ports, data directory and log file. Members are numbered from 0 in the order created; a
+/// killed member keeps its number, ports and data and can be restarted. Every process is killed
+/// (SIGKILL) when the cluster is dropped, also when a test panics; then the tail of each
+/// member's log is printed, so a failing test shows what the servers did.
+pub struct Cluster {
+    dir: tempfile::TempDir,
+    members: Vec<ClusterMember>,
+    /// Flags given to every member (e.g. `--snapshot-count 100`).
+    extra: Vec<String>,
+    serial: Option<tokio::sync::MutexGuard<'static, ()>>,
+}
+
+impl Cluster {
+    /// Starts `n` members with default flags and waits until they serve and agree on a leader.
+    pub async fn start(n: usize) -> Cluster {
+        Self::start_with(n, &[]).await
+    }
+
+    /// Starts `n` members, each with `extra` flags as well, and waits until they serve and agree
+    /// on a leader. Retries with fresh ports if a process exits during start-up (a port taken
+    /// between choosing and binding it).
+    pub async fn start_with(n: usize, extra: &[&str]) -> Cluster {
+        let serial = CLUSTER_SERIAL.lock().await;
+        let mut serial = Some(serial);
+        let mut last_error = String::new();
+        for _attempt in 0..3 {
+            let mut cluster = Cluster {
+                dir: tempfile::tempdir().expect("temp dir"),
+                members: Vec::new(),
+                extra: extra.iter().map(|s| s.to_string()).collect(),
+                serial: serial.take(),
+            };
+            for i in 0..n {
+                cluster.new_member(&format!("n{}", i + 1));
+            }
+            for i in 0..n {
+                cluster.set_initial_flags(i, "new");
+            }
+            for i in 0..n {
+                cluster.spawn(i);
+            }
+            match cluster.wait_all_serving().await {
+                Ok(()) => {
+                    cluster.wait_leader(START_TIMEOUT).await;
+                    return cluster;
+                }
+                Err(e) => {
+                    last_error = e;
+                    cluster.kill_all();
+                    // Keep the lock for the next attempt rather than letting another test in.
+                    serial = cluster.serial.take();
+                }
+            }
+        }
+        panic!("the cluster did not start after 3 attempts:\n{last_error}");
+    }
+
+    /// Creates the record of a member (ports, directories) without starting it or giving it its
+    /// `--initial-*` flags.
+    fn new_member(&mut self, name: &str) -> usize {
+        let base = self.dir.path().join(name);
+        std::fs::create_dir_all(&base).expect("member dir");
+        self.members.push(ClusterMember {
+            name: name.to_string(),
+            client_port: free_port(),
+            peer_port: free_port(),
+            metrics_port: free_port(),
+            data_dir: base.join("data"),
+            log: self.dir.path().join(format!("{name}.log")),
+            args: Vec::new(),
+            child: None,
+            paused: false,
+            in_cluster: true,
+            starts: 0,
+        });
+        self.members.len() - 1
+    }
+
+    /// `name=peer-url,...` of every member that belongs to the cluster.
+    fn initial_cluster(&self) -> String {
+        self.members
+            .iter()
+            .filter(|m| m.in_cluster)
+            .map(|m| format!("{}={}", m.name, m.peer_url()))
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    fn set_initial_flags(&mut self, i: usize, state: &str) {
+        let initial = self.initial_cluster();
+        self.members[i].args = vec![
+            "--initial-cluster".into(),
+            initial,
+            "--initial-cluster-state".into(),
+            state.into(),
+        ];
+    }
+
+    /// Spawns member `i`'s process (it must not be running); output goes to its log file.
+    fn spawn(&mut self, i: usize) {
+        let extra = self.extra.clone();
+        let m = &mut self.members[i];
+        assert!(m.child.is_none(), "member {i} is already running");
+        m.starts += 1;
+        let mut log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&m.log)
+            .expect("open member log");
+        use std::io::Write as _;
+        let _ = writeln!(log, "===== {} start {} =====", m.name, m.starts);
+        let client = m.client_url();
+        let peer = m.peer_url();
+        let child = std::process::Command::new(env!("CARGO_BIN_EXE_coordinator"))
+            .args(["--name", &m.name])
+            .arg("--data-dir")
+            .arg(&m.data_dir)
+            .args(["--listen-client-urls", &client])
+            .args(["--advertise-client-urls", &client])
+            .args(["--listen-peer-urls", &peer])
+            .args(["--initial-advertise-peer-urls", &peer])
+            .args([
+                "--listen-metrics-urls",
+                &format!("http://127.0.0.1:{}", m.metrics_port),
+            ])
+            .args(["--initial-cluster-token", CLUSTER_TOKEN])
+            .args(&m.args)
+            .args(&extra)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("clone log file"))
+            .stderr(log)
+            .spawn()
+            .expect("spawn the coordinator binary");
+        m.child = Some(child);
+        m.paused = false;
+    }
+
+    /// Waits until every running member answers a serializable Range (no leader needed).
+    async fn wait_all_serving(&mut self) -> Result<(), String> {
+        for i in 0..self.members.len() {
+            if self.members[i].child.is_some() {
+                self.wait_serving(i).await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Waits until member `i` answers a serializable Range; `Err` (with its log) if it exits.
+    async fn wait_serving(&mut self, i: usize) -> Result<(), String> {
+        let url = self.members[i].client_url();
+        let deadline = Instant::now() + START_TIMEOUT;
+        loop {
+            let exited = self.members[i]
+                .child
+                .as_mut()
+                .map(|c| matches!(c.try_wait(), Ok(Some(_))))
+                .unwrap_or(true);
+            if exited {
+                self.members[i].child = None;
+                return Err(format!(
+                    "member {i} exited during start-up; log:\n{}",
+                    self.log(i)
+                ));
+            }
+            if let Ok(Ok(mut kv)) =
+                tokio::time::timeout(Duration::from_secs(2), KvClient::connect(url.clone())).await
+            {
+                let req = RangeRequest {
+                    key: b"health".to_vec(),
+                    serializable: true,
+                    ..Default::default()
+                };
+                if let Ok(Ok(_)) = tokio::time::timeout(Duration::from_secs(2), kv.range(req)).await
+                {
+                    return Ok(());
+                }
+            }
+            if Instant::now() >= deadline {
+                return Err(format!(
+                    "member {i} did not serve within {START_TIMEOUT:?}; log:\n{}",
+                    self.log(i)
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Member `i`'s name (`n1`, `n2`, …).
+    pub fn name(&self, i: usize) -> &str {
+        &self.members[i].name
+    }
+
+    /// Member `i`'s id as it appears in response headers and member lists.
+    pub fn member_id(&self, i: usize) -> u64 {
+        coordinator::rpc::member_id_for(&self.members[i].peer_url(), CLUSTER_TOKEN)
+    }
+
+    /// The index of the member with id `id`.
+    pub fn index_of(&self, id: u64) -> Option<usize> {
+        (0..self.members.len()).find(|&i| self.member_id(i) == id)
+    }
+
+    /// `http://127.0.0.1:PORT` of member `i`'s client port.
+    pub fn url(&self, i: usize) -> String {
+        self.members[i].client_url()
+    }
+
+    /// `127.0.0.1:PORT`, the form `etcdctl --endpoints` takes.
+    pub fn endpoint(&self, i: usize) -> String {
+        format!("127.0.0.1:{}", self.members[i].client_port)
+    }
+
+    /// Member `i`'s peer URL.
+    pub fn peer_url(&self, i: usize) -> String {
+        self.members[i].peer_url()
+    }
+
+    /// `etcdctl` against member `i` only.
+    pub fn etcdctl(&self, i: usize) -> Etcdctl {
+        Etcdctl::new(self.endpoint(i))
+    }
+
+    /// Whether member `i` runs and is not paused.
+    pub fn is_up(&self, i: usize) -> bool {
+        self.members[i].child.is_some() && !self.members[i].paused
+    }
+
+    /// Indices of members that run, are not paused and belong to the cluster.
+    pub fn up(&self) -> Vec<usize> {
+        (0..self.members.len())
+            .filter(|&i| self.is_up(i) && self.members[i].in_cluster)
+            .collect()
+    }
+
+    /// A lazily connecting channel to member `i` (usable while it is down; requests fail fast
+    /// until it is back, then reconnect).
+    pub fn channel(&self, i: usize) -> Channel {
+        Channel::from_shared(self.url(i))
+            .expect("valid url")
+            .connect_timeout(Duration::from_secs(1))
+            .connect_lazy()
+    }
+
+    pub fn kv(&self, i: usize) -> KvClient<Channel> {
+        KvClient::new(self.channel(i))
+    }
+
+    pub fn lease(&self, i: usize) -> LeaseClient<Channel> {
+        LeaseClient::new(self.channel(i))
+    }
+
+    pub fn watch(&self, i: usize) -> WatchClient<Channel> {
+        WatchClient::new(self.channel(i)).max_decoding_message_size(64 << 20)
+    }
+
+    pub fn maintenance(&self, i: usize) -> MaintenanceClient<Channel> {
+        MaintenanceClient::new(self.channel(i))
+    }
+
+    /// SIGKILL member `i` and reap it.
+    pub fn kill(&mut self, i: usize) {
+        let m = &mut self.members[i];
+        let mut child = m
+            .child
+            .take()
+            .unwrap_or_else(|| panic!("member {i} is not running"));
+        child.kill().expect("SIGKILL a member");
+        child.wait().expect("reap a member");
+        m.paused = false;
+    }
+
+    /// Starts member `i` again on its data directory and ports; waits until it serves (a
+    /// serializable Range; it may still be catching up).
+    pub async fn restart(&mut self, i: usize) {
+        self.spawn(i);
+        if let Err(e) = self.wait_serving(i).await {
+            panic!("restart of member {i}: {e}");
+        }
+    }
+
+    /// Whether member `i`'s process has exited by itself (it is reaped then, and counts as down).
+    pub fn has_exited(&mut self, i: usize) -> bool {
+        let m = &mut self.members[i];
+        let exited = m
+            .child
+            .as_mut()
+            .is_some_and(|c| matches!(c.try_wait(), Ok(Some(_))));
+        if exited {
+            m.child = None;
+        }
+        exited
+    }
+
+    /// SIGSTOP member `i`: it keeps its sockets but answers nothing (a stand-in for a partition).
+    pub fn pause(&mut self, i: usize) {
+        self.signal(i, "STOP");
+        self.members[i].paused = true;
+    }
+
+    /// SIGCONT member `i`.
+    pub fn resume(&mut self, i: usize) {
+        self.signal(i, "CONT");
+        self.members[i].paused = false;
+    }
+
+    fn signal(&self, i: usize, signal: &str) {
+        let pid = self.members[i]
+            .child
+            .as_ref()
+            .unwrap_or_else(|| panic!("member {i} is not running"))
+            .id()
+            .to_string();
+        let status = std::process::Command::new("kill")
+            .args([&format!("-{signal}"), &pid])
+            .status()
+            .expect("run kill");
+        assert!(status.success(), "kill -{signal} {pid}");
+    }
+
+    /// Adds the record of a member that will join an existing cluster (`--initial-cluster-state
+    /// existing`, `--initial-cluster` naming every member plus itself); start it with
+    /// [`Cluster::restart`] after `member add`.
+    pub fn prepare_joining_member(&mut self) -> usize {
+        let name = format!("n{}", self.members.len() + 1);
+        let i = self.new_member(&name);
+        self.set_initial_flags(i, "existing");
+        i
+    }
+
+    /// Marks member `i` as removed from the membership (it no longer counts for a majority).
+    pub fn mark_removed(&mut self, i: usize) {
+        self.members[i].in_cluster = false;
+    }
+
+    /// Status of member `i`, or `None` if it is down, paused or does not answer in time.
+    pub async fn status(&self, i: usize) -> Option<MemberStatus> {
+        if !self.is_up(i) {
+            return None;
+        }
+        let mut m = self.maintenance(i);
+        let resp = tokio::time::timeout(STATUS_TIMEOUT, m.status(StatusRequest {}))
+            .await
+            .ok()?
+            .ok()?
+            .into_inner();
+        let header = resp.header.unwrap_or_default();
+        Some(MemberStatus {
+            member_id: header.member_id,
+            leader: resp.leader,
+            term: resp.raft_term,
+            raft_index: resp.raft_index,
+            applied_index: resp.raft_applied_index,
+            revision: header.revision,
+            is_learner: resp.is_learner,
+        })
+    }
+
+    /// Status of every member (concurrently), by index.
+    pub async fn statuses(&self) -> Vec<Option<MemberStatus>> {
+        futures::future::join_all((0..self.members.len()).map(|i| self.status(i))).await
+    }
+
+    /// The leader, if there is one now: a member that says it leads, at the highest term any
+    /// member claims leadership in, that a majority of the cluster's members name as leader
+    /// (so a deposed leader that has not noticed yet is not taken for the leader).
+    pub async fn leader(&self) -> Option<usize> {
+        let statuses = self.statuses().await;
+        Self::leader_of(&statuses, self.majority())
+    }
+
+    fn majority(&self) -> usize {
+        self.members.iter().filter(|m| m.in_cluster).count() / 2 + 1
+    }
+
+    /// [`Cluster::leader`] from statuses already fetched.
+    pub fn leader_of(statuses: &[Option<MemberStatus>], majority: usize) -> Option<usize> {
+        let (i, s) = statuses
+            .iter()
+            .enumerate()
+            .filter_map(|(i, s)| s.as_ref().filter(|s| s.leads()).map(|s| (i, s)))
+            .max_by_key(|(_, s)| s.term)?;
+        let agree = statuses
+            .iter()
+            .flatten()
+            .filter(|o| o.leader == s.member_id && o.term == s.term)
+            .count();
+        (agree >= majority).then_some(i)
+    }
+
+    /// Waits until [`Cluster::leader`] finds one; returns its index.
+    pub async fn wait_leader(&self, timeout: Duration) -> usize {
+        wait_for(timeout, "a leader a majority agrees on", || self.leader()).await
+    }
+
+    /// The term of the current leader, per its own status.
+    pub async fn term(&self, i: usize) -> u64 {
+        self.status(i)
+            .await
+            .unwrap_or_else(|| panic!("member {i} answers Status"))
+            .term
+    }
+
+    /// Every log line member `i` wrote, across its starts.
+    pub fn log(&self, i: usize) -> String {
+        std::fs::read_to_string(&self.members[i].log).unwrap_or_default()
+    }
+
+    /// Member `i`'s log since its latest start.
+    pub fn log_since_last_start(&self, i: usize) -> String {
+        let log = self.log(i);
+        let marker = format!(
+            "===== {} start {} =====",
+            self.members[i].name, self.members[i].starts
+        );
+        match log.find(&marker) {
+            Some(at) => log[at..].to_string(),
+            None => log,
+        }
+    }
+
+    fn kill_all(&mut self) {
+        for m in &mut self.members {
+            if let Some(mut child) = m.child.take() {
+                let _ = child.kill();
+                let _ = child.wait();
+            }
+        }
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        self.kill_all();
+        if std::thread::panicking() {
+            for m in &self.members {
+                let log = std::fs::read_to_string(&m.log).unwrap_or_default();
+                let lines: Vec<&str> = log.lines().collect();
+                let tail = &lines[lines.len().saturating_sub(40)..];
+                eprintln!(
+                    "----- last {} log lines of {} (client {}, peer {}) -----\n{}",
+                    tail.len(),
+                    m.name,
+                    m.client_port,
+                    m.peer_port,
+                    tail.join("\n")
+                );
+            }
+            if std::env::var_os("CLUSTER_KEEP_DIR").is_some() {
+                let path =
+                    std::mem::replace(&mut self.dir, tempfile::tempdir().expect("tmp")).keep();
+                eprintln!("cluster directory kept at {}", path.display());
+            }
+        }
     }
 }

@@ -10,6 +10,7 @@
 //! - [`admin`]: the admin HTTP port (health, readiness, metrics).
 //! - [`bad_input`]: requests etcd rejects, rejected with etcd's codes and texts.
 //! - [`watch`]: watch ordering, replay, compaction, filters, progress, slow consumers.
+//! - [`cluster`]: a 3-member Raft cluster of processes under kill -9, restart and SIGSTOP.
 //!
 //! [`harness`] holds the shared helpers.
 
@@ -17,6 +18,7 @@ mod harness;
 
 mod admin;
 mod bad_input;
+mod cluster;
 mod etcd_client;
 mod etcdctl;
 mod restart;
