@@ -270,7 +270,10 @@ pub async fn run_with_listeners(
         .set_not_serving::<proto::config_v1::config_server::ConfigServer<GrpcService>>()
         .await;
     let grpc_server = {
-        let incoming = tokio_stream::wrappers::TcpListenerStream::new(listeners.grpc);
+        // TCP_NODELAY on every accepted connection: tonic's own `tcp_nodelay` only applies to
+        // listeners it binds itself, and Nagle + delayed ACKs add ~40 ms to small answers.
+        let incoming =
+            tonic::transport::server::TcpIncoming::from(listeners.grpc).with_nodelay(Some(true));
         let service = GrpcService::new(store.clone(), hub.clone()).server();
         let stop = shutdown.clone();
         tokio::spawn(async move {
