@@ -255,6 +255,8 @@ pub enum Command {
     MemberAttrs {
         /// Member id.
         id: u64,
+        /// Member name.
+        name: String,
         /// Client URLs.
         client_urls: Vec<String>,
     },

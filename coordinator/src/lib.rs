@@ -103,8 +103,12 @@ impl Running {
     /// Stop serving and wait for the servers to finish.
     pub async fn shutdown(self) {
         self.shutdown.cancel();
-        for t in self.tasks {
-            let _ = t.await;
+        // Streams end on the token; anything still running after a grace period is aborted.
+        let grace = tokio::time::Instant::now() + Duration::from_secs(5);
+        for mut t in self.tasks {
+            if tokio::time::timeout_at(grace, &mut t).await.is_err() {
+                t.abort();
+            }
         }
         self.member.stop().await;
     }
@@ -292,12 +296,14 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
             }
             // Publish our client URLs once a leader exists (as etcd members publish attributes).
             let urls = config.client_urls(&client_addrs);
+            let name = config.name.clone();
             let publisher = Member::Raft(r.clone());
             let stop = shutdown.clone();
             tasks.push(tokio::spawn(async move {
                 loop {
                     let cmd = command::Command::MemberAttrs {
                         id: member_id,
+                        name: name.clone(),
                         client_urls: urls.clone(),
                     };
                     tokio::select! {
@@ -332,6 +338,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         },
         nospace: Arc::new(AtomicBool::new(false)),
         next_stream: Arc::new(AtomicU64::new(1)),
+        shutdown: shutdown.clone(),
         version: API_VERSION,
     };
 

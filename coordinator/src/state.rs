@@ -208,10 +208,14 @@ impl StateMachine {
             Command::LeaseGrant { id, ttl } => self.apply_grant(*id, *ttl),
             Command::LeaseRevoke { id } => self.apply_revoke(*id, &mut events),
             Command::Noop => Ok(Response::Noop),
-            Command::MemberAttrs { id, client_urls } => {
+            Command::MemberAttrs {
+                id,
+                name,
+                client_urls,
+            } => {
                 let mut k = MEMBER_ATTRS.to_vec();
                 k.extend_from_slice(&id.to_be_bytes());
-                match bincode::serialize(client_urls) {
+                match bincode::serialize(&(name, client_urls)) {
                     Ok(v) => {
                         self.store.stage(k, Some(v));
                         Ok(Response::Noop)
@@ -1294,8 +1298,8 @@ impl StateMachine {
 }
 
 impl StateMachine {
-    /// Client URLs each member published.
-    pub fn member_client_urls(&self) -> BTreeMap<u64, Vec<String>> {
+    /// Name and client URLs each member published.
+    pub fn member_attrs(&self) -> BTreeMap<u64, (String, Vec<String>)> {
         let mut out = BTreeMap::new();
         let mut end = MEMBER_ATTRS.to_vec();
         if let Some(l) = end.last_mut() {
@@ -1305,8 +1309,8 @@ impl StateMachine {
             if k.len() == MEMBER_ATTRS.len() + 8 {
                 let mut id = [0u8; 8];
                 id.copy_from_slice(&k[MEMBER_ATTRS.len()..]);
-                if let Ok(urls) = bincode::deserialize::<Vec<String>>(v) {
-                    out.insert(u64::from_be_bytes(id), urls);
+                if let Ok(attrs) = bincode::deserialize::<(String, Vec<String>)>(v) {
+                    out.insert(u64::from_be_bytes(id), attrs);
                 }
             }
             true

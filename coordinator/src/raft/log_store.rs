@@ -126,6 +126,11 @@ impl LogStore {
         })
     }
 
+    /// The last log id held (appended, maybe not yet flushed).
+    pub fn last_log_id(&self) -> Option<LogId<NodeId>> {
+        *self.inner.last_log.lock()
+    }
+
     /// Stop the writer thread (after what was queued).
     pub fn close(&self) {
         self.inner.tx.lock().take();

@@ -74,6 +74,28 @@ openraft::declare_raft_types!(
         AsyncRuntime = openraft::TokioRuntime,
 );
 
+/// A pre-vote request: the candidate and its last log id.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct PreVoteRequest {
+    candidate: u64,
+    last_log: Option<openraft::LogId<u64>>,
+}
+
+/// A pre-vote answer.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
+enum PreVoteAnswer {
+    Granted,
+    Refused,
+    /// The candidate is not in the receiver's membership (it was removed).
+    NotAMember,
+}
+
+enum PreVoteOutcome {
+    Go,
+    Lost,
+    Removed,
+}
+
 /// Why a forwarded request failed on the member it was sent to.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 enum PeerError {
@@ -161,8 +183,10 @@ impl RaftMember {
         let config = openraft::Config {
             cluster_name: "coordinator".into(),
             heartbeat_interval: p.heartbeat.as_millis() as u64,
-            election_timeout_min: et,
-            election_timeout_max: et * 2,
+            // openraft's own timer is off; these two only set how long a follower refuses votes
+            // after a heartbeat (its "leader lease" = the max). Keep that below our smallest draw.
+            election_timeout_min: (et / 2).max(p.heartbeat.as_millis() as u64 + 1),
+            election_timeout_max: et,
             enable_elect: false,
             install_snapshot_timeout: 10_000,
             max_payload_entries: 1024,
@@ -334,12 +358,18 @@ impl RaftMember {
                             }
                         }
                     }
-                    // The leader may have applied the write before the connection broke: tell the
-                    // client it is unknown (etcd's text for this case) rather than retrying.
+                    // Could not connect: the write never left, so wait for the next leader.
+                    Err(s) if is_connect_error(&s) => {
+                        tracing::debug!(leader, error = %s, "leader unreachable; waiting for the next");
+                        self.inner.peers.lock().remove(&leader);
+                    }
+                    // The connection broke after the write was sent: the leader may have applied
+                    // it, so the outcome is unknown; answer with etcd's text, not a retry.
                     Err(s) => {
+                        tracing::warn!(leader, error = %s, "forwarded write lost its leader");
                         return Err(Error::Remote {
                             code: tonic::Code::Unavailable as i32,
-                            message: format!("etcdserver: leader changed ({})", s.message()),
+                            message: "etcdserver: leader changed".into(),
                         });
                     }
                 }
@@ -598,16 +628,109 @@ impl RaftMember {
                     .iter()
                     .any(|(id, _, learner)| *id == self.inner.id && !learner);
                 if voter {
-                    tracing::info!(
-                        member = self.inner.id,
-                        after_ms = since.as_millis() as u64,
-                        "no leader heard from; campaigning"
-                    );
-                    let _ = self.inner.raft.trigger().elect().await;
+                    match self.pre_vote().await {
+                        PreVoteOutcome::Go => {
+                            tracing::info!(
+                                member = self.inner.id,
+                                after_ms = since.as_millis() as u64,
+                                "no leader heard from; pre-vote won; campaigning"
+                            );
+                            let _ = self.inner.raft.trigger().elect().await;
+                        }
+                        PreVoteOutcome::Lost => {
+                            tracing::debug!(
+                                member = self.inner.id,
+                                "pre-vote lost; not campaigning"
+                            );
+                        }
+                        PreVoteOutcome::Removed => {
+                            tracing::warn!(
+                                member = self.inner.id,
+                                "peers say this member was removed from the cluster; stopping"
+                            );
+                            self.inner.removed.cancel();
+                            return;
+                        }
+                    }
                 }
                 self.heard_from_leader();
                 timeout = draw(base);
             }
+        }
+    }
+
+    /// Ask every other voter whether it would vote for us now.
+    async fn pre_vote(&self) -> PreVoteOutcome {
+        let members = self.members();
+        let voters: Vec<u64> = members
+            .iter()
+            .filter(|(_, _, l)| !l)
+            .map(|(id, _, _)| *id)
+            .collect();
+        if !voters.contains(&self.inner.id) {
+            return PreVoteOutcome::Lost;
+        }
+        let req = PreVoteRequest {
+            candidate: self.inner.id,
+            last_log: self.inner.log.last_log_id(),
+        };
+        let Ok(data) = bincode::serialize(&req) else {
+            return PreVoteOutcome::Lost;
+        };
+        let mut asks = Vec::new();
+        for id in voters.iter().copied().filter(|id| *id != self.inner.id) {
+            let Ok(mut c) = self.peer(id) else { continue };
+            let data = data.clone();
+            asks.push(async move {
+                let call = c.pre_vote(Blob { data });
+                match tokio::time::timeout(Duration::from_millis(500), call).await {
+                    Ok(Ok(r)) => bincode::deserialize::<PreVoteAnswer>(&r.into_inner().data).ok(),
+                    _ => None,
+                }
+            });
+        }
+        let answers = futures::future::join_all(asks).await;
+        let mut granted = 1; // our own
+        let mut removed = 0;
+        for a in answers.into_iter().flatten() {
+            match a {
+                PreVoteAnswer::Granted => granted += 1,
+                PreVoteAnswer::Refused => {}
+                PreVoteAnswer::NotAMember => removed += 1,
+            }
+        }
+        if removed * 2 > voters.len() - 1 && removed > 0 {
+            return PreVoteOutcome::Removed;
+        }
+        if granted * 2 > voters.len() {
+            PreVoteOutcome::Go
+        } else {
+            PreVoteOutcome::Lost
+        }
+    }
+
+    fn answer_pre_vote(&self, req: &PreVoteRequest) -> PreVoteAnswer {
+        let members = self.members();
+        if !members.is_empty() && !members.iter().any(|(id, _, _)| *id == req.candidate) {
+            return PreVoteAnswer::NotAMember;
+        }
+        // A member that heard from a leader recently keeps it (this also stops a member that
+        // was cut off from disrupting a healthy cluster when it comes back).
+        let heard = self.inner.last_heartbeat.lock().elapsed();
+        if self.is_leader() || (self.leader().is_some() && heard < self.inner.election_timeout / 2)
+        {
+            return PreVoteAnswer::Refused;
+        }
+        let mine = self.inner.log.last_log_id();
+        let theirs_ok = match (req.last_log, mine) {
+            (_, None) => true,
+            (None, Some(_)) => false,
+            (Some(t), Some(m)) => (t.leader_id.term, t.index) >= (m.leader_id.term, m.index),
+        };
+        if theirs_ok {
+            PreVoteAnswer::Granted
+        } else {
+            PreVoteAnswer::Refused
         }
     }
 
@@ -680,6 +803,21 @@ impl RaftMember {
     }
 }
 
+/// Whether a failed call never reached the peer (so retrying it elsewhere is safe).
+fn is_connect_error(s: &Status) -> bool {
+    use std::error::Error as _;
+    if s.code() != tonic::Code::Unavailable {
+        return false;
+    }
+    let mut text = s.message().to_string();
+    let mut src = s.source();
+    while let Some(e) = src {
+        text.push_str(&e.to_string());
+        src = e.source();
+    }
+    text.contains("connect") || text.contains("Connection refused")
+}
+
 fn draw(base: Duration) -> Duration {
     let ms = base.as_millis() as u64;
     Duration::from_millis(ms + rand::random::<u64>() % ms.max(1))
@@ -737,6 +875,11 @@ impl Peer for PeerService {
         let res = self.member.inner.raft.install_snapshot(rpc).await;
         self.member.heard_from_leader();
         blob(&res)
+    }
+
+    async fn pre_vote(&self, req: Request<Blob>) -> std::result::Result<Response<Blob>, Status> {
+        let r: PreVoteRequest = decode(req.get_ref())?;
+        blob(&self.member.answer_pre_vote(&r))
     }
 
     async fn forward(&self, req: Request<Blob>) -> std::result::Result<Response<Blob>, Status> {

@@ -163,7 +163,14 @@ impl Lease for LeaseService {
         let ctx = self.ctx.clone();
         ctx.metrics.rpc::<()>("LeaseKeepAlive", &Ok(()));
         tokio::spawn(async move {
-            while let Some(Ok(m)) = incoming.next().await {
+            loop {
+                let m = tokio::select! {
+                    _ = ctx.shutdown.cancelled() => break,
+                    m = incoming.next() => match m {
+                        Some(Ok(m)) => m,
+                        _ => break,
+                    },
+                };
                 // Unknown (expired, revoked) leases answer TTL 0, as etcd does.
                 let ttl = match ctx.member.lease_renew(m.id).await {
                     Ok(ttl) => ttl,

@@ -56,15 +56,25 @@ impl MaintenanceService {
                 is_learner: false,
             }],
             crate::member::Member::Raft(r) => {
-                let urls = self.ctx.state.read().member_client_urls();
+                let attrs = self.ctx.state.read().member_attrs();
                 r.members()
                     .into_iter()
-                    .map(|(id, node, learner)| Member {
-                        id,
-                        name: node.name,
-                        peer_ur_ls: vec![node.peer_url],
-                        client_ur_ls: urls.get(&id).cloned().unwrap_or_default(),
-                        is_learner: learner,
+                    .map(|(id, node, learner)| {
+                        // A member added with `member add` has no name until it starts and
+                        // publishes it, as in etcd.
+                        let (name, urls) = match attrs.get(&id) {
+                            Some((n, u)) => {
+                                (if n.is_empty() { node.name } else { n.clone() }, u.clone())
+                            }
+                            None => (node.name, Vec::new()),
+                        };
+                        Member {
+                            id,
+                            name,
+                            peer_ur_ls: vec![node.peer_url],
+                            client_ur_ls: urls,
+                            is_learner: learner,
+                        }
                     })
                     .collect()
             }

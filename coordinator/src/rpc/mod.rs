@@ -76,6 +76,9 @@ pub struct Ctx {
     pub nospace: Arc<AtomicBool>,
     /// Next watch stream id.
     pub next_stream: Arc<AtomicU64>,
+    /// Cancelled when the server stops: long-lived streams (watch, keep-alive) end on it, so
+    /// a graceful shutdown does not wait for clients to hang up.
+    pub shutdown: tokio_util::sync::CancellationToken,
     /// Server version reported by Status.
     pub version: &'static str,
 }

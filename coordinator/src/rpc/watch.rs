@@ -95,6 +95,7 @@ impl Watch for WatchService {
                         Some(Err(_)) | None => break,
                     },
                     _ = session.tx.closed() => break,
+                    _ = ctx.shutdown.cancelled() => break,
                 }
             }
             session.close();
