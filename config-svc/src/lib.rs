@@ -136,6 +136,16 @@ pub struct Config {
     )]
     pub default_retention: u32,
 
+    /// How many revisions a watcher may fall behind (its client reading slowly) before it
+    /// re-reads its items from the coordinator (16 to 1048576).
+    #[arg(
+        long,
+        env = "CONFIG_WATCH_BUFFER",
+        default_value_t = watch::DEFAULT_WATCH_BUFFER,
+        value_name = "REVISIONS"
+    )]
+    pub watch_buffer: usize,
+
     /// Format of the log lines written to stdout.
     #[arg(long, env = "LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
@@ -162,6 +172,12 @@ impl Config {
                 "--default-retention {} is out of range: expected 1 to {}",
                 self.default_retention,
                 model::MAX_RETENTION
+            ));
+        }
+        if !(16..=1 << 20).contains(&self.watch_buffer) {
+            return Err(format!(
+                "--watch-buffer {} is out of range: expected 16 to 1048576",
+                self.watch_buffer
             ));
         }
         Ok(())
@@ -229,6 +245,7 @@ pub async fn run_with_listeners(
         coordinator_endpoints,
         max_content_bytes,
         default_retention,
+        watch_buffer,
         log_format: _,
     } = config;
     let addr = |l: &TcpListener, what: &str| {
@@ -259,7 +276,7 @@ pub async fn run_with_listeners(
             default_retention,
         },
     );
-    let hub = Hub::start(store.clone(), shutdown.clone());
+    let hub = Hub::start(store.clone(), watch_buffer, shutdown.clone());
 
     // gRPC: the config service and grpc.health.v1, NOT_SERVING until the hub is ready.
     let (reporter, health_service) = tonic_health::server::health_reporter();

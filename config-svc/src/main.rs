@@ -76,6 +76,7 @@ fn serve(config: Config) -> ExitCode {
             coordinator_endpoints = %config.coordinator_endpoints.join(","),
             max_content_bytes = config.max_content_bytes,
             default_retention = config.default_retention,
+            watch_buffer = config.watch_buffer,
             log_format = %config.log_format,
             "starting config-svc"
         );

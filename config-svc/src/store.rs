@@ -410,29 +410,19 @@ impl Store {
         Ok(Some(v))
     }
 
-    /// Reads the stored versions numbered `from..to` (in order).
+    /// Reads the versions numbered `numbers` that are still stored, in the order given. One
+    /// read per version (most come from the cache): a Range over several versions could
+    /// exceed the 4 MiB a coordinator answer may hold.
     pub async fn read_versions(
         &self,
         item: &ItemRef,
-        from: u64,
-        to: u64,
+        numbers: &[u64],
     ) -> Result<Vec<Arc<StoredVersion>>> {
-        if from >= to {
-            return Ok(Vec::new());
-        }
-        let resp = self
-            .client
-            .range(RangeRequest {
-                key: keys::version(&item.namespace, &item.group, &item.key, from).into_bytes(),
-                range_end: keys::version(&item.namespace, &item.group, &item.key, to).into_bytes(),
-                ..Default::default()
-            })
-            .await?;
-        let mut out = Vec::with_capacity(resp.kvs.len());
-        for kv in &resp.kvs {
-            let v = Arc::new(StoredVersion::decode(&kv.value)?);
-            self.cache.insert(item, v.clone());
-            out.push(v);
+        let mut out = Vec::with_capacity(numbers.len());
+        for n in numbers {
+            if let Some(v) = self.read_version(item, *n).await? {
+                out.push(v);
+            }
         }
         Ok(out)
     }
@@ -809,9 +799,9 @@ impl Store {
             item.validate()?;
             let page_size = match page_size {
                 0 => 20,
-                n if n > 1000 => {
+                n if n > 100 => {
                     return Err(Error::invalid(format!(
-                        "page_size {n} is too large: at most 1000"
+                        "page_size {n} is too large: at most 100"
                     )));
                 }
                 n => i64::from(n),
@@ -836,6 +826,7 @@ impl Store {
                     limit: page_size + 1,
                     sort_order: SortOrder::Descend as i32,
                     sort_target: SortTarget::Key as i32,
+                    keys_only: true,
                     ..Default::default()
                 })
                 .await?;
@@ -845,19 +836,27 @@ impl Store {
                     return Err(not_found(item));
                 }
             }
-            let mut versions = Vec::new();
+            let mut numbers: Vec<u64> = resp
+                .kvs
+                .iter()
+                .filter_map(|kv| match keys::parse(&kv.key) {
+                    Some(Parsed::Version { number, .. }) => Some(number),
+                    _ => None,
+                })
+                .collect();
             let mut next_page_token = String::new();
-            for kv in resp.kvs.iter() {
-                let v = StoredVersion::decode(&kv.value)?;
-                if versions.len() as i64 == page_size {
-                    if let Some(last) = versions.last() {
-                        let last: &Version = last;
-                        next_page_token = last.header.number.to_string();
-                    }
-                    break;
+            if numbers.len() as i64 > page_size {
+                numbers.truncate(page_size as usize);
+                if let Some(last) = numbers.last() {
+                    next_page_token = last.to_string();
                 }
-                versions.push(Version::new(item.clone(), &v, include_content));
             }
+            let versions = self
+                .read_versions(item, &numbers)
+                .await?
+                .iter()
+                .map(|v| Version::new(item.clone(), v, include_content))
+                .collect();
             Ok(HistoryPage {
                 versions,
                 next_page_token,

@@ -45,8 +45,8 @@ use crate::model::{
 };
 use crate::store::{Store, apply_kv, state_from_kvs};
 
-/// How many revisions a watcher may fall behind before it re-reads its items.
-const BROADCAST_CAPACITY: usize = 1024;
+/// How many revisions a watcher may fall behind before it re-reads its items (default).
+pub const DEFAULT_WATCH_BUFFER: usize = 1024;
 /// How long a watch waits for the hub's coordinator watch before answering `UNAVAILABLE`.
 const READY_WAIT: Duration = Duration::from_secs(10);
 
@@ -175,9 +175,10 @@ pub struct Hub {
 }
 
 impl Hub {
-    /// Starts the hub's coordinator watch; it runs until `shutdown`.
-    pub fn start(store: Arc<Store>, shutdown: CancellationToken) -> Arc<Hub> {
-        let (tx, _) = broadcast::channel(BROADCAST_CAPACITY);
+    /// Starts the hub's coordinator watch; it runs until `shutdown`. A watcher may fall
+    /// `buffer` revisions behind before it re-reads its items.
+    pub fn start(store: Arc<Store>, buffer: usize, shutdown: CancellationToken) -> Arc<Hub> {
+        let (tx, _) = broadcast::channel(buffer.max(1));
         let (ready_tx, ready) = watch::channel(false);
         let hub = Arc::new(Hub {
             store,
@@ -219,7 +220,9 @@ impl Hub {
         }
         // Subscribe before the first read (see the module docs).
         let rx = self.tx.subscribe();
-        let (tx, out) = mpsc::channel(64);
+        // A small hand-off: a slow client should make its watcher fall behind (and catch up
+        // from history later) rather than pile versions up in memory.
+        let (tx, out) = mpsc::channel(8);
         let watcher = Watcher {
             hub: self.clone(),
             scope,
@@ -547,12 +550,8 @@ impl Watcher {
         let resumed =
             matches!(context, Context::Initial | Context::Resync) && tracked.delivered.is_some();
         let mut sends: Vec<(Arc<StoredVersion>, Reason)> = Vec::new();
-        if let (Some(first), Some(last)) = (missed.first(), missed.last()) {
-            for v in store.read_versions(item, *first, *last + 1).await? {
-                if missed.contains(&v.header.number) {
-                    sends.push((v, Reason::Missed));
-                }
-            }
+        for v in store.read_versions(item, &missed).await? {
+            sends.push((v, Reason::Missed));
         }
         let Some(version) = store.read_version(item, target).await? else {
             // Only possible if it was purged meanwhile; the next change will tell.

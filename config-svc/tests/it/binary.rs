@@ -13,6 +13,7 @@ fn command() -> Command {
         "CONFIG_COORDINATOR_ENDPOINTS",
         "CONFIG_MAX_CONTENT_BYTES",
         "CONFIG_DEFAULT_RETENTION",
+        "CONFIG_WATCH_BUFFER",
         "LOG_FORMAT",
         "RUST_LOG",
         "OTEL_EXPORTER_OTLP_ENDPOINT",

@@ -219,3 +219,49 @@ async fn rest_watch_streams_one_json_object_per_line() {
     assert_eq!(objects[2]["reason"], "published");
     svc.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_watcher_that_reads_slowly_still_gets_every_version_in_order() {
+    let coordinator = Coordinator::start().await;
+    // A watcher may fall 16 revisions behind before it must re-read (default 1,024).
+    let svc =
+        ConfigSvc::start_with(&coordinator.url(), "127.0.0.1:0", &["--watch-buffer", "16"]).await;
+    let mut g = svc.grpc().await;
+    let it = item(&fresh_ns("slow"), "app", "k");
+    publish_text(&mut g, &it, "v1").await;
+    let mut w = Watch::open(&mut g, watch_items(std::slice::from_ref(&it), &[], None)).await;
+    assert_eq!(
+        w.take(2).await,
+        vec![upd("k", 1, "v1", Reason::Initial), Seen::Synced]
+    );
+    // Publish far more than the watcher's buffers hold, with content large enough to fill the
+    // HTTP/2 windows, while the watcher reads nothing.
+    let padding = "x".repeat(100 * 1024);
+    let last = 100u64;
+    for n in 2..=last {
+        publish_text(&mut g, &it, &format!("v{n}\n{padding}")).await;
+    }
+    // Now read: every version, once, in order (those it fell behind on are re-read from
+    // history and sent as missed).
+    let mut expected = 2u64;
+    while expected <= last {
+        match w.next().await {
+            Seen::Update(key, n, content, reason) => {
+                assert_eq!(key, "k");
+                assert_eq!(n, expected, "in order, no gaps, no repeats");
+                assert!(content.starts_with(&format!("v{n}\n")));
+                assert!(
+                    matches!(reason, Reason::Published | Reason::Missed),
+                    "{reason:?}"
+                );
+                expected += 1;
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert!(
+        svc.metric("config_watch_resyncs_total").await >= 1.0,
+        "the watcher fell behind and caught up"
+    );
+    svc.stop().await;
+}
