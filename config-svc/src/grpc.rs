@@ -96,7 +96,6 @@ fn rule_from_pb(r: Option<pb::RolloutRule>) -> Option<RolloutRule> {
         labels: r.labels.into_iter().collect(),
         percentage: r.percentage,
     })
-    .filter(|r| !r.is_empty())
 }
 
 fn rule_to_pb(r: &RolloutRule) -> pb::RolloutRule {

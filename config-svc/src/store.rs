@@ -528,8 +528,13 @@ impl Store {
                 self.limits.max_content_bytes
             )));
         }
-        let rollout = input.rollout.clone().filter(|r| !r.is_empty());
+        let rollout = input.rollout.clone();
         if let Some(r) = &rollout {
+            if r.is_empty() {
+                return Err(Error::invalid(
+                    "the rollout rule selects no one: give labels and/or a percentage",
+                ));
+            }
             r.validate()?;
         }
         if let Some(r) = input.retention {
@@ -754,11 +759,19 @@ impl Store {
                 let state = states.entry(item.into()).or_default();
                 apply_kv(state, part, Some(&kv.value))?;
             }
+            // The token is the last item's "group/key"; items are ordered by (group, key).
+            let after = match page_token {
+                "" => None,
+                t => Some(t.split_once('/').ok_or_else(|| {
+                    Error::invalid(format!("page_token {t:?} is not one this service gave"))
+                })?),
+            };
             let mut items = Vec::new();
             let mut next_page_token = String::new();
             for (item, state) in states {
-                let token = format!("{}/{}", item.group, item.key);
-                if !page_token.is_empty() && token.as_str() <= page_token {
+                if let Some((g, k)) = after
+                    && (item.group.as_str(), item.key.as_str()) <= (g, k)
+                {
                     continue;
                 }
                 let Some(info) = Item::new(item, &state) else {

@@ -460,6 +460,14 @@ async fn bad_input_gets_invalid_argument_or_not_found_with_a_message() {
             Code::FailedPrecondition,
             "no current version",
         ),
+        (
+            pb::PublishRequest {
+                rollout: Some(pb::RolloutRule::default()),
+                ..publish_req(&it, pb::Format::Text, "x")
+            },
+            Code::InvalidArgument,
+            "selects no one",
+        ),
     ];
     for (req, code, text) in cases {
         let err = within(T, "Publish", g.publish(req))
@@ -732,5 +740,75 @@ async fn rest_face_serves_the_same_operations_and_an_openapi_document() {
     let (status, doc) = http_call(svc.http, "GET", "/openapi.json", None).await;
     assert_eq!(status, 200);
     assert_eq!(doc["openapi"], "3.0.3");
+    svc.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn list_pages_through_every_item_once_in_group_then_key_order() {
+    let coordinator = Coordinator::start().await;
+    let svc = ConfigSvc::start(&coordinator.url()).await;
+    let mut g = svc.grpc().await;
+    let ns = fresh_ns("list");
+    // "a" < "a-b" as groups, although "a/z" > "a-b/c" as strings.
+    for (group, key) in [("a", "z"), ("a-b", "c"), ("a", "b"), ("b", "x")] {
+        publish_text(&mut g, &item(&ns, group, key), "x").await;
+    }
+    let deleted = item(&ns, "b", "gone");
+    publish_text(&mut g, &deleted, "x").await;
+    within(
+        T,
+        "Delete",
+        g.delete(pb::DeleteRequest {
+            item: Some(deleted),
+            expected_version: None,
+        }),
+    )
+    .await
+    .expect("delete");
+    let mut seen = Vec::new();
+    let mut token = String::new();
+    for _ in 0..10 {
+        let page = within(
+            T,
+            "List",
+            g.list(pb::ListRequest {
+                namespace: ns.clone(),
+                page_size: 1,
+                page_token: token.clone(),
+                ..Default::default()
+            }),
+        )
+        .await
+        .expect("list")
+        .into_inner();
+        for i in &page.items {
+            let r = i.item.clone().expect("ref");
+            seen.push(format!("{}/{}", r.group, r.key));
+        }
+        if page.next_page_token.is_empty() {
+            break;
+        }
+        token = page.next_page_token;
+    }
+    assert_eq!(
+        seen,
+        vec!["a/b", "a/z", "a-b/c", "b/x"],
+        "deleted items are left out"
+    );
+    let all = within(
+        T,
+        "List",
+        g.list(pb::ListRequest {
+            namespace: ns.clone(),
+            group: "b".into(),
+            include_deleted: true,
+            ..Default::default()
+        }),
+    )
+    .await
+    .expect("list")
+    .into_inner();
+    assert_eq!(all.items.len(), 2);
+    assert!(all.items.iter().any(|i| i.deleted));
     svc.stop().await;
 }
