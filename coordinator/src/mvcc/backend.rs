@@ -130,13 +130,18 @@ impl SledInner {
     /// Move the overlay into sled as one batch. Returns how many writes moved.
     fn write_back(&self) -> Result<usize> {
         let _w = self.write_lock.lock();
-        let taken = std::mem::take(&mut *self.overlay.lock());
-        if taken.is_empty() {
-            return Ok(0);
-        }
+        // Take the overlay and publish it as `flushing` in one step under the overlay lock, so
+        // a reader (which also looks at both under that lock) never misses these writes.
+        let taken = {
+            let mut o = self.overlay.lock();
+            if o.is_empty() {
+                return Ok(0);
+            }
+            let taken = Arc::new(std::mem::take(&mut *o));
+            *self.flushing.write() = taken.clone();
+            taken
+        };
         let n = taken.len();
-        let taken = Arc::new(taken);
-        *self.flushing.write() = taken.clone();
         let mut b = sled::Batch::default();
         for (k, v) in taken.iter() {
             match v {
@@ -145,16 +150,17 @@ impl SledInner {
             }
         }
         let r = self.tree.apply_batch(b);
-        *self.flushing.write() = Arc::new(BTreeMap::new());
-        if let Err(e) = r {
-            // Keep the writes readable and retry on the next round; report the failure.
-            let mut o = self.overlay.lock();
+        let mut o = self.overlay.lock();
+        if let Err(e) = &r {
+            // Keep the writes readable and retry on the next round (newer overlay writes win).
             for (k, v) in taken.iter() {
                 o.entry(k.clone()).or_insert_with(|| v.clone());
             }
             *self.error.lock() = Some(e.to_string());
-            return Err(e.into());
         }
+        *self.flushing.write() = Arc::new(BTreeMap::new());
+        drop(o);
+        r?;
         Ok(n)
     }
 }
@@ -247,11 +253,14 @@ impl Drop for SledBackend {
 
 impl Backend for SledBackend {
     fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>> {
-        if let Some(v) = self.inner.overlay.lock().get(key) {
-            return Ok(v.clone());
-        }
-        if let Some(v) = self.inner.flushing.read().get(key) {
-            return Ok(v.clone());
+        {
+            let o = self.inner.overlay.lock();
+            if let Some(v) = o.get(key) {
+                return Ok(v.clone());
+            }
+            if let Some(v) = self.inner.flushing.read().get(key) {
+                return Ok(v.clone());
+            }
         }
         Ok(self.inner.tree.get(key)?.map(|v| v.to_vec()))
     }
@@ -264,13 +273,18 @@ impl Backend for SledBackend {
     }
     fn scan(&self, from: &[u8], to: &[u8], f: &mut dyn FnMut(&[u8], &[u8]) -> bool) -> Result<()> {
         // Pending writes in range (flushing first, the overlay over it), merged with sled.
+        // Both layers are read under the overlay lock, which the write-back also holds while it
+        // moves the overlay to `flushing`: the pair is always consistent.
         let mut pending: Overlay = BTreeMap::new();
         let range = (Bound::Included(from), Bound::Excluded(to));
-        for (k, v) in self.inner.flushing.read().range::<[u8], _>(range) {
-            pending.insert(k.clone(), v.clone());
-        }
-        for (k, v) in self.inner.overlay.lock().range::<[u8], _>(range) {
-            pending.insert(k.clone(), v.clone());
+        {
+            let o = self.inner.overlay.lock();
+            for (k, v) in self.inner.flushing.read().range::<[u8], _>(range) {
+                pending.insert(k.clone(), v.clone());
+            }
+            for (k, v) in o.range::<[u8], _>(range) {
+                pending.insert(k.clone(), v.clone());
+            }
         }
         let mut pend = pending.into_iter().peekable();
         for item in self.inner.tree.range(from..to) {
