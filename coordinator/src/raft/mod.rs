@@ -184,9 +184,11 @@ impl RaftMember {
             cluster_name: "coordinator".into(),
             heartbeat_interval: p.heartbeat.as_millis() as u64,
             // openraft's own timer is off; these two only set how long a follower refuses votes
-            // after a heartbeat (its "leader lease" = the max). Keep that below our smallest draw.
-            election_timeout_min: (et / 2).max(p.heartbeat.as_millis() as u64 + 1),
-            election_timeout_max: et,
+            // after a heartbeat (its "leader lease" = the max). Keep that well below our smallest
+            // draw (one election timeout), so heartbeat skew between followers never makes the
+            // first campaign fail; pre-vote is what keeps disruptive candidates out.
+            election_timeout_min: (et / 4).max(p.heartbeat.as_millis() as u64 + 1),
+            election_timeout_max: (et / 2).max(p.heartbeat.as_millis() as u64 + 2),
             enable_elect: false,
             install_snapshot_timeout: 10_000,
             max_payload_entries: 1024,
