@@ -292,6 +292,35 @@ async fn compare_and_set_detects_a_concurrent_publish() {
     assert_eq!(cur.current_version, 2, "the loser wrote nothing");
     assert_eq!(cur.latest_version, 2);
 
+    // Without compare-and-set, concurrent publishes all land as versions of their own.
+    let (mut ga, mut gb) = (g.clone(), g.clone());
+    let (ra, rb) = tokio::join!(
+        within(
+            T,
+            "publish c",
+            ga.publish(publish_req(&it, pb::Format::Text, "from c"))
+        ),
+        within(
+            T,
+            "publish d",
+            gb.publish(publish_req(&it, pb::Format::Text, "from d"))
+        )
+    );
+    let mut numbers = vec![
+        ra.expect("c").into_inner().version.expect("v").number,
+        rb.expect("d").into_inner().version.expect("v").number,
+    ];
+    numbers.sort();
+    assert_eq!(numbers, vec![3, 4]);
+    for n in [3, 4] {
+        let v = get(&mut g, &it, n, None)
+            .await
+            .expect("kept")
+            .version
+            .expect("v");
+        assert!(v.content == "from c" || v.content == "from d");
+    }
+
     // The same over REST: 409.
     let path = format!(
         "/v1/namespaces/{}/groups/app/items/limits/versions",
@@ -300,6 +329,13 @@ async fn compare_and_set_detects_a_concurrent_publish() {
     let body = serde_json::json!({"content": "x", "expected_version": 1});
     let (status, json) = http_call(svc.http, "POST", &path, Some(&body)).await;
     assert_eq!(status, 409, "{json}");
+    assert!(
+        json["error"]["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("version 4"),
+        "{json}"
+    );
     assert_eq!(json["error"]["code"], "conflict");
     svc.stop().await;
 }
@@ -810,5 +846,77 @@ async fn list_pages_through_every_item_once_in_group_then_key_order() {
     .into_inner();
     assert_eq!(all.items.len(), 2);
     assert!(all.items.iter().any(|i| i.deleted));
+    svc.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_schema_must_accept_the_version_in_use() {
+    let coordinator = Coordinator::start().await;
+    let svc = ConfigSvc::start(&coordinator.url()).await;
+    let mut g = svc.grpc().await;
+    let it = item(&fresh_ns("options"), "app", "s.yaml");
+    publish(&mut g, publish_req(&it, pb::Format::Yaml, "port: 80\n")).await;
+    let strict = r#"{"type":"object","required":["host"]}"#;
+    let err = within(
+        T,
+        "SetOptions",
+        g.set_options(pb::SetOptionsRequest {
+            item: Some(it.clone()),
+            schema: Some(strict.into()),
+            retention: None,
+        }),
+    )
+    .await
+    .expect_err("version 1 has no host");
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(err.message().contains("version 1"), "{err}");
+    let ok = r#"{"type":"object","properties":{"port":{"type":"integer"}}}"#;
+    let info = within(
+        T,
+        "SetOptions",
+        g.set_options(pb::SetOptionsRequest {
+            item: Some(it.clone()),
+            schema: Some(ok.into()),
+            retention: None,
+        }),
+    )
+    .await
+    .expect("accepted")
+    .into_inner();
+    assert_eq!(info.schema, ok);
+    let err = within(
+        T,
+        "Publish",
+        g.publish(publish_req(&it, pb::Format::Yaml, "port: eighty\n")),
+    )
+    .await
+    .expect_err("port must be an integer");
+    assert!(err.message().contains("/port"), "{err}");
+    // A bad schema is refused, and "" removes the schema.
+    let err = within(
+        T,
+        "SetOptions",
+        g.set_options(pb::SetOptionsRequest {
+            item: Some(it.clone()),
+            schema: Some("{not json".into()),
+            retention: None,
+        }),
+    )
+    .await
+    .expect_err("not a schema");
+    assert_eq!(err.code(), Code::InvalidArgument);
+    let (status, json) = http_call(
+        svc.http,
+        "PUT",
+        &format!(
+            "/v1/namespaces/{}/groups/app/items/s.yaml/options",
+            it.namespace
+        ),
+        Some(&serde_json::json!({"schema": ""})),
+    )
+    .await;
+    assert_eq!(status, 200, "{json}");
+    assert!(json.get("schema").is_none(), "{json}");
+    publish(&mut g, publish_req(&it, pb::Format::Yaml, "port: eighty\n")).await;
     svc.stop().await;
 }

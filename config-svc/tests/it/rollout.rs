@@ -238,3 +238,55 @@ async fn percentage_rollout_selects_by_stable_hash_and_abort_sends_clients_back(
     );
     svc.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rollout_over_rest_by_label_then_abort_and_promote() {
+    let coordinator = Coordinator::start().await;
+    let svc = ConfigSvc::start(&coordinator.url()).await;
+    let ns = fresh_ns("restrollout");
+    let base = format!("/v1/namespaces/{ns}/groups/app/items/k");
+    let publish = |content: &str, rollout: Option<serde_json::Value>| {
+        let mut body = serde_json::json!({"format": "text", "content": content});
+        if let Some(r) = rollout {
+            body["rollout"] = r;
+        }
+        let path = format!("{base}/versions");
+        async move { http_call(svc.http, "POST", &path, Some(&body)).await }
+    };
+    assert_eq!(publish("one", None).await.0, 200);
+    let (status, json) = publish(
+        "two",
+        Some(serde_json::json!({"labels": {"tier": "canary"}})),
+    )
+    .await;
+    assert_eq!(status, 200, "{json}");
+    assert_eq!(json["item"]["rollout"]["candidate"], 2);
+    let read = |query: &str| {
+        let path = format!("{base}/raw{query}");
+        async move { http_raw(svc.http, "GET", &path, None).await.2 }
+    };
+    assert_eq!(read("?client_id=x&label.tier=canary").await, "two");
+    assert_eq!(read("?client_id=x&label.tier=main").await, "one");
+    // A second candidate is refused while one is rolling out.
+    let (status, json) = publish("three", Some(serde_json::json!({"percentage": 50}))).await;
+    assert_eq!(status, 409, "{json}");
+    assert_eq!(json["error"]["code"], "failed_precondition");
+
+    let (status, json) = http_call(svc.http, "POST", &format!("{base}/rollout/abort"), None).await;
+    assert_eq!(status, 200, "{json}");
+    assert_eq!(read("?label.tier=canary").await, "one");
+    let (status, _) = http_call(svc.http, "POST", &format!("{base}/rollout/promote"), None).await;
+    assert_eq!(status, 409, "nothing to promote");
+
+    let (status, _) = publish("three", Some(serde_json::json!({"percentage": 100}))).await;
+    assert_eq!(status, 200);
+    assert_eq!(read("?client_id=anyone").await, "three");
+    assert_eq!(read("").await, "one", "no client id: never in a percentage");
+    let (status, json) =
+        http_call(svc.http, "POST", &format!("{base}/rollout/promote"), None).await;
+    assert_eq!(status, 200, "{json}");
+    assert_eq!(json["current_version"], 3);
+    assert_eq!(json["aborted"], serde_json::json!([2]));
+    assert_eq!(read("").await, "three");
+    svc.stop().await;
+}
