@@ -611,7 +611,12 @@ impl RaftMember {
 
     async fn election_timer(self) {
         let base = self.inner.election_timeout;
+        // Campaign when no leader was heard from for a fresh draw from [ET, 2 ET), and not
+        // before the previous attempt's own fresh draw ran out. `last_heartbeat` is contact
+        // with a leader (or a granted vote) only, never our own attempts: pre-vote answers
+        // depend on it.
         let mut timeout = draw(base);
+        let mut next_try = Instant::now();
         let mut tick = tokio::time::interval(Duration::from_millis(25));
         loop {
             tokio::select! {
@@ -623,41 +628,38 @@ impl RaftMember {
                 continue;
             }
             let since = self.inner.last_heartbeat.lock().elapsed();
-            if since >= timeout {
-                // Only voters campaign.
-                let voter = self
-                    .members()
-                    .iter()
-                    .any(|(id, _, learner)| *id == self.inner.id && !learner);
-                if voter {
-                    match self.pre_vote().await {
-                        PreVoteOutcome::Go => {
-                            tracing::info!(
-                                member = self.inner.id,
-                                after_ms = since.as_millis() as u64,
-                                "no leader heard from; pre-vote won; campaigning"
-                            );
-                            let _ = self.inner.raft.trigger().elect().await;
-                        }
-                        PreVoteOutcome::Lost => {
-                            tracing::debug!(
-                                member = self.inner.id,
-                                "pre-vote lost; not campaigning"
-                            );
-                        }
-                        PreVoteOutcome::Removed => {
-                            tracing::warn!(
-                                member = self.inner.id,
-                                "peers say this member was removed from the cluster; stopping"
-                            );
-                            self.inner.removed.cancel();
-                            return;
-                        }
+            if since < timeout || Instant::now() < next_try {
+                continue;
+            }
+            let voter = self
+                .members()
+                .iter()
+                .any(|(id, _, learner)| *id == self.inner.id && !learner);
+            if voter {
+                match self.pre_vote().await {
+                    PreVoteOutcome::Go => {
+                        tracing::info!(
+                            member = self.inner.id,
+                            after_ms = since.as_millis() as u64,
+                            "no leader heard from; pre-vote won; campaigning"
+                        );
+                        let _ = self.inner.raft.trigger().elect().await;
+                    }
+                    PreVoteOutcome::Lost => {
+                        tracing::debug!(member = self.inner.id, "pre-vote lost; not campaigning");
+                    }
+                    PreVoteOutcome::Removed => {
+                        tracing::warn!(
+                            member = self.inner.id,
+                            "peers say this member was removed from the cluster; stopping"
+                        );
+                        self.inner.removed.cancel();
+                        return;
                     }
                 }
-                self.heard_from_leader();
-                timeout = draw(base);
             }
+            timeout = draw(base);
+            next_try = Instant::now() + draw(base);
         }
     }
 
@@ -691,17 +693,22 @@ impl RaftMember {
                 }
             });
         }
-        let answers = futures::future::join_all(asks).await;
+        // Stop as soon as a majority granted: a dead peer must not delay the campaign.
+        let mut pending: futures::stream::FuturesUnordered<_> = asks.into_iter().collect();
         let mut granted = 1; // our own
         let mut removed = 0;
-        for a in answers.into_iter().flatten() {
+        let others = voters.len() - 1;
+        while let Some(a) = futures::StreamExt::next(&mut pending).await {
             match a {
-                PreVoteAnswer::Granted => granted += 1,
-                PreVoteAnswer::Refused => {}
-                PreVoteAnswer::NotAMember => removed += 1,
+                Some(PreVoteAnswer::Granted) => granted += 1,
+                Some(PreVoteAnswer::NotAMember) => removed += 1,
+                Some(PreVoteAnswer::Refused) | None => {}
+            }
+            if granted * 2 > voters.len() {
+                return PreVoteOutcome::Go;
             }
         }
-        if removed * 2 > voters.len() - 1 && removed > 0 {
+        if removed > 0 && removed * 2 > others {
             return PreVoteOutcome::Removed;
         }
         if granted * 2 > voters.len() {

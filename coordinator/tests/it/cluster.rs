@@ -2014,20 +2014,28 @@ async fn the_first_member_to_campaign_after_the_leader_dies_becomes_the_leader()
              {timeline:?}",
             ms(killed_at.elapsed())
         );
+        // With pre-vote, only a member that already won a pre-vote campaigns, so the first
+        // campaign must win: the term moves by exactly one. (A voter that granted its vote also
+        // shows the new term with no leader for a moment, so polling alone cannot always tell
+        // which survivor campaigned; the term can.)
+        assert_eq!(
+            new_term,
+            term + 1,
+            "the first campaign after the kill did not win (split vote or disruption); \
+             (ms, member, term, leader): {timeline:?}"
+        );
         if let Some(first) = first.filter(|f| f.len() == 1) {
-            conclusive += 1;
-            assert!(
-                first[0] == leader && new_term == term + 1,
-                "member {} campaigned first (term {}) with nobody competing, yet member \
-                 {leader} became leader at term {new_term}; (ms, member, term, leader): \
-                 {timeline:?}",
-                first[0],
-                term + 1
+            assert_eq!(
+                first[0], leader,
+                "member {} campaigned first with nobody competing, yet member {leader} became \
+                 leader; (ms, member, term, leader): {timeline:?}",
+                first[0]
             );
         }
+        conclusive += 1;
         c.restart(old).await;
     }
-    assert!(conclusive > 0, "every round was a split vote");
+    assert!(conclusive > 0, "no round finished");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
