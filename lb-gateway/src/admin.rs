@@ -41,25 +41,26 @@ fn error(status: StatusCode, message: String) -> Response {
     (status, Json(json!({ "error": message }))).into_response()
 }
 
-fn find<'a>(
-    gw: &'a Gateway,
-    name: Option<&String>,
-) -> Result<&'a Arc<RouteState>, (StatusCode, String)> {
+fn find(gw: &Gateway, name: Option<&String>) -> Result<Arc<RouteState>, (StatusCode, String)> {
     let Some(name) = name else {
         return Err((
             StatusCode::BAD_REQUEST,
             "the route parameter is required".into(),
         ));
     };
-    gw.routes
+    gw.table
+        .load()
+        .routes
         .iter()
         .find(|r| &r.route.name == name)
+        .cloned()
         .ok_or_else(|| (StatusCode::NOT_FOUND, format!("no route named {name:?}")))
 }
 
 async fn routes(State(gw): State<Arc<Gateway>>) -> Json<Value> {
-    let routes: Vec<&crate::routes::Route> = gw.routes.iter().map(|r| &r.route).collect();
-    Json(json!({ "gateway": gw.settings, "routes": routes }))
+    let table = gw.table.load();
+    let routes: Vec<&crate::routes::Route> = table.routes.iter().map(|r| &r.route).collect();
+    Json(json!({ "source": table.source, "gateway": table.settings, "routes": routes }))
 }
 
 fn ms_until(until: u64, now: u64) -> u64 {
@@ -68,7 +69,8 @@ fn ms_until(until: u64, now: u64) -> u64 {
 
 async fn backends(State(gw): State<Arc<Gateway>>) -> Json<Value> {
     let now = now_ns();
-    let out: Vec<Value> = gw
+    let table = gw.table.load();
+    let out: Vec<Value> = table
         .routes
         .iter()
         .map(|r| {
@@ -155,7 +157,7 @@ async fn lookup(
         .walk(hash)
         .map(|i| pool.members[i].backend.id.as_str())
         .collect();
-    let view = LiveLoads::new(&pool, r, now_ns(), &[]);
+    let view = LiveLoads::new(&pool, &r, now_ns(), &[]);
     let pick = view.pick(Some(hash));
     Json(json!({
         "route": r.route.name,

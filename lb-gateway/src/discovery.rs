@@ -16,49 +16,67 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
+use parking_lot::Mutex;
 use proto::registry_v1 as pb;
 use registry_svc::client::RegistryClient;
 use service_kit::admin::Health;
-use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::pool::RouteState;
 
-/// Starts one watch per distinct `(namespace, service)` of `routes`. `health` turns ready once
-/// every one of them has had a first answer.
-pub fn spawn(
+/// The registry watches of the current route table.
+pub struct Discovery {
     client: RegistryClient,
-    routes: &[Arc<RouteState>],
     health: Health,
     shutdown: CancellationToken,
-) -> Vec<JoinHandle<()>> {
-    let mut services: HashMap<(String, String), Vec<Arc<RouteState>>> = HashMap::new();
-    for r in routes {
-        let b = &r.route.backend;
-        services
-            .entry((b.namespace.clone(), b.service.clone()))
-            .or_default()
-            .push(Arc::clone(r));
+    /// Cancels the watches of the table last applied.
+    current: Mutex<Option<CancellationToken>>,
+}
+
+impl Discovery {
+    /// No watches yet; `health` turns ready once every service of the first table applied
+    /// has had a first answer.
+    pub fn new(client: RegistryClient, health: Health, shutdown: CancellationToken) -> Discovery {
+        Discovery {
+            client,
+            health,
+            shutdown,
+            current: Mutex::new(None),
+        }
     }
-    if services.is_empty() {
-        health.set_ready(true);
-    }
-    let unsynced = Arc::new(AtomicUsize::new(services.len()));
-    services
-        .into_iter()
-        .map(|((ns, svc), routes)| {
+
+    /// Starts one watch per distinct `(namespace, service)` of `routes`, feeding those routes,
+    /// and stops the watches of the table applied before.
+    pub fn apply(&self, routes: &[Arc<RouteState>]) {
+        let generation = self.shutdown.child_token();
+        if let Some(old) = self.current.lock().replace(generation.clone()) {
+            old.cancel();
+        }
+        let mut services: HashMap<(String, String), Vec<Arc<RouteState>>> = HashMap::new();
+        for r in routes {
+            let b = &r.route.backend;
+            services
+                .entry((b.namespace.clone(), b.service.clone()))
+                .or_default()
+                .push(Arc::clone(r));
+        }
+        if services.is_empty() {
+            self.health.set_ready(true);
+        }
+        let unsynced = Arc::new(AtomicUsize::new(services.len()));
+        for ((ns, svc), routes) in services {
             let watch = ServiceWatch {
-                client: client.clone(),
+                client: self.client.clone(),
                 namespace: ns,
                 service: svc,
                 routes,
                 unsynced: Arc::clone(&unsynced),
-                health: health.clone(),
+                health: self.health.clone(),
                 synced: false,
             };
-            tokio::spawn(watch.run(shutdown.clone()))
-        })
-        .collect()
+            tokio::spawn(watch.run(generation.clone()));
+        }
+    }
 }
 
 struct ServiceWatch {

@@ -20,6 +20,7 @@
 //!   connection pools and the bodies; [`server`]: the listener (h1 + h2c, upgrades, graceful
 //!   drain).
 //! - [`resilience`]: rate limits (GCRA), retry budget, outlier ejection.
+//! - [`overrides`]: routes replaced at run time by versions of a config-svc item.
 //! - [`trace`]: W3C `traceparent`; [`metrics`]: Prometheus families; [`admin`]: the JSON API.
 //! - `main.rs`: the binary (exit 64 on a bad config or routes file, `health` subcommand).
 //!
@@ -35,13 +36,14 @@
 //! - Loads, ejections and circuit breakers are per route: two routes over one service count
 //!   their requests separately.
 //! - Timeouts bound the time to a response's headers, not its body (streams may run long).
-//! - Routes come from the file only, read at start; overriding them from config-svc is a
-//!   follow-up.
+//! - Routes come from the file at start; with `--routes-item`, each version of that config-svc
+//!   item replaces them whole (see [`overrides`]). Editing the file needs a restart.
 
 pub mod admin;
 pub mod discovery;
 pub mod hash;
 pub mod metrics;
+pub mod overrides;
 pub mod pool;
 pub mod proxy;
 pub mod resilience;
@@ -64,9 +66,12 @@ use service_kit::telemetry::LogFormat;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
+use crate::discovery::Discovery;
+use crate::metrics::GatewayMetrics;
 use crate::pool::RouteState;
-use crate::proxy::Gateway;
+use crate::proxy::{Gateway, RouteTable};
 use crate::resilience::{GlobalLimit, KeyedLimit};
+use crate::routes::RoutesFile;
 
 /// The name this service reports in logs, traces and `--version`.
 pub const SERVICE_NAME: &str = "lb-gateway";
@@ -98,6 +103,20 @@ pub struct Config {
     /// The routes file (TOML). Without one the gateway has no routes and answers 404.
     #[arg(long, env = "LB_GATEWAY_ROUTES", value_name = "FILE")]
     pub routes: Option<PathBuf>,
+
+    /// gRPC endpoints of config-svc replicas, comma-separated, for `--routes-item`.
+    #[arg(
+        long,
+        env = "LB_GATEWAY_CONFIG_ENDPOINTS",
+        value_delimiter = ',',
+        value_name = "URLS"
+    )]
+    pub config_endpoints: Vec<String>,
+
+    /// A config-svc item (`namespace/group/key`) whose versions replace the routes at run time;
+    /// the `--routes` file is served until the first arrives.
+    #[arg(long, env = "LB_GATEWAY_ROUTES_ITEM", value_name = "ITEM", value_parser = overrides::parse_item)]
+    pub routes_item: Option<config_svc::model::ItemRef>,
 
     /// gRPC endpoints of registry-svc replicas, comma-separated (`http://host:port`).
     #[arg(
@@ -156,6 +175,10 @@ impl Config {
         if self.worker_threads == Some(0) {
             return Err("--worker-threads must be at least 1".into());
         }
+        let config_endpoints = self.config_endpoints.iter().any(|e| !e.trim().is_empty());
+        if self.routes_item.is_some() && !config_endpoints {
+            return Err("--routes-item needs --config-endpoints".into());
+        }
         if self.max_connections == 0 {
             return Err("--max-connections must be at least 1".into());
         }
@@ -168,6 +191,43 @@ impl Config {
             Some(path) => routes::load(path),
             None => routes::parse(""),
         }
+    }
+}
+
+/// Builds the route table of `file`. Routes of `previous` that keep their name and backend
+/// hand their live backend sets over (see [`RouteState::adopt`]).
+pub fn build_table(
+    metrics: &GatewayMetrics,
+    file: &RoutesFile,
+    previous: Option<&RouteTable>,
+    source: String,
+) -> RouteTable {
+    let routes = file
+        .routes
+        .iter()
+        .map(|r| {
+            let state = RouteState::new(r.clone(), metrics.route(&r.name));
+            if let Some(old) = previous.and_then(|p| {
+                p.routes
+                    .iter()
+                    .find(|o| o.route.name == r.name && o.route.backend == r.backend)
+            }) {
+                state.adopt(old);
+            }
+            Arc::new(state)
+        })
+        .collect();
+    let settings = file.gateway.clone();
+    RouteTable {
+        routes,
+        global_limit: settings.rate_limit.global.as_ref().map(GlobalLimit::new),
+        ip_limit: settings
+            .rate_limit
+            .per_client_ip
+            .as_ref()
+            .map(KeyedLimit::new),
+        settings,
+        source,
     }
 }
 
@@ -225,7 +285,9 @@ pub async fn run_with_listeners(
     let Config {
         listen: _,
         admin_listen: _,
-        routes: _,
+        routes: routes_path,
+        config_endpoints,
+        routes_item,
         registry_endpoints,
         worker_threads: _,
         max_connections,
@@ -244,24 +306,18 @@ pub async fn run_with_listeners(
 
     let health = Health::new();
     let metrics = Metrics::new();
-    let gm = metrics::GatewayMetrics::register(&metrics);
-    let routes: Vec<Arc<RouteState>> = file
-        .routes
-        .iter()
-        .map(|r| Arc::new(RouteState::new(r.clone(), gm.route(&r.name))))
-        .collect();
-    let settings = file.gateway.clone();
+    let gm = GatewayMetrics::register(&metrics);
+    let source = match &routes_path {
+        Some(p) => format!("file {}", p.display()),
+        None => "none".to_owned(),
+    };
+    let table = build_table(&gm, &file, None, source);
     let gw = Arc::new(Gateway {
-        global_limit: settings.rate_limit.global.as_ref().map(GlobalLimit::new),
-        ip_limit: settings
-            .rate_limit
-            .per_client_ip
-            .as_ref()
-            .map(KeyedLimit::new),
-        settings,
-        routes: routes.clone(),
+        table: arc_swap::ArcSwap::from_pointee(table),
         in_flight: Arc::new(AtomicU64::new(0)),
         access_log,
+        export_spans: std::env::var_os(service_kit::telemetry::OTLP_ENDPOINT_ENV)
+            .is_some_and(|v| !v.is_empty()),
         unrouted: gm.route("-"),
     });
 
@@ -272,11 +328,36 @@ pub async fn run_with_listeners(
             .filter(|e| !e.is_empty()),
     )
     .map_err(|s| anyhow::anyhow!("invalid registry endpoint: {}", s.message()))?;
-    let watches = discovery::spawn(client, &routes, health.clone(), shutdown.clone());
+    let discovery = Arc::new(Discovery::new(client, health.clone(), shutdown.clone()));
+    discovery.apply(&gw.table.load().routes);
+
+    // Routes from config-svc, when asked for.
+    let reloads = match routes_item {
+        Some(item) => {
+            let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+            let endpoints = config_endpoints
+                .iter()
+                .map(|e| e.trim().to_owned())
+                .filter(|e| !e.is_empty())
+                .collect();
+            tracing::info!(item = %item, "routes follow the config-svc item");
+            let subscription = overrides::spawn(endpoints, item, tx, shutdown.clone())
+                .map_err(|e| anyhow::anyhow!(e))?;
+            let applier = tokio::spawn(apply_reloads(
+                rx,
+                Arc::clone(&gw),
+                Arc::clone(&discovery),
+                gm.clone(),
+                shutdown.clone(),
+            ));
+            Some((subscription, applier))
+        }
+        None => None,
+    };
 
     // Once a second: expired ejections, drained backends, gauges.
     let ticker = {
-        let (routes, stop) = (routes.clone(), shutdown.clone());
+        let (gw, stop) = (Arc::clone(&gw), shutdown.clone());
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(Duration::from_secs(1));
             loop {
@@ -284,7 +365,7 @@ pub async fn run_with_listeners(
                     _ = stop.cancelled() => return,
                     _ = tick.tick() => {}
                 }
-                for r in &routes {
+                for r in &gw.table.load().routes {
                     r.prune_draining();
                     r.refresh_gauges();
                 }
@@ -292,7 +373,7 @@ pub async fn run_with_listeners(
         })
     };
 
-    tracing::info!(proxy = %proxy_addr, admin = %admin_addr, routes = routes.len(), "lb-gateway listening");
+    tracing::info!(proxy = %proxy_addr, admin = %admin_addr, routes = gw.table.load().routes.len(), "lb-gateway listening");
     let proxy_server = tokio::spawn(server::serve(
         listeners.proxy,
         Arc::clone(&gw),
@@ -307,12 +388,51 @@ pub async fn run_with_listeners(
     health.set_ready(false);
     shutdown.cancel();
     let proxy_result = proxy_server.await.context("proxy server task failed")?;
-    for w in watches {
-        let _ = w.await;
+    if let Some((subscription, applier)) = reloads {
+        let _ = subscription.await;
+        let _ = applier.await;
     }
     let _ = ticker.await;
     admin_result?;
     proxy_result.context("proxy server failed")?;
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Applies routes versions from config-svc as they come (see [`overrides`]).
+async fn apply_reloads(
+    mut updates: tokio::sync::mpsc::UnboundedReceiver<overrides::Update>,
+    gw: Arc<Gateway>,
+    discovery: Arc<Discovery>,
+    metrics: GatewayMetrics,
+    shutdown: CancellationToken,
+) {
+    loop {
+        let update = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            u = updates.recv() => match u {
+                Some(u) => u,
+                None => return,
+            },
+        };
+        match routes::parse(&update.text) {
+            Ok(file) => {
+                let table = build_table(
+                    &metrics,
+                    &file,
+                    Some(&gw.table.load()),
+                    update.source.clone(),
+                );
+                discovery.apply(&table.routes);
+                let n = table.routes.len();
+                gw.table.store(Arc::new(table));
+                metrics.reloaded("applied");
+                tracing::info!(source = %update.source, routes = n, "routes replaced");
+            }
+            Err(e) => {
+                metrics.reloaded("rejected");
+                tracing::warn!(source = %update.source, error = %e, "routes version rejected; keeping the current routes");
+            }
+        }
+    }
 }

@@ -16,6 +16,7 @@
 //! | `lb_gateway_backend_in_flight` | route, backend | requests in flight at the backend |
 //! | `lb_gateway_backend_ejections_total` | route, backend | outlier ejections |
 //! | `lb_gateway_backend_connect_failures_total` | route, backend | failed connects and tries with no answer |
+//! | `lb_gateway_route_reloads_total` | result | routes versions from config-svc `applied` or `rejected` |
 //!
 //! Handles per route and per backend are resolved once (when the route or the backend appears),
 //! so the request path touches only atomics and the histograms' own locks. A backend's series
@@ -56,6 +57,7 @@ pub struct GatewayMetrics {
     backend_in_flight: Family<BackendLabels, Gauge>,
     backend_ejections: Family<BackendLabels, Counter>,
     backend_connect_failures: Family<BackendLabels, Counter>,
+    reloads: Family<RouteLabels, Counter>,
 }
 
 /// Status classes, indexed by the first digit minus one.
@@ -83,6 +85,7 @@ impl GatewayMetrics {
             backend_in_flight: Family::default(),
             backend_ejections: Family::default(),
             backend_connect_failures: Family::default(),
+            reloads: Family::default(),
         };
         let mut r = metrics.registry();
         let r = r.sub_registry_with_prefix("lb_gateway");
@@ -148,7 +151,19 @@ impl GatewayMetrics {
             "Failed connects and tries without an answer, per backend",
             m.backend_connect_failures.clone(),
         );
+        r.register(
+            "route_reloads",
+            "Routes versions from config-svc, by result (applied, rejected)",
+            m.reloads.clone(),
+        );
         m
+    }
+
+    /// Counts a routes reload with `result` (`applied`, `rejected`).
+    pub fn reloaded(&self, result: &str) {
+        self.reloads
+            .get_or_create(&[("result", result.to_owned())])
+            .inc();
     }
 
     /// The handles of one route.

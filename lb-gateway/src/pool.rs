@@ -165,6 +165,15 @@ impl RouteState {
         }
     }
 
+    /// Takes over `old`'s live backend set (its pool, draining backends and watch state), when
+    /// a reload keeps the route's name and backend: requests keep their backends, loads and
+    /// ejections carry over, and the registry watch's first snapshot refreshes it.
+    pub fn adopt(&self, old: &RouteState) {
+        self.pool.store(old.pool.load_full());
+        *self.draining.lock() = old.draining.lock().clone();
+        *self.sync.lock() = old.sync.lock().clone();
+    }
+
     /// Whether `i` passes the route's filters (tags, zone).
     fn wanted(&self, i: &pb::Instance) -> bool {
         let b = &self.route.backend;

@@ -24,6 +24,8 @@ use std::convert::Infallible;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+
+use arc_swap::ArcSwap;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -43,20 +45,81 @@ use crate::upstream::{Finish, ProxyBody, UpBody};
 
 /// Everything the request path needs; shared by every connection.
 pub struct Gateway {
+    /// The routes and gateway-wide settings, swapped whole when routes are reloaded.
+    pub table: ArcSwap<RouteTable>,
+    /// Requests in flight over the gateway (until their response body ends).
+    pub in_flight: Arc<AtomicU64>,
+    /// Whether to write an access log line per request.
+    pub access_log: bool,
+    /// Whether spans are exported (OpenTelemetry): request spans are INFO then, DEBUG otherwise.
+    pub export_spans: bool,
+    /// Metrics of requests that match no route (route label `-`).
+    pub unrouted: crate::metrics::RouteMetrics,
+}
+
+/// A rate limit's verdict, evaluated only when reached (`None`: no such limit).
+type LimitCheck<'a> = dyn Fn() -> Option<Result<(), Duration>> + 'a;
+
+/// One generation of the routes: what a routes file (or a config-svc version) describes.
+pub struct RouteTable {
     /// The routes, in matching order.
     pub routes: Vec<Arc<RouteState>>,
     /// Gateway-wide settings.
     pub settings: GatewaySettings,
-    /// Requests in flight over the gateway (until their response body ends).
-    pub in_flight: Arc<AtomicU64>,
     /// Gateway-wide global rate limit.
     pub global_limit: Option<GlobalLimit>,
     /// Gateway-wide per-IP rate limit.
     pub ip_limit: Option<KeyedLimit>,
-    /// Whether to write an access log line per request.
-    pub access_log: bool,
-    /// Metrics of requests that match no route (route label `-`).
-    pub unrouted: crate::metrics::RouteMetrics,
+    /// Where it came from (`file ...`, `config-svc ns/group/key vN`).
+    pub source: String,
+}
+
+impl RouteTable {
+    /// The first route whose conditions hold.
+    pub fn find(&self, view: &RequestView<'_>) -> Option<&Arc<RouteState>> {
+        self.routes.iter().find(|r| r.route.matcher.matches(view))
+    }
+
+    /// Admission: the rate limits (gateway, then route; global, then per client), then load
+    /// shedding. On success the request counts as in flight until the guard is dropped.
+    fn admit(&self, gw: &Gateway, route: &RouteState, client: IpAddr) -> Result<Admitted, Failure> {
+        let now = now_ns();
+        let checks: [(&LimitCheck<'_>, &str); 4] = [
+            (
+                &|| self.global_limit.as_ref().map(|l| l.check(now)),
+                "the gateway's global rate limit",
+            ),
+            (
+                &|| self.ip_limit.as_ref().map(|l| l.check(client, now)),
+                "the gateway's per-client-IP rate limit",
+            ),
+            (
+                &|| route.global_limit.as_ref().map(|l| l.check(now)),
+                "the route's global rate limit",
+            ),
+            (
+                &|| route.ip_limit.as_ref().map(|l| l.check(client, now)),
+                "the route's per-client-IP rate limit",
+            ),
+        ];
+        for (check, what) in checks {
+            if let Some(Err(wait)) = check() {
+                let msg = format!(
+                    "{what} is exceeded; retry in {} ms",
+                    wait.as_millis().max(1)
+                );
+                return Err((Refusal::RateLimited, msg, Some(wait), 0));
+            }
+        }
+        let max = self.settings.max_in_flight;
+        if gw.in_flight.fetch_add(1, Ordering::Relaxed) >= max {
+            gw.in_flight.fetch_sub(1, Ordering::Relaxed);
+            let msg =
+                format!("the gateway has {max} requests in flight, its limit; try again shortly");
+            return Err((Refusal::Overloaded, msg, Some(Duration::from_secs(1)), 0));
+        }
+        Ok(Admitted(Some(Arc::clone(&gw.in_flight))))
+    }
 }
 
 /// Why the gateway answered itself.
@@ -318,16 +381,14 @@ pub async fn handle(
 ) -> Result<Response<ProxyBody>, Infallible> {
     let start = Instant::now();
     let grpc = is_grpc(req.headers());
+    let table = gw.table.load();
     let route = {
         let view = RequestView {
             host: host_of(req.headers(), req.uri()),
             path: req.uri().path(),
             grpc,
         };
-        gw.routes
-            .iter()
-            .find(|r| r.route.matcher.matches(&view))
-            .cloned()
+        table.find(&view).cloned()
     };
     let Some(route) = route else {
         gw.unrouted.rejected(Refusal::NoRoute.code());
@@ -335,20 +396,31 @@ pub async fn handle(
         let msg = format!("no route matches {} {}", req.method(), req.uri().path());
         return Ok(refuse(Refusal::NoRoute, &msg, grpc, None));
     };
-    let span = tracing::info_span!(
-        "proxy",
-        otel.kind = "server",
-        route = %route.route.name,
-        method = %req.method(),
-        trace_id = tracing::field::Empty,
-        backend = tracing::field::Empty,
-        status = tracing::field::Empty,
-    );
+    // A span per request: at INFO when spans are exported (OpenTelemetry), else at DEBUG, so
+    // that a gateway without a collector does not pay for spans nobody reads.
+    let span = if gw.export_spans {
+        tracing::info_span!(
+            "proxy",
+            otel.kind = "server",
+            route = %route.route.name,
+            method = %req.method(),
+            trace_id = tracing::field::Empty,
+        )
+    } else {
+        tracing::debug_span!(
+            "proxy",
+            route = %route.route.name,
+            method = %req.method(),
+            trace_id = tracing::field::Empty,
+        )
+    };
     let hop = trace::hop(
         req.headers().get(TRACEPARENT).map(HeaderValue::as_bytes),
         &span,
     );
-    span.record("trace_id", tracing::field::display(hop.ours.trace_id_hex()));
+    if !span.is_disabled() {
+        span.record("trace_id", tracing::field::display(hop.ours.trace_id_hex()));
+    }
     let access = gw.access_log.then(|| {
         (
             req.method().clone(),
@@ -356,9 +428,16 @@ pub async fn handle(
             hop.ours.trace_id_hex(),
         )
     });
-    let result = proxy(&gw, &route, client.ip(), req, grpc, &hop)
-        .instrument(span.clone())
-        .await;
+    let admitted = table.admit(&gw, &route, client.ip());
+    drop(table);
+    let result = match admitted {
+        Ok(admitted) => {
+            proxy(&gw, &route, admitted, client.ip(), req, grpc, &hop)
+                .instrument(span.clone())
+                .await
+        }
+        Err(refused) => Err(refused),
+    };
     let (resp, backend, attempts) = match result {
         Ok(done) => done,
         Err((why, message, retry_after, attempts)) => {
@@ -370,7 +449,6 @@ pub async fn handle(
     let elapsed = start.elapsed();
     route.metrics.answered(status);
     route.metrics.duration.observe(elapsed.as_secs_f64());
-    span.record("status", status);
     if let Some((method, path, trace_id)) = access {
         let grpc_status = resp
             .headers()
@@ -401,47 +479,12 @@ type Failure = (Refusal, String, Option<Duration>, u32);
 async fn proxy(
     gw: &Arc<Gateway>,
     route: &Arc<RouteState>,
+    mut admitted: Admitted,
     client: IpAddr,
     mut req: Request<Incoming>,
     grpc: bool,
     hop: &trace::Hop,
 ) -> Result<(Response<ProxyBody>, Option<String>, u32), Failure> {
-    let now = now_ns();
-    // Admission: rate limits, then load shedding.
-    let limits: [(Option<Result<(), Duration>>, &str); 4] = [
-        (
-            gw.global_limit.as_ref().map(|l| l.check(now)),
-            "the gateway's global rate limit",
-        ),
-        (
-            gw.ip_limit.as_ref().map(|l| l.check(client, now)),
-            "the gateway's per-client-IP rate limit",
-        ),
-        (
-            route.global_limit.as_ref().map(|l| l.check(now)),
-            "the route's global rate limit",
-        ),
-        (
-            route.ip_limit.as_ref().map(|l| l.check(client, now)),
-            "the route's per-client-IP rate limit",
-        ),
-    ];
-    for (verdict, what) in limits {
-        if let Some(Err(wait)) = verdict {
-            let msg = format!(
-                "{what} is exceeded; retry in {} ms",
-                wait.as_millis().max(1)
-            );
-            return Err((Refusal::RateLimited, msg, Some(wait), 0));
-        }
-    }
-    let max = gw.settings.max_in_flight;
-    if gw.in_flight.fetch_add(1, Ordering::Relaxed) >= max {
-        gw.in_flight.fetch_sub(1, Ordering::Relaxed);
-        let msg = format!("the gateway has {max} requests in flight, its limit; try again shortly");
-        return Err((Refusal::Overloaded, msg, Some(Duration::from_secs(1)), 0));
-    }
-    let mut admitted = Admitted(Some(gw.in_flight.clone()));
     route.budget.deposit();
 
     let r = &route.route;
@@ -461,21 +504,19 @@ async fn proxy(
         .and_then(|h| h.to_str().ok())
         .map(str::to_owned)
         .or_else(|| parts.uri.authority().map(|a| a.as_str().to_owned()));
-    let path_and_query = {
-        let pq = parts.uri.path_and_query().map_or("/", |p| p.as_str());
-        match (&r.rewrite_prefix, &r.matcher.path_prefix) {
-            (Some(with), Some(prefix)) => {
-                let path = parts.uri.path();
-                let mut out = rewrite(path, prefix, with);
-                if let Some(q) = parts.uri.query() {
-                    out.push('?');
-                    out.push_str(q);
-                }
-                out
+    // The path and query sent on, when it differs from the request's (a rewrite).
+    let rewritten: Option<String> = match (&r.rewrite_prefix, &r.matcher.path_prefix) {
+        (Some(with), Some(prefix)) => {
+            let mut out = rewrite(parts.uri.path(), prefix, with);
+            if let Some(q) = parts.uri.query() {
+                out.push('?');
+                out.push_str(q);
             }
-            _ => pq.to_owned(),
+            Some(out)
         }
+        _ => None,
     };
+    let original_pq: Option<http::uri::PathAndQuery> = parts.uri.path_and_query().cloned();
 
     let attempts_allowed = r.retries.attempts;
     let retryable = attempts_allowed > 1
@@ -483,7 +524,13 @@ async fn proxy(
         && idempotent(&parts.method)
         && body.is_end_stream();
     // What a retry rebuilds the request from (only kept when it may be needed).
-    let template = retryable.then(|| (parts.method.clone(), parts.headers.clone()));
+    let template = retryable.then(|| {
+        (
+            parts.method.clone(),
+            parts.uri.clone(),
+            parts.headers.clone(),
+        )
+    });
     let mut pending: Option<(http::request::Parts, UpBody)> = Some((parts, UpBody::Incoming(body)));
 
     let pool = route.pool.load_full();
@@ -534,8 +581,6 @@ async fn proxy(
         }
         let member = &pool.members[choice.member];
         let backend = Arc::clone(&member.backend);
-        let span = tracing::Span::current();
-        span.record("backend", backend.id.as_str());
         // The gateway's in-flight count moves into the guard.
         admitted.hand_over();
         let load = LoadGuard::new(
@@ -580,9 +625,10 @@ async fn proxy(
         let (mut parts, body) = match pending.take() {
             Some(p) => p,
             None => match &template {
-                Some((method, headers)) => {
+                Some((method, uri, headers)) => {
                     let (mut p, ()) = Request::new(()).into_parts();
                     p.method = method.clone();
+                    p.uri = uri.clone();
                     p.headers = headers.clone();
                     (p, UpBody::Empty)
                 }
@@ -593,8 +639,19 @@ async fn proxy(
         match wire {
             Wire::Http1 => {
                 parts.version = Version::HTTP_11;
-                parts.uri = Uri::try_from(path_and_query.as_str())
-                    .unwrap_or_else(|_| Uri::from_static("/"));
+                // Origin form; untouched (no allocation) unless rewritten or absolute.
+                match &rewritten {
+                    Some(pq) => {
+                        parts.uri =
+                            Uri::try_from(pq.as_str()).unwrap_or_else(|_| Uri::from_static("/"));
+                    }
+                    None if parts.uri.scheme().is_some() || parts.uri.authority().is_some() => {
+                        parts.uri = original_pq
+                            .clone()
+                            .map_or_else(|| Uri::from_static("/"), Uri::from);
+                    }
+                    None => {}
+                }
                 if !parts.headers.contains_key(header::HOST) {
                     let host = authority.clone().unwrap_or_else(|| backend.id.clone());
                     if let Ok(v) = HeaderValue::from_str(&host) {
@@ -605,7 +662,11 @@ async fn proxy(
             Wire::Http2 => {
                 parts.version = Version::HTTP_2;
                 let host = authority.as_deref().unwrap_or(&backend.id);
-                parts.uri = Uri::try_from(format!("http://{host}{path_and_query}"))
+                let pq = rewritten
+                    .as_deref()
+                    .or(original_pq.as_ref().map(|p| p.as_str()))
+                    .unwrap_or("/");
+                parts.uri = Uri::try_from(format!("http://{host}{pq}"))
                     .unwrap_or_else(|_| Uri::from_static("/"));
                 parts.headers.remove(header::HOST);
             }

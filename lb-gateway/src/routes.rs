@@ -220,7 +220,7 @@ pub struct Match {
 }
 
 /// The registry service of a route, with optional filters.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct BackendRef {
     /// Registry namespace.

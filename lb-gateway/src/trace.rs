@@ -5,7 +5,8 @@
 //! backend a `traceparent` naming that span as the parent. `tracestate` passes through
 //! untouched. When OpenTelemetry export is on (`OTEL_EXPORTER_OTLP_ENDPOINT`), the request's
 //! `tracing` span is parented to the caller's context and its exported IDs are the ones sent
-//! on; otherwise the gateway makes the IDs itself, so propagation works without a collector.
+//! on; otherwise the gateway makes the IDs itself, so propagation works without a collector
+//! (and the request span is at DEBUG level, costing nothing unless `RUST_LOG` asks for it).
 
 use opentelemetry::trace::{
     SpanContext, SpanId, TraceContextExt as _, TraceFlags, TraceId, TraceState,

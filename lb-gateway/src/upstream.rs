@@ -155,6 +155,7 @@ impl ConnPool {
         }
         let stream = self.tcp(timeout).await?;
         let (sender, conn) = http1::Builder::new()
+            .writev(false)
             .handshake(TokioIo::new(stream))
             .await
             .map_err(|source| ConnectError::Handshake {

@@ -62,12 +62,17 @@ pub struct Choice {
 }
 
 /// The most requests a member of `weight` may hold (see the module docs).
+///
+/// Computed in integers (ε in millionths), so that e.g. `1.1 × 360 × 100 / 900` is 44, not
+/// the 45 that the same product gives in floating point.
 pub fn capacity(epsilon: f64, total_load: u64, weight: u64, total_weight: u64) -> u64 {
     if total_weight == 0 {
         return u64::MAX;
     }
-    let cap = (1.0 + epsilon) * (total_load + 1) as f64 * weight as f64 / total_weight as f64;
-    cap.ceil() as u64
+    let eps_ppm = (epsilon.max(0.0) * 1e6).round() as u128;
+    let num = (1_000_000 + eps_ppm) * u128::from(total_load + 1) * u128::from(weight);
+    let den = 1_000_000 * u128::from(total_weight);
+    u64::try_from(num.div_ceil(den)).unwrap_or(u64::MAX)
 }
 
 /// Picks a member for the key whose hash is `hash`: its owner in `table`, or, with bounded
@@ -271,9 +276,8 @@ mod tests {
             let total = live.len() as u64;
             if let Some(eps) = epsilon {
                 for i in 0..sim.len() {
-                    let bound = ((1.0 + eps) * total as f64 * sim.weight[i] as f64
-                        / total_weight as f64)
-                        .ceil() as u64;
+                    // The bound after placing: capacity() with T + 1 = total.
+                    let bound = capacity(eps, total - 1, sim.weight[i], total_weight);
                     assert!(
                         sim.load[i] <= bound,
                         "member {i} holds {} > {bound}",
@@ -301,6 +305,16 @@ mod tests {
         let mut sim = Sim::new(vec![100; 10]);
         let worst = simulate(&table, &mut sim, None, 1_000, 7);
         assert!(worst > 2.0, "peak/mean {worst}");
+    }
+
+    #[test]
+    fn capacity_is_exact_where_floating_point_is_not() {
+        let float = (1.0f64 + 0.1) * 360.0 * 100.0 / 900.0;
+        assert!(float.ceil() > 44.0, "the trap this avoids: {float}");
+        assert_eq!(capacity(0.1, 39, 1, 1), 44);
+        assert_eq!(capacity(0.25, 11, 1, 3), 5);
+        assert_eq!(capacity(0.0, 8, 1, 3), 3);
+        assert_eq!(capacity(0.25, 0, 1, 0), u64::MAX);
     }
 
     #[test]
@@ -427,7 +441,8 @@ mod tests {
             let mut sim = Sim::new(vec![100; n]);
             let worst = simulate(&table, &mut sim, Some(epsilon), in_flight, seed);
             let mean = in_flight as f64 / n as f64;
-            let allowed = ((1.0 + epsilon) * mean).ceil() / mean;
+            // ⌈(1 + ε)·mean⌉ / mean, with the ceiling taken exactly.
+            let allowed = capacity(epsilon, in_flight as u64 - 1, 1, n as u64) as f64 / mean;
             prop_assert!(worst <= allowed + 1e-9, "peak/mean {worst} > {allowed} (ε = {epsilon})");
         }
 

@@ -86,6 +86,90 @@ impl Registry {
     }
 }
 
+/// A config-svc in process.
+pub struct ConfigSvc {
+    pub grpc: SocketAddr,
+    shutdown: CancellationToken,
+    task: JoinHandle<anyhow::Result<()>>,
+}
+
+impl ConfigSvc {
+    pub async fn start(coordinator: &str) -> ConfigSvc {
+        let config = config_svc::Config::try_parse_from([
+            "config-svc",
+            "--coordinator-endpoints",
+            coordinator,
+        ])
+        .expect("config-svc config");
+        let bind = || async { TcpListener::bind("127.0.0.1:0").await.expect("bind") };
+        let listeners = config_svc::Listeners {
+            admin: bind().await,
+            grpc: bind().await,
+            http: bind().await,
+        };
+        let grpc = listeners.grpc.local_addr().expect("addr");
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn(config_svc::run_with_listeners(
+            config,
+            listeners,
+            shutdown.clone(),
+        ));
+        ConfigSvc {
+            grpc,
+            shutdown,
+            task,
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.grpc)
+    }
+
+    /// Publishes `content` (TOML) as the next version of `ns/group/key`; returns its number.
+    pub async fn publish(&self, ns: &str, group: &str, key: &str, content: &str) -> u64 {
+        use proto::config_v1 as cpb;
+        let req = cpb::PublishRequest {
+            item: Some(cpb::ItemRef {
+                namespace: ns.into(),
+                group: group.into(),
+                key: key.into(),
+            }),
+            format: cpb::Format::Toml as i32,
+            content: content.into(),
+            author: "test".into(),
+            ..Default::default()
+        };
+        // config-svc may still be starting: retry until the deadline.
+        let deadline = std::time::Instant::now() + T;
+        loop {
+            let attempt = async {
+                let mut client = cpb::config_client::ConfigClient::connect(self.url())
+                    .await
+                    .map_err(|e| e.to_string())?;
+                client.publish(req.clone()).await.map_err(|s| s.to_string())
+            };
+            match attempt.await {
+                Ok(answer) => {
+                    return answer
+                        .into_inner()
+                        .version
+                        .map(|v| v.number)
+                        .expect("a version");
+                }
+                Err(e) => {
+                    assert!(std::time::Instant::now() < deadline, "publish failed: {e}");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+        }
+    }
+
+    pub async fn stop(self) {
+        self.shutdown.cancel();
+        let _ = within(T, "config-svc to stop", self.task).await;
+    }
+}
+
 /// Coordinator + registry.
 pub struct Stack {
     pub coordinator: Coordinator,
@@ -131,7 +215,7 @@ impl Stack {
 }
 
 /// A small HTTP backend. Every answer is JSON naming the backend and echoing what it got;
-/// `/status/N` answers N; `/slow/MS` answers after MS milliseconds; `/ws` accepts an upgrade
+/// `/status/N` answers N; `/fail-on/NAME` answers 503 at backend NAME only; `/slow/MS` answers after MS milliseconds; `/ws` accepts an upgrade
 /// and echoes bytes.
 pub struct HttpBackend {
     pub name: String,
@@ -235,6 +319,9 @@ async fn backend_answer(
         return Ok(resp);
     }
     let mut status = StatusCode::OK;
+    if path.strip_prefix("/fail-on/") == Some(name.as_str()) {
+        status = StatusCode::SERVICE_UNAVAILABLE;
+    }
     if let Some(code) = path.strip_prefix("/status/") {
         status = StatusCode::from_u16(code.parse().unwrap_or(500)).unwrap_or(StatusCode::OK);
     }
@@ -261,10 +348,15 @@ pub struct Gateway {
 impl Gateway {
     /// Starts one with `routes` (TOML) against `registry`, waiting until it is ready.
     pub async fn start(registry: &str, routes: &str) -> Gateway {
+        Self::start_with(registry, routes, &[]).await
+    }
+
+    /// [`Gateway::start`] with extra flags.
+    pub async fn start_with(registry: &str, routes: &str, extra: &[&str]) -> Gateway {
         let file = tempfile::NamedTempFile::new().expect("temp file");
         std::fs::write(file.path(), routes).expect("write routes");
         let path = file.path().display().to_string();
-        let config = lb_gateway::Config::try_parse_from([
+        let mut args = vec![
             "lb-gateway",
             "--routes",
             &path,
@@ -272,8 +364,9 @@ impl Gateway {
             registry,
             "--shutdown-grace",
             "2s",
-        ])
-        .expect("gateway config");
+        ];
+        args.extend_from_slice(extra);
+        let config = lb_gateway::Config::try_parse_from(args).expect("gateway config");
         let bind = || async { TcpListener::bind("127.0.0.1:0").await.expect("bind") };
         let listeners = lb_gateway::Listeners {
             proxy: bind().await,

@@ -9,6 +9,7 @@
 //!   traceparent, bounded loads, refusals.
 //! - `grpc`: unary and streaming calls, status and trailers.
 //! - `limits`: rate limiting (429), load shedding (503), WebSocket tunnels.
+//! - `overrides`: routes replaced by versions of a config-svc item.
 
 #[path = "../../../coord-client/tests/it/harness.rs"]
 mod coord;
@@ -17,5 +18,6 @@ mod binary;
 mod grpc;
 mod harness;
 mod limits;
+mod overrides;
 mod routing;
 mod run;

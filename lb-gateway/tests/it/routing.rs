@@ -431,3 +431,44 @@ backend = {{ namespace = "{NS}", service = "nobody" }}
     );
     gw.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_503_is_retried_at_the_keys_next_choice_with_the_same_request() {
+    let stack = Stack::start().await;
+    let (_backends, _regs) = three_backends(&stack).await;
+    let gw = Gateway::start(&stack.registry.url(), &routes("")).await;
+    gw.wait_backends("web", 3).await;
+    let mut owned_by_a = None;
+    for u in 0..50 {
+        let user = format!("user-{u}");
+        if served_by(&gw, "/", &user, 1).await.contains_key("a") {
+            owned_by_a = Some(user);
+            break;
+        }
+    }
+    let user = owned_by_a.expect("a key owned by a");
+    let (status, body, _) = gw.get("/fail-on/a?x=1", &[("x-user", &user)]).await;
+    assert_eq!(status, 200, "{body}");
+    assert_ne!(body["backend"], "a");
+    assert_eq!(
+        body["path"], "/fail-on/a",
+        "the retry carries the same path"
+    );
+    assert_eq!(body["query"], "x=1");
+    assert_eq!(
+        gw.metric("lb_gateway_retries_total{route=\"web\"}").await,
+        1.0
+    );
+    // A POST is not retried: the 503 comes back.
+    let req = http::Request::post(gw.url("/fail-on/a"))
+        .header("x-user", &user)
+        .body(http_body_util::Full::new(bytes::Bytes::from_static(b"{}")))
+        .expect("request");
+    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .build_http();
+    let resp = crate::harness::within(T, "POST", client.request(req))
+        .await
+        .expect("POST");
+    assert_eq!(resp.status(), 503);
+    gw.stop().await;
+}

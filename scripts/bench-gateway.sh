@@ -1,0 +1,300 @@
+#!/usr/bin/env bash
+# Benchmarks lb-gateway against nginx and HAProxy as consistent-hashing reverse proxies, in one
+# run with the same backends, and prints a Markdown table ready for BENCHMARKS.md.
+#
+# Setup (everything on 127.0.0.1, at free ports, in a temporary directory):
+#   - backends: one nginx process (1 worker) serving BACKENDS ports, each answering
+#     `200 ok` with a 2-byte body;
+#   - a coordinator and a registry-svc, with the backends registered (TTL 1 h) — the gateway's
+#     backend set comes from the registry watch, as in production;
+#   - the three proxies, each with PROXY_THREADS workers (gateway: Tokio worker threads;
+#     nginx: worker processes; HAProxy: nbthread), each hashing the request URI consistently:
+#     lb-gateway `hash = "uri"` (ring, bounded loads ε = 0.25, its defaults), nginx
+#     `hash $request_uri consistent`, HAProxy `balance uri` + `hash-type consistent`. Upstream
+#     keep-alive on in all three; access logs off in all three.
+#
+# Each run is `wrk -t WRK_THREADS -c CONNECTIONS -d DURATION --latency` with a Lua script that
+# spreads requests over 1000 paths (`/item/0` .. `/item/999`), against: one backend directly,
+# the gateway, nginx, HAProxy. The targets alternate (REPS rounds of all four) so that noise
+# from other work on a shared machine hits all alike; the table reports each target's median
+# run. "CPU/req" is the proxy's user+system CPU time (all its processes and threads, from
+# /proc) during the run divided by the requests served.
+#
+# Only processes this script started are stopped (by PID, from an EXIT trap); the whole run is
+# bounded by `timeout`. Installs wrk, nginx and haproxy with apt-get if missing.
+#
+# Environment (defaults in brackets):
+#   BENCH_DURATION [10s]  BENCH_REPS [3]  BENCH_CONNECTIONS [64]  BENCH_WRK_THREADS [1]
+#   BENCH_PROXY_THREADS [1]  BENCH_BACKENDS [4]  BENCH_SKIP_BUILD [0]  BENCH_MAX_TIME [900]
+#   BENCH_PROFILE [unset]  a file: `perf record -g` the gateway for 3 s of its first run into it
+set -euo pipefail
+
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+DURATION=${BENCH_DURATION:-10s}
+REPS=${BENCH_REPS:-3}
+CONNS=${BENCH_CONNECTIONS:-64}
+WRK_THREADS=${BENCH_WRK_THREADS:-1}
+PROXY_THREADS=${BENCH_PROXY_THREADS:-1}
+NBACKENDS=${BENCH_BACKENDS:-4}
+MAX_TIME=${BENCH_MAX_TIME:-900}
+TARGET_DIR=${CARGO_TARGET_DIR:-$ROOT/target}
+
+log() { printf '%s %s\n' "$(date +%T)" "$*" >&2; }
+die() { log "error: $*"; exit 1; }
+
+# The whole run is bounded: re-exec under timeout once.
+if [[ -z ${BENCH_GATEWAY_BOUNDED:-} ]]; then
+    export BENCH_GATEWAY_BOUNDED=1
+    exec timeout --foreground -k 10 "$MAX_TIME" "$0" "$@"
+fi
+
+need=()
+command -v wrk >/dev/null || need+=(wrk)
+command -v nginx >/dev/null || [[ -x /usr/sbin/nginx ]] || need+=(nginx)
+command -v haproxy >/dev/null || [[ -x /usr/sbin/haproxy ]] || need+=(haproxy)
+command -v curl >/dev/null || need+=(curl)
+if ((${#need[@]})); then
+    log "installing ${need[*]}"
+    apt-get update -qq >&2
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >&2
+fi
+NGINX=$(command -v nginx || echo /usr/sbin/nginx)
+HAPROXY=$(command -v haproxy || echo /usr/sbin/haproxy)
+
+if [[ ${BENCH_SKIP_BUILD:-0} != 1 ]]; then
+    log "building lb-gateway, registry-svc and coordinator (release)"
+    (cd "$ROOT" && cargo build --release -p lb-gateway -p registry-svc -p coordinator --bins) >&2
+fi
+GATEWAY_BIN=$TARGET_DIR/release/lb-gateway
+REGISTRY_BIN=$TARGET_DIR/release/registry-svc
+COORD_BIN=$TARGET_DIR/release/coordinator
+for b in "$GATEWAY_BIN" "$REGISTRY_BIN" "$COORD_BIN"; do
+    [[ -x $b ]] || die "missing $b"
+done
+
+TMP=$(mktemp -d /tmp/bench-gateway.XXXXXX)
+declare -A RUNNING=()
+
+stop_pid() {
+    local pid=$1 i
+    [[ -n ${RUNNING[$pid]:-} ]] || return 0
+    kill -TERM "$pid" 2>/dev/null || true
+    for ((i = 0; i < 100; i++)); do
+        kill -0 "$pid" 2>/dev/null || break
+        sleep 0.1
+    done
+    kill -0 "$pid" 2>/dev/null && kill -KILL "$pid" 2>/dev/null || true
+    wait "$pid" 2>/dev/null || true
+    unset "RUNNING[$pid]"
+}
+
+cleanup() {
+    local pid
+    for pid in "${!RUNNING[@]}"; do stop_pid "$pid"; done
+    rm -rf "$TMP"
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+# A free TCP port on 127.0.0.1 (bound and released by the kernel's choice).
+free_port() {
+    python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1]); s.close()'
+}
+
+# Starts a process in the background, logging to $TMP/NAME.log; its PID is left in LAST_PID.
+# (Not called in $(...): the PID must be recorded in this shell for the EXIT trap.)
+LAST_PID=
+start() { # name, command...
+    local name=$1
+    shift
+    "$@" >"$TMP/$name.log" 2>&1 &
+    LAST_PID=$!
+    RUNNING[$LAST_PID]=$name
+}
+
+wait_http() { # url, what
+    local i
+    for ((i = 0; i < 300; i++)); do
+        curl -fsS -o /dev/null "$1" 2>/dev/null && return 0
+        sleep 0.1
+    done
+    die "$2 did not answer at $1 (see $TMP)"
+}
+
+# --- backends: one nginx, one worker, NBACKENDS ports ---
+BACKEND_PORTS=()
+for ((i = 0; i < NBACKENDS; i++)); do BACKEND_PORTS+=("$(free_port)"); done
+mkdir -p "$TMP/backend"
+{
+    echo "worker_processes 1; daemon off; pid $TMP/backend/nginx.pid; error_log $TMP/backend/error.log warn;"
+    echo "events { worker_connections 4096; }"
+    echo "http { access_log off; keepalive_requests 1000000; client_body_temp_path $TMP/backend;"
+    for p in "${BACKEND_PORTS[@]}"; do
+        echo "  server { listen 127.0.0.1:$p; location / { return 200 'ok'; } }"
+    done
+    echo "}"
+} >"$TMP/backend/nginx.conf"
+start backend "$NGINX" -c "$TMP/backend/nginx.conf" -p "$TMP/backend"
+BACKEND_PID=$LAST_PID
+wait_http "http://127.0.0.1:${BACKEND_PORTS[0]}/" "backend nginx"
+
+# --- coordinator + registry, backends registered ---
+CPORT=$(free_port)
+start coordinator "$COORD_BIN" --data-dir "$TMP/coord" \
+    --listen-client-urls "http://127.0.0.1:$CPORT" --listen-metrics-urls "http://127.0.0.1:$(free_port)"
+COORD_PID=$LAST_PID
+RGRPC=$(free_port)
+RHTTP=$(free_port)
+RADMIN=$(free_port)
+start registry "$REGISTRY_BIN" --coordinator-endpoints "http://127.0.0.1:$CPORT" \
+    --grpc-listen "127.0.0.1:$RGRPC" --http-listen "127.0.0.1:$RHTTP" --admin-listen "127.0.0.1:$RADMIN"
+REGISTRY_PID=$LAST_PID
+wait_http "http://127.0.0.1:$RADMIN/readyz" "registry-svc"
+for i in "${!BACKEND_PORTS[@]}"; do
+    curl -fsS -o /dev/null -X POST "http://127.0.0.1:$RHTTP/v1/instances" -H 'content-type: application/json' \
+        -d "{\"namespace\":\"bench\",\"service\":\"web\",\"instance_id\":\"b$i\",\"address\":\"127.0.0.1\",\"port\":${BACKEND_PORTS[$i]},\"ttl_seconds\":3600}" ||
+        die "registering backend $i failed"
+done
+
+# --- the three proxies ---
+GPORT=$(free_port)
+GADMIN=$(free_port)
+cat >"$TMP/routes.toml" <<EOF
+[gateway]
+max_in_flight = 100000
+
+[[routes]]
+name = "web"
+backend = { namespace = "bench", service = "web" }
+hash = "uri"
+circuit_breaker = { max_requests = 100000 }
+EOF
+start gateway "$GATEWAY_BIN" --listen "127.0.0.1:$GPORT" --admin-listen "127.0.0.1:$GADMIN" \
+    --routes "$TMP/routes.toml" --registry-endpoints "http://127.0.0.1:$RGRPC" \
+    --worker-threads "$PROXY_THREADS" --access-log false
+GATEWAY_PID=$LAST_PID
+wait_http "http://127.0.0.1:$GADMIN/readyz" "lb-gateway"
+for ((i = 0; i < 100; i++)); do
+    [[ $(curl -fsS "http://127.0.0.1:$GADMIN/admin/backends" | grep -o '"instance_id"' | wc -l) == "$NBACKENDS" ]] && break
+    sleep 0.1
+done
+
+NPORT=$(free_port)
+mkdir -p "$TMP/nginx"
+{
+    echo "worker_processes $PROXY_THREADS; daemon off; pid $TMP/nginx/nginx.pid; error_log $TMP/nginx/error.log warn;"
+    echo "events { worker_connections 8192; }"
+    echo "http { access_log off; keepalive_requests 1000000; client_body_temp_path $TMP/nginx;"
+    echo "  proxy_temp_path $TMP/nginx;"
+    echo "  upstream web { hash \$request_uri consistent;"
+    for p in "${BACKEND_PORTS[@]}"; do echo "    server 127.0.0.1:$p;"; done
+    echo "    keepalive 256; }"
+    echo "  server { listen 127.0.0.1:$NPORT; location / { proxy_pass http://web; proxy_http_version 1.1; proxy_set_header Connection \"\"; } }"
+    echo "}"
+} >"$TMP/nginx/nginx.conf"
+start nginx "$NGINX" -c "$TMP/nginx/nginx.conf" -p "$TMP/nginx"
+NGINX_PID=$LAST_PID
+wait_http "http://127.0.0.1:$NPORT/item/1" "nginx proxy"
+
+HPORT=$(free_port)
+{
+    echo "global"
+    echo "  nbthread $PROXY_THREADS"
+    echo "  maxconn 4000"
+    echo "defaults"
+    echo "  mode http"
+    echo "  option http-keep-alive"
+    echo "  http-reuse always"
+    echo "  timeout connect 1s"
+    echo "  timeout client 30s"
+    echo "  timeout server 30s"
+    echo "frontend fe"
+    echo "  bind 127.0.0.1:$HPORT"
+    echo "  default_backend be"
+    echo "backend be"
+    echo "  balance uri"
+    echo "  hash-type consistent"
+    for i in "${!BACKEND_PORTS[@]}"; do echo "  server b$i 127.0.0.1:${BACKEND_PORTS[$i]}"; done
+} >"$TMP/haproxy.cfg"
+start haproxy "$HAPROXY" -db -f "$TMP/haproxy.cfg"
+HAPROXY_PID=$LAST_PID
+wait_http "http://127.0.0.1:$HPORT/item/1" "haproxy"
+
+cat >"$TMP/paths.lua" <<'EOF'
+local n = 0
+request = function()
+  n = n + 1
+  return wrk.format(nil, "/item/" .. (n % 1000))
+end
+EOF
+
+# CPU ticks (user + system) of a process and all its children (nginx workers).
+cpu_ticks() {
+    local pid=$1 total=0 p
+    for p in $pid $(pgrep -P "$pid" || true); do
+        [[ -r /proc/$p/stat ]] || continue
+        total=$((total + $(awk '{print $14 + $15}' "/proc/$p/stat")))
+    done
+    echo "$total"
+}
+HZ=$(getconf CLK_TCK)
+
+# One run: name, port, pid (or 0 for none). Appends "name rps p99_ms cpu_us_per_req" to results.
+run() {
+    local name=$1 port=$2 pid=$3 out before after reqs rps p99 cpu
+    # Warm-up (connections, pools).
+    wrk -t "$WRK_THREADS" -c "$CONNS" -d 1s -s "$TMP/paths.lua" "http://127.0.0.1:$port" >/dev/null 2>&1 || true
+    before=0
+    [[ $pid != 0 ]] && before=$(cpu_ticks "$pid")
+    local prof=
+    if [[ -n ${BENCH_PROFILE:-} && $name == lb-gateway && ! -e $BENCH_PROFILE ]] && command -v perf >/dev/null; then
+        perf record -q -F 1999 -g -p "$pid" -o "$BENCH_PROFILE" -- sleep 3 >/dev/null 2>&1 &
+        prof=$!
+    fi
+    if [[ -n ${BENCH_STRACE:-} && $pid != 0 ]] && command -v strace >/dev/null; then
+        local traced=$pid
+        [[ $name == nginx ]] && traced=$(pgrep -P "$pid" | head -1)
+        timeout -s INT 3 strace -c -f -p "$traced" -o "$BENCH_STRACE.$name" >/dev/null 2>&1 &
+        prof=$!
+    fi
+    out=$(wrk -t "$WRK_THREADS" -c "$CONNS" -d "$DURATION" --latency -s "$TMP/paths.lua" "http://127.0.0.1:$port")
+    [[ -n $prof ]] && wait "$prof" 2>/dev/null || true
+    after=0
+    [[ $pid != 0 ]] && after=$(cpu_ticks "$pid")
+    reqs=$(awk '/requests in/ {print $1}' <<<"$out")
+    rps=$(awk '/Requests\/sec/ {print $2}' <<<"$out")
+    p99=$(awk '$1 == "99%" {v=$2; if (v ~ /us$/) {sub(/us/,"",v); v=v/1000} else if (v ~ /ms$/) {sub(/ms/,"",v)} else if (v ~ /s$/) {sub(/s/,"",v); v=v*1000}; print v}' <<<"$out")
+    if grep -q "Non-2xx" <<<"$out"; then
+        log "$name: $(grep Non-2xx <<<"$out")"
+    fi
+    cpu=-
+    if [[ $pid != 0 && ${reqs:-0} -gt 0 ]]; then
+        cpu=$(awk -v t=$((after - before)) -v hz="$HZ" -v r="$reqs" 'BEGIN {printf "%.1f", t / hz * 1e6 / r}')
+    fi
+    log "$name: $rps req/s, p99 $p99 ms, CPU $cpu us/req"
+    echo "$name $rps $p99 $cpu" >>"$TMP/results"
+}
+
+log "measuring: $REPS rounds × 4 targets × $DURATION, $CONNS connections, wrk -t$WRK_THREADS, proxies with $PROXY_THREADS worker(s)"
+for ((r = 1; r <= REPS; r++)); do
+    run direct "${BACKEND_PORTS[0]}" 0
+    run lb-gateway "$GPORT" "$GATEWAY_PID"
+    run nginx "$NPORT" "$NGINX_PID"
+    run haproxy "$HPORT" "$HAPROXY_PID"
+done
+
+# Spread check: how the proxies spread the 1000 paths over the backends is not measured
+# here; the gateway's own spread is in its admin API (/admin/table?route=web).
+
+echo
+echo "| target | req/s | p99 (ms) | proxy CPU per request (µs) |"
+echo "|---|---:|---:|---:|"
+for name in direct lb-gateway nginx haproxy; do
+    # The median run by req/s.
+    awk -v n="$name" '$1 == n' "$TMP/results" | sort -k2 -g | awk -v reps="$REPS" '
+        { rows[NR] = $0 }
+        END { split(rows[int((NR + 1) / 2)], f, " "); printf "| %s | %.0f | %.2f | %s |\n", f[1], f[2], f[3], f[4] }'
+done
+echo
+echo "All runs (target, req/s, p99 ms, CPU µs/req):"
+sed 's/^/    /' "$TMP/results"
