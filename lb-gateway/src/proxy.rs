@@ -38,7 +38,7 @@ use hyper_util::rt::TokioIo;
 use tracing::Instrument as _;
 
 use crate::pool::{Backend, LiveLoads, RouteState, Wire};
-use crate::resilience::{GlobalLimit, KeyedLimit, Outcome, now_ns};
+use crate::resilience::{GlobalLimit, KeyedLimit, Outcome, now_ns, ns_at};
 use crate::routes::{GatewaySettings, RequestView, rewrite};
 use crate::trace::{self, TRACEPARENT};
 use crate::upstream::{Finish, ProxyBody, UpBody};
@@ -82,8 +82,13 @@ impl RouteTable {
 
     /// Admission: the rate limits (gateway, then route; global, then per client), then load
     /// shedding. On success the request counts as in flight until the guard is dropped.
-    fn admit(&self, gw: &Gateway, route: &RouteState, client: IpAddr) -> Result<Admitted, Failure> {
-        let now = now_ns();
+    fn admit(
+        &self,
+        gw: &Gateway,
+        route: &RouteState,
+        client: IpAddr,
+        now: u64,
+    ) -> Result<Admitted, Failure> {
         let checks: [(&LimitCheck<'_>, &str); 4] = [
             (
                 &|| self.global_limit.as_ref().map(|l| l.check(now)),
@@ -373,10 +378,28 @@ impl Drop for Admitted {
     }
 }
 
+/// The client end of a connection.
+#[derive(Debug, Clone)]
+pub struct Client {
+    /// Its address.
+    pub addr: SocketAddr,
+    /// Its IP address as a header value (for `x-forwarded-for`).
+    pub ip_value: HeaderValue,
+}
+
+impl Client {
+    /// The client at `addr`.
+    pub fn new(addr: SocketAddr) -> Client {
+        let ip_value = HeaderValue::from_str(&addr.ip().to_string())
+            .unwrap_or_else(|_| HeaderValue::from_static("unknown"));
+        Client { addr, ip_value }
+    }
+}
+
 /// Serves one request (the `hyper` service function).
 pub async fn handle(
     gw: Arc<Gateway>,
-    client: SocketAddr,
+    client: Arc<Client>,
     req: Request<Incoming>,
 ) -> Result<Response<ProxyBody>, Infallible> {
     let start = Instant::now();
@@ -428,11 +451,18 @@ pub async fn handle(
             hop.ours.trace_id_hex(),
         )
     });
-    let admitted = table.admit(&gw, &route, client.ip());
+    let admitted = table.admit(&gw, &route, client.addr.ip(), ns_at(start));
     drop(table);
     let result = match admitted {
         Ok(admitted) => {
-            proxy(&gw, &route, admitted, client.ip(), req, grpc, &hop)
+            // Boxed: the proxy's state machine is large, and hyper moves the request's future.
+            let call = Call {
+                client: &client,
+                grpc,
+                hop: &hop,
+                start,
+            };
+            Box::pin(proxy(&gw, &route, admitted, req, call))
                 .instrument(span.clone())
                 .await
         }
@@ -458,7 +488,7 @@ pub async fn handle(
         tracing::info!(
             target: "lb_gateway::access",
             parent: &span,
-            client = %client.ip(),
+            client = %client.addr.ip(),
             %method,
             %path,
             status,
@@ -476,21 +506,35 @@ pub async fn handle(
 
 type Failure = (Refusal, String, Option<Duration>, u32);
 
+/// What the request path knows about a request besides the request itself.
+struct Call<'a> {
+    client: &'a Client,
+    grpc: bool,
+    hop: &'a trace::Hop,
+    /// When it arrived.
+    start: Instant,
+}
+
 async fn proxy(
     gw: &Arc<Gateway>,
     route: &Arc<RouteState>,
     mut admitted: Admitted,
-    client: IpAddr,
     mut req: Request<Incoming>,
-    grpc: bool,
-    hop: &trace::Hop,
+    call: Call<'_>,
 ) -> Result<(Response<ProxyBody>, Option<String>, u32), Failure> {
+    let Call {
+        client,
+        grpc,
+        hop,
+        start,
+    } = call;
+    let client_ip = client.addr.ip();
     route.budget.deposit();
 
     let r = &route.route;
     let client_upgrade = is_upgrade(req.headers()).then(|| hyper::upgrade::on(&mut req));
     let (mut parts, body) = req.into_parts();
-    let key = r.hash.key_hash(&parts, client);
+    let key = r.hash.key_hash(&parts, client_ip);
 
     // The request as it goes out, minus what depends on the wire.
     strip_hop_by_hop(&mut parts.headers, client_upgrade.is_some());
@@ -534,13 +578,15 @@ async fn proxy(
     let mut pending: Option<(http::request::Parts, UpBody)> = Some((parts, UpBody::Incoming(body)));
 
     let pool = route.pool.load_full();
-    let deadline = Instant::now() + r.timeouts.overall;
+    let deadline = start + r.timeouts.overall;
     let mut tried: Vec<usize> = Vec::new();
     let mut attempts: u32 = 0;
     let mut last: Failure = (Refusal::NoBackend, String::new(), None, 0);
     let mut stale_conn_retries = 0;
     loop {
-        let now = now_ns();
+        // The first try reuses the request's arrival time; retries read the clock.
+        let now_instant = if attempts == 0 { start } else { Instant::now() };
+        let now = ns_at(now_instant);
         let view = LiveLoads::new(&pool, route, now, &tried);
         let Some(choice) = view.pick(key) else {
             if attempts > 0 {
@@ -589,7 +635,7 @@ async fn proxy(
             gw.in_flight.clone(),
         );
         let wire = route.wire(&backend, grpc);
-        let remaining = deadline.saturating_duration_since(Instant::now());
+        let remaining = deadline.saturating_duration_since(now_instant);
         let connect_timeout = r.timeouts.connect.min(remaining);
 
         // Connect first: a failure here leaves the request unsent.
@@ -672,11 +718,11 @@ async fn proxy(
             }
         }
         let out = Request::from_parts(parts, body);
+        let sent_at = if attempts <= 1 { start } else { Instant::now() };
         let per_try = r
             .timeouts
             .per_try
-            .min(deadline.saturating_duration_since(Instant::now()));
-        let sent_at = Instant::now();
+            .min(deadline.saturating_duration_since(sent_at));
         let answer = match &mut sender {
             Sender::H1(s) => tokio::time::timeout(per_try, s.try_send_request(out)).await,
             Sender::H2(s) => tokio::time::timeout(per_try, s.try_send_request(out)).await,
@@ -769,7 +815,12 @@ async fn proxy(
 
 /// Feeds outlier detection; on an ejection, counts and logs it.
 fn record(route: &RouteState, pool: &crate::pool::Pool, backend: &Backend, outcome: Outcome) {
-    let now = now_ns();
+    // A success only resets counters; only failures need the time.
+    let now = if outcome == Outcome::Success {
+        0
+    } else {
+        now_ns()
+    };
     if let Some(length) = backend
         .outlier
         .record(outcome, &route.route.outlier, now, || {
@@ -782,13 +833,14 @@ fn record(route: &RouteState, pool: &crate::pool::Pool, backend: &Backend, outco
     }
 }
 
-fn forwarded_for(headers: &mut HeaderMap, client: IpAddr) {
+fn forwarded_for(headers: &mut HeaderMap, client: &Client) {
     const XFF: HeaderName = HeaderName::from_static("x-forwarded-for");
     let value = match headers.get(&XFF).and_then(|v| v.to_str().ok()) {
-        Some(prev) => format!("{prev}, {client}"),
-        None => client.to_string(),
+        Some(prev) => HeaderValue::from_str(&format!("{prev}, {}", client.addr.ip())).ok(),
+        // The common case: the connection's address, formatted once per connection.
+        None => Some(client.ip_value.clone()),
     };
-    if let Ok(v) = HeaderValue::from_str(&value) {
+    if let Some(v) = value {
         headers.insert(XFF, v);
     }
 }

@@ -17,7 +17,7 @@ use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
-use crate::proxy::{Gateway, handle};
+use crate::proxy::{Client, Gateway, handle};
 
 /// Serves `listener` until `shutdown`, then drains for at most `grace`.
 pub async fn serve(
@@ -62,7 +62,8 @@ pub async fn serve(
         };
         let _ = stream.set_nodelay(true);
         let gw = Arc::clone(&gw);
-        let service = service_fn(move |req| handle(Arc::clone(&gw), peer, req));
+        let client = Arc::new(Client::new(peer));
+        let service = service_fn(move |req| handle(Arc::clone(&gw), Arc::clone(&client), req));
         let builder = builder.clone();
         let watcher = graceful.watcher();
         tokio::spawn(async move {
