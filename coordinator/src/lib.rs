@@ -282,7 +282,16 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
                     .max_decoding_message_size(256 * 1024 * 1024)
                     .max_encoding_message_size(256 * 1024 * 1024);
                 let stop = shutdown.clone();
-                let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+                // tonic's tcp_nodelay applies only to listeners it binds itself; without it,
+                // Nagle + delayed ACK hold small Raft messages for ~40 ms.
+                let incoming = tokio_stream::StreamExt::map(
+                    tokio_stream::wrappers::TcpListenerStream::new(listener),
+                    |s| {
+                        s.inspect(|s| {
+                            let _ = s.set_nodelay(true);
+                        })
+                    },
+                );
                 tasks.push(tokio::spawn(async move {
                     let res = tonic::transport::Server::builder()
                         .tcp_nodelay(true)
