@@ -128,7 +128,10 @@ pub struct Config {
     )]
     pub registry_endpoints: Vec<String>,
 
-    /// Tokio worker threads (default: one per CPU).
+    /// Proxy workers (default: one per CPU). Each is a thread with its own single-threaded
+    /// runtime accepting from the shared listener and serving its connections start to end,
+    /// as nginx's worker processes do; the first also runs the control plane (registry
+    /// watches, admin API).
     #[arg(long, env = "LB_GATEWAY_WORKER_THREADS", value_name = "N")]
     pub worker_threads: Option<usize>,
 
@@ -289,7 +292,7 @@ pub async fn run_with_listeners(
         config_endpoints,
         routes_item,
         registry_endpoints,
-        worker_threads: _,
+        worker_threads,
         max_connections,
         access_log,
         shutdown_grace,
@@ -374,10 +377,45 @@ pub async fn run_with_listeners(
     };
 
     tracing::info!(proxy = %proxy_addr, admin = %admin_addr, routes = gw.table.load().routes.len(), "lb-gateway listening");
+    let workers = worker_threads
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
+        .max(1);
+    let per_worker = max_connections.div_ceil(workers);
+    // Workers 1.. on threads of their own, on clones of the listening socket.
+    let mut extra_workers = Vec::new();
+    let proxy_listener = if workers > 1 {
+        let std_listener = listeners
+            .proxy
+            .into_std()
+            .context("cannot share the proxy listener")?;
+        for i in 1..workers {
+            let clone = std_listener
+                .try_clone()
+                .context("cannot share the proxy listener")?;
+            let (gw, stop) = (Arc::clone(&gw), shutdown.clone());
+            let thread = std::thread::Builder::new()
+                .name(format!("lb-gateway-worker-{i}"))
+                .spawn(move || -> std::io::Result<()> {
+                    upstream::set_worker(i);
+                    let runtime = tokio::runtime::Builder::new_current_thread()
+                        .enable_all()
+                        .build()?;
+                    runtime.block_on(async move {
+                        let listener = TcpListener::from_std(clone)?;
+                        server::serve(listener, gw, per_worker, shutdown_grace, stop).await
+                    })
+                })
+                .context("cannot start a proxy worker thread")?;
+            extra_workers.push(thread);
+        }
+        TcpListener::from_std(std_listener).context("cannot share the proxy listener")?
+    } else {
+        listeners.proxy
+    };
     let proxy_server = tokio::spawn(server::serve(
-        listeners.proxy,
+        proxy_listener,
         Arc::clone(&gw),
-        max_connections,
+        per_worker,
         shutdown_grace,
         shutdown.clone(),
     ));
@@ -388,6 +426,14 @@ pub async fn run_with_listeners(
     health.set_ready(false);
     shutdown.cancel();
     let proxy_result = proxy_server.await.context("proxy server task failed")?;
+    for worker in extra_workers {
+        let joined = tokio::task::spawn_blocking(move || worker.join()).await;
+        match joined {
+            Ok(Ok(Ok(()))) => {}
+            Ok(Ok(Err(e))) => tracing::warn!(error = %e, "a proxy worker failed"),
+            _ => tracing::warn!("a proxy worker panicked"),
+        }
+    }
     if let Some((subscription, applier)) = reloads {
         let _ = subscription.await;
         let _ = applier.await;

@@ -66,17 +66,11 @@ fn serve(config: Config) -> ExitCode {
         Ok(routes) => routes,
         Err(err) => exit_bad_config(err),
     };
-    // One worker: a current-thread runtime, which schedules without cross-thread
-    // synchronisation (as an nginx worker or a single HAProxy thread runs).
-    let mut builder = if config.worker_threads == Some(1) {
-        tokio::runtime::Builder::new_current_thread()
-    } else {
-        tokio::runtime::Builder::new_multi_thread()
-    };
+    // The first worker's runtime: single-threaded, scheduling without cross-thread
+    // synchronisation (as an nginx worker); `run` starts the other workers on threads of
+    // their own.
+    let mut builder = tokio::runtime::Builder::new_current_thread();
     builder.enable_all();
-    if let Some(n) = config.worker_threads.filter(|&n| n > 1) {
-        builder.worker_threads(n);
-    }
     let runtime = match builder.build() {
         Ok(runtime) => runtime,
         Err(err) => {

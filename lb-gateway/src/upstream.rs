@@ -21,8 +21,26 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use parking_lot::Mutex;
 use tokio::net::TcpStream;
 
-/// Most idle HTTP/1.1 connections kept per backend.
+/// Most idle HTTP/1.1 connections kept per backend and worker.
 pub const MAX_IDLE: usize = 512;
+
+/// Idle stacks per backend: one per worker up to this many, so that a worker reuses the
+/// connections its own runtime drives.
+const STACKS: usize = 16;
+
+thread_local! {
+    /// This thread's worker index (0 unless [`set_worker`] said otherwise).
+    static WORKER: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
+/// Declares the current thread to be proxy worker `i`.
+pub fn set_worker(i: usize) {
+    WORKER.with(|w| w.set(i));
+}
+
+fn stack() -> usize {
+    WORKER.with(|w| w.get()) % STACKS
+}
 
 /// A request body on its way to a backend: the client's, or none (retries of bodyless
 /// requests).
@@ -98,7 +116,8 @@ pub enum ConnectError {
 #[derive(Debug)]
 pub struct ConnPool {
     addr: SocketAddr,
-    idle: Mutex<Vec<http1::SendRequest<UpBody>>>,
+    /// Idle HTTP/1.1 connections, one stack per worker (see [`STACKS`]).
+    idle: Vec<Mutex<Vec<http1::SendRequest<UpBody>>>>,
     h2: Mutex<Option<http2::SendRequest<UpBody>>>,
     h2_connecting: tokio::sync::Mutex<()>,
 }
@@ -108,7 +127,7 @@ impl ConnPool {
     pub fn new(addr: SocketAddr) -> ConnPool {
         ConnPool {
             addr,
-            idle: Mutex::new(Vec::new()),
+            idle: (0..STACKS).map(|_| Mutex::new(Vec::new())).collect(),
             h2: Mutex::new(None),
             h2_connecting: tokio::sync::Mutex::new(()),
         }
@@ -121,7 +140,7 @@ impl ConnPool {
 
     /// Idle HTTP/1.1 connections.
     pub fn idle(&self) -> usize {
-        self.idle.lock().len()
+        self.idle.iter().map(|s| s.lock().len()).sum()
     }
 
     async fn tcp(&self, timeout: Duration) -> Result<TcpStream, ConnectError> {
@@ -137,7 +156,7 @@ impl ConnPool {
     /// An HTTP/1.1 connection ready for a request: an idle one, or a new one.
     pub async fn h1(&self, timeout: Duration) -> Result<http1::SendRequest<UpBody>, ConnectError> {
         loop {
-            let Some(mut sender) = self.idle.lock().pop() else {
+            let Some(mut sender) = self.idle[stack()].lock().pop() else {
                 break;
             };
             if sender.is_closed() {
@@ -174,7 +193,7 @@ impl ConnPool {
         if sender.is_closed() {
             return;
         }
-        let mut idle = self.idle.lock();
+        let mut idle = self.idle[stack()].lock();
         if idle.len() < MAX_IDLE {
             idle.push(sender);
         }
