@@ -1,7 +1,12 @@
 //! The proxy's listener: HTTP/1.1 and HTTP/2 with prior knowledge (h2c) on one port, told
 //! apart by the connection preface; HTTP/1.1 upgrades (WebSocket) allowed.
 //!
-//! Connections are capped by a semaphore (accepting waits while the cap is reached). On
+//! Each proxy worker runs this loop on its own single-threaded runtime, accepting from its clone
+//! of the one listening socket (see `run_with_listeners`): a client connection stays on the
+//! worker that accepted it, and so do the idle HTTP/1.1 backend connections it hands back
+//! (`upstream` keeps one stack per worker); the single HTTP/2 connection per backend is shared.
+//!
+//! Connections are capped by a semaphore (per worker; accepting waits while the cap is reached). On
 //! shutdown the listener closes, every connection is told to finish (HTTP/1.1: after the
 //! current response; HTTP/2: GOAWAY), and in-flight requests get `grace` to complete before the
 //! rest are dropped.
