@@ -1,4 +1,5 @@
-//! Traffic control end to end: rate limits, load shedding, WebSocket tunnels.
+//! Traffic control end to end: rate limits, load shedding, timeouts, circuit breakers,
+//! WebSocket tunnels.
 
 use std::time::Duration;
 
@@ -133,5 +134,84 @@ backend = {{ namespace = "{NS}", service = "web" }}
     })
     .await;
     tokio::time::sleep(Duration::from_millis(1)).await;
+    gw.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backend_slower_than_the_per_try_timeout_gets_504_after_a_retry() {
+    let stack = Stack::start().await;
+    let a = HttpBackend::start("a").await;
+    let _ra = stack.register("web", "a", a.port(), false).await;
+    let b = HttpBackend::start("b").await;
+    let _rb = stack.register("web", "b", b.port(), false).await;
+    let gw = Gateway::start(
+        &stack.registry.url(),
+        &format!(
+            r#"
+[[routes]]
+name = "web"
+backend = {{ namespace = "{NS}", service = "web" }}
+timeouts = {{ per_try = "200ms", overall = "5s" }}
+retries = {{ attempts = 2 }}
+"#
+        ),
+    )
+    .await;
+    gw.wait_backends("web", 2).await;
+    let started = std::time::Instant::now();
+    let (status, body, _) = gw.get("/slow/3000", &[]).await;
+    assert_eq!(status, 504, "{body}");
+    assert_eq!(body["error"], "upstream_timeout");
+    assert!(
+        body["message"].as_str().expect("message").contains("200ms"),
+        "{body}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        started.elapsed()
+    );
+    assert_eq!(a.hits() + b.hits(), 2, "tried once at each backend");
+    gw.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backend_at_its_circuit_breaker_limit_passes_requests_to_the_next_choice() {
+    let stack = Stack::start().await;
+    let a = HttpBackend::start("a").await;
+    let _ra = stack.register("web", "a", a.port(), false).await;
+    let b = HttpBackend::start("b").await;
+    let _rb = stack.register("web", "b", b.port(), false).await;
+    let gw = Gateway::start(
+        &stack.registry.url(),
+        &format!(
+            r#"
+[[routes]]
+name = "web"
+backend = {{ namespace = "{NS}", service = "web" }}
+hash = "header:x-user"
+bounded_load = false
+circuit_breaker = {{ max_requests = 1 }}
+"#
+        ),
+    )
+    .await;
+    gw.wait_backends("web", 2).await;
+    // Two slow requests for one key: the owner takes one, its breaker sends the other on.
+    let proxy = gw.proxy;
+    let first =
+        tokio::spawn(
+            async move { crate::harness::get(proxy, "/slow/800", &[("x-user", "k")]).await },
+        );
+    wait_until(T, "the first request to arrive", || async {
+        a.hits() + b.hits() == 1
+    })
+    .await;
+    let (_, second, _) = gw.get("/slow/10", &[("x-user", "k")]).await;
+    let (_, first, _) = within(T, "first", first).await.expect("task");
+    assert_ne!(first["backend"], second["backend"], "{first} {second}");
+    // Unloaded again, the key is back on its owner.
+    let (_, third, _) = gw.get("/", &[("x-user", "k")]).await;
+    assert_eq!(third["backend"], first["backend"]);
     gw.stop().await;
 }

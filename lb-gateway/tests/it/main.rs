@@ -8,7 +8,8 @@
 //! - `routing`: stickiness, membership changes, ejection, draining, registry outage, rewrite,
 //!   traceparent, bounded loads, refusals.
 //! - `grpc`: unary and streaming calls, status and trailers.
-//! - `limits`: rate limiting (429), load shedding (503), WebSocket tunnels.
+//! - `limits`: rate limiting (429), load shedding (503), timeouts (504), circuit breakers,
+//!   WebSocket tunnels.
 //! - `overrides`: routes replaced by versions of a config-svc item.
 
 #[path = "../../../coord-client/tests/it/harness.rs"]
