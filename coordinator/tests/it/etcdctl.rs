@@ -387,7 +387,7 @@ async fn lease_grant_keepalive_timetolive_list_and_revoke() {
 
     let got = ctl.json(&["get", "leased/a"]).await;
     assert_eq!(
-        got["kvs"][0]["lease"].as_i64().map(|l| format!("{l:x}")),
+        got["kvs"][0]["lease"].as_i64().map(|l| format!("{l:016x}")),
         Some(id.clone()),
         "the key carries the lease: {got}"
     );
