@@ -108,6 +108,13 @@ pub struct SledBackend {
     stop: Arc<(Mutex<bool>, Condvar)>,
 }
 
+/// sled 0.34 guards every tree with one *process-wide* reader-writer lock: `apply_batch` takes
+/// it for writing, `flush` holds it for reading while it waits for sled's I/O threads, which
+/// need it for reading too. A batch queued behind a flush then deadlocks all three (seen in
+/// tests, where several stores share a process; possible with one). So every batch and every
+/// flush goes through this one mutex, and sled's own periodic flusher is off: we flush.
+static SLED_WRITES: Mutex<()> = Mutex::new(());
+
 /// How often the overlay is written to sled.
 pub const WRITE_BACK_EVERY: std::time::Duration = std::time::Duration::from_millis(10);
 
@@ -149,7 +156,10 @@ impl SledInner {
                 None => b.remove(k.as_slice()),
             }
         }
-        let r = self.tree.apply_batch(b);
+        let r = {
+            let _g = SLED_WRITES.lock();
+            self.tree.apply_batch(b)
+        };
         let mut o = self.overlay.lock();
         if let Err(e) = &r {
             // Keep the writes readable and retry on the next round (newer overlay writes win).
@@ -172,7 +182,7 @@ impl SledBackend {
             .path(dir)
             .cache_capacity(cache_bytes)
             .mode(sled::Mode::HighThroughput)
-            .flush_every_ms(Some(1000))
+            .flush_every_ms(None)
             .open()?;
         let tree = db.open_tree("kv")?;
         let inner = Arc::new(SledInner {
@@ -247,6 +257,7 @@ impl Drop for SledBackend {
         if let Err(e) = self.inner.write_back() {
             tracing::error!(error = %e, "final write of the key space to sled failed");
         }
+        let _g = SLED_WRITES.lock();
         let _ = self.inner.db.flush();
     }
 }
@@ -327,7 +338,10 @@ impl Backend for SledBackend {
     }
     fn flush(&self) -> Result<()> {
         self.inner.write_back()?;
-        self.inner.db.flush()?;
+        {
+            let _g = SLED_WRITES.lock();
+            self.inner.db.flush()?;
+        }
         self.fsync_files()
     }
 }
