@@ -254,11 +254,13 @@ impl Drop for SledBackend {
         if let Some(t) = self.flusher.take() {
             let _ = t.join();
         }
+        // Hand the overlay to sled, but do not flush here: a sled flush started from a drop
+        // was seen to wait forever (and, holding sled's global lock, to stall every other store
+        // in the process). Nothing depends on it: the log holds every applied command, and an
+        // orderly stop (`Node::stop`) flushes explicitly before the store is dropped.
         if let Err(e) = self.inner.write_back() {
             tracing::error!(error = %e, "final write of the key space to sled failed");
         }
-        let _g = SLED_WRITES.lock();
-        let _ = self.inner.db.flush();
     }
 }
 
