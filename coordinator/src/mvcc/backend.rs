@@ -103,7 +103,8 @@ impl Backend for MemBackend {
 /// overlay, flushes sled and `fsync`s its files itself (sled 0.34's own flush ends in
 /// `sync_file_range`, which does not survive a power loss) — has made it redundant.
 pub struct SledBackend {
-    inner: Arc<SledInner>,
+    /// `Some` until the drop, which releases it (and so sled's `Db`) under [`SLED_WRITES`].
+    inner: Option<Arc<SledInner>>,
     flusher: Option<std::thread::JoinHandle<()>>,
     stop: Arc<(Mutex<bool>, Condvar)>,
 }
@@ -131,6 +132,8 @@ struct SledInner {
     /// Serialises writers of sled (the flusher and explicit flushes).
     write_lock: Mutex<()>,
     error: Mutex<Option<String>>,
+    /// Nothing was written since the last explicit flush.
+    clean: std::sync::atomic::AtomicBool,
 }
 
 impl SledInner {
@@ -193,6 +196,7 @@ impl SledBackend {
             flushing: RwLock::new(Arc::new(BTreeMap::new())),
             write_lock: Mutex::new(()),
             error: Mutex::new(None),
+            clean: std::sync::atomic::AtomicBool::new(true),
         });
         let stop = Arc::new((Mutex::new(false), Condvar::new()));
         let flusher = {
@@ -220,7 +224,7 @@ impl SledBackend {
                 })?
         };
         Ok(SledBackend {
-            inner,
+            inner: Some(inner),
             flusher: Some(flusher),
             stop,
         })
@@ -239,8 +243,17 @@ impl SledBackend {
             }
             std::fs::File::open(p)?.sync_all()
         }
-        sync_dir(&self.inner.dir)?;
+        sync_dir(&self.inner().dir)?;
         Ok(())
+    }
+}
+
+impl SledBackend {
+    fn inner(&self) -> &Arc<SledInner> {
+        match &self.inner {
+            Some(i) => i,
+            None => unreachable!("the store is used after its drop began"),
+        }
     }
 }
 
@@ -258,8 +271,22 @@ impl Drop for SledBackend {
         // was seen to wait forever (and, holding sled's global lock, to stall every other store
         // in the process). Nothing depends on it: the log holds every applied command, and an
         // orderly stop (`Node::stop`) flushes explicitly before the store is dropped.
-        if let Err(e) = self.inner.write_back() {
-            tracing::error!(error = %e, "final write of the key space to sled failed");
+        if let Some(inner) = self.inner.take() {
+            if inner.clean.load(std::sync::atomic::Ordering::Acquire) {
+                // Flushed by an orderly stop: dropping sled's `Db` has nothing left to write and
+                // releases its files and lock (so the data dir can be opened again).
+                let _g = SLED_WRITES.lock();
+                drop(inner);
+            } else {
+                // Not stopped in order (a test dropping a server, a panic): dropping sled 0.34's
+                // `Db` then flushes, and that flush was seen to wait forever holding sled's
+                // process-wide lock, stalling every other store in the process. Leave it to the
+                // process exit; the log holds every applied command.
+                if let Err(e) = inner.write_back() {
+                    tracing::error!(error = %e, "final write of the key space to sled failed");
+                }
+                std::mem::forget(inner);
+            }
         }
     }
 }
@@ -267,18 +294,21 @@ impl Drop for SledBackend {
 impl Backend for SledBackend {
     fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>> {
         {
-            let o = self.inner.overlay.lock();
+            let o = self.inner().overlay.lock();
             if let Some(v) = o.get(key) {
                 return Ok(v.clone());
             }
-            if let Some(v) = self.inner.flushing.read().get(key) {
+            if let Some(v) = self.inner().flushing.read().get(key) {
                 return Ok(v.clone());
             }
         }
-        Ok(self.inner.tree.get(key)?.map(|v| v.to_vec()))
+        Ok(self.inner().tree.get(key)?.map(|v| v.to_vec()))
     }
     fn apply(&self, batch: Batch) -> Result<()> {
-        let mut o = self.inner.overlay.lock();
+        self.inner()
+            .clean
+            .store(false, std::sync::atomic::Ordering::Release);
+        let mut o = self.inner().overlay.lock();
         for (k, v) in batch.ops {
             o.insert(k, v);
         }
@@ -291,8 +321,8 @@ impl Backend for SledBackend {
         let mut pending: Overlay = BTreeMap::new();
         let range = (Bound::Included(from), Bound::Excluded(to));
         {
-            let o = self.inner.overlay.lock();
-            for (k, v) in self.inner.flushing.read().range::<[u8], _>(range) {
+            let o = self.inner().overlay.lock();
+            for (k, v) in self.inner().flushing.read().range::<[u8], _>(range) {
                 pending.insert(k.clone(), v.clone());
             }
             for (k, v) in o.range::<[u8], _>(range) {
@@ -300,7 +330,12 @@ impl Backend for SledBackend {
             }
         }
         let mut pend = pending.into_iter().peekable();
-        for item in self.inner.tree.range(from..to) {
+        // A sled iterator takes sled's global read lock again while it runs; with a batch queued
+        // for the write lock in between, that second read waits forever. Iterating under the
+        // same mutex as batches means no batch can queue meanwhile. (`f` must not call back
+        // into this backend; none of our scans do.)
+        let _g = SLED_WRITES.lock();
+        for item in self.inner().tree.range(from..to) {
             let (k, v) = item?;
             // Emit pending keys that sort before this one.
             while let Some((pk, _)) = pend.peek() {
@@ -336,15 +371,21 @@ impl Backend for SledBackend {
         Ok(())
     }
     fn size_on_disk(&self) -> u64 {
-        self.inner.db.size_on_disk().unwrap_or(0)
+        self.inner().db.size_on_disk().unwrap_or(0)
     }
     fn flush(&self) -> Result<()> {
-        self.inner.write_back()?;
+        self.inner().write_back()?;
         {
             let _g = SLED_WRITES.lock();
-            self.inner.db.flush()?;
+            self.inner().db.flush()?;
         }
-        self.fsync_files()
+        self.fsync_files()?;
+        if self.inner().overlay.lock().is_empty() {
+            self.inner()
+                .clean
+                .store(true, std::sync::atomic::Ordering::Release);
+        }
+        Ok(())
     }
 }
 
