@@ -1,0 +1,93 @@
+//! The `demo-svc` binary: see the library docs.
+
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+use demo_svc::{Config, SERVICE_NAME};
+use service_kit::config::{exit_bad_config, parse_args_or_exit, parse_duration};
+use service_kit::{probe, shutdown, telemetry};
+
+/// The demo application of the platform: registers itself, reads its settings from config-svc,
+/// and answers HTTP and gRPC with its instance id.
+#[derive(Debug, Parser)]
+#[command(name = SERVICE_NAME, version, about)]
+struct Cli {
+    #[command(flatten)]
+    config: Config,
+
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Probe this instance's /readyz on its admin address (ready = registered); exit 0 if it
+    /// answers 200, 1 otherwise. For container health checks.
+    Health {
+        /// How long to wait for the answer, e.g. "500ms" or "2s".
+        #[arg(long, default_value = "2s", value_parser = parse_duration)]
+        timeout: Duration,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli: Cli = parse_args_or_exit();
+    match cli.command {
+        Some(Command::Health { timeout }) => health(&cli.config, timeout),
+        None => serve(cli.config),
+    }
+}
+
+fn health(config: &Config, timeout: Duration) -> ExitCode {
+    let addr = probe::local_addr(config.admin_listen).to_string();
+    match probe::check_health(&addr, "/readyz", timeout) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("not ready: {err}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn serve(config: Config) -> ExitCode {
+    if let Err(err) = config.validate() {
+        exit_bad_config(err);
+    }
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(runtime) => runtime,
+        Err(err) => {
+            eprintln!("error: cannot start the Tokio runtime: {err}");
+            return ExitCode::FAILURE;
+        }
+    };
+    runtime.block_on(async move {
+        let _telemetry = match telemetry::init(SERVICE_NAME, config.log_format) {
+            Ok(guard) => guard,
+            Err(err) => exit_bad_config(format!("{err:#}")),
+        };
+        tracing::info!(
+            version = env!("CARGO_PKG_VERSION"),
+            listen = %config.listen,
+            admin_listen = %config.admin_listen,
+            instance_id = %config.instance_id,
+            advertise_address = %config.advertise_address,
+            registry_endpoints = %config.registry_endpoints.join(","),
+            config_endpoints = %config.config_endpoints.join(","),
+            namespace = %config.namespace,
+            service = %config.service,
+            settings_item = %config.settings_item,
+            ttl = ?config.ttl,
+            health_check_interval = ?config.health_check_interval,
+            log_format = %config.log_format,
+            "starting demo-svc"
+        );
+        match demo_svc::run(config, shutdown::token_on_signal()).await {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(err) => {
+                tracing::error!(error = format!("{err:#}"), "demo-svc failed");
+                ExitCode::FAILURE
+            }
+        }
+    })
+}
