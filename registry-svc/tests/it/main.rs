@@ -11,14 +11,13 @@
 //!   threshold, one prober per instance across replicas.
 //! - `watch`: snapshot + ordered changes, resume, compaction.
 //! - `outages`: registry and coordinator restarts, the client library re-registering.
-//!
-//! Not here: "coordinator leader killed" — it needs replication, which `coordinator` does not
-//! offer in-process yet.
+//! - `failover`: a three-member Raft coordinator losing its leader under the registry.
 
 #[path = "../../../coord-client/tests/it/harness.rs"]
 mod coord;
 
 mod binary;
+mod failover;
 mod harness;
 mod health_checks;
 mod outages;
