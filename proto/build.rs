@@ -3,6 +3,7 @@
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let files = [
         "etcd/kv.proto",
+        "etcd/auth.proto",
         "etcd/rpc.proto",
         "peer/peer.proto",
         "registry/registry.proto",

@@ -260,9 +260,27 @@ pub enum Command {
         /// Client URLs.
         client_urls: Vec<String>,
     },
+    /// A change of users, roles or the auth switch (password hashes computed before proposing).
+    Auth(crate::auth::AuthCmd),
+    /// A command issued on behalf of an authenticated user: `apply` checks the user's
+    /// permissions again at this point of the log (while auth is enabled) before running it.
+    AsUser {
+        /// User name.
+        user: String,
+        /// The command.
+        cmd: Box<Command>,
+    },
 }
 
 impl Command {
+    /// The command itself, without the user it was issued for.
+    pub fn unwrapped(&self) -> &Command {
+        match self {
+            Command::AsUser { cmd, .. } => cmd.unwrapped(),
+            other => other,
+        }
+    }
+
     /// Short name for metrics and traces.
     pub fn kind(&self) -> &'static str {
         match self {
@@ -274,6 +292,8 @@ impl Command {
             Command::LeaseRevoke { .. } => "lease_revoke",
             Command::Noop => "noop",
             Command::MemberAttrs { .. } => "member_attrs",
+            Command::Auth(a) => a.kind(),
+            Command::AsUser { cmd, .. } => cmd.kind(),
         }
     }
 }

@@ -110,6 +110,15 @@ pub struct Config {
     #[arg(long, env = "COORDINATOR_CACHE_BYTES", default_value_t = 256 * 1024 * 1024)]
     pub cache_bytes: u64,
 
+    /// Auth tokens: `simple` (the default), or
+    /// `jwt,priv-key=FILE,pub-key=FILE,sign-method=RS256|EdDSA|ES256|HS256|...,ttl=5m`.
+    #[arg(long, env = "ETCD_AUTH_TOKEN", default_value = "simple")]
+    pub auth_token: String,
+
+    /// Lifetime of simple tokens, in seconds (etcd's default: 300).
+    #[arg(long, env = "ETCD_AUTH_TOKEN_TTL", default_value_t = 300)]
+    pub auth_token_ttl: u64,
+
     /// Log format.
     #[arg(long, env = "LOG_FORMAT", default_value = "text")]
     pub log_format: LogFormat,
@@ -188,7 +197,19 @@ impl Config {
         if self.max_watchers_per_stream == 0 {
             return Err("--max-watchers-per-stream must be at least 1".into());
         }
+        if self.auth_token_ttl == 0 {
+            return Err("--auth-token-ttl must be at least 1 second".into());
+        }
+        self.token_config()?;
         Ok(())
+    }
+
+    /// Token settings from `--auth-token` and `--auth-token-ttl` (key files are read here).
+    pub fn token_config(&self) -> Result<crate::auth::TokenConfig, String> {
+        crate::auth::TokenConfig::parse(
+            &self.auth_token,
+            Duration::from_secs(self.auth_token_ttl),
+        )
     }
 
     /// Client URLs announced in member lists.

@@ -75,6 +75,57 @@ pub enum Error {
     /// The storage engine failed.
     #[error("storage error: {0}")]
     Storage(#[from] sled::Error),
+    /// Auth is enabled and the request names no user (no token).
+    #[error("etcdserver: user name is empty")]
+    UserEmpty,
+    /// Authenticate with an unknown user or a wrong password.
+    #[error("etcdserver: authentication failed, invalid user ID or password")]
+    AuthFailed,
+    /// The user may not do this.
+    #[error("etcdserver: permission denied")]
+    PermissionDenied,
+    /// The token is malformed, badly signed, expired, or its user changed since.
+    #[error("etcdserver: invalid auth token")]
+    InvalidAuthToken,
+    /// Authenticate while auth is disabled.
+    #[error("etcdserver: authentication is not enabled")]
+    AuthNotEnabled,
+    /// `auth enable` without a root user.
+    #[error("etcdserver: root user does not exist")]
+    RootUserNotExist,
+    /// `auth enable` while the root user lacks the root role.
+    #[error("etcdserver: root user does not have root role")]
+    RootRoleNotExist,
+    /// The user exists already.
+    #[error("etcdserver: user name already exists")]
+    UserAlreadyExist,
+    /// No such user.
+    #[error("etcdserver: user name not found")]
+    UserNotFound,
+    /// The role exists already.
+    #[error("etcdserver: role name already exists")]
+    RoleAlreadyExist,
+    /// No such role.
+    #[error("etcdserver: role name not found")]
+    RoleNotFound,
+    /// A role request with an empty name.
+    #[error("etcdserver: role name is empty")]
+    RoleEmpty,
+    /// A grant without a permission.
+    #[error("etcdserver: permission not given")]
+    PermissionNotGiven,
+    /// Revoking a role the user does not have.
+    #[error("etcdserver: role is not granted to the user")]
+    RoleNotGranted,
+    /// Revoking a permission the role does not have.
+    #[error("etcdserver: permission is not granted to the role")]
+    PermissionNotGranted,
+    /// A change that would lock root out while auth is on (delete root, revoke its role).
+    #[error("etcdserver: invalid auth management")]
+    InvalidAuthMgmt,
+    /// Too many users, roles or permissions.
+    #[error("etcdserver: {0}")]
+    AuthLimit(String),
     /// An error raised on another member, carried with its gRPC code and text.
     #[error("{message}")]
     Remote {
@@ -102,7 +153,24 @@ impl Error {
             | Error::TooManyOps
             | Error::DuplicateKey
             | Error::RequestTooLarge
-            | Error::InvalidArgument(_) => Code::InvalidArgument,
+            | Error::InvalidArgument(_)
+            | Error::UserEmpty
+            | Error::AuthFailed
+            | Error::RoleEmpty
+            | Error::PermissionNotGiven
+            | Error::InvalidAuthMgmt => Code::InvalidArgument,
+            Error::PermissionDenied => Code::PermissionDenied,
+            Error::InvalidAuthToken => Code::Unauthenticated,
+            Error::AuthNotEnabled
+            | Error::RootUserNotExist
+            | Error::RootRoleNotExist
+            | Error::UserAlreadyExist
+            | Error::UserNotFound
+            | Error::RoleAlreadyExist
+            | Error::RoleNotFound
+            | Error::RoleNotGranted
+            | Error::PermissionNotGranted
+            | Error::AuthLimit(_) => Code::FailedPrecondition,
             Error::Compacted { .. } | Error::FutureRevision | Error::LeaseTtlTooLarge => {
                 Code::OutOfRange
             }
@@ -135,6 +203,9 @@ impl Error {
             Error::NoSpace,
             Error::NoLeader,
             Error::Timeout,
+            Error::PermissionDenied,
+            Error::UserEmpty,
+            Error::InvalidAuthToken,
         ];
         for k in known {
             if k.to_string() == e.message {

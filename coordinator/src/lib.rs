@@ -12,6 +12,7 @@
 //! - [`member`]: what the adapters call, in either mode.
 //! - [`watch`]: fan-out of events to watchers, with catch-up from history.
 //! - [`lease`]: lease deadlines (the leader's clock).
+//! - [`auth`]: users, roles, permissions and tokens (etcd's auth), checked on every request.
 //! - [`rpc`]: thin gRPC adapters; [`error`]: the one error type and its gRPC mapping.
 //!
 //! # Guarantees
@@ -25,6 +26,7 @@
 //! - Leases get a full TTL again after a restart (etcd without lease checkpoints does the same).
 //! - `Snapshot` streams our own format, not etcd's bolt file.
 
+pub mod auth;
 pub mod command;
 pub mod config;
 pub mod error;
@@ -46,6 +48,7 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use parking_lot::RwLock;
+use proto::etcdserverpb::auth_server::AuthServer;
 use proto::etcdserverpb::cluster_server::ClusterServer;
 use proto::etcdserverpb::kv_server::KvServer;
 use proto::etcdserverpb::lease_server::LeaseServer;
@@ -129,6 +132,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
 /// Open the data directory, replay the log, bind the listeners and serve.
 pub async fn start(config: Config) -> anyhow::Result<Running> {
     config.validate().map_err(|e| anyhow::anyhow!(e))?;
+    let tokens = config.token_config().map_err(|e| anyhow::anyhow!(e))?;
     let data_dir = config.data_dir();
     let member_dir = data_dir.join("member");
     std::fs::create_dir_all(&member_dir)
@@ -210,6 +214,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     let lessor = Arc::new(Lessor::new());
     let revision = state.revision();
     let leases: Vec<(i64, i64)> = state.leases().iter().map(|(id, l)| (*id, l.ttl)).collect();
+    let auth_gate = Arc::new(auth::Gate::new(state.auth_shared(), tokens));
     let state = Arc::new(RwLock::new(state));
     let hub = WatchHub::new(
         state.clone(),
@@ -346,6 +351,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
             quota_backend_bytes: config.quota_backend_bytes,
         },
         nospace: Arc::new(AtomicBool::new(false)),
+        auth: auth_gate.clone(),
         next_stream: Arc::new(AtomicU64::new(1)),
         shutdown: shutdown.clone(),
         version: API_VERSION,
@@ -383,6 +389,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
                     .max_decoding_message_size(max_msg)
                     .max_encoding_message_size(usize::MAX),
             )
+            .add_service(AuthServer::new(rpc::auth::AuthService::new(ctx.clone())))
             .add_service(ClusterServer::new(
                 rpc::maintenance::MaintenanceService::new(ctx.clone()),
             ));
@@ -426,6 +433,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         revision,
         term,
         replayed,
+        auth = ?auth_gate,
         startup_ms = started.elapsed().as_millis() as u64,
         "coordinator ready"
     );

@@ -397,8 +397,8 @@ fn apply_loop(shared: ApplySide, rx: std::sync::mpsc::Receiver<Batch>) {
             match &applied.result {
                 Ok(Response::LeaseGrant { id, ttl }) => shared.lessor.granted(*id, *ttl),
                 Ok(Response::LeaseRevoke) => {
-                    if let Command::LeaseRevoke { id } = p.cmd {
-                        shared.lessor.revoked(id);
+                    if let Command::LeaseRevoke { id } = p.cmd.unwrapped() {
+                        shared.lessor.revoked(*id);
                     }
                 }
                 _ => {}

@@ -23,6 +23,7 @@ use proto::mvccpb::Event;
 use crate::command::{
     Command, Compare, CompareResult, CompareTarget, DeleteReq, KeyRange, Op, PutReq, TxnReq,
 };
+use crate::auth::{AuthCmd, AuthShared, AuthState};
 use crate::error::{Error, Result};
 use crate::mvcc::keys;
 use crate::mvcc::store::WriteTxn;
@@ -76,14 +77,22 @@ pub enum Response {
     LeaseRevoke,
     /// Noop.
     Noop,
+    /// An auth change: the auth revision after it.
+    Auth {
+        /// Auth revision.
+        revision: u64,
+    },
 }
 
-/// The key space plus leases plus the applied index.
+/// The key space plus leases plus users and roles plus the applied index.
 pub struct StateMachine {
     store: MvccStore,
     leases: BTreeMap<i64, LeaseInfo>,
     applied_index: u64,
     applied_term: u64,
+    auth: AuthState,
+    /// Where the request path reads the auth state; republished after every auth change.
+    auth_shared: Arc<AuthShared>,
 }
 
 fn header(rev: i64) -> Option<ResponseHeader> {
@@ -143,12 +152,43 @@ impl StateMachine {
             Some(v) => keys::decode_i64(&v)? as u64,
             None => 0,
         };
+        let auth = AuthState::load(&backend)?;
+        let auth_shared = Arc::new(AuthShared::default());
+        auth_shared.publish(auth.view());
         Ok(StateMachine {
             store,
             leases,
             applied_index,
             applied_term,
+            auth,
+            auth_shared,
         })
+    }
+
+    /// Take the state of `fresh` (a state machine reopened after a snapshot was installed),
+    /// keeping the handle the request path reads the auth state from.
+    pub fn replace(&mut self, mut fresh: StateMachine) {
+        fresh.auth_shared = self.auth_shared.clone();
+        fresh.auth_shared.publish(fresh.auth.view());
+        *self = fresh;
+    }
+
+    /// Users, roles and the auth switch.
+    pub fn auth(&self) -> &AuthState {
+        &self.auth
+    }
+
+    /// The published auth state (shared with the request path).
+    pub fn auth_shared(&self) -> Arc<AuthShared> {
+        self.auth_shared.clone()
+    }
+
+    /// Keys a lease holds now.
+    pub fn lease_keys(&self, id: i64) -> Vec<Vec<u8>> {
+        self.leases
+            .get(&id)
+            .map(|l| l.keys.iter().cloned().collect())
+            .unwrap_or_default()
     }
 
     /// The key space (read-only).
@@ -198,15 +238,61 @@ impl StateMachine {
         self.applied_index = index;
         self.applied_term = term;
         let mut events = Vec::new();
-        let result = match cmd {
-            Command::Put(p) => self.apply_put(p, &mut events),
-            Command::Delete(d) => self.apply_delete(d, &mut events),
-            Command::Txn(t) => self.apply_txn(t, &mut events),
+        let result = self.apply_checked(cmd, &mut events);
+        Some(Applied {
+            revision: self.store.current_revision(),
+            result,
+            events,
+        })
+    }
+
+    /// Apply a command, checking the permissions of the user it was issued for while auth is
+    /// enabled (the auth state at this point of the log decides, identically on every member).
+    fn apply_checked(&mut self, cmd: &Command, events: &mut Vec<Event>) -> Result<Response> {
+        match cmd {
+            Command::AsUser { user, cmd } => {
+                if matches!(**cmd, Command::AsUser { .. }) {
+                    return Err(Error::InvalidArgument("nested user commands".into()));
+                }
+                if self.auth.enabled() {
+                    let view = self.auth_shared.view();
+                    let Some((perms, _)) = view.user(user) else {
+                        return Err(Error::PermissionDenied);
+                    };
+                    let leases = &self.leases;
+                    let lease_keys = |id: i64| {
+                        leases
+                            .get(&id)
+                            .map(|l| l.keys.iter().cloned().collect())
+                            .unwrap_or_default()
+                    };
+                    perms.command(cmd, &lease_keys)?;
+                }
+                self.apply_one(cmd, events)
+            }
+            // Client writes proposed while auth was off but applied after it was turned on
+            // (etcd refuses them the same way). Lease revocations without a user are the
+            // leader's expiries; members publishing attributes and no-ops are internal.
+            Command::Put(_) | Command::Delete(_) | Command::Compact { .. } | Command::Auth(_)
+                if self.auth.enabled() =>
+            {
+                Err(Error::UserEmpty)
+            }
+            Command::Txn(t) if self.auth.enabled() && !t.is_read_only() => Err(Error::UserEmpty),
+            _ => self.apply_one(cmd, events),
+        }
+    }
+
+    fn apply_one(&mut self, cmd: &Command, events: &mut Vec<Event>) -> Result<Response> {
+        match cmd {
+            Command::Put(p) => self.apply_put(p, events),
+            Command::Delete(d) => self.apply_delete(d, events),
+            Command::Txn(t) => self.apply_txn(t, events),
             Command::Compact { revision } => {
                 self.store.compact(*revision).map(|_| Response::Compact)
             }
             Command::LeaseGrant { id, ttl } => self.apply_grant(*id, *ttl),
-            Command::LeaseRevoke { id } => self.apply_revoke(*id, &mut events),
+            Command::LeaseRevoke { id } => self.apply_revoke(*id, events),
             Command::Noop => Ok(Response::Noop),
             Command::MemberAttrs {
                 id,
@@ -223,11 +309,22 @@ impl StateMachine {
                     Err(e) => Err(Error::InvalidArgument(format!("member attributes: {e}"))),
                 }
             }
-        };
-        Some(Applied {
-            revision: self.store.current_revision(),
-            result,
-            events,
+            Command::Auth(a) => self.apply_auth(a),
+            Command::AsUser { .. } => Err(Error::InvalidArgument("nested user commands".into())),
+        }
+    }
+
+    fn apply_auth(&mut self, a: &AuthCmd) -> Result<Response> {
+        let staged = self.auth.apply(a)?;
+        let changed = !staged.is_empty();
+        for (k, v) in staged {
+            self.store.stage(k, v);
+        }
+        if changed {
+            self.auth_shared.publish(self.auth.view());
+        }
+        Ok(Response::Auth {
+            revision: self.auth.revision(),
         })
     }
 
@@ -524,6 +621,7 @@ pub fn validate(cmd: &Command, max_txn_ops: usize) -> Result<()> {
             validate_txn(t, max_txn_ops)?;
             Ok(())
         }
+        Command::AsUser { cmd, .. } => validate(cmd, max_txn_ops),
         _ => Ok(()),
     }
 }
@@ -1214,6 +1312,11 @@ pub enum ResponseWire {
     LeaseRevoke,
     /// Noop.
     Noop,
+    /// An auth change.
+    Auth {
+        /// Auth revision after it.
+        revision: u64,
+    },
 }
 
 /// [`Error`] on the wire.
@@ -1241,6 +1344,9 @@ impl OutcomeWire {
             }
             Ok(Response::LeaseRevoke) => Ok(ResponseWire::LeaseRevoke),
             Ok(Response::Noop) => Ok(ResponseWire::Noop),
+            Ok(Response::Auth { revision }) => Ok(ResponseWire::Auth {
+                revision: *revision,
+            }),
             Err(e) => Err(ErrorWire {
                 code: e.code() as i32,
                 message: e.to_string(),
@@ -1272,6 +1378,7 @@ impl OutcomeWire {
             Ok(ResponseWire::LeaseGrant { id, ttl }) => Ok(Response::LeaseGrant { id, ttl }),
             Ok(ResponseWire::LeaseRevoke) => Ok(Response::LeaseRevoke),
             Ok(ResponseWire::Noop) => Ok(Response::Noop),
+            Ok(ResponseWire::Auth { revision }) => Ok(Response::Auth { revision }),
             Err(e) => Err(Error::from_wire(e)),
         };
         (self.revision, result)

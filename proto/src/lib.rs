@@ -1,6 +1,6 @@
 //! Protocol definitions and their generated code.
 //!
-//! - [`mvccpb`] and [`etcdserverpb`]: the etcd v3 client API, wire compatible with etcd 3.4/3.5 so
+//! - [`mvccpb`], [`authpb`] and [`etcdserverpb`]: the etcd v3 client API, wire compatible with etcd 3.4/3.5 so
 //!   that `etcdctl` and etcd client libraries work against the coordinator unchanged. The `.proto`
 //!   files under `etcd/` were written from etcd's public API documentation; field numbers and
 //!   types are etcd's.
@@ -17,6 +17,11 @@
 /// etcd's key-value and event messages.
 pub mod mvccpb {
     tonic::include_proto!("mvccpb");
+}
+
+/// etcd's auth messages (users, roles, permissions).
+pub mod authpb {
+    tonic::include_proto!("authpb");
 }
 
 /// etcd's v3 RPC services and messages.

@@ -1,12 +1,13 @@
 //! Layout of the key space inside the backend, and the record encoding.
 //!
-//! One ordered map, three prefixes:
+//! One ordered map, four prefixes:
 //!
 //! | prefix | key                              | value                                   |
 //! |--------|----------------------------------|-----------------------------------------|
 //! | `r`    | main revision (BE u64) + sub (BE u64) | a [`Record`]: one put or tombstone  |
 //! | `l`    | lease ID (BE u64)                | granted TTL (LE i64)                    |
 //! | `m`    | meta name                        | LE i64 / u64 (applied index, revision…) |
+//! | `a`    | `ameta`, `au/<user>`, `ar/<role>` | auth state (bincode; see [`crate::auth::store`]) |
 //!
 //! Records are keyed by revision, as in etcd's bolt layout, so replaying history for a watcher
 //! is a forward scan, and the in-memory index ([`super::index`]) maps user keys to revisions.
@@ -19,6 +20,8 @@ pub const REV: u8 = b'r';
 pub const LEASE: u8 = b'l';
 /// Prefix of meta values.
 pub const META: u8 = b'm';
+/// Prefix of the auth state (users, roles, the auth switch).
+pub const AUTH: u8 = b'a';
 
 /// Meta: index of the last applied log entry.
 pub const META_APPLIED: &[u8] = b"mapplied_index";

@@ -199,7 +199,7 @@ impl RaftStateMachine<TypeConfig> for SmStore {
             .observe(started.elapsed().as_secs_f64());
         for (cmd, a) in done {
             self.hub.publish(a.revision, &a.events);
-            match (&a.result, &cmd) {
+            match (&a.result, cmd.unwrapped()) {
                 (Ok(Response::LeaseGrant { id, ttl }), _) => self.lessor.granted(*id, *ttl),
                 (Ok(Response::LeaseRevoke), Command::LeaseRevoke { id }) => {
                     self.lessor.revoked(*id)
@@ -246,7 +246,7 @@ impl RaftStateMachine<TypeConfig> for SmStore {
                 .apply(batch)
                 .map_err(|e| sm_err(ErrorVerb::Write, &e))?;
             let fresh = StateMachine::open(backend).map_err(|e| sm_err(ErrorVerb::Read, &e))?;
-            *st = fresh;
+            st.replace(fresh);
             *self.applied.lock() = (meta.last_log_id, meta.last_membership.clone());
             st.revision()
         };

@@ -8,6 +8,7 @@ use proto::etcdserverpb::{
 use tonic::{Request, Response, Status};
 
 use super::{Ctx, delete_req, put_req, range_req, txn_req};
+use crate::auth::Caller;
 use crate::command::Command;
 use crate::error::{Error, Result};
 use crate::state::{self, Response as SmResponse};
@@ -24,17 +25,20 @@ impl KvService {
         KvService { ctx }
     }
 
-    async fn write(&self, cmd: Command) -> Result<(i64, SmResponse)> {
+    async fn write(&self, caller: &Caller, cmd: Command) -> Result<(i64, SmResponse)> {
         state::validate(&cmd, self.ctx.limits.max_txn_ops)?;
-        let applied = self.ctx.member.propose(cmd).await?;
+        check_command(&self.ctx, caller, &cmd)?;
+        let applied = self.ctx.member.propose(caller.wrap(cmd)).await?;
         let resp = applied.result?;
         Ok((applied.revision, resp))
     }
 
-    async fn do_range(&self, r: RangeRequest) -> Result<RangeResponse> {
+    async fn do_range(&self, caller: Result<Caller>, r: RangeRequest) -> Result<RangeResponse> {
+        let caller = caller?;
         self.ctx.check_size(&r)?;
         let serializable = r.serializable;
         let req = range_req(r)?;
+        caller.read(&req.range)?;
         if !serializable {
             self.ctx.member.read_barrier().await?;
         }
@@ -48,10 +52,11 @@ impl KvService {
         })
     }
 
-    async fn do_put(&self, p: PutRequest) -> Result<PutResponse> {
+    async fn do_put(&self, caller: Result<Caller>, p: PutRequest) -> Result<PutResponse> {
+        let caller = caller?;
         self.ctx.check_size(&p)?;
         self.ctx.check_space()?;
-        match self.write(Command::Put(put_req(p))).await? {
+        match self.write(&caller, Command::Put(put_req(p))).await? {
             (rev, SmResponse::Put(mut r)) => {
                 r.header = self.ctx.header(rev);
                 Ok(r)
@@ -60,9 +65,14 @@ impl KvService {
         }
     }
 
-    async fn do_delete(&self, d: DeleteRangeRequest) -> Result<DeleteRangeResponse> {
+    async fn do_delete(
+        &self,
+        caller: Result<Caller>,
+        d: DeleteRangeRequest,
+    ) -> Result<DeleteRangeResponse> {
+        let caller = caller?;
         self.ctx.check_size(&d)?;
-        match self.write(Command::Delete(delete_req(d))).await? {
+        match self.write(&caller, Command::Delete(delete_req(d))).await? {
             (rev, SmResponse::Delete(mut r)) => {
                 r.header = self.ctx.header(rev);
                 Ok(r)
@@ -73,11 +83,13 @@ impl KvService {
         }
     }
 
-    async fn do_txn(&self, t: TxnRequest) -> Result<TxnResponse> {
+    async fn do_txn(&self, caller: Result<Caller>, t: TxnRequest) -> Result<TxnResponse> {
+        let caller = caller?;
         self.ctx.check_size(&t)?;
         let t = txn_req(t)?;
         if t.is_read_only() {
             state::validate_txn(&t, self.ctx.limits.max_txn_ops)?;
+            caller.read_txn(&t)?;
             self.ctx.member.read_barrier().await?;
             let st = self.ctx.state.read();
             let mut r = st.read_txn(&t)?;
@@ -85,7 +97,7 @@ impl KvService {
             return Ok(r);
         }
         self.ctx.check_space()?;
-        match self.write(Command::Txn(t)).await? {
+        match self.write(&caller, Command::Txn(t)).await? {
             (rev, SmResponse::Txn(mut r)) => {
                 r.header = self.ctx.header(rev);
                 fill_headers(&self.ctx, &mut r);
@@ -95,16 +107,36 @@ impl KvService {
         }
     }
 
-    async fn do_compact(&self, c: CompactionRequest) -> Result<CompactionResponse> {
+    async fn do_compact(
+        &self,
+        caller: Result<Caller>,
+        c: CompactionRequest,
+    ) -> Result<CompactionResponse> {
+        let caller = caller?;
+        // Compaction drops everyone's history: root only while auth is on.
+        caller.root()?;
         let (rev, _) = self
-            .write(Command::Compact {
-                revision: c.revision,
-            })
+            .write(
+                &caller,
+                Command::Compact {
+                    revision: c.revision,
+                },
+            )
             .await?;
         Ok(CompactionResponse {
             header: self.ctx.header(rev),
         })
     }
+}
+
+/// Check a command at the door against the caller's permissions (the keys a lease holds come
+/// from the state); nothing to do, and no lock taken, while auth is disabled.
+pub fn check_command(ctx: &Ctx, caller: &Caller, cmd: &Command) -> Result<()> {
+    if caller.perms().is_none() {
+        return Ok(());
+    }
+    let st = ctx.state.read();
+    caller.command(cmd, &|id| st.lease_keys(id))
 }
 
 /// Give nested responses full headers (the state machine sets only revisions).
@@ -138,12 +170,14 @@ fn done<T>(ctx: &Ctx, method: &'static str, r: Result<T>) -> Result<Response<T>,
 impl Kv for KvService {
     #[tracing::instrument(skip_all, name = "KV.Range")]
     async fn range(&self, req: Request<RangeRequest>) -> Result<Response<RangeResponse>, Status> {
-        done(&self.ctx, "Range", self.do_range(req.into_inner()).await)
+        let caller = self.ctx.auth.caller_of(&req);
+        done(&self.ctx, "Range", self.do_range(caller, req.into_inner()).await)
     }
 
     #[tracing::instrument(skip_all, name = "KV.Put")]
     async fn put(&self, req: Request<PutRequest>) -> Result<Response<PutResponse>, Status> {
-        done(&self.ctx, "Put", self.do_put(req.into_inner()).await)
+        let caller = self.ctx.auth.caller_of(&req);
+        done(&self.ctx, "Put", self.do_put(caller, req.into_inner()).await)
     }
 
     #[tracing::instrument(skip_all, name = "KV.DeleteRange")]
@@ -151,16 +185,18 @@ impl Kv for KvService {
         &self,
         req: Request<DeleteRangeRequest>,
     ) -> Result<Response<DeleteRangeResponse>, Status> {
+        let caller = self.ctx.auth.caller_of(&req);
         done(
             &self.ctx,
             "DeleteRange",
-            self.do_delete(req.into_inner()).await,
+            self.do_delete(caller, req.into_inner()).await,
         )
     }
 
     #[tracing::instrument(skip_all, name = "KV.Txn")]
     async fn txn(&self, req: Request<TxnRequest>) -> Result<Response<TxnResponse>, Status> {
-        done(&self.ctx, "Txn", self.do_txn(req.into_inner()).await)
+        let caller = self.ctx.auth.caller_of(&req);
+        done(&self.ctx, "Txn", self.do_txn(caller, req.into_inner()).await)
     }
 
     #[tracing::instrument(skip_all, name = "KV.Compact")]
@@ -168,10 +204,11 @@ impl Kv for KvService {
         &self,
         req: Request<CompactionRequest>,
     ) -> Result<Response<CompactionResponse>, Status> {
+        let caller = self.ctx.auth.caller_of(&req);
         done(
             &self.ctx,
             "Compact",
-            self.do_compact(req.into_inner()).await,
+            self.do_compact(caller, req.into_inner()).await,
         )
     }
 }

@@ -15,6 +15,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
 use super::Ctx;
+use crate::auth::Caller;
 use crate::command::Command;
 use crate::error::{Error, Result};
 use crate::lease::MIN_TTL;
@@ -32,7 +33,9 @@ impl LeaseService {
         LeaseService { ctx }
     }
 
-    async fn grant(&self, r: LeaseGrantRequest) -> Result<LeaseGrantResponse> {
+    async fn grant(&self, caller: Result<Caller>, r: LeaseGrantRequest) -> Result<LeaseGrantResponse> {
+        // Any authenticated user may grant a lease.
+        let caller = caller?;
         self.ctx.check_space()?;
         if r.ttl > MAX_LEASE_TTL {
             return Err(Error::LeaseTtlTooLarge);
@@ -54,7 +57,7 @@ impl LeaseService {
         let applied = self
             .ctx
             .member
-            .propose(Command::LeaseGrant { id, ttl })
+            .propose(caller.wrap(Command::LeaseGrant { id, ttl }))
             .await?;
         match applied.result? {
             SmResponse::LeaseGrant { id, ttl } => Ok(LeaseGrantResponse {
@@ -69,19 +72,37 @@ impl LeaseService {
         }
     }
 
-    async fn revoke(&self, r: LeaseRevokeRequest) -> Result<LeaseRevokeResponse> {
-        let applied = self
-            .ctx
-            .member
-            .propose(Command::LeaseRevoke { id: r.id })
-            .await?;
+    async fn revoke(
+        &self,
+        caller: Result<Caller>,
+        r: LeaseRevokeRequest,
+    ) -> Result<LeaseRevokeResponse> {
+        // Revoking deletes the lease's keys: write permission on every one of them.
+        let caller = caller?;
+        let cmd = Command::LeaseRevoke { id: r.id };
+        super::kv::check_command(&self.ctx, &caller, &cmd)?;
+        let applied = self.ctx.member.propose(caller.wrap(cmd)).await?;
         applied.result?;
         Ok(LeaseRevokeResponse {
             header: self.ctx.header(applied.revision),
         })
     }
 
-    async fn time_to_live(&self, r: LeaseTimeToLiveRequest) -> Result<LeaseTimeToLiveResponse> {
+    async fn time_to_live(
+        &self,
+        caller: Result<Caller>,
+        r: LeaseTimeToLiveRequest,
+    ) -> Result<LeaseTimeToLiveResponse> {
+        let caller = caller?;
+        if r.keys {
+            // The key list is refused whole unless the caller may read every key (etcd 3.5
+            // denies too, rather than filtering).
+            if let Some(p) = caller.perms() {
+                for k in self.ctx.state.read().lease_keys(r.id) {
+                    p.read_key(&k)?;
+                }
+            }
+        }
         // The leader owns deadlines: ask it (locally when alone).
         let remaining = self.ctx.member.lease_remaining(r.id).await?;
         let st = self.ctx.state.read();
@@ -109,16 +130,17 @@ impl LeaseService {
         })
     }
 
-    fn leases(&self) -> LeaseLeasesResponse {
+    fn leases(&self, caller: Result<Caller>) -> Result<LeaseLeasesResponse> {
+        caller?;
         let st = self.ctx.state.read();
-        LeaseLeasesResponse {
+        Ok(LeaseLeasesResponse {
             header: self.ctx.header(st.revision()),
             leases: st
                 .leases()
                 .keys()
                 .map(|id| LeaseStatus { id: *id })
                 .collect(),
-        }
+        })
     }
 }
 
@@ -137,7 +159,12 @@ impl Lease for LeaseService {
         &self,
         req: Request<LeaseGrantRequest>,
     ) -> Result<Response<LeaseGrantResponse>, Status> {
-        done(&self.ctx, "LeaseGrant", self.grant(req.into_inner()).await)
+        let caller = self.ctx.auth.caller_of(&req);
+        done(
+            &self.ctx,
+            "LeaseGrant",
+            self.grant(caller, req.into_inner()).await,
+        )
     }
 
     #[tracing::instrument(skip_all, name = "Lease.LeaseRevoke")]
@@ -148,7 +175,8 @@ impl Lease for LeaseService {
         done(
             &self.ctx,
             "LeaseRevoke",
-            self.revoke(req.into_inner()).await,
+            self.revoke(self.ctx.auth.caller_of(&req), req.into_inner())
+                .await,
         )
     }
 
@@ -158,6 +186,8 @@ impl Lease for LeaseService {
         &self,
         req: Request<Streaming<LeaseKeepAliveRequest>>,
     ) -> Result<Response<Self::LeaseKeepAliveStream>, Status> {
+        // Keep-alives need an authenticated user while auth is on (checked when the stream opens).
+        self.ctx.auth.caller_of(&req).map_err(Status::from)?;
         let mut incoming = req.into_inner();
         let (tx, rx) = mpsc::channel(64);
         let ctx = self.ctx.clone();
@@ -201,16 +231,18 @@ impl Lease for LeaseService {
         done(
             &self.ctx,
             "LeaseTimeToLive",
-            self.time_to_live(req.into_inner()).await,
+            self.time_to_live(self.ctx.auth.caller_of(&req), req.into_inner())
+                .await,
         )
     }
 
     #[tracing::instrument(skip_all, name = "Lease.LeaseLeases")]
     async fn lease_leases(
         &self,
-        _req: Request<LeaseLeasesRequest>,
+        req: Request<LeaseLeasesRequest>,
     ) -> Result<Response<LeaseLeasesResponse>, Status> {
-        done(&self.ctx, "LeaseLeases", Ok(self.leases()))
+        let r = self.leases(self.ctx.auth.caller_of(&req));
+        done(&self.ctx, "LeaseLeases", r)
     }
 }
 

@@ -92,6 +92,18 @@ impl MaintenanceService {
         self.ctx.state.read().revision()
     }
 
+    /// Root only while auth is enabled (maintenance and member changes, as in etcd).
+    fn admin<T>(&self, req: &Request<T>, method: &'static str) -> Result<(), Status> {
+        match self.ctx.auth.caller_of(req).and_then(|c| c.root()) {
+            Ok(()) => Ok(()),
+            Err(e) => {
+                let s = Status::from(e);
+                self.ctx.metrics.rpc::<()>(method, &Err(s.clone()));
+                Err(s)
+            }
+        }
+    }
+
     fn single_member_only(&self) -> Status {
         Status::from(Error::Unsupported(
             "member changes need a member started with --initial-cluster naming several members"
@@ -111,6 +123,7 @@ type SnapStream = Pin<Box<dyn Stream<Item = Result<SnapshotResponse, Status>> + 
 #[tonic::async_trait]
 impl Maintenance for MaintenanceService {
     async fn alarm(&self, req: Request<AlarmRequest>) -> Result<Response<AlarmResponse>, Status> {
+        self.admin(&req, "Alarm")?;
         let r = req.into_inner();
         let nospace = &self.ctx.nospace;
         match AlarmAction::try_from(r.action) {
@@ -181,8 +194,9 @@ impl Maintenance for MaintenanceService {
 
     async fn defragment(
         &self,
-        _: Request<DefragmentRequest>,
+        req: Request<DefragmentRequest>,
     ) -> Result<Response<DefragmentResponse>, Status> {
+        self.admin(&req, "Defragment")?;
         // sled reclaims space itself; a flush is what an operator expects to see happen here.
         let r = self.ctx.state.read().store().backend().flush();
         done(
@@ -194,7 +208,8 @@ impl Maintenance for MaintenanceService {
         )
     }
 
-    async fn hash(&self, _: Request<HashRequest>) -> Result<Response<HashResponse>, Status> {
+    async fn hash(&self, req: Request<HashRequest>) -> Result<Response<HashResponse>, Status> {
+        self.admin(&req, "Hash")?;
         let st = self.ctx.state.read();
         let mut h = crc32fast::Hasher::new();
         let r = st.store().backend().scan(&[0], &[0xff], &mut |k, v| {
@@ -218,6 +233,7 @@ impl Maintenance for MaintenanceService {
         &self,
         req: Request<HashKvRequest>,
     ) -> Result<Response<HashKvResponse>, Status> {
+        self.admin(&req, "HashKV")?;
         let r = req.into_inner();
         let st = self.ctx.state.read();
         let rev = if r.revision <= 0 {
@@ -239,8 +255,9 @@ impl Maintenance for MaintenanceService {
 
     async fn snapshot(
         &self,
-        _: Request<SnapshotRequest>,
+        req: Request<SnapshotRequest>,
     ) -> Result<Response<Self::SnapshotStream>, Status> {
+        self.admin(&req, "Snapshot")?;
         let ctx = self.ctx.clone();
         let file = tokio::task::spawn_blocking(move || write_snapshot(&ctx))
             .await
@@ -288,6 +305,7 @@ impl Maintenance for MaintenanceService {
         &self,
         req: Request<MoveLeaderRequest>,
     ) -> Result<Response<MoveLeaderResponse>, Status> {
+        self.admin(&req, "MoveLeader")?;
         let r = req.into_inner();
         if r.target_id != self.ctx.id.member_id {
             return done(&self.ctx, "MoveLeader", Err(Error::MemberNotFound));
@@ -378,6 +396,7 @@ impl Cluster for MaintenanceService {
         &self,
         req: Request<MemberAddRequest>,
     ) -> Result<Response<MemberAddResponse>, Status> {
+        self.admin(&req, "MemberAdd")?;
         let r = req.into_inner();
         let raft = self.raft()?;
         let Some(url) = r.peer_ur_ls.first().cloned() else {
@@ -406,6 +425,7 @@ impl Cluster for MaintenanceService {
         &self,
         req: Request<MemberRemoveRequest>,
     ) -> Result<Response<MemberRemoveResponse>, Status> {
+        self.admin(&req, "MemberRemove")?;
         let r = req.into_inner();
         self.raft()?
             .remove_member(r.id)
@@ -423,8 +443,9 @@ impl Cluster for MaintenanceService {
 
     async fn member_update(
         &self,
-        _: Request<MemberUpdateRequest>,
+        req: Request<MemberUpdateRequest>,
     ) -> Result<Response<MemberUpdateResponse>, Status> {
+        self.admin(&req, "MemberUpdate")?;
         Err(Status::from(Error::Unsupported(
             "changing a member's peer URLs is not supported; remove and add the member".into(),
         )))
@@ -448,6 +469,7 @@ impl Cluster for MaintenanceService {
         &self,
         req: Request<MemberPromoteRequest>,
     ) -> Result<Response<MemberPromoteResponse>, Status> {
+        self.admin(&req, "MemberPromote")?;
         let r = req.into_inner();
         self.raft()?
             .promote_member(r.id)

@@ -5,7 +5,12 @@
 //! - [`watch`]: `etcdserverpb.Watch` — one bidirectional stream carrying many watchers.
 //! - [`lease`]: `etcdserverpb.Lease` — grant, revoke, keep-alive stream, time-to-live, list.
 //! - [`maintenance`]: `etcdserverpb.Maintenance` and `etcdserverpb.Cluster`.
+//! - [`auth`]: `etcdserverpb.Auth` — users, roles, permissions, authenticate.
+//!
+//! Every adapter first asks [`Ctx::auth`] who calls (one atomic load while auth is disabled)
+//! and checks the request against the caller's permissions before doing anything else.
 
+pub mod auth;
 pub mod kv;
 pub mod lease;
 pub mod maintenance;
@@ -74,6 +79,8 @@ pub struct Ctx {
     pub limits: Limits,
     /// NOSPACE alarm raised.
     pub nospace: Arc<AtomicBool>,
+    /// Authentication and permissions.
+    pub auth: Arc<crate::auth::Gate>,
     /// Next watch stream id.
     pub next_stream: Arc<AtomicU64>,
     /// Cancelled when the server stops: long-lived streams (watch, keep-alive) end on it, so

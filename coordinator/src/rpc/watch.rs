@@ -53,6 +53,11 @@ impl Watch for WatchService {
             .get("hasleader")
             .and_then(|v| v.to_str().ok())
             .is_some_and(|v| v == "true");
+        // The stream's token names the user of every watch created on it; permissions are
+        // checked at each create, against the auth state of that moment.
+        let token = crate::auth::Credentials::from_metadata(req.metadata())
+            .token
+            .map(str::to_string);
         let mut incoming = req.into_inner();
         let (tx, rx) = mpsc::channel(STREAM_BUFFER);
         let ctx = self.ctx.clone();
@@ -65,6 +70,7 @@ impl Watch for WatchService {
                 tx,
                 watchers: HashMap::new(),
                 next_id: 0,
+                token,
             };
             let check_every = match &ctx.member {
                 crate::member::Member::Raft(r) => r.election_timeout(),
@@ -110,6 +116,7 @@ struct Session {
     tx: mpsc::Sender<Result<WatchResponse, Status>>,
     watchers: HashMap<i64, Arc<Watcher>>,
     next_id: i64,
+    token: Option<String>,
 }
 
 impl Session {
@@ -176,6 +183,19 @@ impl Session {
             );
             return self.tx.send(Ok(r)).await.is_ok();
         }
+        let range = key_range(c.key.clone(), c.range_end.clone());
+        let allowed = self
+            .ctx
+            .auth
+            .caller(crate::auth::Credentials {
+                token: self.token.as_deref(),
+                cert_cn: None,
+            })
+            .and_then(|caller| caller.read(&range));
+        if let Err(e) = allowed {
+            let r = refuse(c.watch_id, e.to_string(), rev, &self.ctx);
+            return self.tx.send(Ok(r)).await.is_ok();
+        }
         let id = if c.watch_id != 0 {
             if self.watchers.contains_key(&c.watch_id) {
                 let r = refuse(
@@ -196,7 +216,7 @@ impl Session {
             id
         };
         let spec = WatchSpec {
-            range: key_range(c.key, c.range_end),
+            range,
             no_put: c.filters.contains(&0),
             no_delete: c.filters.contains(&1),
             prev_kv: c.prev_kv,
