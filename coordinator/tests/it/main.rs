@@ -10,6 +10,8 @@
 //! - [`admin`]: the admin HTTP port (health, readiness, metrics).
 //! - [`bad_input`]: requests etcd rejects, rejected with etcd's codes and texts.
 //! - [`watch`]: watch ordering, replay, compaction, filters, progress, slow consumers.
+//! - [`auth`]: authentication and RBAC over gRPC: the authorisation matrix, tokens, restart,
+//!   a 3-member cluster; [`auth_etcdctl`]: the same with the real `etcdctl`.
 //! - [`cluster`]: a 3-member Raft cluster of processes under kill -9, restart and SIGSTOP.
 //!
 //! [`harness`] holds the shared helpers.
@@ -17,6 +19,8 @@
 mod harness;
 
 mod admin;
+mod auth;
+mod auth_etcdctl;
 mod bad_input;
 mod cluster;
 mod etcd_client;
