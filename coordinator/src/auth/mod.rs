@@ -47,7 +47,7 @@ pub mod token;
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use parking_lot::{Mutex, RwLock};
 use sha2::{Digest, Sha256};
@@ -72,6 +72,7 @@ const TOKEN_CACHE: usize = 8192;
 #[derive(Debug, Default)]
 pub struct AuthShared {
     enabled: AtomicBool,
+    revision: AtomicU64,
     view: RwLock<Arc<AuthView>>,
 }
 
@@ -79,7 +80,9 @@ impl AuthShared {
     /// Publish a new view.
     pub fn publish(&self, view: AuthView) {
         let enabled = view.enabled;
+        let revision = view.revision;
         *self.view.write() = Arc::new(view);
+        self.revision.store(revision, Ordering::Release);
         self.enabled.store(enabled, Ordering::Release);
     }
 
@@ -87,6 +90,12 @@ impl AuthShared {
     #[inline]
     pub fn enabled(&self) -> bool {
         self.enabled.load(Ordering::Acquire)
+    }
+
+    /// The auth revision published last (one atomic load).
+    #[inline]
+    pub fn revision(&self) -> u64 {
+        self.revision.load(Ordering::Acquire)
     }
 
     /// The current view.
@@ -234,6 +243,13 @@ impl Gate {
     /// The published view.
     pub fn view(&self) -> Arc<AuthView> {
         self.shared.view()
+    }
+
+    /// The published auth revision (one atomic load): a reader that waited for a read
+    /// barrier compares it with the one it checked against, and checks again if it moved.
+    #[inline]
+    pub fn revision(&self) -> u64 {
+        self.shared.revision()
     }
 
     /// Token settings.

@@ -89,14 +89,14 @@ impl AuthService {
     }
 
     async fn authenticate(&self, r: AuthenticateRequest) -> Result<AuthenticateResponse> {
+        // See every change acknowledged before this call, whichever member took it.
+        self.ctx.member.read_barrier().await?;
         if !self.ctx.auth.enabled() {
             return Err(Error::AuthNotEnabled);
         }
         if r.name.is_empty() || r.name.len() > MAX_NAME_BYTES {
             return Err(Error::AuthFailed);
         }
-        // See every user added before this call, whichever member added it.
-        self.ctx.member.read_barrier().await?;
         let (hash, cred) = {
             let st = self.ctx.state.read();
             match st.auth().users().get(&r.name) {

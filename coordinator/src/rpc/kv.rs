@@ -5,10 +5,11 @@ use proto::etcdserverpb::{
     CompactionRequest, CompactionResponse, DeleteRangeRequest, DeleteRangeResponse, PutRequest,
     PutResponse, RangeRequest, RangeResponse, TxnRequest, TxnResponse,
 };
+use tonic::metadata::MetadataMap;
 use tonic::{Request, Response, Status};
 
 use super::{Ctx, delete_req, put_req, range_req, txn_req};
-use crate::auth::Caller;
+use crate::auth::{Caller, Credentials};
 use crate::command::Command;
 use crate::error::{Error, Result};
 use crate::state::{self, Response as SmResponse};
@@ -33,14 +34,23 @@ impl KvService {
         Ok((applied.revision, resp))
     }
 
-    async fn do_range(&self, caller: Result<Caller>, r: RangeRequest) -> Result<RangeResponse> {
-        let caller = caller?;
+    async fn do_range(&self, md: &MetadataMap, r: RangeRequest) -> Result<RangeResponse> {
+        let auth_rev = self.ctx.auth.revision();
+        let caller = self.ctx.auth.caller(Credentials::from_metadata(md))?;
         self.ctx.check_size(&r)?;
         let serializable = r.serializable;
         let req = range_req(r)?;
         caller.read(&req.range)?;
         if !serializable {
             self.ctx.member.read_barrier().await?;
+            // An auth change applied while waiting (here, after another member acknowledged
+            // it) decides too.
+            if self.ctx.auth.revision() != auth_rev {
+                self.ctx
+                    .auth
+                    .caller(Credentials::from_metadata(md))?
+                    .read(&req.range)?;
+            }
         }
         let st = self.ctx.state.read();
         let rr = st.store().range(&req)?;
@@ -83,14 +93,21 @@ impl KvService {
         }
     }
 
-    async fn do_txn(&self, caller: Result<Caller>, t: TxnRequest) -> Result<TxnResponse> {
-        let caller = caller?;
+    async fn do_txn(&self, md: &MetadataMap, t: TxnRequest) -> Result<TxnResponse> {
+        let auth_rev = self.ctx.auth.revision();
+        let caller = self.ctx.auth.caller(Credentials::from_metadata(md))?;
         self.ctx.check_size(&t)?;
         let t = txn_req(t)?;
         if t.is_read_only() {
             state::validate_txn(&t, self.ctx.limits.max_txn_ops)?;
             caller.read_txn(&t)?;
             self.ctx.member.read_barrier().await?;
+            if self.ctx.auth.revision() != auth_rev {
+                self.ctx
+                    .auth
+                    .caller(Credentials::from_metadata(md))?
+                    .read_txn(&t)?;
+            }
             let st = self.ctx.state.read();
             let mut r = st.read_txn(&t)?;
             r.header = self.ctx.header(st.revision());
@@ -170,8 +187,8 @@ fn done<T>(ctx: &Ctx, method: &'static str, r: Result<T>) -> Result<Response<T>,
 impl Kv for KvService {
     #[tracing::instrument(skip_all, name = "KV.Range")]
     async fn range(&self, req: Request<RangeRequest>) -> Result<Response<RangeResponse>, Status> {
-        let caller = self.ctx.auth.caller_of(&req);
-        done(&self.ctx, "Range", self.do_range(caller, req.into_inner()).await)
+        let (md, _, r) = req.into_parts();
+        done(&self.ctx, "Range", self.do_range(&md, r).await)
     }
 
     #[tracing::instrument(skip_all, name = "KV.Put")]
@@ -195,8 +212,8 @@ impl Kv for KvService {
 
     #[tracing::instrument(skip_all, name = "KV.Txn")]
     async fn txn(&self, req: Request<TxnRequest>) -> Result<Response<TxnResponse>, Status> {
-        let caller = self.ctx.auth.caller_of(&req);
-        done(&self.ctx, "Txn", self.do_txn(caller, req.into_inner()).await)
+        let (md, _, t) = req.into_parts();
+        done(&self.ctx, "Txn", self.do_txn(&md, t).await)
     }
 
     #[tracing::instrument(skip_all, name = "KV.Compact")]
