@@ -433,6 +433,76 @@ mod tests {
         Gate::new(shared, TokenConfig::default())
     }
 
+    /// The request path's cost: one atomic load while auth is off; a cached token lookup and a
+    /// binary search while it is on. Bounds are loose (debug build, shared machine); the
+    /// figures are printed.
+    #[test]
+    fn checks_are_cheap_off_and_on() {
+        use crate::command::KeyRange;
+        let mut st = AuthState::default();
+        let gate = gate_with(&mut st);
+        let key = KeyRange::single(b"app/k".to_vec());
+        const N: u32 = 100_000;
+        let t = std::time::Instant::now();
+        for _ in 0..N {
+            let c = gate.caller(Credentials::default()).expect("open");
+            c.read(&key).expect("allowed");
+        }
+        let off = t.elapsed() / N;
+        for c in [
+            AuthCmd::UserAdd {
+                name: ROOT.into(),
+                hash: Some("h".into()),
+            },
+            AuthCmd::UserGrantRole {
+                user: ROOT.into(),
+                role: ROOT.into(),
+            },
+            AuthCmd::RoleAdd { name: "r".into() },
+            AuthCmd::UserAdd {
+                name: "u".into(),
+                hash: Some("h".into()),
+            },
+            AuthCmd::UserGrantRole {
+                user: "u".into(),
+                role: "r".into(),
+            },
+            AuthCmd::Enable {
+                secret: new_secret(),
+            },
+        ] {
+            st.apply(&c).expect("apply");
+        }
+        // A role with many permissions: the check stays a binary search.
+        for i in 0..200 {
+            st.apply(&AuthCmd::RoleGrantPermission {
+                role: "r".into(),
+                perm: Perm {
+                    kind: PermKind::ReadWrite,
+                    key: format!("app{i:03}/").into_bytes(),
+                    end: format!("app{i:03}0").into_bytes(),
+                },
+            })
+            .expect("grant");
+        }
+        gate.shared.publish(st.view());
+        let token = gate.issue(&gate.view(), "u").expect("issue");
+        let creds = Credentials {
+            token: Some(&token),
+            cert_cn: None,
+        };
+        let key = KeyRange::single(b"app150/k".to_vec());
+        let t = std::time::Instant::now();
+        for _ in 0..N / 10 {
+            let c = gate.caller(creds).expect("user");
+            c.read(&key).expect("allowed");
+        }
+        let on = t.elapsed() / (N / 10);
+        println!("per request: auth off {off:?}, auth on (cached token, 200 permissions) {on:?}");
+        assert!(off < std::time::Duration::from_micros(2), "auth off costs {off:?}");
+        assert!(on < std::time::Duration::from_micros(100), "auth on costs {on:?}");
+    }
+
     #[test]
     fn callers_follow_tokens_and_credential_changes() {
         let mut st = AuthState::default();
