@@ -272,7 +272,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
                 token: token.clone(),
                 snapshot_count: config.snapshot_count,
                 removed: removed.clone(),
-                dir: raft_dir,
+                io: raft::RaftIo::production(raft_dir),
                 election_timeout: Duration::from_millis(config.election_timeout),
                 heartbeat: Duration::from_millis(config.heartbeat_interval),
                 state: state.clone(),

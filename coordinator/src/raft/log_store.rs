@@ -11,6 +11,10 @@
 //!
 //! The vote and the last purged log id live in a small file (`raft-meta`) replaced atomically
 //! (write, fsync, rename, fsync dir): a member never votes twice in a term across restarts.
+//!
+//! [`Storage::Memory`] swaps the disk for a [`MemDisk`] that a deterministic simulation keeps
+//! across simulated crashes; the cache, the queue, the batching and the order of operations are
+//! the same code.
 
 #![allow(clippy::result_large_err, clippy::type_complexity)] // openraft fixes these error and state types.
 
@@ -21,7 +25,7 @@ use std::io::Write;
 use std::ops::RangeBounds;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::mpsc as smpsc;
+use std::time::Duration;
 
 use openraft::storage::{LogFlushed, LogState, RaftLogStorage};
 use openraft::{
@@ -29,7 +33,10 @@ use openraft::{
     StorageIOError, Vote,
 };
 use parking_lot::Mutex;
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
+use tokio::sync::mpsc;
 
 use super::TypeConfig;
 use crate::wal::{self, Wal};
@@ -49,18 +56,166 @@ enum Op {
     Purge(u64, tokio::sync::oneshot::Sender<std::io::Result<()>>),
 }
 
+/// Where the log and the vote are kept.
+pub enum Storage {
+    /// Production: the WAL and `raft-meta` in this directory; a thread writes and `fdatasync`s.
+    Dir(PathBuf),
+    /// The deterministic simulation's disk (see [`MemDisk`]); a task "writes" it.
+    Memory(MemDisk),
+}
+
+/// Where durable writes go (the writer's side of [`Storage`]).
+enum Durable {
+    Dir(PathBuf),
+    Memory(MemDisk),
+}
+
 struct Inner {
     cache: Mutex<BTreeMap<u64, Entry<TypeConfig>>>,
     meta: Mutex<Meta>,
     last_log: Mutex<Option<LogId<NodeId>>>,
-    tx: Mutex<Option<smpsc::Sender<Op>>>,
-    meta_path: PathBuf,
+    tx: Mutex<Option<mpsc::UnboundedSender<Op>>>,
+    durable: Durable,
 }
 
 /// The Raft log store. Cheap to clone (openraft wants a reader beside the store).
 #[derive(Clone)]
 pub struct LogStore {
     inner: Arc<Inner>,
+}
+
+/// A simulated disk for one member, for the deterministic simulation (`coordinator/tests/sim`):
+/// it outlives the member's process, so a simulated crash keeps exactly what was made durable.
+///
+/// Appends become durable only when the writer task "fsyncs" them, after a latency drawn from a
+/// seeded generator; a crash before that loses them, and their callbacks never fired, just as on
+/// a real disk. The vote and the purge point are durable once `save_vote`/`purge` returned (the
+/// disk version replaces `raft-meta` synchronously). Torn writes are not modelled.
+#[derive(Clone)]
+pub struct MemDisk {
+    inner: Arc<Mutex<MemDiskInner>>,
+}
+
+struct MemDiskInner {
+    meta: Meta,
+    /// Durable records by WAL index (Raft index + 1).
+    entries: BTreeMap<u64, wal::Entry>,
+    votes: Vec<Vote<NodeId>>,
+    rng: StdRng,
+    max_fsync: Duration,
+}
+
+impl MemDisk {
+    /// An empty disk whose fsyncs take up to `max_fsync`, drawn from a generator seeded by `seed`.
+    pub fn new(seed: u64, max_fsync: Duration) -> MemDisk {
+        MemDisk {
+            inner: Arc::new(Mutex::new(MemDiskInner {
+                meta: Meta::default(),
+                entries: BTreeMap::new(),
+                votes: Vec::new(),
+                rng: StdRng::seed_from_u64(seed),
+                max_fsync,
+            })),
+        }
+    }
+
+    /// Every vote ever made durable, in order (to check that no term gets two votes).
+    pub fn votes(&self) -> Vec<Vote<NodeId>> {
+        self.inner.lock().votes.clone()
+    }
+
+    /// The durable vote.
+    pub fn vote(&self) -> Option<Vote<NodeId>> {
+        self.inner.lock().meta.vote
+    }
+
+    /// The durable purge point.
+    pub fn last_purged(&self) -> Option<LogId<NodeId>> {
+        self.inner.lock().meta.last_purged
+    }
+
+    /// The durable log entries after the purge point, in order.
+    pub fn entries(&self) -> crate::error::Result<Vec<Entry<TypeConfig>>> {
+        let d = self.inner.lock();
+        let purged = d.meta.last_purged.map(|l| l.index + 1);
+        let mut out = Vec::new();
+        for e in d.entries.values() {
+            if purged.is_some_and(|p| e.index <= p) {
+                continue;
+            }
+            out.push(bincode::deserialize(&e.data)?);
+        }
+        Ok(out)
+    }
+
+    fn fsync_latency(&self) -> Duration {
+        let mut d = self.inner.lock();
+        let max = d.max_fsync.as_micros() as u64;
+        Duration::from_micros(if max == 0 {
+            0
+        } else {
+            d.rng.random_range(0..=max)
+        })
+    }
+
+    fn save_meta(&self, m: &Meta) {
+        let mut d = self.inner.lock();
+        if let Some(v) = m.vote {
+            if d.meta.vote != Some(v) {
+                d.votes.push(v);
+            }
+        }
+        d.meta = m.clone();
+    }
+}
+
+/// Where the writer puts what openraft hands over, in call order.
+trait Sink {
+    /// Append records and make them durable.
+    fn append(&mut self, batch: &[wal::Entry]) -> std::io::Result<()>;
+    /// Drop Raft index `i` and everything after it.
+    fn truncate(&mut self, i: u64) -> std::io::Result<()>;
+    /// Drop Raft index `i` and everything before it.
+    fn purge(&mut self, i: u64) -> std::io::Result<()>;
+}
+
+impl Sink for Wal {
+    fn append(&mut self, batch: &[wal::Entry]) -> std::io::Result<()> {
+        Wal::append(self, batch).map_err(to_io)
+    }
+    fn truncate(&mut self, i: u64) -> std::io::Result<()> {
+        self.truncate_from(i + 1).map_err(to_io)
+    }
+    fn purge(&mut self, i: u64) -> std::io::Result<()> {
+        let r = if i + 1 >= self.last_index() {
+            self.reset_to(i + 2)
+        } else {
+            self.purge_to(i + 1).map(|_| ())
+        };
+        r.map_err(to_io)
+    }
+}
+
+impl Sink for MemDisk {
+    fn append(&mut self, batch: &[wal::Entry]) -> std::io::Result<()> {
+        let mut d = self.inner.lock();
+        for e in batch {
+            // A record rewrites whatever was at its index and after it (the WAL truncates too).
+            let _ = d.entries.split_off(&e.index);
+            d.entries.insert(e.index, e.clone());
+        }
+        Ok(())
+    }
+    fn truncate(&mut self, i: u64) -> std::io::Result<()> {
+        let _ = self.inner.lock().entries.split_off(&(i + 1));
+        Ok(())
+    }
+    fn purge(&mut self, i: u64) -> std::io::Result<()> {
+        let mut d = self.inner.lock();
+        let keep = d.entries.split_off(&(i + 2));
+        d.entries = keep;
+        Ok(())
+    }
 }
 
 fn io_err<E: std::error::Error + 'static>(verb: ErrorVerb, e: &E) -> StorageError<NodeId> {
@@ -84,14 +239,43 @@ fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
 impl LogStore {
     /// Open the log in `dir` (created if missing).
     pub fn open(dir: &Path) -> crate::error::Result<LogStore> {
-        fs::create_dir_all(dir)?;
-        let meta_path = dir.join("raft-meta");
-        let meta: Meta = match fs::read(&meta_path) {
-            Ok(b) => bincode::deserialize(&b)?,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Meta::default(),
-            Err(e) => return Err(e.into()),
+        LogStore::open_storage(Storage::Dir(dir.to_path_buf()))
+    }
+
+    /// Open the log where `storage` says. [`Storage::Memory`] must be opened inside a Tokio
+    /// runtime (its writer is a task).
+    pub fn open_storage(storage: Storage) -> crate::error::Result<LogStore> {
+        let (tx, rx) = mpsc::unbounded_channel::<Op>();
+        let (meta, entries, durable) = match storage {
+            Storage::Dir(dir) => {
+                fs::create_dir_all(&dir)?;
+                let meta_path = dir.join("raft-meta");
+                let meta: Meta = match fs::read(&meta_path) {
+                    Ok(b) => bincode::deserialize(&b)?,
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => Meta::default(),
+                    Err(e) => return Err(e.into()),
+                };
+                let (mut wal, entries) = Wal::open(&dir.join("log"))?;
+                let purged_index = meta.last_purged.map(|l| l.index).unwrap_or(0);
+                // A log whose tail was purged past its end (a snapshot installed on a follower)
+                // restarts right after the purge point.
+                if meta.last_purged.is_some() && wal.last_index() < purged_index + 1 {
+                    wal.reset_to(purged_index + 2)?;
+                }
+                std::thread::Builder::new()
+                    .name("raft-log".into())
+                    .spawn(move || disk_writer(wal, rx))?;
+                (meta, entries, Durable::Dir(meta_path))
+            }
+            Storage::Memory(disk) => {
+                let (meta, entries) = {
+                    let d = disk.inner.lock();
+                    (d.meta.clone(), d.entries.values().cloned().collect())
+                };
+                tokio::spawn(memory_writer(disk.clone(), rx));
+                (meta, entries, Durable::Memory(disk))
+            }
         };
-        let (mut wal, entries) = Wal::open(&dir.join("log"))?;
         let purged_index = meta.last_purged.map(|l| l.index).unwrap_or(0);
         let mut cache = BTreeMap::new();
         for e in entries {
@@ -101,27 +285,18 @@ impl LogStore {
             let entry: Entry<TypeConfig> = bincode::deserialize(&e.data)?;
             cache.insert(entry.log_id.index, entry);
         }
-        // A log whose tail was purged past its end (a snapshot installed on a follower) restarts
-        // right after the purge point.
-        if meta.last_purged.is_some() && wal.last_index() < purged_index + 1 {
-            wal.reset_to(purged_index + 2)?;
-        }
         let last_log = cache
             .values()
             .next_back()
             .map(|e| e.log_id)
             .or(meta.last_purged);
-        let (tx, rx) = smpsc::channel::<Op>();
-        std::thread::Builder::new()
-            .name("raft-log".into())
-            .spawn(move || writer(wal, rx))?;
         Ok(LogStore {
             inner: Arc::new(Inner {
                 cache: Mutex::new(cache),
                 meta: Mutex::new(meta),
                 last_log: Mutex::new(last_log),
                 tx: Mutex::new(Some(tx)),
-                meta_path,
+                durable,
             }),
         })
     }
@@ -131,7 +306,13 @@ impl LogStore {
         *self.inner.last_log.lock()
     }
 
-    /// Stop the writer thread (after what was queued).
+    /// The entries held (appended, maybe not yet flushed) in `range` of Raft indexes.
+    pub fn entries(&self, range: impl RangeBounds<u64>) -> Vec<Entry<TypeConfig>> {
+        let cache = self.inner.cache.lock();
+        cache.range(range).map(|(_, e)| e.clone()).collect()
+    }
+
+    /// Stop the writer (after what was queued).
     pub fn close(&self) {
         self.inner.tx.lock().take();
     }
@@ -149,8 +330,16 @@ impl LogStore {
     }
 
     fn save_meta(&self, m: &Meta) -> Result<(), StorageError<NodeId>> {
-        let b = bincode::serialize(m).map_err(|e| io_err(ErrorVerb::Write, &e))?;
-        write_atomic(&self.inner.meta_path, &b).map_err(|e| io_err(ErrorVerb::Write, &e))
+        match &self.inner.durable {
+            Durable::Dir(path) => {
+                let b = bincode::serialize(m).map_err(|e| io_err(ErrorVerb::Write, &e))?;
+                write_atomic(path, &b).map_err(|e| io_err(ErrorVerb::Write, &e))
+            }
+            Durable::Memory(disk) => {
+                disk.save_meta(m);
+                Ok(())
+            }
+        }
     }
 
     async fn wait(
@@ -164,43 +353,57 @@ impl LogStore {
     }
 }
 
-fn writer(mut wal: Wal, rx: smpsc::Receiver<Op>) {
+/// Production writer: everything queued is written with one `fdatasync`.
+fn disk_writer(mut wal: Wal, mut rx: mpsc::UnboundedReceiver<Op>) {
     let mut pending: Vec<Op> = Vec::new();
-    while let Ok(first) = rx.recv() {
+    while let Some(first) = rx.blocking_recv() {
         pending.push(first);
         while let Ok(more) = rx.try_recv() {
             pending.push(more);
         }
-        let mut batch: Vec<wal::Entry> = Vec::new();
-        let mut callbacks: Vec<LogFlushed<TypeConfig>> = Vec::new();
-        for op in pending.drain(..) {
-            match op {
-                Op::Append(entries, cb) => {
-                    batch.extend(entries);
-                    callbacks.push(cb);
-                }
-                other => {
-                    // Keep order: flush the appends gathered so far, then do this op.
-                    flush(&mut wal, &mut batch, &mut callbacks);
-                    match other {
-                        Op::Truncate(i, done) => {
-                            let _ = done.send(wal.truncate_from(i + 1).map_err(to_io));
-                        }
-                        Op::Purge(i, done) => {
-                            let r = if i + 1 >= wal.last_index() {
-                                wal.reset_to(i + 2)
-                            } else {
-                                wal.purge_to(i + 1).map(|_| ())
-                            };
-                            let _ = done.send(r.map_err(to_io));
-                        }
-                        Op::Append(..) => {}
-                    }
-                }
+        write_ops(&mut wal, &mut pending);
+    }
+}
+
+/// Simulation writer: the same batching, with a simulated fsync latency before the batch is
+/// durable.
+async fn memory_writer(mut disk: MemDisk, mut rx: mpsc::UnboundedReceiver<Op>) {
+    let mut pending: Vec<Op> = Vec::new();
+    while let Some(first) = rx.recv().await {
+        pending.push(first);
+        while let Ok(more) = rx.try_recv() {
+            pending.push(more);
+        }
+        let latency = disk.fsync_latency();
+        if !latency.is_zero() {
+            tokio::time::sleep(latency).await;
+        }
+        write_ops(&mut disk, &mut pending);
+    }
+}
+
+/// Carry out queued operations in call order: appends gathered into one durable write, and a
+/// truncate or purge after the appends queued before it.
+fn write_ops(sink: &mut impl Sink, pending: &mut Vec<Op>) {
+    let mut batch: Vec<wal::Entry> = Vec::new();
+    let mut callbacks: Vec<LogFlushed<TypeConfig>> = Vec::new();
+    for op in pending.drain(..) {
+        match op {
+            Op::Append(entries, cb) => {
+                batch.extend(entries);
+                callbacks.push(cb);
+            }
+            Op::Truncate(i, done) => {
+                flush(sink, &mut batch, &mut callbacks);
+                let _ = done.send(sink.truncate(i));
+            }
+            Op::Purge(i, done) => {
+                flush(sink, &mut batch, &mut callbacks);
+                let _ = done.send(sink.purge(i));
             }
         }
-        flush(&mut wal, &mut batch, &mut callbacks);
     }
+    flush(sink, &mut batch, &mut callbacks);
 }
 
 fn to_io(e: crate::error::Error) -> std::io::Error {
@@ -210,11 +413,15 @@ fn to_io(e: crate::error::Error) -> std::io::Error {
     }
 }
 
-fn flush(wal: &mut Wal, batch: &mut Vec<wal::Entry>, callbacks: &mut Vec<LogFlushed<TypeConfig>>) {
+fn flush(
+    sink: &mut impl Sink,
+    batch: &mut Vec<wal::Entry>,
+    callbacks: &mut Vec<LogFlushed<TypeConfig>>,
+) {
     if callbacks.is_empty() {
         return;
     }
-    let r = wal.append(batch);
+    let r = sink.append(batch);
     batch.clear();
     for cb in callbacks.drain(..) {
         match &r {

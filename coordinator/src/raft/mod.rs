@@ -30,15 +30,20 @@ pub mod sm;
 use std::collections::{BTreeMap, HashMap};
 use std::io::Cursor;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use openraft::error::{ClientWriteError, RaftError};
 use openraft::{Raft, ServerState};
 use parking_lot::{Mutex, RwLock};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
 use proto::peerpb::Blob;
 use proto::peerpb::peer_client::PeerClient;
 use proto::peerpb::peer_server::Peer;
 use serde::{Deserialize, Serialize};
+// Tokio's clock (the OS's monotonic clock in production) so that a simulation's clock drives
+// elections and deadlines too.
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::Channel;
 use tonic::{Request, Response, Status};
@@ -121,8 +126,8 @@ pub struct RaftParts {
     pub snapshot_count: u64,
     /// Cluster token (member ids derive from it).
     pub token: String,
-    /// Directory for the Raft log and vote.
-    pub dir: std::path::PathBuf,
+    /// Where the log lives, how peers are reached, where randomness comes from.
+    pub io: RaftIo,
     /// Election timeout.
     pub election_timeout: Duration,
     /// Heartbeat interval.
@@ -137,6 +142,33 @@ pub struct RaftParts {
     pub metrics: CoordinatorMetrics,
 }
 
+/// The member's outside world. Production: [`RaftIo::production`]. The deterministic simulation
+/// (`coordinator/tests/sim`) passes a simulated disk, a simulated network and a seed; everything
+/// else is the same code.
+pub struct RaftIo {
+    /// Where the Raft log and vote live.
+    pub log: log_store::Storage,
+    /// How channels to peers are opened.
+    pub connect: network::Connector,
+    /// Seed for election timeout draws; `None` seeds from the operating system.
+    pub seed: Option<u64>,
+    /// Build snapshots on the Raft task instead of a blocking thread (only for in-memory
+    /// backends, which never wait on a disk).
+    pub inline_snapshots: bool,
+}
+
+impl RaftIo {
+    /// The log and vote on disk in `dir`, peers over TCP, randomness from the OS.
+    pub fn production(dir: std::path::PathBuf) -> RaftIo {
+        RaftIo {
+            log: log_store::Storage::Dir(dir),
+            connect: network::tcp(),
+            seed: None,
+            inline_snapshots: false,
+        }
+    }
+}
+
 struct Inner {
     id: u64,
     raft: Raft<TypeConfig>,
@@ -145,6 +177,8 @@ struct Inner {
     sm: sm::SmStore,
     log: log_store::LogStore,
     peers: Mutex<HashMap<u64, PeerClient<Channel>>>,
+    connect: network::Connector,
+    rng: Mutex<StdRng>,
     last_heartbeat: Mutex<Instant>,
     election_timeout: Duration,
     stop: CancellationToken,
@@ -172,13 +206,18 @@ pub type Outcome = (i64, Result<crate::state::Response>);
 impl RaftMember {
     /// Open the log, start openraft, and (for a new cluster) initialise the membership.
     pub async fn start(p: RaftParts) -> anyhow::Result<RaftMember> {
-        let log = log_store::LogStore::open(&p.dir)?;
+        let log = log_store::LogStore::open_storage(p.io.log)?;
         let sm = sm::SmStore::new(
             p.state.clone(),
             p.hub.clone(),
             p.lessor.clone(),
             p.metrics.clone(),
+            p.io.inline_snapshots,
         )?;
+        let rng = match p.io.seed {
+            Some(seed) => StdRng::seed_from_u64(seed),
+            None => StdRng::from_os_rng(),
+        };
         let et = p.election_timeout.as_millis() as u64;
         let config = openraft::Config {
             cluster_name: "coordinator".into(),
@@ -201,7 +240,7 @@ impl RaftMember {
         let raft = Raft::new(
             p.id,
             Arc::new(config),
-            network::Network,
+            network::Network::new(p.io.connect.clone()),
             log.clone(),
             sm.clone(),
         )
@@ -222,6 +261,8 @@ impl RaftMember {
                 sm,
                 log,
                 peers: Mutex::new(HashMap::new()),
+                connect: p.io.connect,
+                rng: Mutex::new(rng),
                 last_heartbeat: Mutex::new(Instant::now()),
                 election_timeout: p.election_timeout,
                 stop: CancellationToken::new(),
@@ -298,7 +339,7 @@ impl RaftMember {
             return Ok(c.clone());
         }
         let node = self.node_of(id).ok_or(Error::NoLeader)?;
-        let ch = network::channel(&node.peer_url)
+        let ch = (self.inner.connect)(&node.peer_url)
             .map_err(|e| Error::InvalidArgument(format!("bad peer URL {}: {e}", node.peer_url)))?;
         let c = PeerClient::new(ch)
             .max_decoding_message_size(64 * 1024 * 1024)
@@ -605,6 +646,12 @@ impl RaftMember {
         self.inner.log.close();
     }
 
+    /// A fresh election timeout in `[base, 2 × base)`.
+    fn draw(&self, base: Duration) -> Duration {
+        let ms = base.as_millis() as u64;
+        Duration::from_millis(ms + self.inner.rng.lock().random_range(0..ms.max(1)))
+    }
+
     fn heard_from_leader(&self) {
         *self.inner.last_heartbeat.lock() = Instant::now();
     }
@@ -615,7 +662,7 @@ impl RaftMember {
         // before the previous attempt's own fresh draw ran out. `last_heartbeat` is contact
         // with a leader (or a granted vote) only, never our own attempts: pre-vote answers
         // depend on it.
-        let mut timeout = draw(base);
+        let mut timeout = self.draw(base);
         let mut next_try = Instant::now();
         let mut tick = tokio::time::interval(Duration::from_millis(25));
         loop {
@@ -658,8 +705,8 @@ impl RaftMember {
                     }
                 }
             }
-            timeout = draw(base);
-            next_try = Instant::now() + draw(base);
+            timeout = self.draw(base);
+            next_try = Instant::now() + self.draw(base);
         }
     }
 
@@ -730,13 +777,9 @@ impl RaftMember {
         {
             return PreVoteAnswer::Refused;
         }
-        let mine = self.inner.log.last_log_id();
-        let theirs_ok = match (req.last_log, mine) {
-            (_, None) => true,
-            (None, Some(_)) => false,
-            (Some(t), Some(m)) => (t.leader_id.term, t.index) >= (m.leader_id.term, m.index),
-        };
-        if theirs_ok {
+        // openraft's own order, as its vote handler compares: (term, leader node, index). A
+        // leader is identified by (term, node id), so the term alone is not enough.
+        if req.last_log >= self.inner.log.last_log_id() {
             PreVoteAnswer::Granted
         } else {
             PreVoteAnswer::Refused
@@ -806,6 +849,11 @@ impl RaftMember {
         }
     }
 
+    /// The log store (to inspect the log: tools and the simulation's invariant checks).
+    pub fn log_store(&self) -> &log_store::LogStore {
+        &self.inner.log
+    }
+
     /// Membership as the state machine last applied it.
     pub fn applied_membership(&self) -> openraft::StoredMembership<u64, MemberNode> {
         self.inner.sm.membership()
@@ -827,10 +875,6 @@ fn is_connect_error(s: &Status) -> bool {
     text.contains("connect") || text.contains("Connection refused")
 }
 
-fn draw(base: Duration) -> Duration {
-    let ms = base.as_millis() as u64;
-    Duration::from_millis(ms + rand::random::<u64>() % ms.max(1))
-}
 
 /// Serves `peerpb.Peer` for one member.
 #[derive(Clone)]

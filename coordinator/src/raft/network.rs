@@ -3,7 +3,12 @@
 //!
 //! Connection failures are reported to openraft as `Unreachable` (it backs off); everything else
 //! as a network error (it retries). Every call is bounded by openraft's own deadline.
+//!
+//! How a channel reaches its peer is a [`Connector`]: production dials TCP ([`tcp`]); the
+//! deterministic simulation (`coordinator/tests/sim`) dials its simulated network. Both use the
+//! same [`endpoint`] settings, the same client code and the same peer service.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use openraft::error::{
@@ -24,9 +29,27 @@ use super::{MemberNode, TypeConfig};
 
 type NodeId = u64;
 
+/// Opens a lazily connecting channel to a peer URL (`http://host:port`).
+pub type Connector =
+    Arc<dyn Fn(&str) -> Result<Channel, tonic::transport::Error> + Send + Sync + 'static>;
+
+/// Production: channels over the operating system's TCP.
+pub fn tcp() -> Connector {
+    Arc::new(channel)
+}
+
 /// Opens a client per peer.
-#[derive(Clone, Default)]
-pub struct Network;
+#[derive(Clone)]
+pub struct Network {
+    connect: Connector,
+}
+
+impl Network {
+    /// Peers reached through `connect`.
+    pub fn new(connect: Connector) -> Network {
+        Network { connect }
+    }
+}
 
 /// A lazily connected client to one peer.
 pub struct PeerConn {
@@ -35,21 +58,25 @@ pub struct PeerConn {
     url: String,
 }
 
-/// A lazily connecting channel to a peer URL (`http://host:port`).
-pub fn channel(url: &str) -> Result<Channel, tonic::transport::Error> {
+/// The settings of every peer channel, whatever carries its bytes.
+pub fn endpoint(url: &str) -> Result<Endpoint, tonic::transport::Error> {
     Ok(Endpoint::from_shared(url.to_string())?
         .connect_timeout(Duration::from_millis(500))
         .tcp_nodelay(true)
         .http2_keep_alive_interval(Duration::from_secs(10))
-        .keep_alive_while_idle(true)
-        .connect_lazy())
+        .keep_alive_while_idle(true))
+}
+
+/// A lazily connecting TCP channel to a peer URL (`http://host:port`).
+pub fn channel(url: &str) -> Result<Channel, tonic::transport::Error> {
+    Ok(endpoint(url)?.connect_lazy())
 }
 
 impl RaftNetworkFactory<TypeConfig> for Network {
     type Network = PeerConn;
 
     async fn new_client(&mut self, target: NodeId, node: &MemberNode) -> PeerConn {
-        let client = channel(&node.peer_url).ok().map(|c| {
+        let client = (self.connect)(&node.peer_url).ok().map(|c| {
             PeerClient::new(c)
                 .max_decoding_message_size(256 * 1024 * 1024)
                 .max_encoding_message_size(256 * 1024 * 1024)

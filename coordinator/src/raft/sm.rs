@@ -55,6 +55,9 @@ pub struct SmStore {
     metrics: CoordinatorMetrics,
     applied: Arc<Mutex<(Option<LogId<NodeId>>, StoredMembership<NodeId, MemberNode>)>>,
     current: Arc<Mutex<Option<Stored>>>,
+    /// Build snapshots on the calling task rather than a blocking thread (the deterministic
+    /// simulation, whose in-memory backend never waits on a disk).
+    inline_snapshots: bool,
 }
 
 impl SmStore {
@@ -64,6 +67,7 @@ impl SmStore {
         hub: Arc<WatchHub>,
         lessor: Arc<Lessor>,
         metrics: CoordinatorMetrics,
+        inline_snapshots: bool,
     ) -> crate::error::Result<SmStore> {
         let (applied, membership) = {
             let st = state.read();
@@ -85,6 +89,7 @@ impl SmStore {
             metrics,
             applied: Arc::new(Mutex::new((applied, membership))),
             current: Arc::new(Mutex::new(None)),
+            inline_snapshots,
         })
     }
 
@@ -125,10 +130,14 @@ impl SmStore {
 
 impl RaftSnapshotBuilder<TypeConfig> for SmStore {
     async fn build_snapshot(&mut self) -> Result<Snapshot<TypeConfig>, StorageError<NodeId>> {
-        let this = self.clone();
-        let (data, applied, membership) = tokio::task::spawn_blocking(move || this.dump())
-            .await
-            .map_err(|e| sm_err(ErrorVerb::Read, &e))??;
+        let (data, applied, membership) = if self.inline_snapshots {
+            self.dump()?
+        } else {
+            let this = self.clone();
+            tokio::task::spawn_blocking(move || this.dump())
+                .await
+                .map_err(|e| sm_err(ErrorVerb::Read, &e))??
+        };
         let snapshot_id = match applied {
             Some(l) => format!("{}-{}-{}", l.leader_id.term, l.leader_id.node_id, l.index),
             None => "0-0-0".to_string(),

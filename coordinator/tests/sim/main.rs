@@ -1,0 +1,502 @@
+//! Deterministic simulation of a replicated coordinator (`turmoil`).
+//!
+//! Each seed builds a cluster of 3 or 5 members inside one simulated network and runs the
+//! production Raft stack on it: `RaftMember` (forwarding, batched read index, pre-vote and our
+//! election timer), openraft 0.9, the log store's batching and ordering code, the state machine
+//! (`apply`, snapshots) and the tonic peer service and client. What is simulated: the sockets
+//! (turmoil TCP instead of the OS's: [`net`]), the disks (the log store's
+//! `Storage::Memory` and a write-back key space, [`backend`], both of which keep across a crash
+//! only what was made durable), and the clock (tokio's paused clock, advanced by turmoil).
+//! Every random draw comes from the seed.
+//!
+//! Clients on every member issue puts, linearizable gets, deletes and compare-and-sets while a
+//! nemesis partitions the network (both ways, one way, or holding messages), makes links
+//! lossy, changes latency, and crashes and restarts members. Then the faults heal, every key
+//! is read once more, and the run is judged:
+//! - Raft: one leader per term, terms never go back (across restarts too), one vote per term,
+//!   log matching, leader completeness, the same entry applied at each index, identical state
+//!   machine histories ([`invariants`]);
+//! - clients: the history-checker's revision replay (no lost acknowledged write, no stale read,
+//!   revisions never going back, ...) and its per-key linearizability search;
+//! - progress: once healed, the cluster serves a linearizable read of every key and all
+//!   members converge.
+//!
+//! `SIM_SEEDS=N` runs seeds 0..N (default 500; `SIM_SEED_BASE` shifts them), `SIM_SEED=S`
+//! runs seed S alone and prints its fault trace. A failing seed is printed with the command
+//! that replays it.
+//!
+//! That the history checks can fail is tested in the checker crate itself
+//! (`checker/tests/it`: injected stale reads, lost writes and revisions going back are
+//! flagged); the Raft checks' own tests are in [`invariants`].
+
+mod backend;
+mod cluster;
+mod invariants;
+mod net;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::hash::{DefaultHasher, Hash, Hasher};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use cluster::{Shape, Shared, host, mix};
+use history_checker::{Options, Outcome, linearizability};
+use invariants::{check_log_matching, check_state_machines, check_votes, log_of};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+/// How long the nemesis runs, in simulated time.
+const FAULTS: Duration = Duration::from_secs(6);
+/// After healing: how long the clients may take to finish.
+const DRAIN: Duration = Duration::from_secs(20);
+/// After healing: how long the cluster may take to serve the final reads.
+const RECOVER: Duration = Duration::from_secs(60);
+/// After the final reads: how long the members may take to apply the same last index.
+const CONVERGE: Duration = Duration::from_secs(30);
+
+/// What one seed did and what it broke.
+struct RunReport {
+    seed: u64,
+    members: usize,
+    operations: usize,
+    acknowledged: usize,
+    unknown: usize,
+    terms: u64,
+    crashes: usize,
+    simulated: Duration,
+    fingerprint: u64,
+    trace: Vec<String>,
+    violations: Vec<String>,
+}
+
+/// The faults in force.
+#[derive(Default)]
+struct Faults {
+    /// Links cut (both ways or one way), as (from, to).
+    cut: BTreeSet<(usize, usize)>,
+    /// Links holding their messages (both ways), as (a, b) with a < b.
+    held: BTreeSet<(usize, usize)>,
+    /// Links that lose messages, as (a, b) with a < b.
+    lossy: BTreeSet<(usize, usize)>,
+    /// Members down.
+    crashed: BTreeSet<usize>,
+}
+
+struct Driver {
+    sim: turmoil::Sim<'static>,
+    sh: Arc<Shared>,
+    rng: StdRng,
+    faults: Faults,
+    trace: Vec<String>,
+    crashes: usize,
+}
+
+impl Driver {
+    fn log(&mut self, what: String) {
+        let t = self.sim.elapsed().as_millis();
+        self.trace.push(format!("{t:>6} ms  {what}"));
+    }
+
+    fn step(&mut self) -> Result<(), String> {
+        self.sim.step().map(|_| ()).map_err(|e| format!("simulation failed: {e}"))
+    }
+
+    /// Step until `done` holds or `limit` of simulated time passed; whether it held.
+    fn step_until(&mut self, limit: Duration, done: impl Fn(&Shared) -> bool) -> Result<bool, String> {
+        let end = self.sim.elapsed() + limit;
+        while self.sim.elapsed() < end {
+            if done(&self.sh) {
+                return Ok(true);
+            }
+            self.step()?;
+        }
+        Ok(done(&self.sh))
+    }
+
+    fn split(&mut self) -> (Vec<usize>, Vec<usize>) {
+        let n = self.sh.shape.members;
+        loop {
+            let (a, b): (Vec<usize>, Vec<usize>) = (0..n).partition(|_| self.rng.random_bool(0.5));
+            if !a.is_empty() && !b.is_empty() {
+                return (a, b);
+            }
+        }
+    }
+
+    fn names(v: &[usize]) -> String {
+        v.iter().map(|i| host(*i)).collect::<Vec<_>>().join(",")
+    }
+
+    fn crash(&mut self, i: usize) {
+        self.sim.crash(host(i));
+        *self.sh.live[i].lock() = None;
+        self.faults.crashed.insert(i);
+        self.crashes += 1;
+        self.log(format!("crash {}", host(i)));
+    }
+
+    fn restart(&mut self, i: usize) {
+        self.sim.bounce(host(i));
+        self.faults.crashed.remove(&i);
+        self.log(format!("restart {}", host(i)));
+    }
+
+    /// One random fault (or repair).
+    fn nemesis(&mut self) {
+        let n = self.sh.shape.members;
+        match self.rng.random_range(0..100) {
+            0..20 => {
+                let (a, b) = self.split();
+                for &x in &a {
+                    for &y in &b {
+                        self.sim.partition(host(x), host(y));
+                        self.faults.cut.insert((x, y));
+                        self.faults.cut.insert((y, x));
+                    }
+                }
+                self.log(format!("partition {} | {}", Self::names(&a), Self::names(&b)));
+            }
+            20..30 => {
+                let (a, b) = self.split();
+                for &x in &a {
+                    for &y in &b {
+                        self.sim.hold(host(x), host(y));
+                        self.faults.held.insert((x.min(y), x.max(y)));
+                    }
+                }
+                self.log(format!("hold {} | {}", Self::names(&a), Self::names(&b)));
+            }
+            30..42 => {
+                let x = self.rng.random_range(0..n);
+                let y = (x + self.rng.random_range(1..n)) % n;
+                self.sim.partition_oneway(host(x), host(y));
+                self.faults.cut.insert((x, y));
+                self.log(format!("cut one way {} -> {}", host(x), host(y)));
+            }
+            42..50 => {
+                let x = self.rng.random_range(0..n);
+                let y = (x + self.rng.random_range(1..n)) % n;
+                let p = self.rng.random_range(0.005..0.05);
+                self.sim.set_link_fail_rate(host(x), host(y), p);
+                self.faults.lossy.insert((x.min(y), x.max(y)));
+                self.log(format!("lossy {} <-> {} ({:.1} %)", host(x), host(y), p * 100.0));
+            }
+            50..58 => {
+                let ms = self.rng.random_range(1..80);
+                self.sim.set_max_message_latency(Duration::from_millis(ms));
+                self.log(format!("latency up to {ms} ms"));
+            }
+            58..75 => self.heal_network(),
+            75..87 => {
+                // Keep a majority up most of the time; now and then take everyone down.
+                let up: Vec<usize> = (0..n).filter(|i| !self.faults.crashed.contains(i)).collect();
+                if self.rng.random_bool(0.05) {
+                    for i in up {
+                        self.crash(i);
+                    }
+                } else if self.faults.crashed.len() < (n - 1) / 2 && !up.is_empty() {
+                    let i = up[self.rng.random_range(0..up.len())];
+                    self.crash(i);
+                }
+            }
+            _ => {
+                let down: Vec<usize> = self.faults.crashed.iter().copied().collect();
+                if !down.is_empty() {
+                    let i = down[self.rng.random_range(0..down.len())];
+                    self.restart(i);
+                }
+            }
+        }
+    }
+
+    fn heal_network(&mut self) {
+        for (x, y) in std::mem::take(&mut self.faults.cut) {
+            self.sim.repair_oneway(host(x), host(y));
+        }
+        for (x, y) in std::mem::take(&mut self.faults.held) {
+            self.sim.release(host(x), host(y));
+        }
+        for (x, y) in std::mem::take(&mut self.faults.lossy) {
+            self.sim.set_link_fail_rate(host(x), host(y), 0.0);
+        }
+        self.log("heal network".into());
+    }
+}
+
+fn shape_for(rng: &mut StdRng) -> Shape {
+    let members = if rng.random_bool(0.6) { 3 } else { 5 };
+    Shape {
+        members,
+        clients_per_member: if members == 3 { 2 } else { 1 },
+        ops_per_client: 30,
+        keys: 3,
+        snapshot_count: 40,
+    }
+}
+
+/// Run one seed to the end and judge it.
+fn run(seed: u64) -> RunReport {
+    let mut rng = StdRng::seed_from_u64(mix(seed, 1));
+    let shape = shape_for(&mut rng);
+    let members = shape.members;
+    let sh = Shared::new(seed, shape);
+    let latency = Duration::from_millis(rng.random_range(2..=30));
+    let sim = turmoil::Builder::new()
+        .simulation_duration(Duration::from_secs(3600))
+        .tick_duration(Duration::from_millis(1))
+        .min_message_latency(Duration::from_millis(1))
+        .max_message_latency(latency)
+        .tcp_capacity(1 << 16)
+        .rng_seed(mix(seed, 2))
+        .build();
+    let mut d = Driver {
+        sim,
+        sh: sh.clone(),
+        rng,
+        faults: Faults::default(),
+        trace: Vec::new(),
+        crashes: 0,
+    };
+    d.log(format!("{members} members, latency up to {} ms", latency.as_millis()));
+    for i in 0..members {
+        let s = sh.clone();
+        d.sim.host(host(i), move || cluster::member_main(s.clone(), i));
+    }
+    let mut violations = Vec::new();
+    if let Err(e) = drive(&mut d) {
+        violations.push(e);
+    }
+    violations.extend(judge(&d));
+    let history = sh.rec.snapshot();
+    let mut h = DefaultHasher::new();
+    format!("{:?}", history.ops).hash(&mut h);
+    d.trace.hash(&mut h);
+    for (i, disk) in sh.disks.iter().enumerate() {
+        if let Ok(entries) = disk.log.entries() {
+            let log = log_of(&entries);
+            format!("{i}{log:?}").hash(&mut h);
+        }
+    }
+    let terms = sh.obs.lock().terms.values().copied().max().unwrap_or(0);
+    RunReport {
+        seed,
+        members,
+        operations: history.len(),
+        acknowledged: history
+            .ops
+            .iter()
+            .filter(|o| matches!(o.outcome, Outcome::Ok(_)))
+            .count(),
+        unknown: history
+            .ops
+            .iter()
+            .filter(|o| o.outcome == Outcome::Unknown)
+            .count(),
+        terms,
+        crashes: d.crashes,
+        simulated: d.sim.elapsed(),
+        fingerprint: h.finish(),
+        trace: d.trace,
+        violations,
+    }
+}
+
+/// Faults, then healing, the final reads and convergence.
+fn drive(d: &mut Driver) -> Result<(), String> {
+    let mut next = Duration::from_millis(d.rng.random_range(200..800));
+    while d.sim.elapsed() < FAULTS {
+        d.step()?;
+        if d.sim.elapsed() >= next {
+            d.nemesis();
+            next = d.sim.elapsed() + Duration::from_millis(d.rng.random_range(100..700));
+        }
+    }
+    d.heal_network();
+    d.sim.set_max_message_latency(Duration::from_millis(10));
+    for i in d.faults.crashed.clone() {
+        d.restart(i);
+    }
+    d.sh.stop_clients.store(true, Ordering::SeqCst);
+    if !d.step_until(DRAIN, |s| s.active_clients.load(Ordering::SeqCst) == 0)? {
+        return Err("clients did not finish after the faults healed".into());
+    }
+    d.log("clients done; final reads".into());
+    d.sh.final_reads.store(true, Ordering::SeqCst);
+    if !d.step_until(RECOVER, |s| s.final_done.load(Ordering::SeqCst))? {
+        return Err(format!(
+            "no progress: the healed cluster did not serve a linearizable read of every key \
+             within {} s",
+            RECOVER.as_secs()
+        ));
+    }
+    d.log("final reads done".into());
+    let converged = |s: &Shared| {
+        let applied: Vec<Option<u64>> = s
+            .live
+            .iter()
+            .map(|l| {
+                l.lock().as_ref().and_then(|l| {
+                    l.member.raft().metrics().borrow().last_applied.map(|x| x.index)
+                })
+            })
+            .collect();
+        applied.iter().all(|a| a.is_some() && *a == applied[0])
+    };
+    if !d.step_until(CONVERGE, converged)? {
+        return Err(format!(
+            "members did not converge on one applied index within {} s",
+            CONVERGE.as_secs()
+        ));
+    }
+    d.log("converged".into());
+    Ok(())
+}
+
+/// Every check over what the run left.
+fn judge(d: &Driver) -> Vec<String> {
+    let sh = &d.sh;
+    let mut out = sh.obs.lock().violations.clone();
+    let mut logs = Vec::new();
+    let mut histories = Vec::new();
+    for (i, disk) in sh.disks.iter().enumerate() {
+        out.extend(check_votes(&host(i), &disk.log.votes()));
+        match disk.log.entries() {
+            Ok(e) => logs.push((format!("{} (disk)", host(i)), log_of(&e))),
+            Err(e) => out.push(format!("{}: unreadable log: {e}", host(i))),
+        }
+        if let Some(live) = sh.live[i].lock().as_ref() {
+            logs.push((format!("{} (memory)", host(i)), log_of(&live.member.log_store().entries(..))));
+            let st = live.state.read();
+            let rev = st.revision();
+            match st.store().events_between(1, rev, false) {
+                Ok(events) => {
+                    let mut by_rev: BTreeMap<i64, DefaultHasher> = BTreeMap::new();
+                    for (r, e) in events {
+                        format!("{e:?}").hash(by_rev.entry(r).or_default());
+                    }
+                    histories.push((
+                        host(i),
+                        by_rev.into_iter().map(|(r, h)| (r, h.finish())).collect(),
+                    ));
+                }
+                // Compacted history (not done here) or a store error.
+                Err(e) => out.push(format!("{}: history unreadable: {e}", host(i))),
+            }
+        }
+    }
+    out.extend(check_log_matching(&logs));
+    out.extend(check_state_machines(&histories));
+    let history = sh.rec.snapshot();
+    let report = history_checker::check(&history, &[], &Options::default());
+    for v in &report.violations {
+        out.push(format!("history: {v}"));
+    }
+    let lin = linearizability::check_history(&history, &linearizability::LinOptions::default());
+    for v in &lin.violations {
+        out.push(format!("linearizability: {v}"));
+    }
+    out
+}
+
+fn print_failure(r: &RunReport) {
+    eprintln!(
+        "\nseed {} FAILED ({} members, {} ops, {} crashes, simulated {:?}):",
+        r.seed, r.members, r.operations, r.crashes, r.simulated
+    );
+    for v in &r.violations {
+        eprintln!("  - {v}");
+    }
+    eprintln!("  fault trace:");
+    for t in &r.trace {
+        eprintln!("    {t}");
+    }
+    eprintln!(
+        "  replay: SIM_SEED={} cargo test -p coordinator --test sim -- --nocapture",
+        r.seed
+    );
+}
+
+fn env_u64(name: &str) -> Option<u64> {
+    std::env::var(name).ok().and_then(|v| v.trim().parse().ok())
+}
+
+#[test]
+fn simulated_clusters_keep_raft_and_client_invariants() {
+    let seeds: Vec<u64> = match env_u64("SIM_SEED") {
+        Some(s) => vec![s],
+        None => {
+            let base = env_u64("SIM_SEED_BASE").unwrap_or(0);
+            (base..base + env_u64("SIM_SEEDS").unwrap_or(500)).collect()
+        }
+    };
+    let started = Instant::now();
+    let next = AtomicU64::new(0);
+    let workers = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1)
+        .min(seeds.len());
+    let reports: Vec<RunReport> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..workers)
+            .map(|_| {
+                s.spawn(|| {
+                    let mut mine = Vec::new();
+                    loop {
+                        let k = next.fetch_add(1, Ordering::SeqCst) as usize;
+                        let Some(&seed) = seeds.get(k) else { break };
+                        let r = run(seed);
+                        if !r.violations.is_empty() {
+                            print_failure(&r);
+                        }
+                        mine.push(r);
+                    }
+                    mine
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .flat_map(|h| h.join().expect("a simulation thread panicked"))
+            .collect()
+    });
+    if seeds.len() == 1 {
+        for t in &reports[0].trace {
+            println!("{t}");
+        }
+    }
+    let failed: Vec<u64> = reports
+        .iter()
+        .filter(|r| !r.violations.is_empty())
+        .map(|r| r.seed)
+        .collect();
+    let ops: usize = reports.iter().map(|r| r.operations).sum();
+    let acked: usize = reports.iter().map(|r| r.acknowledged).sum();
+    let unknown: usize = reports.iter().map(|r| r.unknown).sum();
+    let crashes: usize = reports.iter().map(|r| r.crashes).sum();
+    let five = reports.iter().filter(|r| r.members == 5).count();
+    let max_term = reports.iter().map(|r| r.terms).max().unwrap_or(0);
+    let simulated: Duration = reports.iter().map(|r| r.simulated).sum();
+    println!(
+        "simulation: {} seeds ({} with 5 members), {ops} operations ({acked} acknowledged, \
+         {unknown} unknown), {crashes} crashes, highest term {max_term}, {:.0} s simulated \
+         in {:.1} s on {workers} threads; failed seeds: {failed:?}",
+        reports.len(),
+        five,
+        simulated.as_secs_f64(),
+        started.elapsed().as_secs_f64(),
+    );
+    assert!(failed.is_empty(), "failing seeds: {failed:?} (details above)");
+}
+
+#[test]
+fn a_seed_replays_exactly() {
+    let seed = env_u64("SIM_SEED").unwrap_or(7);
+    let a = run(seed);
+    let b = run(seed);
+    assert_eq!(a.trace, b.trace, "the fault trace differs between two runs of seed {seed}");
+    assert_eq!(
+        a.fingerprint, b.fingerprint,
+        "seed {seed} ran differently twice (history or logs differ)"
+    );
+    assert!(a.operations > 0);
+}
