@@ -206,10 +206,7 @@ impl Config {
 
     /// Token settings from `--auth-token` and `--auth-token-ttl` (key files are read here).
     pub fn token_config(&self) -> Result<crate::auth::TokenConfig, String> {
-        crate::auth::TokenConfig::parse(
-            &self.auth_token,
-            Duration::from_secs(self.auth_token_ttl),
-        )
+        crate::auth::TokenConfig::parse(&self.auth_token, Duration::from_secs(self.auth_token_ttl))
     }
 
     /// Client URLs announced in member lists.

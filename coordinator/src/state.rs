@@ -20,10 +20,10 @@ use proto::etcdserverpb::{
 };
 use proto::mvccpb::Event;
 
+use crate::auth::{AuthCmd, AuthShared, AuthState};
 use crate::command::{
     Command, Compare, CompareResult, CompareTarget, DeleteReq, KeyRange, Op, PutReq, TxnReq,
 };
-use crate::auth::{AuthCmd, AuthShared, AuthState};
 use crate::error::{Error, Result};
 use crate::mvcc::keys;
 use crate::mvcc::store::WriteTxn;

@@ -499,8 +499,14 @@ mod tests {
         }
         let on = t.elapsed() / (N / 10);
         println!("per request: auth off {off:?}, auth on (cached token, 200 permissions) {on:?}");
-        assert!(off < std::time::Duration::from_micros(2), "auth off costs {off:?}");
-        assert!(on < std::time::Duration::from_micros(100), "auth on costs {on:?}");
+        assert!(
+            off < std::time::Duration::from_micros(2),
+            "auth off costs {off:?}"
+        );
+        assert!(
+            on < std::time::Duration::from_micros(100),
+            "auth on costs {on:?}"
+        );
     }
 
     #[test]

@@ -292,13 +292,17 @@ mod tests {
         ];
         let u = UserPerms::build(false, perms.iter());
         // Prefix a/ joined with [a0, a5): one interval [a/, a5).
-        u.read(&kr("a/x", "a3")).expect("covered by the merged interval");
+        u.read(&kr("a/x", "a3"))
+            .expect("covered by the merged interval");
         u.read(&kr("a/", "a0")).expect("the prefix itself");
         assert!(u.read(&kr("a/", "a6")).is_err(), "past the end");
         assert!(u.write(&kr("a0", "")).is_err(), "a0 is read-only");
         u.write(&kr("a/k", "")).expect("inside the prefix");
         u.read(&kr("b", "")).expect("single key");
-        assert!(u.read(&kr("b", "c")).is_err(), "a range from the single key");
+        assert!(
+            u.read(&kr("b", "c")).is_err(),
+            "a range from the single key"
+        );
         assert!(u.read(&kr("ba", "")).is_err());
         u.write(&kr("zz", "\0")).expect("from-key inside from-key");
         assert!(u.read(&kr("zz", "")).is_err(), "write-only");

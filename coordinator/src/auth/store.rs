@@ -200,38 +200,34 @@ impl AuthState {
         if let Some(l) = end.last_mut() {
             *l += 1;
         }
-        backend.scan(USER_PREFIX, &end, &mut |k, v| {
-            match (
-                String::from_utf8(k[USER_PREFIX.len()..].to_vec()),
-                bincode::deserialize::<UserRec>(v),
-            ) {
-                (Ok(name), Ok(rec)) => {
-                    st.users.insert(name, rec);
-                    true
-                }
-                _ => {
-                    err = Some(Error::Corrupt("undecodable auth user record".into()));
-                    false
-                }
+        backend.scan(USER_PREFIX, &end, &mut |k, v| match (
+            String::from_utf8(k[USER_PREFIX.len()..].to_vec()),
+            bincode::deserialize::<UserRec>(v),
+        ) {
+            (Ok(name), Ok(rec)) => {
+                st.users.insert(name, rec);
+                true
+            }
+            _ => {
+                err = Some(Error::Corrupt("undecodable auth user record".into()));
+                false
             }
         })?;
         let mut end = ROLE_PREFIX.to_vec();
         if let Some(l) = end.last_mut() {
             *l += 1;
         }
-        backend.scan(ROLE_PREFIX, &end, &mut |k, v| {
-            match (
-                String::from_utf8(k[ROLE_PREFIX.len()..].to_vec()),
-                bincode::deserialize::<Vec<Perm>>(v),
-            ) {
-                (Ok(name), Ok(perms)) => {
-                    st.roles.insert(name, perms);
-                    true
-                }
-                _ => {
-                    err = Some(Error::Corrupt("undecodable auth role record".into()));
-                    false
-                }
+        backend.scan(ROLE_PREFIX, &end, &mut |k, v| match (
+            String::from_utf8(k[ROLE_PREFIX.len()..].to_vec()),
+            bincode::deserialize::<Vec<Perm>>(v),
+        ) {
+            (Ok(name), Ok(perms)) => {
+                st.roles.insert(name, perms);
+                true
+            }
+            _ => {
+                err = Some(Error::Corrupt("undecodable auth role record".into()));
+                false
             }
         })?;
         if let Some(e) = err {
@@ -314,7 +310,9 @@ impl AuthState {
                     return Err(Error::UserAlreadyExist);
                 }
                 if self.users.len() >= MAX_USERS {
-                    return Err(Error::AuthLimit(format!("too many users (limit {MAX_USERS})")));
+                    return Err(Error::AuthLimit(format!(
+                        "too many users (limit {MAX_USERS})"
+                    )));
                 }
                 let rec = UserRec {
                     hash: hash.clone(),
@@ -380,7 +378,9 @@ impl AuthState {
                     return Err(Error::RoleAlreadyExist);
                 }
                 if self.roles.len() >= MAX_ROLES {
-                    return Err(Error::AuthLimit(format!("too many roles (limit {MAX_ROLES})")));
+                    return Err(Error::AuthLimit(format!(
+                        "too many roles (limit {MAX_ROLES})"
+                    )));
                 }
                 staged.push(self.put_role(name, Vec::new())?);
             }
@@ -564,7 +564,8 @@ mod tests {
             }),
             Err(Error::RoleNotFound)
         ));
-        a.apply(&AuthCmd::RoleAdd { name: "r2".into() }).expect("r2");
+        a.apply(&AuthCmd::RoleAdd { name: "r2".into() })
+            .expect("r2");
         for i in 0..MAX_PERMS_PER_ROLE {
             a.apply(&AuthCmd::RoleGrantPermission {
                 role: "r2".into(),

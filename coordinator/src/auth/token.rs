@@ -66,7 +66,10 @@ impl std::fmt::Debug for TokenConfig {
         let kind = match &self.kind {
             TokenKind::Simple => "simple".to_string(),
             TokenKind::Jwt { alg, enc, .. } => {
-                format!("jwt({alg:?}{})", if enc.is_some() { "" } else { ", verify only" })
+                format!(
+                    "jwt({alg:?}{})",
+                    if enc.is_some() { "" } else { ", verify only" }
+                )
             }
         };
         f.debug_struct("TokenConfig")
@@ -112,7 +115,9 @@ impl TokenConfig {
         match kind {
             "simple" => {
                 if let Some(extra) = parts.next() {
-                    return Err(format!("--auth-token simple takes no options, got {extra:?}"));
+                    return Err(format!(
+                        "--auth-token simple takes no options, got {extra:?}"
+                    ));
                 }
                 Ok(TokenConfig {
                     kind: TokenKind::Simple,
@@ -235,8 +240,8 @@ impl TokenConfig {
         v.leeway = 0;
         v.validate_aud = false;
         v.set_required_spec_claims(&["exp"]);
-        let data = jsonwebtoken::decode::<Claims>(token, &key, &v)
-            .map_err(|_| Error::InvalidAuthToken)?;
+        let data =
+            jsonwebtoken::decode::<Claims>(token, &key, &v).map_err(|_| Error::InvalidAuthToken)?;
         if data.claims.exp <= now_secs() {
             return Err(Error::InvalidAuthToken);
         }
@@ -277,10 +282,7 @@ mod tests {
         let dir = tempfile::tempdir().expect("dir");
         let key = dir.path().join("hs.key");
         std::fs::write(&key, [9u8; 48]).expect("key");
-        let spec = format!(
-            "jwt,priv-key={},sign-method=HS256,ttl=2m",
-            key.display()
-        );
+        let spec = format!("jwt,priv-key={},sign-method=HS256,ttl=2m", key.display());
         let c = TokenConfig::parse(&spec, DEFAULT_TTL).expect("parse");
         assert_eq!(c.ttl, Duration::from_secs(120));
         let t = c.issue(&[], "bob", 1).expect("issue");

@@ -384,10 +384,7 @@ impl Auth for AuthService {
             no_prehashed(&r.hashed_password)?;
             let hash = self.ctx.auth.hash_password(r.password).await?;
             let rev = self
-                .propose(
-                    &caller,
-                    AuthCmd::UserChangePassword { name: r.name, hash },
-                )
+                .propose(&caller, AuthCmd::UserChangePassword { name: r.name, hash })
                 .await?;
             Ok(AuthUserChangePasswordResponse {
                 header: self.ctx.header(rev),

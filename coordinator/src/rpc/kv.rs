@@ -194,7 +194,11 @@ impl Kv for KvService {
     #[tracing::instrument(skip_all, name = "KV.Put")]
     async fn put(&self, req: Request<PutRequest>) -> Result<Response<PutResponse>, Status> {
         let caller = self.ctx.auth.caller_of(&req);
-        done(&self.ctx, "Put", self.do_put(caller, req.into_inner()).await)
+        done(
+            &self.ctx,
+            "Put",
+            self.do_put(caller, req.into_inner()).await,
+        )
     }
 
     #[tracing::instrument(skip_all, name = "KV.DeleteRange")]

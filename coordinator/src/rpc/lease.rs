@@ -33,7 +33,11 @@ impl LeaseService {
         LeaseService { ctx }
     }
 
-    async fn grant(&self, caller: Result<Caller>, r: LeaseGrantRequest) -> Result<LeaseGrantResponse> {
+    async fn grant(
+        &self,
+        caller: Result<Caller>,
+        r: LeaseGrantRequest,
+    ) -> Result<LeaseGrantResponse> {
         // Any authenticated user may grant a lease.
         let caller = caller?;
         self.ctx.check_space()?;

@@ -87,7 +87,13 @@ impl Clients {
         Ok(r.into_inner().token)
     }
 
-    async fn put(&mut self, tok: Option<&str>, k: &str, v: &str, lease: i64) -> Result<i64, Status> {
+    async fn put(
+        &mut self,
+        tok: Option<&str>,
+        k: &str,
+        v: &str,
+        lease: i64,
+    ) -> Result<i64, Status> {
         let r = self
             .kv
             .put(with(
@@ -120,13 +126,7 @@ impl Clients {
     async fn grant(&mut self, tok: Option<&str>) -> Result<i64, Status> {
         Ok(self
             .lease
-            .lease_grant(with(
-                LeaseGrantRequest {
-                    ttl: 600,
-                    id: 0,
-                },
-                tok,
-            ))
+            .lease_grant(with(LeaseGrantRequest { ttl: 600, id: 0 }, tok))
             .await?
             .into_inner()
             .id)
@@ -150,9 +150,13 @@ impl Clients {
             .watch(with(tokio_stream::wrappers::ReceiverStream::new(rx), tok))
             .await?
             .into_inner();
-        let first = within(Duration::from_secs(10), "watch create answer", stream.next())
-            .await
-            .expect("an answer to the create request")?;
+        let first = within(
+            Duration::from_secs(10),
+            "watch create answer",
+            stream.next(),
+        )
+        .await
+        .expect("an answer to the create request")?;
         drop(tx);
         assert!(first.created, "first answer is the creation: {first:?}");
         if first.canceled {
@@ -171,7 +175,11 @@ impl Clients {
 /// `root` (root role), `reader` (READ on prefix `app/`), `writer` (READWRITE on prefix `app/`).
 async fn setup_users(c: &mut Clients) {
     let a = &mut c.auth;
-    for (u, pw) in [("root", ROOT_PW), ("reader", READER_PW), ("writer", WRITER_PW)] {
+    for (u, pw) in [
+        ("root", ROOT_PW),
+        ("reader", READER_PW),
+        ("writer", WRITER_PW),
+    ] {
         a.user_add(AuthUserAddRequest {
             name: u.into(),
             password: pw.into(),
@@ -273,55 +281,155 @@ const MATRIX: &[(Op, &str, [bool; 4])] = &[
     (RangeKey, "Range app/a", [false, true, true, true]),
     (RangePrefix, "Range prefix app/", [false, true, true, true]),
     (RangeOutside, "Range other/x", [false, false, false, true]),
-    (RangeFromKey, "Range from-key app/", [false, false, false, true]),
-    (RangeAtRevision, "Range app/a at a past revision", [false, true, true, true]),
-    (RangeAtRevisionOutside, "Range other/x at a past revision", [false, false, false, true]),
+    (
+        RangeFromKey,
+        "Range from-key app/",
+        [false, false, false, true],
+    ),
+    (
+        RangeAtRevision,
+        "Range app/a at a past revision",
+        [false, true, true, true],
+    ),
+    (
+        RangeAtRevisionOutside,
+        "Range other/x at a past revision",
+        [false, false, false, true],
+    ),
     (Put, "Put app/k", [false, false, true, true]),
     (PutPrevKv, "Put app/k prev_kv", [false, false, true, true]),
     (PutOutside, "Put other/k", [false, false, false, true]),
     (Delete, "DeleteRange app/k", [false, false, true, true]),
-    (DeletePrefixPrevKv, "DeleteRange prefix app/tmp/ prev_kv", [false, false, true, true]),
-    (DeleteOutside, "DeleteRange other/k", [false, false, false, true]),
-    (TxnInside, "Txn cmp app/a, put app/t", [false, false, true, true]),
-    (TxnReadOnly, "Txn cmp app/a, get app/a (read-only)", [false, true, true, true]),
-    (TxnCompareOutside, "Txn cmp other/x, put app/t", [false, false, false, true]),
-    (TxnSuccessOutside, "Txn success put other/t", [false, false, false, true]),
-    (TxnFailureOutside, "Txn failure (not run) put other/t", [false, false, false, true]),
-    (TxnNestedOutside, "Txn nested txn put other/t", [false, false, false, true]),
-    (TxnReadOnlyFailureOutside, "Txn read-only, failure get other/x", [false, false, false, true]),
+    (
+        DeletePrefixPrevKv,
+        "DeleteRange prefix app/tmp/ prev_kv",
+        [false, false, true, true],
+    ),
+    (
+        DeleteOutside,
+        "DeleteRange other/k",
+        [false, false, false, true],
+    ),
+    (
+        TxnInside,
+        "Txn cmp app/a, put app/t",
+        [false, false, true, true],
+    ),
+    (
+        TxnReadOnly,
+        "Txn cmp app/a, get app/a (read-only)",
+        [false, true, true, true],
+    ),
+    (
+        TxnCompareOutside,
+        "Txn cmp other/x, put app/t",
+        [false, false, false, true],
+    ),
+    (
+        TxnSuccessOutside,
+        "Txn success put other/t",
+        [false, false, false, true],
+    ),
+    (
+        TxnFailureOutside,
+        "Txn failure (not run) put other/t",
+        [false, false, false, true],
+    ),
+    (
+        TxnNestedOutside,
+        "Txn nested txn put other/t",
+        [false, false, false, true],
+    ),
+    (
+        TxnReadOnlyFailureOutside,
+        "Txn read-only, failure get other/x",
+        [false, false, false, true],
+    ),
     (WatchKey, "Watch app/a", [false, true, true, true]),
     (WatchPrefix, "Watch prefix app/", [false, true, true, true]),
-    (WatchFromKey, "Watch from-key app/", [false, false, false, true]),
-    (WatchOutside, "Watch prefix other/", [false, false, false, true]),
+    (
+        WatchFromKey,
+        "Watch from-key app/",
+        [false, false, false, true],
+    ),
+    (
+        WatchOutside,
+        "Watch prefix other/",
+        [false, false, false, true],
+    ),
     (LeaseGrant, "LeaseGrant", [false, true, true, true]),
-    (PutWithLease, "Put app/l with a fresh lease", [false, false, true, true]),
-    (PutWithLeaseHoldingOutside, "Put app/l2 with a lease holding other/", [false, false, false, true]),
-    (LeaseRevoke, "LeaseRevoke (lease holds app/r)", [false, false, true, true]),
-    (LeaseRevokeHoldingOutside, "LeaseRevoke (lease holds other/r)", [false, false, false, true]),
+    (
+        PutWithLease,
+        "Put app/l with a fresh lease",
+        [false, false, true, true],
+    ),
+    (
+        PutWithLeaseHoldingOutside,
+        "Put app/l2 with a lease holding other/",
+        [false, false, false, true],
+    ),
+    (
+        LeaseRevoke,
+        "LeaseRevoke (lease holds app/r)",
+        [false, false, true, true],
+    ),
+    (
+        LeaseRevokeHoldingOutside,
+        "LeaseRevoke (lease holds other/r)",
+        [false, false, false, true],
+    ),
     (LeaseTtl, "LeaseTimeToLive", [false, true, true, true]),
-    (LeaseTtlKeys, "LeaseTimeToLive keys (app/leased)", [false, true, true, true]),
-    (LeaseTtlKeysOutside, "LeaseTimeToLive keys (other/leased)", [false, false, false, true]),
+    (
+        LeaseTtlKeys,
+        "LeaseTimeToLive keys (app/leased)",
+        [false, true, true, true],
+    ),
+    (
+        LeaseTtlKeysOutside,
+        "LeaseTimeToLive keys (other/leased)",
+        [false, false, false, true],
+    ),
     (LeaseList, "LeaseLeases", [false, true, true, true]),
     (MemberList, "MemberList", [true, true, true, true]),
     (MemberAdd, "MemberAdd", [false, false, false, true]),
     (MemberRemove, "MemberRemove", [false, false, false, true]),
     (Status, "Maintenance Status", [true, true, true, true]),
-    (AlarmList, "Maintenance Alarm (get)", [false, false, false, true]),
-    (Defragment, "Maintenance Defragment", [false, false, false, true]),
+    (
+        AlarmList,
+        "Maintenance Alarm (get)",
+        [false, false, false, true],
+    ),
+    (
+        Defragment,
+        "Maintenance Defragment",
+        [false, false, false, true],
+    ),
     (HashKv, "Maintenance HashKV", [false, false, false, true]),
-    (Snapshot, "Maintenance Snapshot", [false, false, false, true]),
+    (
+        Snapshot,
+        "Maintenance Snapshot",
+        [false, false, false, true],
+    ),
     (Compact, "Compact", [false, false, false, true]),
     (AuthStatus, "AuthStatus", [true, true, true, true]),
     (UserGetSelf, "UserGet (self)", [false, true, true, true]),
     (UserGetRoot, "UserGet root", [false, false, false, true]),
     (UserList, "UserList", [false, false, false, true]),
     (UserAdd, "UserAdd", [false, false, false, true]),
-    (UserChangePassword, "UserChangePassword", [false, false, false, true]),
+    (
+        UserChangePassword,
+        "UserChangePassword",
+        [false, false, false, true],
+    ),
     (UserGrantRole, "UserGrantRole", [false, false, false, true]),
     (RoleGetReader, "RoleGet reader", [false, true, false, true]),
     (RoleList, "RoleList", [false, false, false, true]),
     (RoleAdd, "RoleAdd", [false, false, false, true]),
-    (RoleGrantPermission, "RoleGrantPermission", [false, false, false, true]),
+    (
+        RoleGrantPermission,
+        "RoleGrantPermission",
+        [false, false, false, true],
+    ),
     (AuthDisable, "AuthDisable", [false, false, false, true]),
 ];
 
@@ -375,7 +483,9 @@ impl Env {
         let mut c = self.c.clone();
         let root = Some(self.root.as_str());
         let id = c.grant(root).await.expect("root grants");
-        c.put(root, key, "v", id).await.expect("root puts with lease");
+        c.put(root, key, "v", id)
+            .await
+            .expect("root puts with lease");
         id
     }
 
@@ -387,36 +497,46 @@ impl Env {
             revision,
             ..Default::default()
         };
-        let txn = |compare: Vec<Compare>, success: Vec<RequestOp>, failure: Vec<RequestOp>| {
-            TxnRequest {
+        let txn =
+            |compare: Vec<Compare>, success: Vec<RequestOp>, failure: Vec<RequestOp>| TxnRequest {
                 compare,
                 success,
                 failure,
-            }
-        };
+            };
         match op {
-            RangeKey => c.kv.range(with(range("app/a", vec![], 0), tok)).await.map(drop),
-            RangePrefix => c
-                .kv
-                .range(with(range("app/", prefix_end("app/"), 0), tok))
-                .await
-                .map(drop),
-            RangeOutside => c.kv.range(with(range("other/x", vec![], 0), tok)).await.map(drop),
-            RangeFromKey => c.kv.range(with(range("app/", vec![0], 0), tok)).await.map(drop),
-            RangeAtRevision => c
-                .kv
-                .range(with(range("app/a", vec![], self.seed_rev), tok))
-                .await
-                .map(|r| assert_eq!(r.into_inner().kvs[0].value, b"seed")),
-            RangeAtRevisionOutside => c
-                .kv
-                .range(with(range("other/x", vec![], self.seed_rev), tok))
-                .await
-                .map(drop),
+            RangeKey => {
+                c.kv.range(with(range("app/a", vec![], 0), tok))
+                    .await
+                    .map(drop)
+            }
+            RangePrefix => {
+                c.kv.range(with(range("app/", prefix_end("app/"), 0), tok))
+                    .await
+                    .map(drop)
+            }
+            RangeOutside => {
+                c.kv.range(with(range("other/x", vec![], 0), tok))
+                    .await
+                    .map(drop)
+            }
+            RangeFromKey => {
+                c.kv.range(with(range("app/", vec![0], 0), tok))
+                    .await
+                    .map(drop)
+            }
+            RangeAtRevision => {
+                c.kv.range(with(range("app/a", vec![], self.seed_rev), tok))
+                    .await
+                    .map(|r| assert_eq!(r.into_inner().kvs[0].value, b"seed"))
+            }
+            RangeAtRevisionOutside => {
+                c.kv.range(with(range("other/x", vec![], self.seed_rev), tok))
+                    .await
+                    .map(drop)
+            }
             Put => c.put(tok, "app/k", "v", 0).await.map(drop),
-            PutPrevKv => c
-                .kv
-                .put(with(
+            PutPrevKv => {
+                c.kv.put(with(
                     PutRequest {
                         key: "app/k".into(),
                         value: b"v2".to_vec(),
@@ -426,11 +546,11 @@ impl Env {
                     tok,
                 ))
                 .await
-                .map(drop),
+                .map(drop)
+            }
             PutOutside => c.put(tok, "other/k", "v", 0).await.map(drop),
-            Delete => c
-                .kv
-                .delete_range(with(
+            Delete => {
+                c.kv.delete_range(with(
                     DeleteRangeRequest {
                         key: "app/k".into(),
                         ..Default::default()
@@ -438,10 +558,10 @@ impl Env {
                     tok,
                 ))
                 .await
-                .map(drop),
-            DeletePrefixPrevKv => c
-                .kv
-                .delete_range(with(
+                .map(drop)
+            }
+            DeletePrefixPrevKv => {
+                c.kv.delete_range(with(
                     DeleteRangeRequest {
                         key: "app/tmp/".into(),
                         range_end: prefix_end("app/tmp/"),
@@ -450,10 +570,10 @@ impl Env {
                     tok,
                 ))
                 .await
-                .map(drop),
-            DeleteOutside => c
-                .kv
-                .delete_range(with(
+                .map(drop)
+            }
+            DeleteOutside => {
+                c.kv.delete_range(with(
                     DeleteRangeRequest {
                         key: "other/k".into(),
                         ..Default::default()
@@ -461,42 +581,42 @@ impl Env {
                     tok,
                 ))
                 .await
-                .map(drop),
-            TxnInside => c
-                .kv
-                .txn(with(
+                .map(drop)
+            }
+            TxnInside => {
+                c.kv.txn(with(
                     txn(vec![cmp_version("app/a")], vec![put_op("app/t")], vec![]),
                     tok,
                 ))
                 .await
-                .map(drop),
-            TxnReadOnly => c
-                .kv
-                .txn(with(
+                .map(drop)
+            }
+            TxnReadOnly => {
+                c.kv.txn(with(
                     txn(vec![cmp_version("app/a")], vec![get_op("app/a")], vec![]),
                     tok,
                 ))
                 .await
-                .map(drop),
-            TxnCompareOutside => c
-                .kv
-                .txn(with(
+                .map(drop)
+            }
+            TxnCompareOutside => {
+                c.kv.txn(with(
                     txn(vec![cmp_version("other/x")], vec![put_op("app/t")], vec![]),
                     tok,
                 ))
                 .await
-                .map(drop),
-            TxnSuccessOutside => c
-                .kv
-                .txn(with(
+                .map(drop)
+            }
+            TxnSuccessOutside => {
+                c.kv.txn(with(
                     txn(vec![cmp_version("app/a")], vec![put_op("other/t")], vec![]),
                     tok,
                 ))
                 .await
-                .map(drop),
-            TxnFailureOutside => c
-                .kv
-                .txn(with(
+                .map(drop)
+            }
+            TxnFailureOutside => {
+                c.kv.txn(with(
                     // app/a exists, so the success branch runs; the failure branch is still
                     // checked (etcd checks both, so a compare's outcome cannot leak).
                     txn(
@@ -507,10 +627,10 @@ impl Env {
                     tok,
                 ))
                 .await
-                .map(drop),
-            TxnNestedOutside => c
-                .kv
-                .txn(with(
+                .map(drop)
+            }
+            TxnNestedOutside => {
+                c.kv.txn(with(
                     txn(
                         vec![],
                         vec![RequestOp {
@@ -525,10 +645,10 @@ impl Env {
                     tok,
                 ))
                 .await
-                .map(drop),
-            TxnReadOnlyFailureOutside => c
-                .kv
-                .txn(with(
+                .map(drop)
+            }
+            TxnReadOnlyFailureOutside => {
+                c.kv.txn(with(
                     txn(
                         vec![cmp_version("app/a")],
                         vec![get_op("app/a")],
@@ -537,7 +657,8 @@ impl Env {
                     tok,
                 ))
                 .await
-                .map(drop),
+                .map(drop)
+            }
             WatchKey => c.watch(tok, "app/a", vec![]).await,
             WatchPrefix => c.watch(tok, "app/", prefix_end("app/")).await,
             WatchFromKey => c.watch(tok, "app/", vec![0]).await,
@@ -556,7 +677,9 @@ impl Env {
                     .map(drop)
             }
             LeaseRevokeHoldingOutside => {
-                let id = self.lease_holding(&format!("other/r{}", self.unique())).await;
+                let id = self
+                    .lease_holding(&format!("other/r{}", self.unique()))
+                    .await;
                 c.lease
                     .lease_revoke(with(LeaseRevokeRequest { id }, tok))
                     .await
@@ -627,11 +750,7 @@ impl Env {
                     .map(drop),
                 Code::Unimplemented,
             ),
-            Status => c
-                .maint
-                .status(with(StatusRequest {}, tok))
-                .await
-                .map(drop),
+            Status => c.maint.status(with(StatusRequest {}, tok)).await.map(drop),
             AlarmList => c
                 .maint
                 .alarm(with(AlarmRequest::default(), tok))
@@ -648,7 +767,11 @@ impl Env {
                 .await
                 .map(drop),
             Snapshot => {
-                let mut s = c.maint.snapshot(with(SnapshotRequest {}, tok)).await?.into_inner();
+                let mut s = c
+                    .maint
+                    .snapshot(with(SnapshotRequest {}, tok))
+                    .await?
+                    .into_inner();
                 s.next().await.expect("a first chunk").map(drop)
             }
             Compact => {
@@ -680,7 +803,12 @@ impl Env {
             }
             UserGetRoot => c
                 .auth
-                .user_get(with(AuthUserGetRequest { name: "root".into() }, tok))
+                .user_get(with(
+                    AuthUserGetRequest {
+                        name: "root".into(),
+                    },
+                    tok,
+                ))
                 .await
                 .map(drop),
             UserList => c
@@ -725,7 +853,12 @@ impl Env {
                 .map(drop),
             RoleGetReader => c
                 .auth
-                .role_get(with(AuthRoleGetRequest { role: "reader".into() }, tok))
+                .role_get(with(
+                    AuthRoleGetRequest {
+                        role: "reader".into(),
+                    },
+                    tok,
+                ))
                 .await
                 .map(|r| assert_eq!(r.into_inner().perm.len(), 1)),
             RoleList => c
@@ -797,12 +930,17 @@ async fn authorisation_matrix_over_grpc() {
     let mut c = Clients::new(channel(&server.url()).await);
     setup_users(&mut c).await;
     // Auth is still disabled: everything is allowed, no token needed.
-    let seed_rev = c.put(None, "app/a", "seed", 0).await.expect("put while open");
+    let seed_rev = c
+        .put(None, "app/a", "seed", 0)
+        .await
+        .expect("put while open");
     c.put(None, "other/x", "seed", 0).await.expect("put");
     let lease_in = c.grant(None).await.expect("grant");
     c.put(None, "app/leased", "v", lease_in).await.expect("put");
     let lease_out = c.grant(None).await.expect("grant");
-    c.put(None, "other/leased", "v", lease_out).await.expect("put");
+    c.put(None, "other/leased", "v", lease_out)
+        .await
+        .expect("put");
     // Authenticate is refused while auth is off, as in etcd.
     let e = c.token("root", ROOT_PW).await.expect_err("auth is off");
     assert_eq!(e.message(), "etcdserver: authentication is not enabled");
@@ -829,13 +967,19 @@ async fn authorisation_matrix_over_grpc() {
     let root = c.token("root", ROOT_PW).await.expect("root token");
     let reader = c.token("reader", READER_PW).await.expect("reader token");
     let writer = c.token("writer", WRITER_PW).await.expect("writer token");
-    let e = c.token("reader", "wrong-password").await.expect_err("bad password");
+    let e = c
+        .token("reader", "wrong-password")
+        .await
+        .expect_err("bad password");
     assert_eq!(e.code(), Code::InvalidArgument);
     assert_eq!(
         e.message(),
         "etcdserver: authentication failed, invalid user ID or password"
     );
-    let e = c.token("nobody", READER_PW).await.expect_err("unknown user");
+    let e = c
+        .token("nobody", READER_PW)
+        .await
+        .expect_err("unknown user");
     assert_eq!(
         e.message(),
         "etcdserver: authentication failed, invalid user ID or password"
@@ -849,13 +993,26 @@ async fn authorisation_matrix_over_grpc() {
         lease_out,
         n: AtomicU64::new(0),
     };
-    let tokens = [None, Some(reader.as_str()), Some(writer.as_str()), Some(root.as_str())];
+    let tokens = [
+        None,
+        Some(reader.as_str()),
+        Some(writer.as_str()),
+        Some(root.as_str()),
+    ];
     let started = std::time::Instant::now();
     let mut table = String::new();
     table.push_str(&format!(
         "| {:<42} | {:<6} | {:<6} | {:<6} | {:<6} |\n|{}|{}|{}|{}|{}|\n",
-        "operation", ROLES[0], ROLES[1], ROLES[2], ROLES[3],
-        "-".repeat(44), "-".repeat(8), "-".repeat(8), "-".repeat(8), "-".repeat(8)
+        "operation",
+        ROLES[0],
+        ROLES[1],
+        ROLES[2],
+        ROLES[3],
+        "-".repeat(44),
+        "-".repeat(8),
+        "-".repeat(8),
+        "-".repeat(8),
+        "-".repeat(8)
     ));
     let mut wrong = Vec::new();
     let mut cells = 0;
@@ -885,10 +1042,19 @@ async fn authorisation_matrix_over_grpc() {
             };
             let ok = (cell == "allow" && expected[ri]) || (cell == "DENY" && !expected[ri]);
             if !ok {
-                wrong.push(format!("{label} as {}: expected {}, got {got:?}", ROLES[ri],
-                    if expected[ri] { "allow" } else { "deny" }));
+                wrong.push(format!(
+                    "{label} as {}: expected {}, got {got:?}",
+                    ROLES[ri],
+                    if expected[ri] { "allow" } else { "deny" }
+                ));
             }
-            results[oi][ri] = if ok { cell } else if cell == "ERROR" { "ERROR!" } else { "WRONG!" };
+            results[oi][ri] = if ok {
+                cell
+            } else if cell == "ERROR" {
+                "ERROR!"
+            } else {
+                "WRONG!"
+            };
         }
     }
     for (oi, (_, label, _)) in MATRIX.iter().enumerate() {
@@ -904,7 +1070,11 @@ async fn authorisation_matrix_over_grpc() {
         ROLES.len(),
         started.elapsed().as_secs_f64()
     );
-    assert!(wrong.is_empty(), "unexpected outcomes:\n{}", wrong.join("\n"));
+    assert!(
+        wrong.is_empty(),
+        "unexpected outcomes:\n{}",
+        wrong.join("\n")
+    );
 
     // Root's last operation disabled auth: everything is allowed again, without a token.
     c.put(None, "other/after-disable", "v", 0)
@@ -923,9 +1093,14 @@ async fn tokens_expire_and_stale_or_forged_tokens_are_refused() {
     let server = Server::start_with(&["--auth-token-ttl", "2"]).await;
     let mut c = Clients::new(channel(&server.url()).await);
     setup_users(&mut c).await;
-    c.auth.auth_enable(AuthEnableRequest {}).await.expect("enable");
+    c.auth
+        .auth_enable(AuthEnableRequest {})
+        .await
+        .expect("enable");
     let root = c.token("root", ROOT_PW).await.expect("root");
-    c.get(Some(&root), "app/a").await.expect("fresh token works");
+    c.get(Some(&root), "app/a")
+        .await
+        .expect("fresh token works");
     // Forged: the payload of another user under root's signature.
     let parts: Vec<&str> = root.split('.').collect();
     assert_eq!(parts.len(), 3, "a JWT");
@@ -956,11 +1131,19 @@ async fn tokens_expire_and_stale_or_forged_tokens_are_refused() {
         ))
         .await
         .expect("passwd");
-    let e = c.get(Some(&reader), "app/a").await.expect_err("stale token");
+    let e = c
+        .get(Some(&reader), "app/a")
+        .await
+        .expect_err("stale token");
     assert_eq!(e.message(), "etcdserver: invalid auth token");
     assert!(c.token("reader", READER_PW).await.is_err(), "old password");
-    let reader = c.token("reader", "reader-secret-2").await.expect("new password");
-    c.get(Some(&reader), "app/a").await.expect("new token works");
+    let reader = c
+        .token("reader", "reader-secret-2")
+        .await
+        .expect("new password");
+    c.get(Some(&reader), "app/a")
+        .await
+        .expect("new token works");
     let root = c.token("root", ROOT_PW).await.expect("root again");
     // A revoked permission applies to existing tokens at once (permissions are looked up per
     // request, not baked into tokens).
@@ -1029,7 +1212,12 @@ async fn tokens_expire_and_stale_or_forged_tokens_are_refused() {
     assert_eq!(e.code(), Code::InvalidArgument);
     let e = c
         .auth
-        .user_delete(with(AuthUserDeleteRequest { name: "root".into() }, Some(&root)))
+        .user_delete(with(
+            AuthUserDeleteRequest {
+                name: "root".into(),
+            },
+            Some(&root),
+        ))
         .await
         .expect_err("root stays");
     assert_eq!(e.message(), "etcdserver: invalid auth management");
@@ -1056,7 +1244,10 @@ async fn jwt_tokens_signed_with_a_key_file() {
     let server = Server::start_with(&["--auth-token", &spec]).await;
     let mut c = Clients::new(channel(&server.url()).await);
     setup_users(&mut c).await;
-    c.auth.auth_enable(AuthEnableRequest {}).await.expect("enable");
+    c.auth
+        .auth_enable(AuthEnableRequest {})
+        .await
+        .expect("enable");
     let writer = c.token("writer", WRITER_PW).await.expect("writer");
     // etcd's claims: username, revision, exp.
     use base64::Engine as _;
@@ -1069,14 +1260,23 @@ async fn jwt_tokens_signed_with_a_key_file() {
     .expect("json");
     assert_eq!(claims["username"], "writer");
     assert!(claims["revision"].as_u64().expect("revision") > 0);
-    c.put(Some(&writer), "app/j", "v", 0).await.expect("writer writes");
-    let e = c.put(Some(&writer), "other/j", "v", 0).await.expect_err("outside");
+    c.put(Some(&writer), "app/j", "v", 0)
+        .await
+        .expect("writer writes");
+    let e = c
+        .put(Some(&writer), "other/j", "v", 0)
+        .await
+        .expect_err("outside");
     assert_eq!(e.code(), Code::PermissionDenied);
     tokio::time::sleep(Duration::from_millis(3100)).await;
-    let e = c.put(Some(&writer), "app/j", "v", 0).await.expect_err("expired");
+    let e = c
+        .put(Some(&writer), "app/j", "v", 0)
+        .await
+        .expect_err("expired");
     assert_eq!(e.message(), "etcdserver: invalid auth token");
     // A server given a bad spec refuses to start, with a clear message.
-    let bad = coordinator::Config::parse_from(["coordinator", "--auth-token", "jwt,sign-method=HS256"]);
+    let bad =
+        coordinator::Config::parse_from(["coordinator", "--auth-token", "jwt,sign-method=HS256"]);
     let e = bad.validate().expect_err("no key");
     assert!(e.contains("priv-key"), "{e}");
 }
@@ -1088,7 +1288,10 @@ async fn auth_state_survives_a_process_restart() {
     let p = Process::start(&data, dir.path()).await;
     let mut c = Clients::new(channel(&p.url()).await);
     setup_users(&mut c).await;
-    c.auth.auth_enable(AuthEnableRequest {}).await.expect("enable");
+    c.auth
+        .auth_enable(AuthEnableRequest {})
+        .await
+        .expect("enable");
     let root = c.token("root", ROOT_PW).await.expect("root");
     c.put(Some(&root), "app/a", "before", 0).await.expect("put");
     p.kill9();
@@ -1109,9 +1312,15 @@ async fn auth_state_survives_a_process_restart() {
         .into_inner()
         .users;
     assert_eq!(users, vec!["reader", "root", "writer"]);
-    let reader = c.token("reader", READER_PW).await.expect("password hash kept");
+    let reader = c
+        .token("reader", READER_PW)
+        .await
+        .expect("password hash kept");
     c.get(Some(&reader), "app/a").await.expect("reader reads");
-    let e = c.put(Some(&reader), "app/a", "x", 0).await.expect_err("reader cannot write");
+    let e = c
+        .put(Some(&reader), "app/a", "x", 0)
+        .await
+        .expect_err("reader cannot write");
     assert_eq!(e.code(), Code::PermissionDenied);
     let status = c
         .auth
@@ -1130,7 +1339,10 @@ async fn auth_on_a_three_member_cluster() {
     let mut c2 = Clients::new(cluster.channel(2));
     let mut c1 = Clients::new(cluster.channel(1));
     setup_users(&mut c0).await;
-    c0.auth.auth_enable(AuthEnableRequest {}).await.expect("enable on member 0");
+    c0.auth
+        .auth_enable(AuthEnableRequest {})
+        .await
+        .expect("enable on member 0");
     // Enforced on another member.
     wait_until(Duration::from_secs(10), "member 2 enforces auth", || {
         let mut c2 = c2.clone();
@@ -1142,10 +1354,20 @@ async fn auth_on_a_three_member_cluster() {
     .await;
     // A token issued by member 0 is good on member 2 (the simple-token key is replicated).
     let root0 = c0.token("root", ROOT_PW).await.expect("root on 0");
-    c2.put(Some(&root0), "app/a", "v", 0).await.expect("member 0's token on 2");
-    let writer = c2.token("writer", WRITER_PW).await.expect("authenticate on 2");
-    c1.put(Some(&writer), "app/b", "v", 0).await.expect("writer on 1");
-    let e = c1.put(Some(&writer), "other/b", "v", 0).await.expect_err("outside on 1");
+    c2.put(Some(&root0), "app/a", "v", 0)
+        .await
+        .expect("member 0's token on 2");
+    let writer = c2
+        .token("writer", WRITER_PW)
+        .await
+        .expect("authenticate on 2");
+    c1.put(Some(&writer), "app/b", "v", 0)
+        .await
+        .expect("writer on 1");
+    let e = c1
+        .put(Some(&writer), "other/b", "v", 0)
+        .await
+        .expect_err("outside on 1");
     assert_eq!(e.code(), Code::PermissionDenied);
     // A permission granted through member 1 applies on member 2 as soon as it is applied.
     c1.auth
@@ -1162,11 +1384,15 @@ async fn auth_on_a_three_member_cluster() {
         ))
         .await
         .expect("grant via member 1");
-    wait_until(Duration::from_secs(10), "member 2 applies the grant", || {
-        let mut c2 = c2.clone();
-        let writer = writer.clone();
-        async move { c2.put(Some(&writer), "other/b", "v", 0).await.is_ok() }
-    })
+    wait_until(
+        Duration::from_secs(10),
+        "member 2 applies the grant",
+        || {
+            let mut c2 = c2.clone();
+            let writer = writer.clone();
+            async move { c2.put(Some(&writer), "other/b", "v", 0).await.is_ok() }
+        },
+    )
     .await;
     // Member changes are root's.
     let e = c2
@@ -1187,13 +1413,22 @@ async fn auth_on_a_three_member_cluster() {
 async fn etcd_client_crate_logs_in_and_refreshes_expired_tokens() {
     let server = Server::start_with(&["--auth-token-ttl", "2"]).await;
     let mut open = server.client().await;
-    open.user_add("root", ROOT_PW, None).await.expect("user add");
-    open.user_grant_role("root", "root").await.expect("grant root");
-    open.role_add("app").await.expect("role add");
-    open.role_grant_permission("app", etcd_client::Permission::read_write("app/").with_prefix())
+    open.user_add("root", ROOT_PW, None)
         .await
-        .expect("grant");
-    open.user_add("app", "app-secret-1", None).await.expect("user add");
+        .expect("user add");
+    open.user_grant_role("root", "root")
+        .await
+        .expect("grant root");
+    open.role_add("app").await.expect("role add");
+    open.role_grant_permission(
+        "app",
+        etcd_client::Permission::read_write("app/").with_prefix(),
+    )
+    .await
+    .expect("grant");
+    open.user_add("app", "app-secret-1", None)
+        .await
+        .expect("user add");
     open.user_grant_role("app", "app").await.expect("grant app");
     open.auth_enable().await.expect("enable");
     // etcd's own protos decode our answers.
@@ -1224,10 +1459,15 @@ async fn etcd_client_crate_logs_in_and_refreshes_expired_tokens() {
     let mut app = connect("app", "app-secret-1").await.expect("app connects");
     app.put("app/x", "1", None).await.expect("put inside");
     let e = app.put("other", "1", None).await.expect_err("outside");
-    assert!(e.to_string().contains("etcdserver: permission denied"), "{e}");
+    assert!(
+        e.to_string().contains("etcdserver: permission denied"),
+        "{e}"
+    );
     // The token expires (2 s); the crate refreshes it on "invalid auth token" and retries.
     tokio::time::sleep(Duration::from_millis(3100)).await;
-    app.put("app/x", "2", None).await.expect("put after refresh");
+    app.put("app/x", "2", None)
+        .await
+        .expect("put after refresh");
     assert!(
         etcd_client::Client::connect(
             [server.url()],
@@ -1238,7 +1478,10 @@ async fn etcd_client_crate_logs_in_and_refreshes_expired_tokens() {
         "a wrong password fails at connect"
     );
     let e = open.get("app/x", None).await.expect_err("anonymous");
-    assert!(e.to_string().contains("etcdserver: user name is empty"), "{e}");
+    assert!(
+        e.to_string().contains("etcdserver: user name is empty"),
+        "{e}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1247,7 +1490,10 @@ async fn auth_state_reaches_a_lagging_member_in_a_raft_snapshot() {
     cluster.kill(2);
     let mut c0 = Clients::new(cluster.channel(0));
     setup_users(&mut c0).await;
-    c0.auth.auth_enable(AuthEnableRequest {}).await.expect("enable");
+    c0.auth
+        .auth_enable(AuthEnableRequest {})
+        .await
+        .expect("enable");
     let root = c0.token("root", ROOT_PW).await.expect("root");
     // Enough entries for snapshots that purge the log member 2 missed (the log is purged in
     // batches of 512 entries).
@@ -1273,20 +1519,29 @@ async fn auth_state_reaches_a_lagging_member_in_a_raft_snapshot() {
     wait_until(Duration::from_secs(30), "member 2 catches up", || {
         let mut c2 = c2.clone();
         let root = root.clone();
-        async move {
-            matches!(c2.get(Some(&root), "app/k799").await, Ok(r) if r.kvs.len() == 1)
-        }
+        async move { matches!(c2.get(Some(&root), "app/k799").await, Ok(r) if r.kvs.len() == 1) }
     })
     .await;
     assert!(
-        cluster.log_since_last_start(2).contains("installed snapshot"),
+        cluster
+            .log_since_last_start(2)
+            .contains("installed snapshot"),
         "member 2 caught up from a snapshot"
     );
-    let e = c2.get(None, "app/k1").await.expect_err("anonymous on member 2");
+    let e = c2
+        .get(None, "app/k1")
+        .await
+        .expect_err("anonymous on member 2");
     assert_eq!(e.message(), "etcdserver: user name is empty");
-    let reader = c2.token("reader", READER_PW).await.expect("hash in the snapshot");
+    let reader = c2
+        .token("reader", READER_PW)
+        .await
+        .expect("hash in the snapshot");
     c2.get(Some(&reader), "app/k1").await.expect("reader reads");
-    let e = c2.put(Some(&reader), "app/k1", "x", 0).await.expect_err("read-only");
+    let e = c2
+        .put(Some(&reader), "app/k1", "x", 0)
+        .await
+        .expect_err("read-only");
     assert_eq!(e.code(), Code::PermissionDenied);
     // A change made after the snapshot still reaches member 2's request path.
     c0.auth
@@ -1299,10 +1554,14 @@ async fn auth_state_reaches_a_lagging_member_in_a_raft_snapshot() {
         ))
         .await
         .expect("grant writer to reader");
-    wait_until(Duration::from_secs(10), "member 2 applies the grant", || {
-        let mut c2 = c2.clone();
-        let reader = reader.clone();
-        async move { c2.put(Some(&reader), "app/k1", "x", 0).await.is_ok() }
-    })
+    wait_until(
+        Duration::from_secs(10),
+        "member 2 applies the grant",
+        || {
+            let mut c2 = c2.clone();
+            let reader = reader.clone();
+            async move { c2.put(Some(&reader), "app/k1", "x", 0).await.is_ok() }
+        },
+    )
     .await;
 }

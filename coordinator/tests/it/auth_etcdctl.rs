@@ -30,8 +30,16 @@ async fn etcdctl_users_roles_auth_enable_and_denials() {
     const ALICE: &str = "alice:alice-secret-1";
 
     // etcd's documented set-up, while auth is off.
-    assert!(ctl.ok(&["role", "add", "root"]).await.contains("Role root created"));
-    assert!(ctl.ok(&["user", "add", ROOT]).await.contains("User root created"));
+    assert!(
+        ctl.ok(&["role", "add", "root"])
+            .await
+            .contains("Role root created")
+    );
+    assert!(
+        ctl.ok(&["user", "add", ROOT])
+            .await
+            .contains("User root created")
+    );
     assert!(
         ctl.ok(&["user", "grant-role", "root", "root"])
             .await
@@ -39,11 +47,19 @@ async fn etcdctl_users_roles_auth_enable_and_denials() {
     );
     ctl.ok(&["role", "add", "app"]).await;
     assert!(
-        ctl.ok(&["role", "grant-permission", "app", "--prefix=true", "readwrite", "app/"])
-            .await
-            .contains("Role app updated")
+        ctl.ok(&[
+            "role",
+            "grant-permission",
+            "app",
+            "--prefix=true",
+            "readwrite",
+            "app/"
+        ])
+        .await
+        .contains("Role app updated")
     );
-    ctl.ok(&["role", "grant-permission", "app", "read", "shared"]).await;
+    ctl.ok(&["role", "grant-permission", "app", "read", "shared"])
+        .await;
     ctl.ok(&["user", "add", ALICE]).await;
     ctl.ok(&["user", "grant-role", "alice", "app"]).await;
     // A password below the minimum length is refused with a clear message.
@@ -51,10 +67,17 @@ async fn etcdctl_users_roles_auth_enable_and_denials() {
         &ctl.run(&["user", "add", "bob:short"]).await,
         "password is too short (at least 8 bytes)",
     );
-    assert!(ctl.ok(&["auth", "enable"]).await.contains("Authentication Enabled"));
+    assert!(
+        ctl.ok(&["auth", "enable"])
+            .await
+            .contains("Authentication Enabled")
+    );
 
     // Without a user: etcd's "user name is empty"; with a wrong password: refused at login.
-    failed_with(&ctl.run(&["get", "app/x"]).await, "etcdserver: user name is empty");
+    failed_with(
+        &ctl.run(&["get", "app/x"]).await,
+        "etcdserver: user name is empty",
+    );
     failed_with(
         &as_user(&ctl, "alice:wrong-password", &["get", "app/x"]).await,
         "etcdserver: authentication failed, invalid user ID or password",
@@ -65,16 +88,27 @@ async fn etcdctl_users_roles_auth_enable_and_denials() {
     assert_eq!(users.lines().collect::<Vec<_>>(), vec!["alice", "root"]);
     let roles = as_user(&ctl, ROOT, &["role", "list"]).await.ok("role list");
     assert_eq!(roles.lines().collect::<Vec<_>>(), vec!["app", "root"]);
-    let alice = as_user(&ctl, ROOT, &["user", "get", "alice"]).await.ok("user get");
-    assert!(alice.contains("User: alice") && alice.contains("Roles: app"), "{alice}");
-    let app = as_user(&ctl, ROOT, &["role", "get", "app"]).await.ok("role get");
+    let alice = as_user(&ctl, ROOT, &["user", "get", "alice"])
+        .await
+        .ok("user get");
+    assert!(
+        alice.contains("User: alice") && alice.contains("Roles: app"),
+        "{alice}"
+    );
+    let app = as_user(&ctl, ROOT, &["role", "get", "app"])
+        .await
+        .ok("role get");
     assert!(app.contains("Role app"), "{app}");
     assert!(app.contains("[app/, app0) (prefix app/)"), "{app}");
     assert!(app.contains("shared"), "{app}");
 
     // Alice writes under her prefix, is denied elsewhere, reads what she may read.
-    as_user(&ctl, ALICE, &["put", "app/x", "1"]).await.ok("put app/x");
-    let got = as_user(&ctl, ALICE, &["get", "app/x"]).await.ok("get app/x");
+    as_user(&ctl, ALICE, &["put", "app/x", "1"])
+        .await
+        .ok("put app/x");
+    let got = as_user(&ctl, ALICE, &["get", "app/x"])
+        .await
+        .ok("get app/x");
     assert_eq!(got, "app/x\n1\n");
     failed_with(
         &as_user(&ctl, ALICE, &["put", "other", "1"]).await,
@@ -84,8 +118,12 @@ async fn etcdctl_users_roles_auth_enable_and_denials() {
         &as_user(&ctl, ALICE, &["put", "shared", "1"]).await,
         "etcdserver: permission denied",
     );
-    as_user(&ctl, ROOT, &["put", "shared", "s"]).await.ok("root put");
-    as_user(&ctl, ALICE, &["get", "shared"]).await.ok("read-only key");
+    as_user(&ctl, ROOT, &["put", "shared", "s"])
+        .await
+        .ok("root put");
+    as_user(&ctl, ALICE, &["get", "shared"])
+        .await
+        .ok("read-only key");
     failed_with(
         &as_user(&ctl, ALICE, &["get", "", "--prefix"]).await,
         "etcdserver: permission denied",
@@ -111,7 +149,14 @@ async fn etcdctl_users_roles_auth_enable_and_denials() {
     // Password change: the old one stops working.
     let out = ctl
         .run_with_stdin(
-            &["--user", ROOT, "user", "passwd", "alice", "--interactive=false"],
+            &[
+                "--user",
+                ROOT,
+                "user",
+                "passwd",
+                "alice",
+                "--interactive=false",
+            ],
             Some("alice-secret-2\n"),
             ETCDCTL_TIMEOUT,
         )
@@ -146,15 +191,21 @@ async fn etcdctl_users_roles_auth_enable_and_denials() {
     as_user(&ctl, ROOT, &["user", "revoke-role", "alice", "app"])
         .await
         .ok("revoke-role");
-    as_user(&ctl, ROOT, &["user", "delete", "alice"]).await.ok("user delete");
-    as_user(&ctl, ROOT, &["role", "delete", "app"]).await.ok("role delete");
+    as_user(&ctl, ROOT, &["user", "delete", "alice"])
+        .await
+        .ok("user delete");
+    as_user(&ctl, ROOT, &["role", "delete", "app"])
+        .await
+        .ok("role delete");
     failed_with(
         &as_user(&ctl, ROOT, &["user", "get", "alice"]).await,
         "etcdserver: user name not found",
     );
 
     // Maintenance: status for anyone authenticated, snapshot for root.
-    as_user(&ctl, ROOT, &["endpoint", "status"]).await.ok("endpoint status");
+    as_user(&ctl, ROOT, &["endpoint", "status"])
+        .await
+        .ok("endpoint status");
 
     assert!(
         as_user(&ctl, ROOT, &["auth", "disable"])
