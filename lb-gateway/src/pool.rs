@@ -9,7 +9,6 @@
 //! once its last request ends it is dropped, with its connections and metric series.
 
 use std::collections::HashMap;
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 
@@ -23,7 +22,7 @@ use crate::hash::{Node, Table, moved_fraction};
 use crate::metrics::{BackendMetrics, RouteMetrics};
 use crate::resilience::{GlobalLimit, KeyedLimit, OutlierState, RetryBudget, max_ejected};
 use crate::routes::{BackendProtocol, Route};
-use crate::upstream::ConnPool;
+use crate::upstream::{ConnPool, Target};
 
 /// Evenly spaced keys compared before and after a swap to measure keys moved.
 const MOVED_SAMPLES: usize = 4096;
@@ -43,7 +42,7 @@ pub struct Backend {
     /// `address:port`: its identity in the tables.
     pub id: String,
     /// Where it listens.
-    pub addr: SocketAddr,
+    pub addr: Target,
     /// What the registry says it speaks.
     pub registered_grpc: bool,
     /// Its connections.
@@ -209,8 +208,8 @@ impl RouteState {
 
         let mut members: Vec<Member> = Vec::with_capacity(chosen.len());
         for i in chosen {
-            let Some(addr) = parse_addr(&i.address, i.port) else {
-                tracing::warn!(route = %self.route.name, instance = %i.instance_id, address = %i.address, "instance address is not an IP address; skipped");
+            let Some(addr) = Target::parse(&i.address, i.port) else {
+                tracing::warn!(route = %self.route.name, instance = %i.instance_id, address = %i.address, port = i.port, "instance address is neither an IP address nor a DNS name, or its port is out of range; skipped");
                 continue;
             };
             let id = addr.to_string();
@@ -221,7 +220,7 @@ impl RouteState {
                 Some(b) => Arc::clone(b),
                 None => Arc::new(Backend {
                     metrics: self.metrics.backend(&id),
-                    conns: ConnPool::new(addr),
+                    conns: ConnPool::new(addr.clone()),
                     outlier: OutlierState::default(),
                     registered_grpc: i.protocol == pb::Protocol::Grpc as i32,
                     addr,
@@ -345,20 +344,6 @@ impl RouteState {
             .count();
         ejected < max_ejected(pool.members.len(), self.route.outlier.max_ejected_percent)
     }
-}
-
-fn parse_addr(address: &str, port: u32) -> Option<SocketAddr> {
-    let port = u16::try_from(port).ok()?;
-    let ip = if address.eq_ignore_ascii_case("localhost") {
-        std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST)
-    } else {
-        address
-            .trim_start_matches('[')
-            .trim_end_matches(']')
-            .parse()
-            .ok()?
-    };
-    Some(SocketAddr::new(ip, port))
 }
 
 /// The live loads of a pool for one request: skips ejected members, members at their circuit

@@ -259,14 +259,21 @@ fn host_of<'a>(headers: &'a HeaderMap, uri: &'a Uri) -> Option<&'a str> {
     })
 }
 
+/// An upgrade the gateway tunnels (WebSocket and the like). `Upgrade: h2c` alone is not one:
+/// RFC 9113 §3.1 deprecates that route to HTTP/2, so the request is answered over HTTP/1.1 (a
+/// server may ignore an upgrade) and h2c clients use prior knowledge, which the listener takes.
 fn is_upgrade(headers: &HeaderMap) -> bool {
-    headers.contains_key(header::UPGRADE)
-        && headers.get_all(header::CONNECTION).iter().any(|v| {
-            v.to_str().is_ok_and(|s| {
-                s.split(',')
-                    .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
-            })
+    headers.get_all(header::UPGRADE).iter().any(|v| {
+        v.to_str().is_ok_and(|s| {
+            s.split(',')
+                .any(|t| !t.trim().is_empty() && !t.trim().eq_ignore_ascii_case("h2c"))
         })
+    }) && headers.get_all(header::CONNECTION).iter().any(|v| {
+        v.to_str().is_ok_and(|s| {
+            s.split(',')
+                .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
+        })
+    })
 }
 
 /// Removes hop-by-hop headers (RFC 9110 §7.6.1), keeping the upgrade pair when tunnelling and
@@ -913,6 +920,29 @@ mod tests {
         assert!(is_upgrade(&h));
         strip_hop_by_hop(&mut h, true);
         assert!(h.get("connection").is_some() && h.get("upgrade").is_some());
+    }
+
+    #[test]
+    fn an_h2c_upgrade_is_not_tunnelled_and_its_headers_do_not_travel() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            "connection",
+            HeaderValue::from_static("Upgrade, HTTP2-Settings"),
+        );
+        h.insert("upgrade", HeaderValue::from_static("h2c"));
+        h.insert(
+            "http2-settings",
+            HeaderValue::from_static("AAMAAABkAAQAoAAAAAIAAAAA"),
+        );
+        assert!(!is_upgrade(&h));
+        strip_hop_by_hop(&mut h, false);
+        assert!(h.is_empty(), "{h:?}");
+        h.insert("connection", HeaderValue::from_static("upgrade"));
+        h.insert("upgrade", HeaderValue::from_static("h2c, websocket"));
+        assert!(
+            is_upgrade(&h),
+            "another protocol offered alongside is tunnelled"
+        );
     }
 
     #[test]

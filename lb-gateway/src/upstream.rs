@@ -7,7 +7,8 @@
 //! end; one whose body was abandoned is closed. The pool belongs to the backend, so when a
 //! backend leaves the set and its last request finishes, its connections close with it.
 
-use std::net::SocketAddr;
+use std::fmt;
+use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -81,6 +82,62 @@ impl Body for UpBody {
     }
 }
 
+/// Where a backend listens: an IP address, or a DNS name resolved again at every new
+/// connection (so a container that comes back with a new address is found, as Envoy's
+/// `LOGICAL_DNS` clusters do; connections are pooled, so the lookup is not per request).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Target {
+    /// An IP address and port.
+    Ip(SocketAddr),
+    /// A DNS name and port.
+    Name {
+        /// The name, as registered.
+        host: String,
+        /// The port.
+        port: u16,
+    },
+}
+
+impl Target {
+    /// The target for a registered `address` and `port`: an IP (IPv6 with or without
+    /// brackets) or a DNS name (`localhost` included: the resolver decides). `None` for port 0
+    /// or > 65535 and for anything that is neither an IP nor a valid DNS name.
+    pub fn parse(address: &str, port: u32) -> Option<Target> {
+        let port = u16::try_from(port).ok().filter(|p| *p != 0)?;
+        let bare = address.trim_start_matches('[').trim_end_matches(']');
+        if let Ok(ip) = bare.parse::<IpAddr>() {
+            return Some(Target::Ip(SocketAddr::new(ip, port)));
+        }
+        is_dns_name(address).then(|| Target::Name {
+            host: address.to_ascii_lowercase(),
+            port,
+        })
+    }
+}
+
+impl fmt::Display for Target {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Target::Ip(a) => a.fmt(f),
+            Target::Name { host, port } => write!(f, "{host}:{port}"),
+        }
+    }
+}
+
+/// RFC 1123 host name: dot-separated labels of letters, digits and `-`, none empty, none
+/// starting or ending with `-`, at most 253 characters.
+fn is_dns_name(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 253
+        && s.split('.').all(|l| {
+            !l.is_empty()
+                && l.len() <= 63
+                && !l.starts_with('-')
+                && !l.ends_with('-')
+                && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+        })
+}
+
 /// Why no connection could be had.
 #[derive(Debug, thiserror::Error)]
 pub enum ConnectError {
@@ -88,7 +145,7 @@ pub enum ConnectError {
     #[error("connect to {addr}: {source}")]
     Io {
         /// The backend.
-        addr: SocketAddr,
+        addr: Target,
         /// Why.
         #[source]
         source: std::io::Error,
@@ -97,7 +154,7 @@ pub enum ConnectError {
     #[error("connect to {addr} timed out after {timeout:?}")]
     Timeout {
         /// The backend.
-        addr: SocketAddr,
+        addr: Target,
         /// The connect timeout.
         timeout: Duration,
     },
@@ -105,7 +162,7 @@ pub enum ConnectError {
     #[error("HTTP handshake with {addr}: {source}")]
     Handshake {
         /// The backend.
-        addr: SocketAddr,
+        addr: Target,
         /// Why.
         #[source]
         source: hyper::Error,
@@ -115,7 +172,7 @@ pub enum ConnectError {
 /// The connections to one backend.
 #[derive(Debug)]
 pub struct ConnPool {
-    addr: SocketAddr,
+    addr: Target,
     /// Idle HTTP/1.1 connections, one stack per worker (see [`STACKS`]).
     idle: Vec<Mutex<Vec<http1::SendRequest<UpBody>>>>,
     h2: Mutex<Option<http2::SendRequest<UpBody>>>,
@@ -124,7 +181,7 @@ pub struct ConnPool {
 
 impl ConnPool {
     /// An empty pool for `addr`.
-    pub fn new(addr: SocketAddr) -> ConnPool {
+    pub fn new(addr: Target) -> ConnPool {
         ConnPool {
             addr,
             idle: (0..STACKS).map(|_| Mutex::new(Vec::new())).collect(),
@@ -134,8 +191,8 @@ impl ConnPool {
     }
 
     /// The backend's address.
-    pub fn addr(&self) -> SocketAddr {
-        self.addr
+    pub fn addr(&self) -> &Target {
+        &self.addr
     }
 
     /// Idle HTTP/1.1 connections.
@@ -144,11 +201,23 @@ impl ConnPool {
     }
 
     async fn tcp(&self, timeout: Duration) -> Result<TcpStream, ConnectError> {
-        let addr = self.addr;
-        let stream = tokio::time::timeout(timeout, TcpStream::connect(addr))
+        let connect = async {
+            match &self.addr {
+                Target::Ip(a) => TcpStream::connect(*a).await,
+                // Resolves, then tries each address in turn.
+                Target::Name { host, port } => TcpStream::connect((host.as_str(), *port)).await,
+            }
+        };
+        let stream = tokio::time::timeout(timeout, connect)
             .await
-            .map_err(|_| ConnectError::Timeout { addr, timeout })?
-            .map_err(|source| ConnectError::Io { addr, source })?;
+            .map_err(|_| ConnectError::Timeout {
+                addr: self.addr.clone(),
+                timeout,
+            })?
+            .map_err(|source| ConnectError::Io {
+                addr: self.addr.clone(),
+                source,
+            })?;
         let _ = stream.set_nodelay(true);
         Ok(stream)
     }
@@ -178,7 +247,7 @@ impl ConnPool {
             .handshake(TokioIo::new(stream))
             .await
             .map_err(|source| ConnectError::Handshake {
-                addr: self.addr,
+                addr: self.addr.clone(),
                 source,
             })?;
         tokio::spawn(async move {
@@ -218,7 +287,7 @@ impl ConnPool {
             .handshake(TokioIo::new(stream))
             .await
             .map_err(|source| ConnectError::Handshake {
-                addr: self.addr,
+                addr: self.addr.clone(),
                 source,
             })?;
         tokio::spawn(async move {
@@ -333,3 +402,48 @@ impl Drop for ProxyBody {
 
 /// Shared so the admin API can show a pool.
 pub type SharedPool = Arc<ConnPool>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn registered_addresses_become_ip_or_name_targets() {
+        assert_eq!(
+            Target::parse("10.0.0.7", 8080),
+            Some(Target::Ip("10.0.0.7:8080".parse().unwrap()))
+        );
+        assert_eq!(
+            Target::parse("[::1]", 80),
+            Some(Target::Ip("[::1]:80".parse().unwrap()))
+        );
+        assert_eq!(
+            Target::parse("::1", 80),
+            Some(Target::Ip("[::1]:80".parse().unwrap()))
+        );
+        let demo = Target::parse("Demo-1.internal", 8080).unwrap();
+        assert_eq!(demo.to_string(), "demo-1.internal:8080");
+        assert!(matches!(demo, Target::Name { port: 8080, .. }));
+        assert!(matches!(
+            Target::parse("localhost", 1),
+            Some(Target::Name { .. })
+        ));
+    }
+
+    #[test]
+    fn unusable_addresses_and_ports_are_refused() {
+        for bad in [
+            "",
+            "-x.example",
+            "a..b",
+            "under_score",
+            "sp ace",
+            "x:y",
+            &"a".repeat(64),
+        ] {
+            assert_eq!(Target::parse(bad, 80), None, "{bad:?}");
+        }
+        assert_eq!(Target::parse("10.0.0.7", 0), None);
+        assert_eq!(Target::parse("10.0.0.7", 65_536), None);
+    }
+}

@@ -188,11 +188,23 @@ impl Stack {
 
     /// Registers `127.0.0.1:port` as instance `id` of `svc`, kept alive until dropped.
     pub async fn register(&self, svc: &str, id: &str, port: u16, grpc: bool) -> Registration {
+        self.register_at(svc, id, "127.0.0.1", port, grpc).await
+    }
+
+    /// Registers `address:port` (an IP or a DNS name) as instance `id` of `svc`.
+    pub async fn register_at(
+        &self,
+        svc: &str,
+        id: &str,
+        address: &str,
+        port: u16,
+        grpc: bool,
+    ) -> Registration {
         let instance = pb::Instance {
             namespace: NS.into(),
             service: svc.into(),
             instance_id: id.into(),
-            address: "127.0.0.1".into(),
+            address: address.into(),
             port: u32::from(port),
             protocol: if grpc {
                 pb::Protocol::Grpc as i32
@@ -300,6 +312,7 @@ async fn backend_answer(
         "traceparent": header("traceparent"),
         "x_forwarded_for": header("x-forwarded-for"),
         "version": format!("{:?}", req.version()),
+        "upgrade": header("upgrade"),
     });
     if path == "/ws" {
         let upgrade = hyper::upgrade::on(&mut req);

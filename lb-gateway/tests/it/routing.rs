@@ -472,3 +472,53 @@ async fn a_503_is_retried_at_the_keys_next_choice_with_the_same_request() {
     assert_eq!(resp.status(), 503);
     gw.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backend_registered_by_dns_name_is_resolved_and_reached() {
+    let stack = Stack::start().await;
+    let b = HttpBackend::start("named").await;
+    // `localhost` goes through the system resolver like any name (it may yield ::1 first,
+    // where nothing listens: the connect moves on to the next address).
+    let _reg = stack
+        .register_at("web", "named", "localhost", b.port(), false)
+        .await;
+    let gw = Gateway::start(&stack.registry.url(), &routes("")).await;
+    gw.wait_backends("web", 1).await;
+    let backends = gw.backends("web").await;
+    assert_eq!(backends[0]["id"], format!("localhost:{}", b.port()));
+    for user in 0..5 {
+        let (status, body, _) = gw.get("/x", &[("x-user", &format!("u{user}"))]).await;
+        assert_eq!(status, 200, "{body}");
+        assert_eq!(body["backend"], "named");
+    }
+    gw.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_h2c_upgrade_request_is_answered_over_http1_without_the_upgrade() {
+    let stack = Stack::start().await;
+    let (_backends, _regs) = three_backends(&stack).await;
+    let gw = Gateway::start(&stack.registry.url(), &routes("")).await;
+    gw.wait_backends("web", 3).await;
+    // What `curl --http2` sends over cleartext: RFC 9113 deprecates this upgrade, a server may
+    // ignore it, and the gateway does (h2c clients use prior knowledge, tested with gRPC).
+    let (status, body, headers) = gw
+        .get(
+            "/x",
+            &[
+                ("x-user", "u1"),
+                ("connection", "Upgrade, HTTP2-Settings"),
+                ("upgrade", "h2c"),
+                ("http2-settings", "AAMAAABkAAQAoAAAAAIAAAAA"),
+            ],
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["version"], "HTTP/1.1");
+    assert_eq!(
+        body["upgrade"], "",
+        "the upgrade is not passed to the backend"
+    );
+    assert!(headers.get("upgrade").is_none());
+    gw.stop().await;
+}
