@@ -186,6 +186,9 @@ struct Inner {
     hub: Arc<WatchHub>,
     removed: CancellationToken,
     reads: Mutex<ReadRounds>,
+    /// The leader id openraft restored this member to at start-up, until an entry proposed by
+    /// this process under it committed (see [`RaftMember::leader_read_index`]).
+    restored_leader: Mutex<Option<openraft::LeaderId<u64>>>,
 }
 
 #[derive(Default)]
@@ -270,8 +273,19 @@ impl RaftMember {
                 hub: p.hub.clone(),
                 removed: p.removed,
                 reads: Mutex::new(ReadRounds::default()),
+                restored_leader: Mutex::new(None),
             }),
         };
+        let restored = {
+            let m = member.inner.raft.metrics();
+            let m = m.borrow();
+            (m.state == ServerState::Leader && m.current_leader == Some(member.inner.id))
+                .then_some(m.vote.leader_id)
+        };
+        if let Some(leader_id) = restored {
+            *member.inner.restored_leader.lock() = Some(leader_id);
+            tokio::spawn(member.clone().confirm_restored_leadership(leader_id));
+        }
         tokio::spawn(member.clone().election_timer());
         tokio::spawn(member.clone().leadership_watch());
         Ok(member)
@@ -490,19 +504,59 @@ impl RaftMember {
     async fn fetch_read_index(&self) -> Option<u64> {
         let leader = self.leader()?;
         if leader == self.inner.id {
-            match self.inner.raft.get_read_log_id().await {
-                Ok((read, _applied)) => Some(read.map(|l| l.index).unwrap_or(0)),
-                Err(_) => None,
-            }
+            self.leader_read_index().await
         } else {
             let mut c = self.peer(leader).ok()?;
-            match c.read_index(Blob { data: Vec::new() }).await {
-                Ok(r) => {
+            // Bounded: a round that hangs on a dead connection would hold every read here.
+            let call = c.read_index(Blob { data: Vec::new() });
+            match tokio::time::timeout(self.inner.election_timeout, call).await {
+                Ok(Ok(r)) => {
                     let res: std::result::Result<u64, PeerError> =
                         bincode::deserialize(&r.into_inner().data).ok()?;
                     res.ok()
                 }
-                Err(_) => None,
+                _ => None,
+            }
+        }
+    }
+
+    /// The read index, on the leader: openraft's (its commit index, or the first entry of its
+    /// leadership if later, confirmed by a quorum round). `None` when it cannot serve one.
+    ///
+    /// openraft 0.9 restarts a member whose durable vote is committed and names itself as
+    /// leader at once, under the same leader id and without a new entry; its commit index is
+    /// then only what it had persisted, possibly behind entries committed (and acknowledged)
+    /// before the crash, so a read index from it could miss them. Such a leader serves no read
+    /// index until an entry this process proposed has committed (found by the simulation).
+    async fn leader_read_index(&self) -> Option<u64> {
+        let (read, _applied) = self.inner.raft.get_read_log_id().await.ok()?;
+        let restored = *self.inner.restored_leader.lock();
+        if let Some(restored) = restored {
+            if self.inner.raft.metrics().borrow().vote.leader_id == restored {
+                return None;
+            }
+        }
+        Some(read.map(|l| l.index).unwrap_or(0))
+    }
+
+    /// Commit an entry under the leader id restored at start-up, so that the commit index is
+    /// known again; until then [`Self::leader_read_index`] refuses.
+    async fn confirm_restored_leadership(self, leader_id: openraft::LeaderId<u64>) {
+        loop {
+            let still = self.inner.raft.metrics().borrow().vote.leader_id == leader_id;
+            if !still || self.inner.stop.is_cancelled() {
+                return;
+            }
+            let write = self.inner.raft.client_write(Command::Noop);
+            match tokio::time::timeout(PROPOSE_WAIT, write).await {
+                Ok(Ok(_)) => {
+                    *self.inner.restored_leader.lock() = None;
+                    tracing::info!(member = self.inner.id, "restored leadership confirmed");
+                    return;
+                }
+                Ok(Err(RaftError::APIError(ClientWriteError::ForwardToLeader(_)))) => return,
+                Ok(Err(RaftError::Fatal(_))) => return,
+                _ => tokio::time::sleep(Duration::from_millis(20)).await,
             }
         }
     }
@@ -954,14 +1008,14 @@ impl Peer for PeerService {
     }
 
     async fn read_index(&self, _req: Request<Blob>) -> std::result::Result<Response<Blob>, Status> {
-        let res: std::result::Result<u64, PeerError> =
-            match self.member.inner.raft.get_read_log_id().await {
-                Ok((l, _)) => Ok(l.map(|l| l.index).unwrap_or(0)),
-                Err(e) => Err(PeerError::NotLeader(None)).map_err(|x: PeerError| {
-                    tracing::debug!(error = %e, "read index refused");
-                    x
-                }),
-            };
+        let res: std::result::Result<u64, PeerError> = match self.member.leader_read_index().await
+        {
+            Some(index) => Ok(index),
+            None => {
+                tracing::debug!("read index refused");
+                Err(PeerError::NotLeader(None))
+            }
+        };
         blob(&res)
     }
 

@@ -98,6 +98,10 @@ pub struct Shared {
     pub final_done: AtomicBool,
     /// Next unique value.
     pub next_value: AtomicU64,
+    /// Record a line per client operation and leadership change (`SIM_VERBOSE`).
+    pub verbose: bool,
+    /// Those lines.
+    pub events: Mutex<Vec<String>>,
 }
 
 impl Shared {
@@ -124,8 +128,33 @@ impl Shared {
             final_reads: AtomicBool::new(false),
             final_done: AtomicBool::new(false),
             next_value: AtomicU64::new(1),
+            verbose: std::env::var_os("SIM_VERBOSE").is_some(),
+            events: Mutex::new(Vec::new()),
         })
     }
+
+    /// Record an event line (when verbose), stamped with the simulated time.
+    pub fn note(&self, what: impl FnOnce() -> String) {
+        if self.verbose {
+            let t = turmoil::sim_elapsed().unwrap_or_default().as_millis();
+            self.events.lock().push(format!("{t:>6} ms  {}", what()));
+        }
+    }
+}
+
+/// What a member shows of itself, for event lines.
+fn status(member: &RaftMember, state: &RwLock<StateMachine>) -> String {
+    let m = member.raft().metrics().borrow().clone();
+    let st = state.read();
+    format!(
+        "[n{} {:?} vote {} leader {:?} applied {:?} rev {}]",
+        member.id(),
+        m.state,
+        m.vote,
+        m.current_leader,
+        m.last_applied.map(|l| l.index),
+        st.revision()
+    )
 }
 
 /// Host name of member `i` (0-based).
@@ -246,6 +275,7 @@ async fn monitor(sh: Arc<Shared>, id: u64, member: RaftMember) {
             let leader = (m.vote.leader_id.term, m.vote.leader_id.node_id);
             if leads && led != Some(leader) {
                 led = Some(leader);
+                sh.note(|| format!("n{id} leads with {leader:?}"));
                 obs.note_leader(leader, m.vote.committed, id);
                 let log = log_of(&member.log_store().entries(..));
                 obs.check_new_leader(leader, &log, m.purged.map(|p| p.index));
@@ -295,6 +325,7 @@ async fn client(
     mut rng: StdRng,
 ) {
     let _active = Active::new(&sh);
+    sh.note(|| format!("c{} starts on n{}", cid.0, member.id()));
     // The last mod_revision this client saw per key: what its compare-and-sets expect.
     let mut seen: HashMap<usize, i64> = HashMap::new();
     for _ in 0..sh.shape.ops_per_client {
@@ -375,6 +406,7 @@ async fn client(
                 Ok(Ok((_, Err(_)))) => Outcome::Failed,
                 Ok(Ok((_, Ok(_)))) => Outcome::Unknown,
             };
+            sh.note(|| format!("c{} #{} {:?} -> {:?} {}", cid.0, op.0, sh.rec.snapshot().op(op).request, outcome, status(&member, &state)));
             sh.rec.complete(op, outcome);
         }
         let pause = rng.random_range(0..60);
@@ -403,6 +435,7 @@ async fn get(
         ..Default::default()
     };
     let read = state.read().store().range(&req);
+    sh.note(|| format!("c{} #{} get k{k} -> {:?} {}", cid.0, op.0, read.as_ref().map(|r| (r.revision, r.kvs.first().map(|kv| (kv.mod_revision, String::from_utf8_lossy(&kv.value).to_string())))), status(member, state)));
     match read {
         Ok(r) => {
             let resp = match r.kvs.first() {

@@ -67,6 +67,7 @@ struct RunReport {
     simulated: Duration,
     fingerprint: u64,
     trace: Vec<String>,
+    events: Vec<String>,
     violations: Vec<String>,
 }
 
@@ -298,6 +299,7 @@ fn run(seed: u64) -> RunReport {
         simulated: d.sim.elapsed(),
         fingerprint: h.finish(),
         trace: d.trace,
+        events: std::mem::take(&mut *sh.events.lock()),
         violations,
     }
 }
@@ -462,6 +464,9 @@ fn simulated_clusters_keep_raft_and_client_invariants() {
     if seeds.len() == 1 {
         for t in &reports[0].trace {
             println!("{t}");
+        }
+        for e in &reports[0].events {
+            println!("{e}");
         }
     }
     let failed: Vec<u64> = reports
