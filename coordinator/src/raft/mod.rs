@@ -177,6 +177,8 @@ struct Inner {
     sm: sm::SmStore,
     log: log_store::LogStore,
     peers: Mutex<HashMap<u64, PeerClient<Channel>>>,
+    /// Per peer: calls in a row that timed out (see [`network::REPLACE_AFTER_TIMEOUTS`]).
+    peer_timeouts: Mutex<HashMap<u64, u32>>,
     connect: network::Connector,
     rng: Mutex<StdRng>,
     last_heartbeat: Mutex<Instant>,
@@ -264,6 +266,7 @@ impl RaftMember {
                 sm,
                 log,
                 peers: Mutex::new(HashMap::new()),
+                peer_timeouts: Mutex::new(HashMap::new()),
                 connect: p.io.connect,
                 rng: Mutex::new(rng),
                 last_heartbeat: Mutex::new(Instant::now()),
@@ -362,6 +365,22 @@ impl RaftMember {
         Ok(c)
     }
 
+    /// A call to `id` timed out: after a few in a row, the next call uses a new connection.
+    fn peer_timed_out(&self, id: u64) {
+        let mut t = self.inner.peer_timeouts.lock();
+        let n = t.entry(id).or_insert(0);
+        *n += 1;
+        if *n >= network::REPLACE_AFTER_TIMEOUTS {
+            *n = 0;
+            self.inner.peers.lock().remove(&id);
+        }
+    }
+
+    /// `id` answered a call.
+    fn peer_answered(&self, id: u64) {
+        self.inner.peer_timeouts.lock().remove(&id);
+    }
+
     /// Wait (bounded) for a leader to be known; `None` if none appears in time.
     async fn wait_leader(&self, deadline: Instant) -> Option<u64> {
         let mut rx = self.inner.raft.metrics();
@@ -399,7 +418,15 @@ impl RaftMember {
                 let data = bincode::serialize(&cmd)
                     .map_err(|e| Error::InvalidArgument(format!("unencodable command: {e}")))?;
                 let mut c = self.peer(leader)?;
-                match c.forward(Blob { data }).await {
+                // The leader answers within PROPOSE_WAIT; no answer at all means a dead
+                // connection, and the write may have been applied: outcome unknown.
+                let call = c.forward(Blob { data });
+                let Ok(answer) = tokio::time::timeout(PROPOSE_WAIT + self.inner.election_timeout, call).await else {
+                    self.peer_timed_out(leader);
+                    return Err(Error::Timeout);
+                };
+                self.peer_answered(leader);
+                match answer {
                     Ok(r) => {
                         let res: std::result::Result<OutcomeWire, PeerError> =
                             bincode::deserialize(&r.into_inner().data)?;
@@ -511,11 +538,16 @@ impl RaftMember {
             let call = c.read_index(Blob { data: Vec::new() });
             match tokio::time::timeout(self.inner.election_timeout, call).await {
                 Ok(Ok(r)) => {
+                    self.peer_answered(leader);
                     let res: std::result::Result<u64, PeerError> =
                         bincode::deserialize(&r.into_inner().data).ok()?;
                     res.ok()
                 }
-                _ => None,
+                Ok(Err(_)) => None,
+                Err(_) => {
+                    self.peer_timed_out(leader);
+                    None
+                }
             }
         }
     }
@@ -529,13 +561,16 @@ impl RaftMember {
     /// before the crash, so a read index from it could miss them. Such a leader serves no read
     /// index until an entry this process proposed has committed (found by the simulation).
     async fn leader_read_index(&self) -> Option<u64> {
-        let (read, _applied) = self.inner.raft.get_read_log_id().await.ok()?;
+        // Checked before asking openraft, which takes its commit index when asked and then
+        // runs a quorum round: checked after, the entry could commit during the round and the
+        // stale index pass (the simulation found that too).
         let restored = *self.inner.restored_leader.lock();
         if let Some(restored) = restored {
             if self.inner.raft.metrics().borrow().vote.leader_id == restored {
                 return None;
             }
         }
+        let (read, _applied) = self.inner.raft.get_read_log_id().await.ok()?;
         Some(read.map(|l| l.index).unwrap_or(0))
     }
 
@@ -786,11 +821,19 @@ impl RaftMember {
         for id in voters.iter().copied().filter(|id| *id != self.inner.id) {
             let Ok(mut c) = self.peer(id) else { continue };
             let data = data.clone();
+            let me = self.clone();
             asks.push(async move {
                 let call = c.pre_vote(Blob { data });
                 match tokio::time::timeout(Duration::from_millis(500), call).await {
-                    Ok(Ok(r)) => bincode::deserialize::<PreVoteAnswer>(&r.into_inner().data).ok(),
-                    _ => None,
+                    Ok(Ok(r)) => {
+                        me.peer_answered(id);
+                        bincode::deserialize::<PreVoteAnswer>(&r.into_inner().data).ok()
+                    }
+                    Ok(Err(_)) => None,
+                    Err(_) => {
+                        me.peer_timed_out(id);
+                        None
+                    }
                 }
             });
         }

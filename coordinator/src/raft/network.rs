@@ -56,6 +56,23 @@ pub struct PeerConn {
     target: NodeId,
     client: Option<PeerClient<Channel>>,
     url: String,
+    connect: Connector,
+    /// Calls in a row that timed out.
+    timeouts: u32,
+}
+
+/// After this many calls in a row time out, the connection is replaced: a connection whose
+/// packets silently vanish (a blackhole) is otherwise only noticed by HTTP/2 keep-alive, after
+/// up to 30 s, and every call on it times out until then (found by the simulation).
+pub const REPLACE_AFTER_TIMEOUTS: u32 = 3;
+
+/// A client on a fresh channel to `url`.
+pub fn peer_client(connect: &Connector, url: &str) -> Option<PeerClient<Channel>> {
+    connect(url).ok().map(|c| {
+        PeerClient::new(c)
+            .max_decoding_message_size(256 * 1024 * 1024)
+            .max_encoding_message_size(256 * 1024 * 1024)
+    })
 }
 
 /// The settings of every peer channel, whatever carries its bytes.
@@ -76,15 +93,12 @@ impl RaftNetworkFactory<TypeConfig> for Network {
     type Network = PeerConn;
 
     async fn new_client(&mut self, target: NodeId, node: &MemberNode) -> PeerConn {
-        let client = (self.connect)(&node.peer_url).ok().map(|c| {
-            PeerClient::new(c)
-                .max_decoding_message_size(256 * 1024 * 1024)
-                .max_encoding_message_size(256 * 1024 * 1024)
-        });
         PeerConn {
             target,
-            client,
+            client: peer_client(&self.connect, &node.peer_url),
             url: node.peer_url.clone(),
+            connect: self.connect.clone(),
+            timeouts: 0,
         }
     }
 }
@@ -122,12 +136,18 @@ impl PeerConn {
         };
         let resp = match tokio::time::timeout(option.hard_ttl(), fut).await {
             Err(_) => {
+                self.timeouts += 1;
+                if self.timeouts >= REPLACE_AFTER_TIMEOUTS {
+                    self.timeouts = 0;
+                    self.client = peer_client(&self.connect, &self.url);
+                }
                 return Err(RPCError::Network(NetworkError::new(&Msg(format!(
                     "{which} to {} timed out",
                     self.target
                 )))));
             }
             Ok(Err(status)) => {
+                self.timeouts = 0;
                 let e = Msg(format!("{which} to {}: {status}", self.target));
                 return Err(if status.code() == tonic::Code::Unavailable {
                     RPCError::Unreachable(Unreachable::new(&e))
@@ -135,7 +155,10 @@ impl PeerConn {
                     RPCError::Network(NetworkError::new(&e))
                 });
             }
-            Ok(Ok(r)) => r.into_inner(),
+            Ok(Ok(r)) => {
+                self.timeouts = 0;
+                r.into_inner()
+            }
         };
         let decoded: Result<Resp, E> = bincode::deserialize(&resp.data)
             .map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
