@@ -85,8 +85,9 @@ pub struct Config {
     #[arg(long, env = "DEMO_INSTANCE_ID", default_value = "", value_name = "ID")]
     pub instance_id: String,
 
-    /// The address others reach this instance at, as registered (default: the listen IP when it
-    /// is a specific one, else the host name).
+    /// The address others reach this instance at (default: the listen IP when it is a specific
+    /// one, else the host name). A host name is resolved to its IP address at start, and the IP
+    /// is registered (lb-gateway routes to IP addresses).
     #[arg(long, env = "DEMO_ADVERTISE_ADDRESS", default_value = "", value_name = "HOST")]
     pub advertise_address: String,
 
@@ -202,6 +203,25 @@ impl Config {
     }
 }
 
+/// The IP address to register for `host`: `host` itself if it is one, else what it resolves
+/// to (IPv4 first). lb-gateway routes to IP addresses only, so a host name is resolved here,
+/// once, at start (in a container the host name resolves to the container's address).
+pub async fn resolve(host: &str, port: u16) -> anyhow::Result<String> {
+    if let Ok(ip) = host.parse::<IpAddr>() {
+        return Ok(ip.to_string());
+    }
+    let addrs: Vec<SocketAddr> = tokio::net::lookup_host((host, port))
+        .await
+        .with_context(|| format!("cannot resolve the advertise address {host:?}"))?
+        .collect();
+    addrs
+        .iter()
+        .find(|a| a.is_ipv4())
+        .or_else(|| addrs.first())
+        .map(|a| a.ip().to_string())
+        .ok_or_else(|| anyhow::anyhow!("the advertise address {host:?} resolves to nothing"))
+}
+
 /// `$HOSTNAME`, else `/etc/hostname` (Docker provides both).
 fn host_name() -> Option<String> {
     let from_env = std::env::var("HOSTNAME").ok();
@@ -242,7 +262,7 @@ pub async fn run_with_listeners(
     config.validate().map_err(anyhow::Error::msg)?;
     let local = listeners.app.local_addr().context("app listener address")?;
     let instance_id = config.effective_instance_id(local.port());
-    let address = config.effective_advertise_address(local);
+    let address = resolve(&config.effective_advertise_address(local), local.port()).await?;
 
     let health = Health::new();
     let registry_metrics = Metrics::new();

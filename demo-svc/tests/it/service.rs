@@ -344,3 +344,10 @@ fn bad_configuration_is_refused_with_a_clear_message() {
     assert_eq!(c.effective_advertise_address(c.listen), "127.0.0.1");
     assert_eq!(parse(&["--instance-id", "x"]).expect("parses").effective_instance_id(1), "x");
 }
+
+#[tokio::test]
+async fn a_host_name_is_registered_as_its_ip_address() {
+    // lb-gateway routes to IP addresses only.
+    assert_eq!(demo_svc::resolve("10.1.2.3", 80).await.expect("an IP"), "10.1.2.3");
+    assert_eq!(demo_svc::resolve("localhost", 80).await.expect("localhost"), "127.0.0.1");
+}
