@@ -591,6 +591,46 @@ mod tests {
     }
 
     #[test]
+    fn user_and_role_counts_are_limited() {
+        let mut a = AuthState::default();
+        for i in 0..MAX_USERS {
+            a.apply(&user(&format!("u{i}"))).expect("under the limit");
+        }
+        let e = a.apply(&user("one-more")).expect_err("over the limit");
+        assert_eq!(e.to_string(), "etcdserver: too many users (limit 1000)");
+        assert_eq!(e.code(), tonic::Code::FailedPrecondition);
+        for i in 0..MAX_ROLES {
+            a.apply(&AuthCmd::RoleAdd {
+                name: format!("r{i}"),
+            })
+            .expect("under the limit");
+        }
+        let e = a
+            .apply(&AuthCmd::RoleAdd {
+                name: "one-more".into(),
+            })
+            .expect_err("over the limit");
+        assert_eq!(e.to_string(), "etcdserver: too many roles (limit 1000)");
+        for i in 0..MAX_ROLES_PER_USER {
+            a.apply(&AuthCmd::UserGrantRole {
+                user: "u0".into(),
+                role: format!("r{i}"),
+            })
+            .expect("under the limit");
+        }
+        let e = a
+            .apply(&AuthCmd::UserGrantRole {
+                user: "u0".into(),
+                role: "r999".into(),
+            })
+            .expect_err("over the limit");
+        assert!(
+            e.to_string().contains("too many roles granted to user u0"),
+            "{e}"
+        );
+    }
+
+    #[test]
     fn state_round_trips_through_the_backend() {
         let backend: Arc<dyn Backend> = Arc::new(crate::mvcc::MemBackend::default());
         let mut a = AuthState::default();

@@ -277,6 +277,51 @@ mod tests {
         assert!(c.verify(&[1; 32], "not-a-token").is_err());
     }
 
+    /// A throwaway Ed25519 key pair for this test only.
+    const ED_PRIV: &str = "-----BEGIN PRIVATE KEY-----\nMC4CAQAwBQYDK2VwBCIEIGNbLmh/U37CeW74BryHkjv//x9otQuwd3F92gUIX+Bs\n-----END PRIVATE KEY-----\n";
+    const ED_PUB: &str = "-----BEGIN PUBLIC KEY-----\nMCowBQYDK2VwAyEArnqzxKed0FwACB1/1GXU4/caN/ZaGWtO57lY1Oa/xZI=\n-----END PUBLIC KEY-----\n";
+
+    #[test]
+    fn eddsa_tokens_from_pem_files_and_verify_only_members() {
+        let dir = tempfile::tempdir().expect("dir");
+        let (privk, pubk) = (dir.path().join("ed.key"), dir.path().join("ed.pub"));
+        std::fs::write(&privk, ED_PRIV).expect("priv");
+        std::fs::write(&pubk, ED_PUB).expect("pub");
+        let full = TokenConfig::parse(
+            &format!(
+                "jwt,pub-key={},priv-key={},sign-method=EdDSA",
+                pubk.display(),
+                privk.display()
+            ),
+            DEFAULT_TTL,
+        )
+        .expect("parse");
+        let t = full.issue(&[], "carol", 3).expect("issue");
+        assert_eq!(full.verify(&[], &t).expect("verify").username, "carol");
+        // A member with the public key only checks tokens but cannot issue them.
+        let verify_only = TokenConfig::parse(
+            &format!("jwt,pub-key={},sign-method=EdDSA", pubk.display()),
+            DEFAULT_TTL,
+        )
+        .expect("parse");
+        assert_eq!(verify_only.verify(&[], &t).expect("verify").revision, 3);
+        assert!(verify_only.issue(&[], "carol", 3).is_err());
+        // A simple (HS256) token is not accepted by an EdDSA member, and vice versa.
+        let simple = TokenConfig::default()
+            .issue(&[1; 32], "carol", 3)
+            .expect("issue");
+        assert!(verify_only.verify(&[], &simple).is_err());
+        assert!(TokenConfig::default().verify(&[1; 32], &t).is_err());
+        // A public key given as the wrong kind is refused at start.
+        let e = TokenConfig::parse(
+            &format!("jwt,pub-key={},sign-method=RS256", pubk.display()),
+            DEFAULT_TTL,
+        )
+        .err()
+        .expect("wrong key kind");
+        assert!(e.contains("bad JWT public key"), "{e}");
+    }
+
     #[test]
     fn jwt_specs_are_parsed_and_checked() {
         let dir = tempfile::tempdir().expect("dir");

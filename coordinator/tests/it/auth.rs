@@ -251,6 +251,7 @@ enum Op {
     LeaseTtlKeys,
     LeaseTtlKeysOutside,
     LeaseList,
+    LeaseKeepAlive,
     MemberList,
     MemberAdd,
     MemberRemove,
@@ -390,6 +391,7 @@ const MATRIX: &[(Op, &str, [bool; 4])] = &[
         [false, false, false, true],
     ),
     (LeaseList, "LeaseLeases", [false, true, true, true]),
+    (LeaseKeepAlive, "LeaseKeepAlive", [false, true, true, true]),
     (MemberList, "MemberList", [true, true, true, true]),
     (MemberAdd, "MemberAdd", [false, false, false, true]),
     (MemberRemove, "MemberRemove", [false, false, false, true]),
@@ -723,6 +725,17 @@ impl Env {
                 .lease_leases(with(LeaseLeasesRequest {}, tok))
                 .await
                 .map(drop),
+            LeaseKeepAlive => {
+                let req = LeaseKeepAliveRequest { id: self.lease_in };
+                let mut s = c
+                    .lease
+                    .lease_keep_alive(with(tokio_stream::iter(vec![req]), tok))
+                    .await?
+                    .into_inner();
+                let r = s.next().await.expect("an answer")?;
+                assert!(r.ttl > 0, "{r:?}");
+                Ok(())
+            }
             MemberList => c
                 .cluster
                 .member_list(with(MemberListRequest::default(), tok))
