@@ -3,11 +3,14 @@
 #   etcd-client       etcdctl 3.4, driven by the compatibility tests
 #   etcd-server       etcd 3.4, the peer the benchmarks compare against
 #   protobuf-compiler protoc, needed to build the etcd-client crate (a dev-dependency)
+#   libprotobuf-dev   the .proto files of protobuf's well-known types, which that build imports
 set -euo pipefail
 need=()
 command -v etcdctl >/dev/null || need+=(etcd-client)
 command -v etcd >/dev/null || need+=(etcd-server)
 command -v protoc >/dev/null || need+=(protobuf-compiler)
+# protoc's well-known types (google/protobuf/*.proto), which the etcd-client crate's build imports.
+[ -f /usr/include/google/protobuf/descriptor.proto ] || need+=(libprotobuf-dev)
 if [ ${#need[@]} -eq 0 ]; then
   exit 0
 fi
