@@ -1,11 +1,17 @@
 #!/usr/bin/env bash
 # Runs every test of the workspace: unit tests, the in-process and process-level integration
-# tests, and the etcdctl suite. Installs what the tests need from Debian's packages first
-# (etcdctl 3.4, etcd 3.4, protoc) if any of it is missing.
+# tests, the etcdctl suite, and the fault tests across containers (fault-tests). Installs what
+# the tests need from Debian's packages first (etcdctl 3.4, etcd 3.4, protoc) if any of it is
+# missing, and builds the images the fault tests run (scripts/build-images.sh) when a Docker
+# engine answers. FAULT_TESTS=skip skips the fault tests (they say so).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 bash scripts/install-deps.sh
+
+if [[ ${FAULT_TESTS:-} != skip ]] && command -v docker >/dev/null && docker info >/dev/null 2>&1; then
+  bash scripts/build-images.sh
+fi
 
 export ETCDCTL_API=3
 # Two cores: keep test binaries from fighting over them more than necessary.

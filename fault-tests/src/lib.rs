@@ -1,0 +1,1 @@
+//! Fault tests across real containers; everything is in `tests/it` (see its module docs).

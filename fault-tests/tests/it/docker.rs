@@ -1,0 +1,372 @@
+//! A compose project of its own, driven through the Docker CLI, and always removed.
+//!
+//! [`Project::up`] copies `compose/docker-compose.yml` (and the gateway's routes file) into
+//! `target/fault-tests/<project>/` with two changes: every published port becomes an ephemeral
+//! one on 127.0.0.1 (`"127.0.0.1::2379"`; [`Project::port`] asks Docker which), so the test never
+//! clashes with a stack a developer has up or with another run; and `restart: "no"`, so that a
+//! container the test kills stays down until the test starts it. The project name is unique
+//! (`faults-<pid>-<unix time>`). Dropping the [`Project`], also while a failed assertion
+//! unwinds, runs `compose down -v --remove-orphans` (containers, network, volumes) and removes
+//! the folder.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+/// The images the stack runs (built by `scripts/build-images.sh`).
+pub const IMAGES: [&str; 5] = [
+    "platform/coordinator:dev",
+    "platform/registry-svc:dev",
+    "platform/config-svc:dev",
+    "platform/lb-gateway:dev",
+    "platform/demo-svc:dev",
+];
+
+/// The repository's root.
+pub fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("the crate sits in the workspace")
+        .to_path_buf()
+}
+
+/// Runs `program args`; its output, or a panic naming the command if it cannot start.
+fn run(program: &str, args: &[&str]) -> Output {
+    Command::new(program)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {program} {}: {e}", args.join(" ")))
+}
+
+/// Runs a command that must succeed; its stdout.
+fn run_ok(program: &str, args: &[&str]) -> String {
+    let out = run(program, args);
+    assert!(
+        out.status.success(),
+        "{program} {} failed ({}): {}{}",
+        args.join(" "),
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// `docker ARGS`, which must succeed.
+pub fn docker(args: &[&str]) -> String {
+    run_ok("docker", args)
+}
+
+/// Whether a Docker engine answers.
+pub fn engine_available() -> bool {
+    Command::new("docker")
+        .args(["info", "--format", "{{.ServerVersion}}"])
+        .output()
+        .is_ok_and(|o| o.status.success())
+}
+
+/// `docker compose` (v2) if present, else `docker-compose` (v1).
+fn compose_program() -> (String, Vec<String>) {
+    let v2 = Command::new("docker")
+        .args(["compose", "version"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if v2 {
+        ("docker".into(), vec!["compose".into()])
+    } else {
+        ("docker-compose".into(), Vec::new())
+    }
+}
+
+/// Builds the images with `scripts/build-images.sh` unless all of them exist.
+pub fn ensure_images() {
+    let missing: Vec<&str> = IMAGES
+        .iter()
+        .copied()
+        .filter(|image| !run("docker", &["image", "inspect", image]).status.success())
+        .collect();
+    if missing.is_empty() {
+        return;
+    }
+    eprintln!("images missing ({}): running scripts/build-images.sh", missing.join(", "));
+    let status = Command::new("bash")
+        .arg(repo_root().join("scripts/build-images.sh"))
+        .status()
+        .expect("run scripts/build-images.sh");
+    assert!(status.success(), "scripts/build-images.sh failed: {status}");
+}
+
+/// The compose file made for one project: ephemeral host ports, no restarts.
+pub fn test_compose_file(original: &str) -> String {
+    let mut out = String::with_capacity(original.len());
+    let mut rewritten_ports = 0;
+    for line in original.lines() {
+        let trimmed = line.trim_start();
+        let indent = &line[..line.len() - trimmed.len()];
+        if let Some(rest) = trimmed.strip_prefix("- \"127.0.0.1:") {
+            // - "127.0.0.1:2379:2379"  ->  - "127.0.0.1::2379"
+            if let Some((_host_port, container)) = rest.split_once(':') {
+                out.push_str(&format!("{indent}- \"127.0.0.1::{container}\n"));
+                rewritten_ports += 1;
+                continue;
+            }
+        }
+        if trimmed == "restart: unless-stopped" {
+            out.push_str(&format!("{indent}restart: \"no\"\n"));
+            continue;
+        }
+        out.push_str(line);
+        out.push('\n');
+    }
+    assert!(
+        rewritten_ports > 0,
+        "no published port found to rewrite in the compose file"
+    );
+    out
+}
+
+/// One compose project; removed with everything it created when dropped.
+pub struct Project {
+    /// The project name.
+    pub name: String,
+    dir: PathBuf,
+    program: (String, Vec<String>),
+}
+
+impl Project {
+    /// Writes the project's compose file; starts nothing yet.
+    pub fn new() -> Project {
+        let unix = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
+        let name = format!("faults-{}-{unix}", std::process::id());
+        let root = repo_root();
+        let target = std::env::var_os("CARGO_TARGET_DIR")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| root.join("target"));
+        let dir = target.join("fault-tests").join(&name);
+        std::fs::create_dir_all(&dir).expect("create the project folder");
+        let original = std::fs::read_to_string(root.join("compose/docker-compose.yml"))
+            .expect("read compose/docker-compose.yml");
+        std::fs::write(dir.join("docker-compose.yml"), test_compose_file(&original))
+            .expect("write the project's compose file");
+        std::fs::copy(
+            root.join("compose/gateway-routes.toml"),
+            dir.join("gateway-routes.toml"),
+        )
+        .expect("copy the gateway's routes file");
+        Project {
+            name,
+            dir,
+            program: compose_program(),
+        }
+    }
+
+    fn compose(&self, args: &[&str]) -> Output {
+        let file = self.dir.join("docker-compose.yml");
+        let file = file.to_str().expect("a UTF-8 path");
+        let mut all: Vec<&str> = self.program.1.iter().map(String::as_str).collect();
+        all.extend(["-p", &self.name, "-f", file]);
+        all.extend_from_slice(args);
+        run(&self.program.0, &all)
+    }
+
+    fn compose_ok(&self, args: &[&str]) -> String {
+        let out = self.compose(args);
+        assert!(
+            out.status.success(),
+            "compose {} failed: {}{}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// The services of the compose file.
+    pub fn services(&self) -> Vec<String> {
+        self.compose_ok(&["config", "--services"])
+            .lines()
+            .map(str::to_owned)
+            .filter(|s| !s.is_empty())
+            .collect()
+    }
+
+    /// `compose up -d`, then waits until every container is healthy; how long that took from
+    /// the `up`. Panics naming the unhealthy ones after `timeout`.
+    pub fn up(&self, timeout: Duration) -> Duration {
+        let started = Instant::now();
+        self.compose_ok(&["up", "-d"]);
+        let services = self.services();
+        loop {
+            let unhealthy: Vec<String> = services
+                .iter()
+                .filter(|s| self.health(s) != "healthy")
+                .cloned()
+                .collect();
+            if unhealthy.is_empty() {
+                return started.elapsed();
+            }
+            if started.elapsed() > timeout {
+                let logs = self.compose(&["logs", "--tail", "15"]);
+                panic!(
+                    "not healthy {timeout:?} after `up`: {unhealthy:?}\n{}",
+                    String::from_utf8_lossy(&logs.stdout)
+                );
+            }
+            std::thread::sleep(Duration::from_millis(500));
+        }
+    }
+
+    /// The container id of `service`.
+    pub fn container(&self, service: &str) -> String {
+        let id = self.compose_ok(&["ps", "-q", service]).trim().to_string();
+        assert!(!id.is_empty(), "no container for {service}");
+        id
+    }
+
+    /// The health status Docker reports for `service` (`healthy`, `starting`, `unhealthy`,
+    /// or the container state when it has none).
+    pub fn health(&self, service: &str) -> String {
+        let out = self.compose(&["ps", "-q", service]);
+        let id = String::from_utf8_lossy(&out.stdout).trim().to_string();
+        if id.is_empty() {
+            return "absent".into();
+        }
+        let out = run(
+            "docker",
+            &[
+                "inspect",
+                "--format",
+                "{{if .State.Health}}{{.State.Health.Status}}{{else}}{{.State.Status}}{{end}}",
+                &id,
+            ],
+        );
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    }
+
+    /// The host address Docker published `service`'s `port` on.
+    pub fn port(&self, service: &str, port: u16) -> std::net::SocketAddr {
+        let out = docker(&["port", &self.container(service), &format!("{port}/tcp")]);
+        let line = out
+            .lines()
+            .find(|l| l.starts_with("127.0.0.1:"))
+            .unwrap_or_else(|| panic!("{service}:{port} is not published on 127.0.0.1: {out:?}"));
+        line.trim().parse().unwrap_or_else(|e| panic!("docker port said {line:?}: {e}"))
+    }
+
+    /// `service`'s IP address on the project's network (what it registers).
+    pub fn ip(&self, service: &str) -> String {
+        let format = format!(
+            "{{{{(index .NetworkSettings.Networks \"{}\").IPAddress}}}}",
+            self.network()
+        );
+        docker(&["inspect", "--format", &format, &self.container(service)])
+            .trim()
+            .to_string()
+    }
+
+    /// The project's network.
+    pub fn network(&self) -> String {
+        format!("{}_default", self.name)
+    }
+
+    /// `docker network disconnect` of `service`.
+    pub fn disconnect(&self, service: &str) {
+        docker(&["network", "disconnect", &self.network(), &self.container(service)]);
+    }
+
+    /// `docker network connect` of `service`, under its service name again (peers reach it by
+    /// that name).
+    pub fn connect(&self, service: &str) {
+        docker(&[
+            "network",
+            "connect",
+            "--alias",
+            service,
+            &self.network(),
+            &self.container(service),
+        ]);
+    }
+
+    /// `docker kill` (SIGKILL) of `services`, in one command.
+    pub fn kill(&self, services: &[&str]) {
+        let ids: Vec<String> = services.iter().map(|s| self.container(s)).collect();
+        let mut args = vec!["kill", "--signal", "KILL"];
+        args.extend(ids.iter().map(String::as_str));
+        docker(&args);
+    }
+
+    /// `docker start` of `services`, in one command.
+    pub fn start(&self, services: &[&str]) {
+        let ids: Vec<String> = services.iter().map(|s| self.container(s)).collect();
+        let mut args = vec!["start"];
+        args.extend(ids.iter().map(String::as_str));
+        docker(&args);
+    }
+
+    /// `docker pause` of `service`.
+    pub fn pause(&self, service: &str) {
+        docker(&["pause", &self.container(service)]);
+    }
+
+    /// `docker unpause` of `service`.
+    pub fn unpause(&self, service: &str) {
+        docker(&["unpause", &self.container(service)]);
+    }
+
+    /// The last lines of `service`'s log.
+    pub fn logs(&self, service: &str, lines: u32) -> String {
+        let out = self.compose(&["logs", "--no-color", "--tail", &lines.to_string(), service]);
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+}
+
+impl Drop for Project {
+    fn drop(&mut self) {
+        // Unpause anything a failed test left paused: `down` cannot stop a paused container.
+        let out = run(
+            "docker",
+            &[
+                "ps",
+                "-q",
+                "--filter",
+                &format!("label=com.docker.compose.project={}", self.name),
+                "--filter",
+                "status=paused",
+            ],
+        );
+        for id in String::from_utf8_lossy(&out.stdout).split_whitespace() {
+            let _ = run("docker", &["unpause", id]);
+        }
+        let out = self.compose(&["down", "-v", "--remove-orphans", "-t", "3"]);
+        if !out.status.success() {
+            eprintln!(
+                "compose down of {} failed: {}",
+                self.name,
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+#[test]
+fn the_test_compose_file_publishes_ephemeral_ports_on_loopback_and_never_restarts() {
+    let original = std::fs::read_to_string(repo_root().join("compose/docker-compose.yml"))
+        .expect("read compose/docker-compose.yml");
+    let made = test_compose_file(&original);
+    assert!(made.contains("- \"127.0.0.1::2379\""), "{made}");
+    assert!(made.contains("- \"127.0.0.1::8080\""), "{made}");
+    assert!(!made.contains("127.0.0.1:2379:"), "a fixed port left");
+    assert!(!made.contains("unless-stopped"));
+    // Every published port of the original is on 127.0.0.1.
+    for line in original.lines().filter(|l| l.trim_start().starts_with("- \"")) {
+        let l = line.trim();
+        if l.contains(":/") || l.ends_with(":ro") || l.contains("-data:") {
+            continue; // a volume
+        }
+        assert!(l.starts_with("- \"127.0.0.1:"), "published beyond loopback: {l}");
+    }
+}
