@@ -63,6 +63,8 @@ struct RunReport {
     acknowledged: usize,
     unknown: usize,
     terms: u64,
+    /// Distinct leader ids seen.
+    leaders: usize,
     crashes: usize,
     simulated: Duration,
     fingerprint: u64,
@@ -280,6 +282,7 @@ fn run(seed: u64) -> RunReport {
         }
     }
     let terms = sh.obs.lock().terms.values().copied().max().unwrap_or(0);
+    let leaders = sh.obs.lock().leaders.len();
     RunReport {
         seed,
         members,
@@ -295,6 +298,7 @@ fn run(seed: u64) -> RunReport {
             .filter(|o| o.outcome == Outcome::Unknown)
             .count(),
         terms,
+        leaders,
         crashes: d.crashes,
         simulated: d.sim.elapsed(),
         fingerprint: h.finish(),
@@ -480,11 +484,14 @@ fn simulated_clusters_keep_raft_and_client_invariants() {
     let crashes: usize = reports.iter().map(|r| r.crashes).sum();
     let five = reports.iter().filter(|r| r.members == 5).count();
     let max_term = reports.iter().map(|r| r.terms).max().unwrap_or(0);
+    let leaders: usize = reports.iter().map(|r| r.leaders).sum();
+    let changed = reports.iter().filter(|r| r.leaders > 1).count();
     let simulated: Duration = reports.iter().map(|r| r.simulated).sum();
     println!(
         "simulation: {} seeds ({} with 5 members), {ops} operations ({acked} acknowledged, \
-         {unknown} unknown), {crashes} crashes, highest term {max_term}, {:.0} s simulated \
-         in {:.1} s on {workers} threads; failed seeds: {failed:?}",
+         {unknown} unknown), {crashes} crashes, {leaders} leader ids ({changed} seeds with a \
+         leader change), highest term {max_term}, {:.0} s simulated in {:.1} s on {workers} \
+         threads; failed seeds: {failed:?}",
         reports.len(),
         five,
         simulated.as_secs_f64(),
@@ -495,13 +502,19 @@ fn simulated_clusters_keep_raft_and_client_invariants() {
 
 #[test]
 fn a_seed_replays_exactly() {
-    let seed = env_u64("SIM_SEED").unwrap_or(7);
-    let a = run(seed);
-    let b = run(seed);
-    assert_eq!(a.trace, b.trace, "the fault trace differs between two runs of seed {seed}");
-    assert_eq!(
-        a.fingerprint, b.fingerprint,
-        "seed {seed} ran differently twice (history or logs differ)"
-    );
-    assert!(a.operations > 0);
+    // Seeds with crashes, restarts and leader changes (and the SIM_SEED being replayed).
+    let seeds = match env_u64("SIM_SEED") {
+        Some(s) => vec![s],
+        None => vec![7, 9, 131],
+    };
+    for seed in seeds {
+        let a = run(seed);
+        let b = run(seed);
+        assert_eq!(a.trace, b.trace, "the fault trace differs between two runs of seed {seed}");
+        assert_eq!(
+            a.fingerprint, b.fingerprint,
+            "seed {seed} ran differently twice (history or logs differ)"
+        );
+        assert!(a.operations > 0);
+    }
 }
