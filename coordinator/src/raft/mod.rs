@@ -963,6 +963,11 @@ fn is_connect_error(s: &Status) -> bool {
     if s.code() != tonic::Code::Unavailable {
         return false;
     }
+    // tonic reports an HTTP/2 failure of an established connection as "h2 protocol error:
+    // ...", often with "connection" in it: the request may have reached the leader.
+    if s.message().starts_with("h2 protocol error") {
+        return false;
+    }
     let mut text = s.message().to_string();
     let mut src = s.source();
     while let Some(e) = src {

@@ -29,6 +29,9 @@
 //! (`checker/tests/it`: injected stale reads, lost writes and revisions going back are
 //! flagged); the Raft checks' own tests are in [`invariants`].
 
+// `tokio_unstable` is tokio's cfg: set, turmoil seeds each host's tokio runtime from the seed.
+#![allow(unexpected_cfgs)]
+
 mod backend;
 mod cluster;
 mod invariants;
@@ -418,7 +421,9 @@ fn print_failure(r: &RunReport) {
         eprintln!("    {t}");
     }
     eprintln!(
-        "  replay: SIM_SEED={} cargo test -p coordinator --test sim -- --nocapture",
+        "  replay: SIM_SEED={0} SIM_VERBOSE=1 cargo test -p coordinator --test sim -- --nocapture\n  \
+         exactly (tokio's select! order seeded too): SIM_SEED={0} RUSTFLAGS=\"--cfg tokio_unstable\" \
+         cargo test -p coordinator --test sim --target-dir target/sim-exact -- --nocapture",
         r.seed
     );
 }
@@ -501,6 +506,12 @@ fn simulated_clusters_keep_raft_and_client_invariants() {
 }
 
 #[test]
+#[cfg_attr(
+    not(tokio_unstable),
+    ignore = "exact replay needs tokio's own randomness (the branch order of select!) seeded, \
+              which tokio and turmoil do only under --cfg tokio_unstable: run with \
+              RUSTFLAGS=\"--cfg tokio_unstable\" and its own --target-dir"
+)]
 fn a_seed_replays_exactly() {
     // Seeds with crashes, restarts and leader changes (and the SIM_SEED being replayed).
     let seeds = match env_u64("SIM_SEED") {
