@@ -279,12 +279,15 @@ impl RaftMember {
                 restored_leader: Mutex::new(None),
             }),
         };
-        let restored = {
-            let m = member.inner.raft.metrics();
-            let m = m.borrow();
-            (m.state == ServerState::Leader && m.current_leader == Some(member.inner.id))
-                .then_some(m.vote.leader_id)
-        };
+        // Asked of openraft's core (not its metrics, which it publishes later): a member that
+        // restarted as leader is one from its first moment.
+        let restored = member
+            .inner
+            .raft
+            .with_raft_state(|st| {
+                (st.server_state == ServerState::Leader).then_some(st.vote_ref().leader_id)
+            })
+            .await?;
         if let Some(leader_id) = restored {
             *member.inner.restored_leader.lock() = Some(leader_id);
             tokio::spawn(member.clone().confirm_restored_leadership(leader_id));
