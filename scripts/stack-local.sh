@@ -130,7 +130,7 @@ start lb-gateway lb-gateway LB_GATEWAY_LISTEN=127.0.0.1:8080 LB_GATEWAY_ADMIN_LI
 for i in 1 2 3; do
   start "demo-$i" demo-svc DEMO_INSTANCE_ID="demo-$i" DEMO_LISTEN="127.0.0.1:$((8500 + i))" \
     DEMO_ADMIN_LISTEN="127.0.0.1:$((9140 + i))" DEMO_REGISTRY_ENDPOINTS="$REGS" \
-    DEMO_CONFIG_ENDPOINTS="$CFGS" DEMO_TTL=6s
+    DEMO_CONFIG_ENDPOINTS="$CFGS" DEMO_TTL=10s
 done
 wait_ok lb-gateway /healthz 9103
 for i in 1 2 3; do wait_ok "demo-$i" /readyz $((9140 + i)); done

@@ -298,6 +298,20 @@ impl Project {
         docker(&args);
     }
 
+    /// How long ago `service`'s container stopped, from Docker's own record
+    /// (`.State.FinishedAt`), to time a kill from the moment the process died rather than from
+    /// when the CLI returned. `None` if it cannot tell.
+    pub fn died_ago(&self, service: &str) -> Option<Duration> {
+        let out = run(
+            "docker",
+            &["inspect", "--format", "{{.State.FinishedAt}}", &self.container(service)],
+        );
+        let finished = seconds_of_day(String::from_utf8_lossy(&out.stdout).trim())?;
+        let now = SystemTime::now().duration_since(UNIX_EPOCH).ok()?.as_secs_f64() % 86_400.0;
+        let ago = (now - finished).rem_euclid(86_400.0);
+        (ago < 60.0).then(|| Duration::from_secs_f64(ago))
+    }
+
     /// `docker start` of `services`, in one command.
     pub fn start(&self, services: &[&str]) {
         let ids: Vec<String> = services.iter().map(|s| self.container(s)).collect();
@@ -350,6 +364,24 @@ impl Drop for Project {
         }
         let _ = std::fs::remove_dir_all(&self.dir);
     }
+}
+
+/// Seconds since midnight UTC of an RFC 3339 time such as `2026-11-25T21:55:17.761234567Z`.
+pub fn seconds_of_day(rfc3339: &str) -> Option<f64> {
+    let time = rfc3339.split_once('T')?.1.strip_suffix('Z')?;
+    let mut parts = time.split(':');
+    let h: f64 = parts.next()?.parse().ok()?;
+    let m: f64 = parts.next()?.parse().ok()?;
+    let s: f64 = parts.next()?.parse().ok()?;
+    Some(h * 3600.0 + m * 60.0 + s)
+}
+
+#[test]
+fn rfc3339_times_of_day() {
+    assert_eq!(seconds_of_day("2026-11-25T21:55:17.5Z"), Some(78_917.5));
+    assert_eq!(seconds_of_day("2026-11-25T00:00:00Z"), Some(0.0));
+    assert_eq!(seconds_of_day("0001-01-01T00:00:00"), None, "no zone");
+    assert_eq!(seconds_of_day("garbage"), None);
 }
 
 #[test]

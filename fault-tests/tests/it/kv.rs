@@ -166,6 +166,36 @@ impl Members {
         }
     }
 
+    /// Polls the members other than `old` until one says it leads at a term above `old_term`
+    /// (a member says so only after a majority voted for it); that member and the time since
+    /// `since`. Only the others are asked, so a paused or cut-off old leader does not slow the
+    /// polling.
+    pub async fn wait_new_leader(
+        &self,
+        old: usize,
+        old_term: u64,
+        since: Instant,
+        timeout: Duration,
+    ) -> Option<(usize, Duration)> {
+        let deadline = Instant::now() + timeout;
+        let others: Vec<usize> = (0..self.len()).filter(|&i| i != old).collect();
+        loop {
+            let statuses =
+                futures::future::join_all(others.iter().map(|&i| self.status(i))).await;
+            let found = others.iter().zip(&statuses).find_map(|(&i, s)| {
+                s.filter(|s| s.leader == s.member_id && s.term > old_term)
+                    .map(|_| i)
+            });
+            if let Some(i) = found {
+                return Some((i, since.elapsed()));
+            }
+            if Instant::now() > deadline {
+                return None;
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+    }
+
     /// The member id of member `i`.
     pub fn id(&self, i: usize) -> u64 {
         self.ids[i]

@@ -45,6 +45,9 @@ const HEALTHY_BOUND: Duration = Duration::from_secs(60);
 /// health check (every 1 s, unhealthy after 2 failures) and the gateway's outlier ejection (2
 /// failed connects) both act within it.
 const EJECTION_WINDOW: Duration = Duration::from_secs(5);
+/// Bound on electing a leader after all members were killed and started again (the
+/// reliability plan's "writable within 10 s after a restart").
+const RESTART_BOUND: Duration = Duration::from_secs(10);
 /// Bound on the whole run.
 const RUN_BOUND: Duration = Duration::from_secs(12 * 60);
 
@@ -66,7 +69,7 @@ impl Scenario {
     }
 
     fn fault(&mut self, at: Instant, since: Instant, what: String) {
-        self.faults.push(format!("+{:.1}s {what}", at.duration_since(since).as_secs_f64()));
+        self.faults.push(format!("+{:.1}s ({}) {what}", at.duration_since(since).as_secs_f64(), utc(at)));
     }
 
     fn line(&mut self, l: String) {
@@ -208,11 +211,35 @@ async fn baseline(env: &Env<'_>, s: &mut Scenario) {
     s.expect(answers.len() == 1, format!("the same key lands on one instance (got {answers:?})"));
 }
 
-/// The current leader, waiting for one if needed.
-async fn leader(env: &Env<'_>, s: &mut Scenario) -> Option<usize> {
-    let found = env.members.wait_leader(None, Instant::now(), Duration::from_secs(20)).await;
-    s.expect(found.is_some(), "a leader before the fault".into());
-    found.map(|(l, _)| l)
+/// The current leader and its term, waiting for one if needed.
+async fn leader(env: &Env<'_>, s: &mut Scenario) -> Option<(usize, u64)> {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while Instant::now() < deadline {
+        if let Some(l) = env.members.leader().await {
+            if let Some(st) = env.members.status(l).await {
+                return Some((l, st.term));
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    s.problems.push("no leader before the fault (20 s)".into());
+    None
+}
+
+/// The wall-clock time of `at`, for matching the report with the containers' logs.
+fn utc(at: Instant) -> String {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default()
+        .saturating_sub(at.elapsed());
+    let secs_of_day = now.as_secs() % 86_400;
+    format!(
+        "{:02}:{:02}:{:02}.{:03}Z",
+        secs_of_day / 3600,
+        secs_of_day / 60 % 60,
+        secs_of_day % 60,
+        now.subsec_millis()
+    )
 }
 
 /// Waits until member `i` answers Status and names the cluster's leader (not itself unless it
@@ -283,6 +310,22 @@ async fn finish(env: &Env<'_>, s: &mut Scenario, began: Instant, wl: Workload, l
     s.expect(counts.lease_violations == 0, format!("{} keys outlived their revoked lease", counts.lease_violations));
     s.expect(counts.lease_cycles > 0, "lease cycles completed".into());
     s.expect(samples.len() > 100, format!("gateway traffic ran ({} requests)", samples.len()));
+    if !failed.is_empty() {
+        let gw = blocking(|| env.project.logs("lb-gateway", 400));
+        let lines: Vec<&str> = gw.lines().filter(|l| !l.contains("lb_gateway::access")).collect();
+        s.line(format!(
+            "gateway log (last lines other than access):\n        {}",
+            lines[lines.len().saturating_sub(8)..].join("\n        ")
+        ));
+        for r in ["registry-svc-1", "registry-svc-2", "demo-1"] {
+            let log = blocking(|| env.project.logs(r, 300));
+            let lines: Vec<&str> = log.lines().filter(|l| l.contains("WARN") || l.contains("ERROR") || l.contains("again")).collect();
+            s.line(format!(
+                "{r} log (last warnings):\n        {}",
+                lines[lines.len().saturating_sub(5)..].join("\n        ")
+            ));
+        }
+    }
     s.expect(
         failed.is_empty(),
         format!(
@@ -304,15 +347,17 @@ async fn finish(env: &Env<'_>, s: &mut Scenario, began: Instant, wl: Workload, l
 
 async fn leader_partition(env: &Env<'_>) -> Scenario {
     let mut s = Scenario::new("leader partition: docker network disconnect for 10 s");
-    let Some(old) = leader(env, &mut s).await else { return s };
+    let Some((old, old_term)) = leader(env, &mut s).await else { return s };
     let wl = Workload::start(&env.members, "/faults/partition/");
     let load = Load::start(env.gateway);
     let t = Instant::now();
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let t0 = Instant::now();
+    let c0 = Instant::now();
     blocking(|| env.project.disconnect(MEMBERS[old]));
-    s.fault(t0, t, format!("docker network disconnect {} (the leader)", MEMBERS[old]));
-    match env.members.wait_leader(Some(old), t0, Duration::from_secs(10)).await {
+    // Timed from the CLI's return: the member is cut off by then.
+    let t0 = Instant::now();
+    s.fault(t0, t, format!("docker network disconnect {} (the leader; the CLI took {})", MEMBERS[old], secs(t0 - c0)));
+    match env.members.wait_new_leader(old, old_term, t0, Duration::from_secs(10)).await {
         Some((new, took)) => {
             s.line(format!("recovery  new leader {} after {}", MEMBERS[new], secs(took)));
             if took > ELECTION_BOUND {
@@ -341,15 +386,21 @@ async fn leader_partition(env: &Env<'_>) -> Scenario {
 
 async fn leader_kill(env: &Env<'_>) -> Scenario {
     let mut s = Scenario::new("leader kill: docker kill (SIGKILL), then docker start");
-    let Some(old) = leader(env, &mut s).await else { return s };
+    let Some((old, old_term)) = leader(env, &mut s).await else { return s };
     let wl = Workload::start(&env.members, "/faults/kill/");
     let load = Load::start(env.gateway);
     let t = Instant::now();
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let t0 = Instant::now();
+    let c0 = Instant::now();
     blocking(|| env.project.kill(&[MEMBERS[old]]));
-    s.fault(t0, t, format!("docker kill {} (the leader)", MEMBERS[old]));
-    match env.members.wait_leader(Some(old), t0, Duration::from_secs(10)).await {
+    // Timed from the moment the process died, as Docker recorded it.
+    let returned = Instant::now();
+    let t0 = blocking(|| env.project.died_ago(MEMBERS[old]))
+        .and_then(|ago| returned.checked_sub(ago))
+        .filter(|&died| died >= c0)
+        .unwrap_or(returned);
+    s.fault(t0, t, format!("docker kill {} (the leader; died {} after the CLI started)", MEMBERS[old], secs(t0 - c0)));
+    match env.members.wait_new_leader(old, old_term, t0, Duration::from_secs(10)).await {
         Some((new, took)) => {
             s.line(format!("recovery  new leader {} after {}", MEMBERS[new], secs(took)));
             if took > ELECTION_BOUND {
@@ -395,12 +446,36 @@ async fn whole_cluster_kill(env: &Env<'_>) -> Scenario {
     for i in 0..MEMBERS.len() {
         blocking(|| env.members.refresh(env.project, i));
     }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let answering = futures::future::join_all((0..MEMBERS.len()).map(|i| env.members.status(i))).await;
+        if answering.iter().any(Option::is_some) || Instant::now() > deadline {
+            s.line(format!(
+                "recovery  {} of 3 members answer Status {} after the start",
+                answering.iter().filter(|a| a.is_some()).count(),
+                secs(t1.elapsed())
+            ));
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
     let mut back = Instant::now();
     match env.members.wait_leader(None, t1, Duration::from_secs(30)).await {
         Some((l, took)) => {
             back = Instant::now();
             s.line(format!("recovery  leader {} elected {} after the start", MEMBERS[l], secs(took)));
-            s.expect(took <= Duration::from_secs(10), format!("a leader {} after the start (bound 10 s)", secs(took)));
+            if took > RESTART_BOUND {
+                let mut p = format!("a leader {} after the start (bound {})", secs(took), secs(RESTART_BOUND));
+                for m in MEMBERS {
+                    let log = blocking(|| env.project.logs(m, 300));
+                    let lines: Vec<&str> = log
+                        .lines()
+                        .filter(|l| l.contains("coordinator ready") || l.contains("became leader") || l.contains("startup done") || l.contains("campaign"))
+                        .collect();
+                    let _ = write!(p, "\n      {m}:\n        {}", lines[lines.len().saturating_sub(4)..].join("\n        "));
+                }
+                s.problems.push(p);
+            }
         }
         None => s.problems.push("no leader within 30 s of starting the members".into()),
     }
@@ -439,15 +514,17 @@ async fn whole_cluster_kill(env: &Env<'_>) -> Scenario {
 
 async fn leader_pause(env: &Env<'_>) -> Scenario {
     let mut s = Scenario::new("leader pause: docker pause for 5 s");
-    let Some(old) = leader(env, &mut s).await else { return s };
+    let Some((old, old_term)) = leader(env, &mut s).await else { return s };
     let wl = Workload::start(&env.members, "/faults/pause/");
     let load = Load::start(env.gateway);
     let t = Instant::now();
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let t0 = Instant::now();
+    let c0 = Instant::now();
     blocking(|| env.project.pause(MEMBERS[old]));
-    s.fault(t0, t, format!("docker pause {} (the leader)", MEMBERS[old]));
-    let elected = env.members.wait_leader(Some(old), t0, Duration::from_secs(5)).await;
+    // Timed from the CLI's return: the member is frozen by then.
+    let t0 = Instant::now();
+    s.fault(t0, t, format!("docker pause {} (the leader; the CLI took {})", MEMBERS[old], secs(t0 - c0)));
+    let elected = env.members.wait_new_leader(old, old_term, t0, Duration::from_secs(5)).await;
     tokio::time::sleep((t0 + Duration::from_secs(5)).saturating_duration_since(Instant::now())).await;
     let t1 = Instant::now();
     blocking(|| env.project.unpause(MEMBERS[old]));
