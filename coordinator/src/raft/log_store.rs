@@ -103,6 +103,9 @@ struct MemDiskInner {
     votes: Vec<Vote<NodeId>>,
     rng: StdRng,
     max_fsync: Duration,
+    /// Fault injection for the simulation's own tests: appends are acknowledged but never
+    /// reach the disk (an fsync that lies), so a crash forgets the log.
+    lying: bool,
 }
 
 impl MemDisk {
@@ -115,8 +118,17 @@ impl MemDisk {
                 votes: Vec::new(),
                 rng: StdRng::seed_from_u64(seed),
                 max_fsync,
+                lying: false,
             })),
         }
+    }
+
+    /// A disk whose fsync lies: appends are acknowledged and never kept (to show that the
+    /// simulation's checks catch a member that forgets acknowledged entries).
+    pub fn lying(seed: u64, max_fsync: Duration) -> MemDisk {
+        let d = MemDisk::new(seed, max_fsync);
+        d.inner.lock().lying = true;
+        d
     }
 
     /// Every vote ever made durable, in order (to check that no term gets two votes).
@@ -199,6 +211,9 @@ impl Sink for Wal {
 impl Sink for MemDisk {
     fn append(&mut self, batch: &[wal::Entry]) -> std::io::Result<()> {
         let mut d = self.inner.lock();
+        if d.lying {
+            return Ok(());
+        }
         for e in batch {
             // A record rewrites whatever was at its index and after it (the WAL truncates too).
             let _ = d.entries.split_off(&e.index);

@@ -105,11 +105,15 @@ pub struct Shared {
 }
 
 impl Shared {
-    /// Fresh disks for every member.
-    pub fn new(seed: u64, shape: Shape) -> Arc<Shared> {
+    /// Fresh disks for every member; with `lying`, log disks whose fsync lies.
+    pub fn new(seed: u64, shape: Shape, lying: bool) -> Arc<Shared> {
         let disks = (0..shape.members)
             .map(|i| Disks {
-                log: MemDisk::new(mix(seed, 100 + i as u64), Duration::from_millis(3)),
+                log: if lying {
+                    MemDisk::lying(mix(seed, 100 + i as u64), Duration::from_millis(3))
+                } else {
+                    MemDisk::new(mix(seed, 100 + i as u64), Duration::from_millis(3))
+                },
                 kv: KvDisk::new(mix(seed, 200 + i as u64), 0.3),
                 starts: AtomicU64::new(0),
             })
