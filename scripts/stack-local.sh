@@ -58,13 +58,17 @@ stop_all() {
   done
   echo "==> stopped (data kept in $DIR; --fresh starts empty)"
 }
-trap stop_all INT TERM EXIT
+trap 'stop_all; exit 0' INT TERM
+trap stop_all EXIT
+
+SETSID=$(command -v setsid || true)
 
 # start NAME BINARY [ENV=VALUE...]: runs BINARY with the environment given, logging to a file.
 start() {
   local name=$1 bin=$2
   shift 2
-  env LOG_FORMAT=text RUST_LOG="${RUST_LOG:-info}" "$@" "$BIN/$bin" >"$DIR/logs/$name.log" 2>&1 &
+  # Its own session: Ctrl-C reaches only this script, which stops the processes in order.
+  $SETSID env LOG_FORMAT=text RUST_LOG="${RUST_LOG:-info}" "$@" "$BIN/$bin" >"$DIR/logs/$name.log" 2>&1 &
   PIDS+=($!)
   NAMES+=("$name")
   echo "    $name: pid $!"

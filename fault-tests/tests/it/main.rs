@@ -209,6 +209,28 @@ async fn baseline(env: &Env<'_>, s: &mut Scenario) {
     }
     s.line(format!("GET /users/alice x10 answered by {answers:?}"));
     s.expect(answers.len() == 1, format!("the same key lands on one instance (got {answers:?})"));
+
+    // gRPC through the gateway: demo.v1.Demo/Hello, routed by the x-key header.
+    let mut grpc_answers = std::collections::BTreeSet::new();
+    match demo_svc::pb_demo::demo_client::DemoClient::connect(format!("http://{}", env.gateway)).await {
+        Ok(mut client) => {
+            for _ in 0..5 {
+                let mut req = tonic::Request::new(demo_svc::pb_demo::HelloRequest { key: "alice".into() });
+                req.metadata_mut().insert("x-key", tonic::metadata::MetadataValue::from_static("alice"));
+                match client.hello(req).await {
+                    Ok(r) => {
+                        let r = r.into_inner();
+                        s.expect(r.key == "alice", format!("Hello echoes the key: {r:?}"));
+                        grpc_answers.insert(r.instance_id);
+                    }
+                    Err(e) => s.problems.push(format!("gRPC Hello through the gateway: {e}")),
+                }
+            }
+        }
+        Err(e) => s.problems.push(format!("gRPC connect to the gateway: {e}")),
+    }
+    s.line(format!("gRPC demo.v1.Demo/Hello (x-key: alice) x5 answered by {grpc_answers:?}"));
+    s.expect(grpc_answers.len() == 1, format!("one instance answers a gRPC key (got {grpc_answers:?})"));
 }
 
 /// The current leader and its term, waiting for one if needed.
