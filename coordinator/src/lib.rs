@@ -14,6 +14,8 @@
 //! - [`lease`]: lease deadlines (the leader's clock).
 //! - [`auth`]: users, roles, permissions and tokens (etcd's auth), checked on every request.
 //! - [`rpc`]: thin gRPC adapters; [`error`]: the one error type and its gRPC mapping.
+//! - [`gateway`]: etcd's JSON gateway (`POST /v3/kv/range`, …) on the client port, calling
+//!   the same [`rpc`] services in process.
 //!
 //! # Guarantees
 //! - A write is acknowledged only after the log entry holding it was fsynced; after a crash
@@ -33,6 +35,7 @@ pub mod auth;
 pub mod command;
 pub mod config;
 pub mod error;
+pub mod gateway;
 pub mod lease;
 pub mod member;
 pub mod metrics;
@@ -374,7 +377,11 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         let router = tonic::transport::Server::builder()
             .tcp_nodelay(true)
             .http2_keepalive_interval(Some(Duration::from_secs(30)))
+            // HTTP/1.1 too: the JSON gateway shares the port, as in etcd; the layer sends
+            // non-gRPC requests to it.
+            .accept_http1(true)
             .layer(tower::util::MapResponseLayer::new(rpc::too_large_as_etcd))
+            .layer(gateway::GatewayLayer::new(ctx.clone()))
             .add_service(
                 KvServer::new(rpc::kv::KvService::new(ctx.clone()))
                     .max_decoding_message_size(max_msg),

@@ -13,6 +13,7 @@
 //! - [`auth`]: authentication and RBAC over gRPC: the authorisation matrix, tokens, restart,
 //!   a 3-member cluster; [`auth_etcdctl`]: the same with the real `etcdctl`.
 //! - [`cluster`]: a 3-member Raft cluster of processes under kill -9, restart and SIGSTOP.
+//! - [`json_gateway`]: etcd's JSON gateway (`POST /v3/...`) over raw HTTP/1.1 on the client port.
 //!
 //! [`harness`] holds the shared helpers.
 
@@ -25,5 +26,6 @@ mod bad_input;
 mod cluster;
 mod etcd_client;
 mod etcdctl;
+mod json_gateway;
 mod restart;
 mod watch;
