@@ -14,6 +14,8 @@
 //! - [`lease`]: lease deadlines (the leader's clock).
 //! - [`auth`]: users, roles, permissions and tokens (etcd's auth), checked on every request.
 //! - [`rpc`]: thin gRPC adapters; [`error`]: the one error type and its gRPC mapping.
+//! - [`snapshot`]: `coordinator snapshot status|restore` (etcdutl's commands) for the files
+//!   `Maintenance.Snapshot` writes.
 //! - [`gateway`]: etcd's JSON gateway (`POST /v3/kv/range`, …) on the client port, calling
 //!   the same [`rpc`] services in process.
 //!
@@ -43,6 +45,7 @@ pub mod mvcc;
 pub mod node;
 pub mod raft;
 pub mod rpc;
+pub mod snapshot;
 pub mod state;
 pub mod wal;
 pub mod watch;
