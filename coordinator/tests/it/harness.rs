@@ -760,6 +760,51 @@ impl Cluster {
         panic!("the cluster did not start after 3 attempts:\n{last_error}");
     }
 
+    /// Like [`Cluster::start_with`], but `prepare(name, data_dir, initial_cluster, peer_url,
+    /// token)` runs for each member before it is first started (e.g. to restore its data
+    /// directory from a snapshot with the cluster's own flags).
+    pub async fn start_prepared(
+        n: usize,
+        extra: &[&str],
+        mut prepare: impl FnMut(&str, &Path, &str, &str, &str),
+    ) -> Cluster {
+        let serial = CLUSTER_SERIAL.lock().await;
+        let mut serial = Some(serial);
+        let mut last_error = String::new();
+        for _attempt in 0..3 {
+            let mut cluster = Cluster {
+                dir: tempfile::tempdir().expect("temp dir"),
+                members: Vec::new(),
+                extra: extra.iter().map(|s| s.to_string()).collect(),
+                serial: serial.take(),
+            };
+            for i in 0..n {
+                cluster.new_member(&format!("n{}", i + 1));
+            }
+            let initial = cluster.initial_cluster();
+            for i in 0..n {
+                cluster.set_initial_flags(i, "new");
+                let m = &cluster.members[i];
+                prepare(&m.name, &m.data_dir, &initial, &m.peer_url(), CLUSTER_TOKEN);
+            }
+            for i in 0..n {
+                cluster.spawn(i);
+            }
+            match cluster.wait_all_serving().await {
+                Ok(()) => {
+                    cluster.wait_leader(START_TIMEOUT).await;
+                    return cluster;
+                }
+                Err(e) => {
+                    last_error = e;
+                    cluster.kill_all();
+                    serial = cluster.serial.take();
+                }
+            }
+        }
+        panic!("the cluster did not start after 3 attempts:\n{last_error}");
+    }
+
     /// Creates the record of a member (ports, directories) without starting it or giving it its
     /// `--initial-*` flags.
     fn new_member(&mut self, name: &str) -> usize {

@@ -13,6 +13,8 @@
 //! - [`auth`]: authentication and RBAC over gRPC: the authorisation matrix, tokens, restart,
 //!   a 3-member cluster; [`auth_etcdctl`]: the same with the real `etcdctl`.
 //! - [`cluster`]: a 3-member Raft cluster of processes under kill -9, restart and SIGSTOP.
+//! - [`snapshot_restore`]: `etcdctl snapshot save`, then `coordinator snapshot status|restore`
+//!   into one member and into a fresh 3-member cluster (the disaster drill); damaged files.
 //! - [`json_gateway`]: etcd's JSON gateway (`POST /v3/...`) over raw HTTP/1.1 on the client port.
 //!
 //! [`harness`] holds the shared helpers.
@@ -28,4 +30,5 @@ mod etcd_client;
 mod etcdctl;
 mod json_gateway;
 mod restart;
+mod snapshot_restore;
 mod watch;
