@@ -28,7 +28,8 @@
 //! - One member only: replication (Raft) is the next step; the `--initial-*` and peer flags are
 //!   accepted so that etcd scripts run unchanged.
 //! - Leases get a full TTL again after a restart (etcd without lease checkpoints does the same).
-//! - `Snapshot` streams our own format, not etcd's bolt file.
+//! - `Snapshot` streams our own format, not etcd's bolt file: `coordinator snapshot
+//!   status|restore` reads it, `etcdctl snapshot status|restore` cannot.
 //! - Auth (etcd's users, roles and tokens, see [`auth`]) runs without TLS for now: passwords and
 //!   tokens cross the network in clear text, so enable it only on a trusted network until TLS
 //!   (and client-certificate identities) arrive.
