@@ -311,7 +311,11 @@ async fn disaster_drill_restore_into_a_fresh_three_member_cluster() {
             let mut kv = c.kv(i % 3);
             let k = format!("drill/{:02}", i % 60);
             let v = format!("value-{i}");
-            let l = if i % 10 == 0 { leases[(i / 10) % 2].0 } else { 0 };
+            let l = if i % 10 == 0 {
+                leases[(i / 10) % 2].0
+            } else {
+                0
+            };
             let r = put(&mut kv, &k, &v, l).await;
             acked.insert(k, (v, r));
         }
@@ -396,4 +400,109 @@ async fn disaster_drill_restore_into_a_fresh_three_member_cluster() {
         )
         .await;
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn auth_state_survives_save_and_restore() {
+    use proto::etcdserverpb::auth_client::AuthClient;
+    use proto::etcdserverpb::{
+        AuthEnableRequest, AuthUserAddRequest, AuthUserGrantRoleRequest, AuthenticateRequest,
+    };
+    let server = Server::start().await;
+    let mut kv = server.kv().await;
+    put(&mut kv, "guarded", "g", 0).await;
+    let mut auth = AuthClient::new(crate::harness::channel(&server.url()).await);
+    auth.user_add(AuthUserAddRequest {
+        name: "root".into(),
+        password: "root-secret-1".into(),
+        ..Default::default()
+    })
+    .await
+    .expect("user add");
+    auth.user_grant_role(AuthUserGrantRoleRequest {
+        user: "root".into(),
+        role: "root".into(),
+    })
+    .await
+    .expect("grant root");
+    auth.auth_enable(AuthEnableRequest {})
+        .await
+        .expect("auth enable");
+    let dir = tempfile::tempdir().expect("temp dir");
+    let file = dir.path().join("auth.db");
+    // Snapshot is root's while auth is on.
+    let denied = server
+        .etcdctl()
+        .run(&[
+            "snapshot",
+            "save",
+            &dir.path().join("x.db").display().to_string(),
+        ])
+        .await;
+    assert!(
+        !denied.status.success(),
+        "an anonymous snapshot was allowed"
+    );
+    server
+        .etcdctl()
+        .ok(&[
+            "--user=root:root-secret-1",
+            "snapshot",
+            "save",
+            &file.display().to_string(),
+        ])
+        .await;
+    server.shutdown().await;
+
+    let data = dir.path().join("restored");
+    restore(
+        &file,
+        &data,
+        "default",
+        "default=http://127.0.0.1:2380",
+        "http://127.0.0.1:2380",
+        "etcd-cluster",
+    );
+    let p = Process::start(&data, dir.path()).await;
+    let ch = crate::harness::channel(&p.url()).await;
+    // Auth is still on: anonymous reads are refused.
+    let e = KvClient::new(ch.clone())
+        .range(RangeRequest {
+            key: b"guarded".to_vec(),
+            ..Default::default()
+        })
+        .await
+        .expect_err("anonymous read with auth on");
+    assert_eq!(e.message(), "etcdserver: user name is empty");
+    // The root user and its password came along.
+    let mut auth = AuthClient::new(ch.clone());
+    let bad = auth
+        .authenticate(AuthenticateRequest {
+            name: "root".into(),
+            password: "wrong-password".into(),
+        })
+        .await;
+    assert!(bad.is_err());
+    let token = auth
+        .authenticate(AuthenticateRequest {
+            name: "root".into(),
+            password: "root-secret-1".into(),
+        })
+        .await
+        .expect("root logs in on the restored member")
+        .into_inner()
+        .token;
+    let mut req = tonic::Request::new(RangeRequest {
+        key: b"guarded".to_vec(),
+        ..Default::default()
+    });
+    req.metadata_mut()
+        .insert("token", token.parse().expect("token metadata"));
+    let r = KvClient::new(ch)
+        .range(req)
+        .await
+        .expect("root reads")
+        .into_inner();
+    assert_eq!(r.kvs[0].value, b"g");
+    p.kill9();
 }
