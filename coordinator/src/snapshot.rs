@@ -99,12 +99,12 @@ fn corrupt(path: &Path, reason: impl Into<String>) -> SnapshotError {
     }
 }
 
+/// Called with each backend entry (key, value) of a snapshot.
+pub type EntryVisitor<'a> = dyn FnMut(&[u8], &[u8]) -> Result<(), SnapshotError> + 'a;
+
 /// Checks every checksum of the file at `path` and calls `entry` for each backend entry, in
 /// order. Nothing is handed to `entry` before the SHA-256 trailer was verified.
-pub fn read(
-    path: &Path,
-    entry: &mut dyn FnMut(&[u8], &[u8]) -> Result<(), SnapshotError>,
-) -> Result<SnapshotInfo, SnapshotError> {
+pub fn read(path: &Path, entry: &mut EntryVisitor<'_>) -> Result<SnapshotInfo, SnapshotError> {
     let mut f = File::open(path).map_err(io_err(path))?;
     let size = f.metadata().map_err(io_err(path))?.len();
     let mut magic = [0u8; 8];

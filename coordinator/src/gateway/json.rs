@@ -798,16 +798,16 @@ mod tests {
 
     #[test]
     fn bad_fields_are_named() {
-        let e = range_request(&json!({"key": 5})).unwrap_err();
+        let e = range_request(&json!({"key": 5})).expect_err("refused");
         assert!(e.0.contains("\"key\""), "{e}");
-        let e = range_request(&json!({"key": "!!!"})).unwrap_err();
+        let e = range_request(&json!({"key": "!!!"})).expect_err("refused");
         assert!(e.0.contains("base64"), "{e}");
-        let e = range_request(&json!({"key": "Zm9v", "sort_order": "BAD"})).unwrap_err();
+        let e = range_request(&json!({"key": "Zm9v", "sort_order": "BAD"})).expect_err("refused");
         assert_eq!(
             e.0,
             "unknown value \"BAD\" for enum etcdserverpb.RangeRequest_SortOrder"
         );
-        let e = range_request(&json!({"key": "Zm9v", "limit": "abc"})).unwrap_err();
+        let e = range_request(&json!({"key": "Zm9v", "limit": "abc"})).expect_err("refused");
         assert!(e.0.contains("\"limit\""), "{e}");
         assert!(range_request(&json!([1])).is_err());
         assert!(range_request(&json!(null)).is_ok());
