@@ -71,6 +71,7 @@ pub fn body_limit(max_request_bytes: usize) -> usize {
 
 /// The services the gateway calls, and its limits.
 struct Gateway {
+    ctx: Ctx,
     kv: KvService,
     watch: WatchService,
     lease: LeaseService,
@@ -85,6 +86,7 @@ struct Gateway {
 /// The gateway's routes, calling the services of `ctx` in process.
 pub fn router(ctx: Ctx) -> Router {
     let gw = Arc::new(Gateway {
+        ctx: ctx.clone(),
         kv: KvService::new(ctx.clone()),
         watch: WatchService::new(ctx.clone()),
         lease: LeaseService::new(ctx.clone()),
@@ -112,6 +114,10 @@ pub fn router(ctx: Ctx) -> Router {
         .route("/v3/maintenance/status", post(maintenance_status))
         .route("/v3/cluster/member/list", post(member_list))
         .route("/v3/auth/authenticate", post(authenticate))
+        // What etcd also serves on the client port; JSON clients (etcd3gw) read /version to
+        // choose their API prefix.
+        .route("/version", axum::routing::get(version))
+        .route("/health", axum::routing::get(health))
         .fallback(not_found)
         .with_state(gw)
 }
@@ -253,6 +259,30 @@ fn stream_error_line(s: &Status) -> Bytes {
         s.code() as i32,
         status.as_u16()
     ))
+}
+
+/// `GET /version`, as etcd answers it.
+async fn version(State(gw): Gw) -> Response {
+    let v = gw.ctx.version;
+    let cluster = match v.rsplit_once('.') {
+        Some((major_minor, _)) => format!("{major_minor}.0"),
+        None => v.to_string(),
+    };
+    let body = serde_json::json!({"etcdserver": v, "etcdcluster": cluster}).to_string();
+    json_response(StatusCode::OK, body)
+}
+
+/// `GET /health`: healthy while this member knows a leader (etcd's rule, without its probe
+/// read).
+async fn health(State(gw): Gw) -> Response {
+    if gw.ctx.member.leader(gw.ctx.id.member_id).is_some() {
+        json_response(StatusCode::OK, r#"{"health":"true","reason":""}"#.into())
+    } else {
+        json_response(
+            StatusCode::SERVICE_UNAVAILABLE,
+            r#"{"health":"false","reason":"RAFT NO LEADER"}"#.into(),
+        )
+    }
 }
 
 async fn not_found() -> Response {

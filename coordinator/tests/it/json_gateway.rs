@@ -510,6 +510,25 @@ async fn json_gateway_leases_status_and_member_list() {
     let t = ok(a, "/v3/lease/timetolive", &json!({"ID": 4242})).await;
     assert_eq!(t["TTL"], json!("-1"), "{t}");
 
+    // GET /version and /health, as etcd serves them (JSON clients read /version to pick their
+    // API prefix).
+    let v = request(a, "GET", "/version", &[], b"").await;
+    assert_eq!(v.status, 200, "{}", v.text());
+    let v = v.json();
+    assert!(
+        v["etcdserver"]
+            .as_str()
+            .is_some_and(|s| s.starts_with("3.")),
+        "{v}"
+    );
+    assert!(
+        v["etcdcluster"].as_str().is_some_and(|s| s.ends_with(".0")),
+        "{v}"
+    );
+    let h = request(a, "GET", "/health", &[], b"").await;
+    assert_eq!(h.status, 200, "{}", h.text());
+    assert_eq!(h.json()["health"], json!("true"));
+
     // Status and member list.
     let st = ok(a, "/v3/maintenance/status", &json!({})).await;
     let me = st["header"]["member_id"]
