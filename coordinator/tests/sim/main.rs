@@ -455,6 +455,99 @@ fn env_u64(name: &str) -> Option<u64> {
     std::env::var(name).ok().and_then(|v| v.trim().parse().ok())
 }
 
+/// The main test, which child processes run.
+const MAIN_TEST: &str = "simulated_clusters_keep_raft_and_client_invariants";
+
+/// Runs [`MAIN_TEST`] in a child process of this test binary with `env` added; whether it
+/// passed, and what it printed.
+///
+/// A simulation depends on what ran before it in its process: a crashed host's tasks are
+/// dropped in an order that follows tokio's process-wide task ids (and dropping a socket sends
+/// a FIN), which every earlier or concurrent simulation advances. So every seed runs in a fresh
+/// process of its own, exactly as a replay runs it.
+fn child(env: &[(&str, String)]) -> (bool, String) {
+    let exe = std::env::current_exe().expect("the test binary's path");
+    let out = std::process::Command::new(exe)
+        .args([MAIN_TEST, "--exact", "--nocapture", "--test-threads=1"])
+        .env("SIM_CHILD", "1")
+        .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
+        .output()
+        .expect("cannot run the test binary");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), text)
+}
+
+/// Runs every seed in a fresh child process (as many at once as there are cores), then sums up.
+fn run_in_children(seeds: &[u64]) {
+    let started = Instant::now();
+    let processes = env_u64("SIM_PROCESSES")
+        .map(|n| n as usize)
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
+        .clamp(1, seeds.len());
+    let next = AtomicU64::new(0);
+    let results: Vec<(u64, bool, String)> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..processes)
+            .map(|_| {
+                s.spawn(|| {
+                    let mut mine = Vec::new();
+                    while let Some(&seed) = seeds.get(next.fetch_add(1, Ordering::SeqCst) as usize) {
+                        let (ok, text) = child(&[("SIM_SEED", seed.to_string())]);
+                        if !ok {
+                            eprintln!("{text}");
+                        }
+                        mine.push((seed, ok, text));
+                    }
+                    mine
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .flat_map(|h| h.join().expect("a child runner panicked"))
+            .collect()
+    });
+    // SIMRESULT seed members ops acked unknown crashes leaders term simulated_ms ok
+    let mut sum = [0u64; 10];
+    let mut five = 0;
+    let mut changed = 0;
+    let mut max_term = 0;
+    for (_, _, text) in &results {
+        let Some(line) = text.lines().find_map(|l| l.split("SIMRESULT ").nth(1)) else {
+            continue;
+        };
+        let v: Vec<u64> = line.split_whitespace().filter_map(|x| x.parse().ok()).collect();
+        if v.len() == 10 {
+            for (s, x) in sum.iter_mut().zip(&v) {
+                *s += x;
+            }
+            five += u64::from(v[1] == 5);
+            changed += u64::from(v[6] > 1);
+            max_term = max_term.max(v[7]);
+        }
+    }
+    let failed: Vec<u64> = results.iter().filter(|r| !r.1).map(|r| r.0).collect();
+    println!(
+        "simulation{}: {} seeds ({five} with 5 members), {} operations ({} acknowledged, {} \
+         unknown), {} crashes, {} leader ids ({changed} seeds with a leader change), highest \
+         term {max_term}, {:.0} s simulated in {:.1} s, one process per seed, {processes} at a \
+         time; failed seeds: {failed:?}",
+        if cfg!(tokio_unstable) { " (exact replay)" } else { " (smoke, not replayable exactly)" },
+        seeds.len(),
+        sum[2],
+        sum[3],
+        sum[4],
+        sum[5],
+        sum[6],
+        sum[8] as f64 / 1000.0,
+        started.elapsed().as_secs_f64(),
+    );
+    assert!(failed.is_empty(), "failing seeds: {failed:?} (details and replay commands above)");
+}
+
 #[test]
 fn simulated_clusters_keep_raft_and_client_invariants() {
     let seeds: Vec<u64> = match env_u64("SIM_SEED") {
@@ -465,12 +558,13 @@ fn simulated_clusters_keep_raft_and_client_invariants() {
             (base..base + env_u64("SIM_SEEDS").unwrap_or(default)).collect()
         }
     };
+    if std::env::var_os("SIM_CHILD").is_none() && seeds.len() > 1 {
+        run_in_children(&seeds);
+        return;
+    }
     let started = Instant::now();
     let next = AtomicU64::new(0);
-    let workers = std::thread::available_parallelism()
-        .map(|n| n.get())
-        .unwrap_or(1)
-        .min(seeds.len());
+    let workers = 1;
     let reports: Vec<RunReport> = std::thread::scope(|s| {
         let handles: Vec<_> = (0..workers)
             .map(|_| {
@@ -480,6 +574,9 @@ fn simulated_clusters_keep_raft_and_client_invariants() {
                         let k = next.fetch_add(1, Ordering::SeqCst) as usize;
                         let Some(&seed) = seeds.get(k) else { break };
                         let r = run(seed);
+                        if std::env::var_os("SIM_FINGERPRINTS").is_some() {
+                            println!("seed {} fingerprint {:016x}", r.seed, r.fingerprint);
+                        }
                         if !r.violations.is_empty() {
                             print_failure(&r);
                         }
@@ -495,9 +592,23 @@ fn simulated_clusters_keep_raft_and_client_invariants() {
             .collect()
     });
     if seeds.len() == 1 {
+        let r = &reports[0];
+        println!(
+            "SIMRESULT {} {} {} {} {} {} {} {} {} {}",
+            r.seed,
+            r.members,
+            r.operations,
+            r.acknowledged,
+            r.unknown,
+            r.crashes,
+            r.leaders,
+            r.terms,
+            r.simulated.as_millis(),
+            u8::from(r.violations.is_empty())
+        );
         println!(
             "seed {} fingerprint {:016x} (history, fault trace and logs)",
-            reports[0].seed, reports[0].fingerprint
+            r.seed, r.fingerprint
         );
         for t in &reports[0].trace {
             println!("{t}");
@@ -547,15 +658,18 @@ fn a_seed_replays_exactly() {
         Some(s) => vec![s],
         None => vec![7, 9, 131],
     };
+    // Each run in a process of its own, as a developer replays a seed.
     for seed in seeds {
-        let a = run(seed);
-        let b = run(seed);
-        assert_eq!(a.trace, b.trace, "the fault trace differs between two runs of seed {seed}");
-        assert_eq!(
-            a.fingerprint, b.fingerprint,
-            "seed {seed} ran differently twice (history or logs differ)"
-        );
-        assert!(a.operations > 0);
+        let fingerprint = || {
+            let (_, text) = child(&[("SIM_SEED", seed.to_string())]);
+            text.lines()
+                .find(|l| l.starts_with(&format!("seed {seed} fingerprint")))
+                .map(str::to_string)
+        };
+        let a = fingerprint();
+        let b = fingerprint();
+        assert!(a.is_some(), "seed {seed} printed no fingerprint");
+        assert_eq!(a, b, "seed {seed} ran differently twice (history, trace or logs differ)");
     }
 }
 
