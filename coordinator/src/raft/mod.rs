@@ -35,11 +35,11 @@ use std::time::Duration;
 use openraft::error::{ClientWriteError, RaftError};
 use openraft::{Raft, ServerState};
 use parking_lot::{Mutex, RwLock};
-use rand::rngs::StdRng;
-use rand::{Rng, SeedableRng};
 use proto::peerpb::Blob;
 use proto::peerpb::peer_client::PeerClient;
 use proto::peerpb::peer_server::Peer;
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
 // Tokio's clock (the OS's monotonic clock in production) so that a simulation's clock drives
 // elections and deadlines too.
@@ -424,7 +424,9 @@ impl RaftMember {
                 // The leader answers within PROPOSE_WAIT; no answer at all means a dead
                 // connection, and the write may have been applied: outcome unknown.
                 let call = c.forward(Blob { data });
-                let Ok(answer) = tokio::time::timeout(PROPOSE_WAIT + self.inner.election_timeout, call).await else {
+                let Ok(answer) =
+                    tokio::time::timeout(PROPOSE_WAIT + self.inner.election_timeout, call).await
+                else {
                     self.peer_timed_out(leader);
                     return Err(Error::Timeout);
                 };
@@ -980,7 +982,6 @@ fn is_connect_error(s: &Status) -> bool {
     text.contains("connect") || text.contains("Connection refused")
 }
 
-
 /// Serves `peerpb.Peer` for one member.
 #[derive(Clone)]
 pub struct PeerService {
@@ -1059,8 +1060,7 @@ impl Peer for PeerService {
     }
 
     async fn read_index(&self, _req: Request<Blob>) -> std::result::Result<Response<Blob>, Status> {
-        let res: std::result::Result<u64, PeerError> = match self.member.leader_read_index().await
-        {
+        let res: std::result::Result<u64, PeerError> = match self.member.leader_read_index().await {
             Some(index) => Ok(index),
             None => {
                 tracing::debug!("read index refused");

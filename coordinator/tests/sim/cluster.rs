@@ -410,7 +410,16 @@ async fn client(
                 Ok(Ok((_, Err(_)))) => Outcome::Failed,
                 Ok(Ok((_, Ok(_)))) => Outcome::Unknown,
             };
-            sh.note(|| format!("c{} #{} {:?} -> {:?} {}", cid.0, op.0, sh.rec.snapshot().op(op).request, outcome, status(&member, &state)));
+            sh.note(|| {
+                format!(
+                    "c{} #{} {:?} -> {:?} {}",
+                    cid.0,
+                    op.0,
+                    sh.rec.snapshot().op(op).request,
+                    outcome,
+                    status(&member, &state)
+                )
+            });
             sh.rec.complete(op, outcome);
         }
         let pause = rng.random_range(0..60);
@@ -439,7 +448,21 @@ async fn get(
         ..Default::default()
     };
     let read = state.read().store().range(&req);
-    sh.note(|| format!("c{} #{} get k{k} -> {:?} {}", cid.0, op.0, read.as_ref().map(|r| (r.revision, r.kvs.first().map(|kv| (kv.mod_revision, String::from_utf8_lossy(&kv.value).to_string())))), status(member, state)));
+    sh.note(|| {
+        format!(
+            "c{} #{} get k{k} -> {:?} {}",
+            cid.0,
+            op.0,
+            read.as_ref().map(|r| (
+                r.revision,
+                r.kvs.first().map(|kv| (
+                    kv.mod_revision,
+                    String::from_utf8_lossy(&kv.value).to_string()
+                ))
+            )),
+            status(member, state)
+        )
+    });
     match read {
         Ok(r) => {
             let resp = match r.kvs.first() {

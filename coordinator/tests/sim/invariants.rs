@@ -290,7 +290,10 @@ mod tests {
         let v = check_log_matching(&named(vec![a.clone(), bad]));
         assert_eq!(v.len(), 1, "{v:?}");
         let same_slot = log(&[(1, e(1, 1)), (2, e(1, 2)), (3, e(2, 42))]);
-        assert_eq!(check_log_matching(&named(vec![a.clone(), same_slot])).len(), 1);
+        assert_eq!(
+            check_log_matching(&named(vec![a.clone(), same_slot])).len(),
+            1
+        );
         // Same term, another leader (openraft's leader ids): a different entry is allowed.
         let other_leader = EntryId {
             leader: e(2, 0).leader + 1,
@@ -304,9 +307,7 @@ mod tests {
     fn a_vote_going_back_is_flagged() {
         let v = |term: u64, node: u64| Vote::new(term, node);
         let c = |term: u64, node: u64| Vote::new_committed(term, node);
-        assert!(
-            check_votes("n1", &[v(1, 1), v(1, 3), c(1, 3), v(2, 3), v(3, 2)]).is_empty()
-        );
+        assert!(check_votes("n1", &[v(1, 1), v(1, 3), c(1, 3), v(2, 3), v(3, 2)]).is_empty());
         // A lower candidate in the same term after a higher one: a second vote in that term.
         assert_eq!(check_votes("n1", &[v(1, 1), v(2, 3), v(2, 2)]).len(), 1);
         assert_eq!(check_votes("n1", &[v(3, 1), v(2, 2)]).len(), 1);

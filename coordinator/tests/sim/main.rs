@@ -114,11 +114,18 @@ impl Driver {
     }
 
     fn step(&mut self) -> Result<(), String> {
-        self.sim.step().map(|_| ()).map_err(|e| format!("simulation failed: {e}"))
+        self.sim
+            .step()
+            .map(|_| ())
+            .map_err(|e| format!("simulation failed: {e}"))
     }
 
     /// Step until `done` holds or `limit` of simulated time passed; whether it held.
-    fn step_until(&mut self, limit: Duration, done: impl Fn(&Shared) -> bool) -> Result<bool, String> {
+    fn step_until(
+        &mut self,
+        limit: Duration,
+        done: impl Fn(&Shared) -> bool,
+    ) -> Result<bool, String> {
         let end = self.sim.elapsed() + limit;
         while self.sim.elapsed() < end {
             if done(&self.sh) {
@@ -170,7 +177,11 @@ impl Driver {
                         self.faults.cut.insert((y, x));
                     }
                 }
-                self.log(format!("partition {} | {}", Self::names(&a), Self::names(&b)));
+                self.log(format!(
+                    "partition {} | {}",
+                    Self::names(&a),
+                    Self::names(&b)
+                ));
             }
             20..30 => {
                 let (a, b) = self.split();
@@ -195,7 +206,12 @@ impl Driver {
                 let p = self.rng.random_range(0.005..0.05);
                 self.sim.set_link_fail_rate(host(x), host(y), p);
                 self.faults.lossy.insert((x.min(y), x.max(y)));
-                self.log(format!("lossy {} <-> {} ({:.1} %)", host(x), host(y), p * 100.0));
+                self.log(format!(
+                    "lossy {} <-> {} ({:.1} %)",
+                    host(x),
+                    host(y),
+                    p * 100.0
+                ));
             }
             50..58 => {
                 let ms = self.rng.random_range(1..80);
@@ -205,7 +221,9 @@ impl Driver {
             58..75 => self.heal_network(),
             75..87 => {
                 // Keep a majority up most of the time; now and then take everyone down.
-                let up: Vec<usize> = (0..n).filter(|i| !self.faults.crashed.contains(i)).collect();
+                let up: Vec<usize> = (0..n)
+                    .filter(|i| !self.faults.crashed.contains(i))
+                    .collect();
                 if self.rng.random_bool(0.05) {
                     for i in up {
                         self.crash(i);
@@ -278,10 +296,14 @@ fn run_with(seed: u64, lying: bool) -> RunReport {
         trace: Vec::new(),
         crashes: 0,
     };
-    d.log(format!("{members} members, latency up to {} ms", latency.as_millis()));
+    d.log(format!(
+        "{members} members, latency up to {} ms",
+        latency.as_millis()
+    ));
     for i in 0..members {
         let s = sh.clone();
-        d.sim.host(host(i), move || cluster::member_main(s.clone(), i));
+        d.sim
+            .host(host(i), move || cluster::member_main(s.clone(), i));
     }
     let mut violations = Vec::new();
     if let Err(e) = drive(&mut d) {
@@ -360,7 +382,12 @@ fn drive(d: &mut Driver) -> Result<(), String> {
             .iter()
             .map(|l| {
                 l.lock().as_ref().and_then(|l| {
-                    l.member.raft().metrics().borrow().last_applied.map(|x| x.index)
+                    l.member
+                        .raft()
+                        .metrics()
+                        .borrow()
+                        .last_applied
+                        .map(|x| x.index)
                 })
             })
             .collect();
@@ -389,7 +416,10 @@ fn judge(d: &Driver) -> Vec<String> {
             Err(e) => out.push(format!("{}: unreadable log: {e}", host(i))),
         }
         if let Some(live) = sh.live[i].lock().as_ref() {
-            logs.push((format!("{} (memory)", host(i)), log_of(&live.member.log_store().entries(..))));
+            logs.push((
+                format!("{} (memory)", host(i)),
+                log_of(&live.member.log_store().entries(..)),
+            ));
             let st = live.state.read();
             let rev = st.revision();
             match st.store().events_between(1, rev, false) {
@@ -494,7 +524,8 @@ fn run_in_children(seeds: &[u64]) {
             .map(|_| {
                 s.spawn(|| {
                     let mut mine = Vec::new();
-                    while let Some(&seed) = seeds.get(next.fetch_add(1, Ordering::SeqCst) as usize) {
+                    while let Some(&seed) = seeds.get(next.fetch_add(1, Ordering::SeqCst) as usize)
+                    {
                         let (ok, text) = child(&[("SIM_SEED", seed.to_string())]);
                         if !ok {
                             eprintln!("{text}");
@@ -519,7 +550,10 @@ fn run_in_children(seeds: &[u64]) {
         let Some(line) = text.lines().find_map(|l| l.split("SIMRESULT ").nth(1)) else {
             continue;
         };
-        let v: Vec<u64> = line.split_whitespace().filter_map(|x| x.parse().ok()).collect();
+        let v: Vec<u64> = line
+            .split_whitespace()
+            .filter_map(|x| x.parse().ok())
+            .collect();
         if v.len() == 10 {
             for (s, x) in sum.iter_mut().zip(&v) {
                 *s += x;
@@ -535,7 +569,11 @@ fn run_in_children(seeds: &[u64]) {
          unknown), {} crashes, {} leader ids ({changed} seeds with a leader change), highest \
          term {max_term}, {:.0} s simulated in {:.1} s, one process per seed, {processes} at a \
          time; failed seeds: {failed:?}",
-        if cfg!(tokio_unstable) { " (exact replay)" } else { " (smoke, not replayable exactly)" },
+        if cfg!(tokio_unstable) {
+            " (exact replay)"
+        } else {
+            " (smoke, not replayable exactly)"
+        },
         seeds.len(),
         sum[2],
         sum[3],
@@ -545,7 +583,10 @@ fn run_in_children(seeds: &[u64]) {
         sum[8] as f64 / 1000.0,
         started.elapsed().as_secs_f64(),
     );
-    assert!(failed.is_empty(), "failing seeds: {failed:?} (details and replay commands above)");
+    assert!(
+        failed.is_empty(),
+        "failing seeds: {failed:?} (details and replay commands above)"
+    );
 }
 
 #[test]
@@ -636,13 +677,20 @@ fn simulated_clusters_keep_raft_and_client_invariants() {
          {unknown} unknown), {crashes} crashes, {leaders} leader ids ({changed} seeds with a \
          leader change), highest term {max_term}, {:.0} s simulated in {:.1} s on {workers} \
          threads; failed seeds: {failed:?}",
-        if cfg!(tokio_unstable) { " (exact replay)" } else { " (smoke, not replayable exactly)" },
+        if cfg!(tokio_unstable) {
+            " (exact replay)"
+        } else {
+            " (smoke, not replayable exactly)"
+        },
         reports.len(),
         five,
         simulated.as_secs_f64(),
         started.elapsed().as_secs_f64(),
     );
-    assert!(failed.is_empty(), "failing seeds: {failed:?} (details above)");
+    assert!(
+        failed.is_empty(),
+        "failing seeds: {failed:?} (details above)"
+    );
 }
 
 #[test]
@@ -669,7 +717,10 @@ fn a_seed_replays_exactly() {
         let a = fingerprint();
         let b = fingerprint();
         assert!(a.is_some(), "seed {seed} printed no fingerprint");
-        assert_eq!(a, b, "seed {seed} ran differently twice (history, trace or logs differ)");
+        assert_eq!(
+            a, b,
+            "seed {seed} ran differently twice (history, trace or logs differ)"
+        );
     }
 }
 
