@@ -156,8 +156,8 @@ pub fn owners(samples: &[Sample], from: Instant, to: Instant) -> BTreeMap<u32, B
 
 /// The gateway's tries at backends whose id (`host:port`) starts with `host:` — answered
 /// (`lb_gateway_backend_requests_total`) plus failed connects and tries without an answer
-/// (`lb_gateway_backend_connect_failures_total`) — from its `/metrics`. `None` if the admin
-/// server does not answer.
+/// (`lb_gateway_backend_connect_failures_total`) — from its `/metrics` (0 once the backend
+/// has left the set and its series are gone). `None` if the admin server does not answer.
 pub async fn tries_at(admin: SocketAddr, host: &str) -> Option<f64> {
     let (status, _, text) = get(admin, "/metrics").await;
     if status != 200 {
@@ -172,6 +172,6 @@ pub async fn tries_at(admin: SocketAddr, host: &str) -> Option<f64> {
                 && l.contains(&label)
         })
         .filter_map(|l| l.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok()))
-        .sum();
+        .fold(0.0, |a, b| a + b);
     Some(total)
 }

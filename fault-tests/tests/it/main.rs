@@ -598,6 +598,7 @@ async fn instance_kill(env: &Env<'_>) -> Scenario {
         .map(|(k, _)| *k)
         .collect();
     let victim_ip = blocking(|| env.project.ip(&victim));
+    let before_kill = gateway::tries_at(env.gateway_admin, &victim_ip).await;
     let t0 = Instant::now();
     blocking(|| env.project.kill(&[victim.as_str()]));
     s.fault(t0, t, format!("docker kill {victim} (owner of {} of {} keys)", victim_keys.len(), gateway::KEYS));
@@ -645,7 +646,8 @@ async fn instance_kill(env: &Env<'_>) -> Scenario {
         s.line("recovery  no request failed".to_string());
     }
     s.line(format!(
-        "gateway   tries at {victim} ({victim_ip}): {:?} at the end of the window, {:?} {} later",
+        "gateway   tries at {victim} ({victim_ip}): {:?} before the kill, {:?} at the end of the window, {:?} {} later",
+        before_kill,
         at_window,
         at_end,
         secs(t_end - window)
