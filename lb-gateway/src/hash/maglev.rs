@@ -243,22 +243,25 @@ mod tests {
         }
 
         /// Removing (or, read backwards, adding) one of n members moves close to 1/n of the
-        /// slots.
+        /// slots, at the table size the gateway uses. (Maglev trades some disruption for
+        /// balance, and the trade grows as the table shrinks relative to n: at 5,003 slots and
+        /// 46 members it moves up to 2.1× the ideal, at 65,537 at most 1.27× for n < 50.)
         #[test]
         fn one_membership_change_moves_about_one_nth(n in 3usize..50, gone in 0usize..50) {
             let gone = gone % n;
             let all = ids(n);
             let rest: Vec<String> = all.iter().enumerate()
                 .filter(|(i, _)| *i != gone).map(|(_, s)| s.clone()).collect();
-            let before = Maglev::new(&nodes(&all), M);
-            let after = Maglev::new(&nodes(&rest), M);
+            let size = DEFAULT_TABLE_SIZE;
+            let before = Maglev::new(&nodes(&all), size);
+            let after = Maglev::new(&nodes(&rest), size);
             let moved = before.slots().iter().zip(after.slots())
                 .filter(|&(&b, &a)| all[b as usize] != rest[a as usize])
                 .count();
-            let fraction = moved as f64 / M as f64;
+            let fraction = moved as f64 / size as f64;
             let ideal = 1.0 / n as f64;
             prop_assert!(fraction >= ideal * 0.95, "moved {fraction}, ideal {ideal}");
-            prop_assert!(fraction <= ideal * 1.6 + 0.01, "moved {fraction}, ideal {ideal}");
+            prop_assert!(fraction <= ideal * 1.4, "moved {fraction}, ideal {ideal}");
         }
     }
 }
