@@ -28,6 +28,8 @@
 #   BENCH_DURATION [10s]  BENCH_REPS [3]  BENCH_CONNECTIONS [64]  BENCH_WRK_THREADS [1]
 #   BENCH_PROXY_THREADS [1]  BENCH_BACKENDS [4]  BENCH_SKIP_BUILD [0]  BENCH_MAX_TIME [900]
 #   BENCH_PROFILE [unset]  a file: `perf record -g` the gateway for 3 s of its first run into it
+#   BENCH_GATEWAY_HYPER [0]  1: also run a second gateway with `--http1-client hyper` (hyper's
+#                         HTTP/1.1 client instead of the gateway's own) as target lb-gateway-hyper
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -175,6 +177,17 @@ start gateway "$GATEWAY_BIN" --listen "127.0.0.1:$GPORT" --admin-listen "127.0.0
     --worker-threads "$PROXY_THREADS" --access-log false
 GATEWAY_PID=$LAST_PID
 wait_http "http://127.0.0.1:$GADMIN/readyz" "lb-gateway"
+TARGETS=(direct lb-gateway nginx haproxy)
+if [[ ${BENCH_GATEWAY_HYPER:-0} == 1 ]]; then
+    G2PORT=$(free_port)
+    G2ADMIN=$(free_port)
+    start gateway-hyper "$GATEWAY_BIN" --listen "127.0.0.1:$G2PORT" --admin-listen "127.0.0.1:$G2ADMIN" \
+        --routes "$TMP/routes.toml" --registry-endpoints "http://127.0.0.1:$RGRPC" \
+        --worker-threads "$PROXY_THREADS" --access-log false --http1-client hyper
+    GATEWAY2_PID=$LAST_PID
+    wait_http "http://127.0.0.1:$G2ADMIN/readyz" "lb-gateway (hyper client)"
+    TARGETS+=(lb-gateway-hyper)
+fi
 for ((i = 0; i < 100; i++)); do
     [[ $(curl -fsS "http://127.0.0.1:$GADMIN/admin/backends" | grep -o '"instance_id"' | wc -l) == "$NBACKENDS" ]] && break
     sleep 0.1
@@ -283,6 +296,9 @@ for ((ROUND = 1; ROUND <= REPS; ROUND++)); do
     run lb-gateway "$GPORT" "$GATEWAY_PID"
     run nginx "$NPORT" "$NGINX_PID"
     run haproxy "$HPORT" "$HAPROXY_PID"
+    if [[ -n ${GATEWAY2_PID:-} ]]; then
+        run lb-gateway-hyper "$G2PORT" "$GATEWAY2_PID"
+    fi
 done
 
 # Spread check: how the proxies spread the 1000 paths over the backends is not measured
@@ -291,7 +307,7 @@ done
 echo
 echo "| target | req/s | p99 (ms) | proxy CPU per request (µs) |"
 echo "|---|---:|---:|---:|"
-for name in direct lb-gateway nginx haproxy; do
+for name in "${TARGETS[@]}"; do
     # The median run by req/s.
     awk -v n="$name" '$1 == n' "$TMP/results" | sort -k2 -g | awk -v reps="$REPS" '
         { rows[NR] = $0 }
@@ -316,6 +332,12 @@ for r in rounds:
     c.append(gw[2] / min(ng[2], hp[2]))
 print(f"lb-gateway vs the better of nginx and HAProxy in the same round (median of {len(rounds)} rounds): "
       f"throughput {statistics.median(t):.2f}x, p99 {statistics.median(l):.2f}x, CPU per request {statistics.median(c):.2f}x")
+if all((r, "lb-gateway-hyper") in runs for r in rounds):
+    own = [runs[(r, "lb-gateway")] for r in rounds]
+    hyp = [runs[(r, "lb-gateway-hyper")] for r in rounds]
+    print(f"lb-gateway's own HTTP/1.1 client vs hyper's, same rounds (median): "
+          f"throughput {statistics.median(o[0] / h[0] for o, h in zip(own, hyp)):.2f}x, "
+          f"CPU per request {statistics.median(o[2] / h[2] for o, h in zip(own, hyp)):.2f}x")
 EOF
 echo
 echo "All runs (target, req/s, p99 ms, CPU µs/req, round):"

@@ -60,6 +60,12 @@ impl Backend {
     }
 }
 
+impl crate::h1::Recycle for Backend {
+    fn recycle(&self, conn: crate::h1::RawConn) {
+        self.conns.put_back_raw(conn);
+    }
+}
+
 impl Drop for Backend {
     fn drop(&mut self) {
         self.metrics.remove();

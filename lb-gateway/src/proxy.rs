@@ -37,6 +37,7 @@ use hyper::client::conn::http1;
 use hyper_util::rt::TokioIo;
 use tracing::Instrument as _;
 
+use crate::h1::{self, ExchangeError, RawBody, RawConn};
 use crate::pool::{Backend, LiveLoads, RouteState, Wire};
 use crate::resilience::{GlobalLimit, KeyedLimit, Outcome, now_ns, ns_at};
 use crate::routes::{GatewaySettings, RequestView, rewrite};
@@ -51,6 +52,8 @@ pub struct Gateway {
     pub in_flight: Arc<AtomicU64>,
     /// Whether to write an access log line per request.
     pub access_log: bool,
+    /// Whether requests without a body go through the gateway's own HTTP/1.1 client.
+    pub own_http1: bool,
     /// Whether spans are exported (OpenTelemetry): request spans are INFO then, DEBUG otherwise.
     pub export_spans: bool,
     /// Metrics of requests that match no route (route label `-`).
@@ -582,6 +585,8 @@ async fn proxy(
             parts.headers.clone(),
         )
     });
+    // No body and no upgrade: the gateway's own HTTP/1.1 client takes it (see `h1`).
+    let bodyless = gw.own_http1 && client_upgrade.is_none() && body.is_end_stream();
     let mut pending: Option<(http::request::Parts, UpBody)> = Some((parts, UpBody::Incoming(body)));
 
     let pool = route.pool.load_full();
@@ -649,8 +654,10 @@ async fn proxy(
         enum Sender {
             H1(http1::SendRequest<UpBody>),
             H2(hyper::client::conn::http2::SendRequest<UpBody>),
+            Raw(RawConn),
         }
         let sender = match wire {
+            Wire::Http1 if bodyless => backend.conns.raw(connect_timeout).await.map(Sender::Raw),
             Wire::Http1 => backend.conns.h1(connect_timeout).await.map(Sender::H1),
             Wire::Http2 => backend.conns.h2(connect_timeout).await.map(Sender::H2),
         };
@@ -724,15 +731,38 @@ async fn proxy(
                 parts.headers.remove(header::HOST);
             }
         }
-        let out = Request::from_parts(parts, body);
         let sent_at = if attempts <= 1 { start } else { Instant::now() };
         let per_try = r
             .timeouts
             .per_try
             .min(deadline.saturating_duration_since(sent_at));
         let answer = match &mut sender {
-            Sender::H1(s) => tokio::time::timeout(per_try, s.try_send_request(out)).await,
-            Sender::H2(s) => tokio::time::timeout(per_try, s.try_send_request(out)).await,
+            Sender::H1(s) => {
+                let out = Request::from_parts(parts, body);
+                tokio::time::timeout(per_try, s.try_send_request(out))
+                    .await
+                    .map(|r| r.map(Answer::Hyper).map_err(SendError::Hyper))
+            }
+            Sender::H2(s) => {
+                let out = Request::from_parts(parts, body);
+                tokio::time::timeout(per_try, s.try_send_request(out))
+                    .await
+                    .map(|r| r.map(Answer::Hyper).map_err(SendError::Hyper))
+            }
+            Sender::Raw(conn) => {
+                let mut head = Vec::with_capacity(512);
+                let pq = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+                h1::encode_head(&parts.method, pq, &parts.headers, &mut head);
+                let answer = tokio::time::timeout(per_try, conn.exchange(&head, &parts.method))
+                    .await
+                    .map(|r| r.map(Answer::Raw));
+                match answer {
+                    Ok(Err(ExchangeError::Stale)) => Ok(Err(SendError::Stale(parts))),
+                    Ok(Err(e)) => Ok(Err(SendError::Raw(e))),
+                    Ok(Ok(a)) => Ok(Ok(a)),
+                    Err(t) => Err(t),
+                }
+            }
         };
         let failure = match answer {
             Ok(Ok(resp)) => {
@@ -771,14 +801,35 @@ async fn proxy(
                     admitted.take_back(&gw.in_flight);
                     continue;
                 }
-                let conn = match sender {
-                    Sender::H1(s) => Some(s),
-                    Sender::H2(_) => None,
+                let resp = match (resp, sender) {
+                    (Answer::Raw(head), Sender::Raw(conn)) => respond_raw(head, conn, load),
+                    (Answer::Hyper(resp), Sender::H1(s)) => {
+                        respond(resp, load, Some(s), client_upgrade)
+                    }
+                    (Answer::Hyper(resp), _) => respond(resp, load, None, client_upgrade),
+                    (Answer::Raw(_), _) => unreachable!("a raw answer comes from a raw sender"),
                 };
-                let resp = respond(resp, load, conn, client_upgrade);
                 return Ok((resp, Some(backend.id.clone()), attempts));
             }
-            Ok(Err(mut e)) => {
+            Ok(Err(SendError::Stale(p))) if stale_conn_retries < 2 => {
+                // The pooled connection was closed before it answered a byte: the bodyless
+                // request goes again on a fresh one, as the same try.
+                stale_conn_retries += 1;
+                attempts -= 1;
+                pending = Some((p, UpBody::Empty));
+                drop(load);
+                admitted.take_back(&gw.in_flight);
+                continue;
+            }
+            Ok(Err(SendError::Stale(_))) => (
+                Refusal::UpstreamError,
+                format!("{} closed the connection before answering", backend.id),
+            ),
+            Ok(Err(SendError::Raw(e))) => (
+                Refusal::UpstreamError,
+                format!("{} did not answer: {e}", backend.id),
+            ),
+            Ok(Err(SendError::Hyper(mut e))) => {
                 if let Some(req) = e.take_message()
                     && stale_conn_retries < 2
                 {
@@ -850,6 +901,50 @@ fn forwarded_for(headers: &mut HeaderMap, client: &Client) {
     if let Some(v) = value {
         headers.insert(XFF, v);
     }
+}
+
+/// A backend's answer, from hyper's client or the gateway's own.
+enum Answer {
+    Hyper(Response<Incoming>),
+    Raw(h1::Head),
+}
+
+impl Answer {
+    fn status(&self) -> StatusCode {
+        match self {
+            Answer::Hyper(r) => r.status(),
+            Answer::Raw(h) => h.status,
+        }
+    }
+}
+
+/// Why a send failed.
+enum SendError {
+    Hyper(hyper::client::conn::TrySendError<Request<UpBody>>),
+    /// A pooled connection went stale before answering; the request's head comes back.
+    Stale(http::request::Parts),
+    Raw(ExchangeError),
+}
+
+/// The client's response from a head read by the gateway's own client; the body streams from
+/// `conn`, which returns to the backend's pool when the body was read to the end.
+fn respond_raw(head: h1::Head, conn: RawConn, load: LoadGuard) -> Response<ProxyBody> {
+    let body = RawBody::new(
+        conn,
+        &head,
+        Arc::clone(&load.backend) as Arc<dyn h1::Recycle>,
+    );
+    let mut resp = Response::new(ProxyBody::Raw {
+        done: Some(Box::new(Done {
+            _load: load,
+            conn: None,
+        })),
+        body,
+    });
+    *resp.status_mut() = head.status;
+    *resp.headers_mut() = head.headers;
+    strip_hop_by_hop(resp.headers_mut(), false);
+    resp
 }
 
 /// Turns a backend's response into the client's.

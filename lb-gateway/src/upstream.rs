@@ -22,6 +22,8 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use parking_lot::Mutex;
 use tokio::net::TcpStream;
 
+use crate::h1::{RawBody, RawConn};
+
 /// Most idle HTTP/1.1 connections kept per backend and worker.
 pub const MAX_IDLE: usize = 512;
 
@@ -175,6 +177,8 @@ pub struct ConnPool {
     addr: Target,
     /// Idle HTTP/1.1 connections, one stack per worker (see [`STACKS`]).
     idle: Vec<Mutex<Vec<http1::SendRequest<UpBody>>>>,
+    /// Idle connections of the gateway's own HTTP/1.1 client ([`crate::h1`]), per worker.
+    raw_idle: Vec<Mutex<Vec<RawConn>>>,
     h2: Mutex<Option<http2::SendRequest<UpBody>>>,
     h2_connecting: tokio::sync::Mutex<()>,
 }
@@ -185,6 +189,7 @@ impl ConnPool {
         ConnPool {
             addr,
             idle: (0..STACKS).map(|_| Mutex::new(Vec::new())).collect(),
+            raw_idle: (0..STACKS).map(|_| Mutex::new(Vec::new())).collect(),
             h2: Mutex::new(None),
             h2_connecting: tokio::sync::Mutex::new(()),
         }
@@ -197,7 +202,30 @@ impl ConnPool {
 
     /// Idle HTTP/1.1 connections.
     pub fn idle(&self) -> usize {
-        self.idle.iter().map(|s| s.lock().len()).sum()
+        self.idle.iter().map(|s| s.lock().len()).sum::<usize>()
+            + self.raw_idle.iter().map(|s| s.lock().len()).sum::<usize>()
+    }
+
+    /// A connection for the gateway's own HTTP/1.1 client: an idle one that still looks
+    /// open, or a new one.
+    pub async fn raw(&self, timeout: Duration) -> Result<RawConn, ConnectError> {
+        loop {
+            let Some(conn) = self.raw_idle[stack()].lock().pop() else {
+                break;
+            };
+            if conn.looks_open() {
+                return Ok(conn);
+            }
+        }
+        Ok(RawConn::new(self.tcp(timeout).await?))
+    }
+
+    /// Keeps a connection whose response was read to the end.
+    pub fn put_back_raw(&self, conn: RawConn) {
+        let mut idle = self.raw_idle[stack()].lock();
+        if idle.len() < MAX_IDLE {
+            idle.push(conn);
+        }
     }
 
     async fn tcp(&self, timeout: Duration) -> Result<TcpStream, ConnectError> {
@@ -307,11 +335,18 @@ pub trait Finish: Send + Sync + 'static {
 /// A response body on its way to a client: a backend's (with what to do when it ends), or
 /// one the gateway wrote.
 pub enum ProxyBody {
-    /// Streamed from a backend.
+    /// Streamed from a backend through hyper's client.
     Upstream {
         /// The backend's body.
         body: Incoming,
         /// Releases the request's load and connection.
+        done: Option<Box<dyn Finish>>,
+    },
+    /// Streamed from a backend through the gateway's own HTTP/1.1 client.
+    Raw {
+        /// The backend's body (it recycles its connection itself).
+        body: RawBody,
+        /// Releases the request's load.
         done: Option<Box<dyn Finish>>,
     },
     /// Written by the gateway.
@@ -322,6 +357,7 @@ impl std::fmt::Debug for ProxyBody {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             ProxyBody::Upstream { .. } => f.write_str("ProxyBody::Upstream"),
+            ProxyBody::Raw { body, .. } => write!(f, "ProxyBody::Raw({body:?})"),
             ProxyBody::Full(b) => write!(f, "ProxyBody::Full({b:?})"),
         }
     }
@@ -339,15 +375,35 @@ impl ProxyBody {
     }
 }
 
+/// What a body's error becomes on the way to the client's connection.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
 impl Body for ProxyBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = BoxError;
 
     fn poll_frame(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         match self.get_mut() {
+            ProxyBody::Raw { body, done } => {
+                let polled = Pin::new(&mut *body).poll_frame(cx);
+                match &polled {
+                    Poll::Ready(None) | Poll::Ready(Some(Err(_))) => {
+                        if let Some(mut d) = done.take() {
+                            d.finish(body.is_done());
+                        }
+                    }
+                    Poll::Ready(Some(Ok(_))) if body.is_done() => {
+                        if let Some(mut d) = done.take() {
+                            d.finish(true);
+                        }
+                    }
+                    _ => {}
+                }
+                polled.map(|o| o.map(|r| r.map_err(BoxError::from)))
+            }
             ProxyBody::Upstream { body, done } => {
                 let polled = Pin::new(&mut *body).poll_frame(cx);
                 match &polled {
@@ -368,7 +424,7 @@ impl Body for ProxyBody {
                     }
                     _ => {}
                 }
-                polled
+                polled.map(|o| o.map(|r| r.map_err(BoxError::from)))
             }
             ProxyBody::Full(b) => Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),
         }
@@ -377,6 +433,7 @@ impl Body for ProxyBody {
     fn is_end_stream(&self) -> bool {
         match self {
             ProxyBody::Upstream { body, .. } => body.is_end_stream(),
+            ProxyBody::Raw { body, .. } => body.is_done(),
             ProxyBody::Full(b) => b.is_none(),
         }
     }
@@ -384,6 +441,7 @@ impl Body for ProxyBody {
     fn size_hint(&self) -> SizeHint {
         match self {
             ProxyBody::Upstream { body, .. } => body.size_hint(),
+            ProxyBody::Raw { body, .. } => body.size_hint(),
             ProxyBody::Full(Some(b)) => SizeHint::with_exact(b.len() as u64),
             ProxyBody::Full(None) => SizeHint::with_exact(0),
         }
@@ -392,10 +450,18 @@ impl Body for ProxyBody {
 
 impl Drop for ProxyBody {
     fn drop(&mut self) {
-        if let ProxyBody::Upstream { body, done } = self
-            && let Some(mut d) = done.take()
-        {
-            d.finish(body.is_end_stream());
+        match self {
+            ProxyBody::Upstream { body, done } => {
+                if let Some(mut d) = done.take() {
+                    d.finish(body.is_end_stream());
+                }
+            }
+            ProxyBody::Raw { body, done } => {
+                if let Some(mut d) = done.take() {
+                    d.finish(body.is_done());
+                }
+            }
+            ProxyBody::Full(_) => {}
         }
     }
 }

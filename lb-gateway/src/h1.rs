@@ -1,0 +1,747 @@
+//! The gateway's own HTTP/1.1 client connection, for the common request: no body, no upgrade.
+//!
+//! Why not hyper's client here: hyper runs every client connection as a task of its own, fed
+//! by a channel, so each proxied request wakes two tasks and goes through a second codec
+//! (profiled in `BENCHMARKS.md`). For a request without a body the exchange is simple enough to
+//! drive from the request's own task: write the head, parse the response head with `httparse`
+//! (the parser hyper uses), then stream the body straight from the socket inside the response
+//! body's `poll_frame`. Requests with bodies, upgrades and HTTP/2 keep using hyper.
+//!
+//! Framing follows RFC 9112 §6.3: no body for HEAD, 1xx, 204 and 304; chunked when it is the
+//! final transfer coding (trailers are passed on); else `Content-Length`; else until close. A
+//! connection goes back to its pool only after its body was read to the end and neither side
+//! asked to close.
+
+use std::io;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll, ready};
+
+use bytes::{Buf, Bytes, BytesMut};
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Method, StatusCode};
+use http_body::Frame;
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
+
+/// Largest response head (status line and headers) accepted.
+pub const MAX_HEAD: usize = 64 * 1024;
+/// Most response headers accepted.
+const MAX_HEADERS: usize = 128;
+/// Largest chunk-size line (with extensions) accepted.
+const MAX_CHUNK_LINE: usize = 4 * 1024;
+/// Read granularity.
+const READ: usize = 16 * 1024;
+
+/// One HTTP/1.1 connection to a backend.
+#[derive(Debug)]
+pub struct RawConn {
+    io: TcpStream,
+    /// Bytes read and not yet consumed.
+    buf: BytesMut,
+    /// It served a request before (so a close before any answer means it went stale).
+    reused: bool,
+}
+
+/// Why an exchange failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ExchangeError {
+    /// A reused connection was closed by the backend before it answered a single byte: the
+    /// request can go again on a fresh connection.
+    #[error("the pooled connection was closed before an answer")]
+    Stale,
+    /// Reading or writing failed.
+    #[error("{0}")]
+    Io(#[from] io::Error),
+    /// The backend's answer is not HTTP/1.1 we accept.
+    #[error("malformed response: {0}")]
+    Malformed(String),
+}
+
+/// How a response body is delimited.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Framing {
+    /// No body.
+    Empty,
+    /// This many bytes.
+    Length(u64),
+    /// Chunked transfer coding.
+    Chunked,
+    /// Until the backend closes.
+    UntilClose,
+}
+
+/// A response head.
+#[derive(Debug)]
+pub struct Head {
+    /// The status.
+    pub status: StatusCode,
+    /// Its headers, hop-by-hop ones included (the caller strips them).
+    pub headers: HeaderMap,
+    /// How the body is delimited.
+    pub framing: Framing,
+    /// Whether the connection may serve another request after this body.
+    pub keep_alive: bool,
+}
+
+impl RawConn {
+    /// A fresh connection.
+    pub fn new(io: TcpStream) -> RawConn {
+        RawConn {
+            io,
+            buf: BytesMut::with_capacity(READ),
+            reused: false,
+        }
+    }
+
+    /// Whether it may still be usable: not closed by the backend while idle (no unread bytes,
+    /// no EOF pending). Checked without blocking.
+    pub fn looks_open(&self) -> bool {
+        if !self.buf.is_empty() {
+            return false;
+        }
+        let mut probe = [0u8; 1];
+        match self.io.try_read(&mut probe) {
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => true,
+            // EOF, an unsolicited byte, or an error: unusable.
+            _ => false,
+        }
+    }
+
+    /// Writes `head` (a complete request without a body) and reads the response head.
+    pub async fn exchange(&mut self, head: &[u8], method: &Method) -> Result<Head, ExchangeError> {
+        if let Err(e) = self.io.write_all(head).await {
+            return Err(if self.reused {
+                ExchangeError::Stale
+            } else {
+                e.into()
+            });
+        }
+        loop {
+            let head = self.read_head(method).await?;
+            if head.status.is_informational() {
+                if head.status == StatusCode::SWITCHING_PROTOCOLS {
+                    return Err(ExchangeError::Malformed(
+                        "101 to a request that asked for no upgrade".into(),
+                    ));
+                }
+                continue; // 100, 102, 103: the final answer follows.
+            }
+            return Ok(head);
+        }
+    }
+
+    async fn read_head(&mut self, method: &Method) -> Result<Head, ExchangeError> {
+        let mut first = true;
+        loop {
+            if !self.buf.is_empty()
+                && let Some(head) = parse_head(&mut self.buf, method)?
+            {
+                return Ok(head);
+            }
+            if self.buf.len() >= MAX_HEAD {
+                return Err(ExchangeError::Malformed(format!(
+                    "response head larger than {MAX_HEAD} bytes"
+                )));
+            }
+            self.buf.reserve(READ);
+            let n = match tokio::io::AsyncReadExt::read_buf(&mut self.io, &mut self.buf).await {
+                Ok(n) => n,
+                Err(e) if first && self.reused && self.buf.is_empty() => {
+                    tracing::trace!(error = %e, "pooled connection reset");
+                    return Err(ExchangeError::Stale);
+                }
+                Err(e) => return Err(e.into()),
+            };
+            if n == 0 {
+                return Err(if first && self.reused && self.buf.is_empty() {
+                    ExchangeError::Stale
+                } else {
+                    ExchangeError::Io(io::ErrorKind::UnexpectedEof.into())
+                });
+            }
+            first = false;
+        }
+    }
+}
+
+/// Parses a complete head at the start of `buf` (consuming it), or `None` if more is needed.
+fn parse_head(buf: &mut BytesMut, method: &Method) -> Result<Option<Head>, ExchangeError> {
+    let mut slots = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut resp = httparse::Response::new(&mut slots);
+    let len = match resp.parse(buf) {
+        Ok(httparse::Status::Complete(len)) => len,
+        Ok(httparse::Status::Partial) => return Ok(None),
+        Err(e) => return Err(ExchangeError::Malformed(e.to_string())),
+    };
+    let code = resp.code.unwrap_or(0);
+    let status = StatusCode::from_u16(code)
+        .map_err(|_| ExchangeError::Malformed(format!("status {code}")))?;
+    let http11 = resp.version == Some(1);
+    let mut headers = HeaderMap::with_capacity(resp.headers.len());
+    let mut close = !http11;
+    let mut chunked = false;
+    let mut coded = false;
+    let mut length: Option<u64> = None;
+    for h in resp.headers.iter() {
+        let name = HeaderName::from_bytes(h.name.as_bytes())
+            .map_err(|_| ExchangeError::Malformed(format!("header name {:?}", h.name)))?;
+        let value = HeaderValue::from_bytes(h.value)
+            .map_err(|_| ExchangeError::Malformed(format!("value of {name}")))?;
+        if name == header::CONNECTION {
+            for t in value.to_str().unwrap_or("").split(',') {
+                let t = t.trim();
+                if t.eq_ignore_ascii_case("close") {
+                    close = true;
+                } else if t.eq_ignore_ascii_case("keep-alive") && !http11 {
+                    close = false;
+                }
+            }
+        } else if name == header::TRANSFER_ENCODING {
+            coded = true;
+            // Only the final coding decides; chunked anywhere else is an error we treat as
+            // "until close", as RFC 9112 §6.3 tells a client to.
+            chunked = value
+                .to_str()
+                .ok()
+                .and_then(|s| s.rsplit(',').next())
+                .is_some_and(|last| last.trim().eq_ignore_ascii_case("chunked"));
+        } else if name == header::CONTENT_LENGTH {
+            let n: u64 = std::str::from_utf8(h.value)
+                .ok()
+                .and_then(|s| s.trim().parse().ok())
+                .ok_or_else(|| ExchangeError::Malformed("invalid Content-Length".into()))?;
+            if length.is_some_and(|l| l != n) {
+                return Err(ExchangeError::Malformed(
+                    "conflicting Content-Length values".into(),
+                ));
+            }
+            length = Some(n);
+        }
+        headers.append(name, value);
+    }
+    buf.advance(len);
+    let framing = if *method == Method::HEAD
+        || status.is_informational()
+        || status == StatusCode::NO_CONTENT
+        || status == StatusCode::NOT_MODIFIED
+    {
+        Framing::Empty
+    } else if coded {
+        if chunked {
+            Framing::Chunked
+        } else {
+            Framing::UntilClose
+        }
+    } else {
+        match length {
+            Some(0) => Framing::Empty,
+            Some(n) => Framing::Length(n),
+            None => Framing::UntilClose,
+        }
+    };
+    if coded {
+        // A message with both is delimited by the coding; the length must not travel on.
+        headers.remove(header::CONTENT_LENGTH);
+    }
+    Ok(Some(Head {
+        status,
+        headers,
+        keep_alive: !close && framing != Framing::UntilClose,
+        framing,
+    }))
+}
+
+/// Appends a request head without a body: `method pq HTTP/1.1`, the headers, a blank line.
+pub fn encode_head(method: &Method, path_and_query: &str, headers: &HeaderMap, out: &mut Vec<u8>) {
+    out.extend_from_slice(method.as_str().as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(path_and_query.as_bytes());
+    out.extend_from_slice(b" HTTP/1.1\r\n");
+    for (name, value) in headers {
+        out.extend_from_slice(name.as_str().as_bytes());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(value.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+    out.extend_from_slice(b"\r\n");
+}
+
+/// Where a connection goes when its body was read to the end.
+pub trait Recycle: Send + Sync + 'static {
+    /// Keeps `conn` for the next request.
+    fn recycle(&self, conn: RawConn);
+}
+
+/// Position in a chunked body.
+#[derive(Debug, Clone, Copy)]
+enum Chunk {
+    /// Expecting a chunk-size line.
+    Size,
+    /// Inside a chunk: this many bytes left.
+    Data(u64),
+    /// After a chunk's data: its CRLF.
+    DataEnd,
+    /// After the last chunk: trailer fields up to a blank line.
+    Trailers,
+}
+
+/// A response body read from a [`RawConn`] as the client takes it.
+pub struct RawBody {
+    conn: Option<RawConn>,
+    framing: Framing,
+    /// Bytes left for `Length`.
+    left: u64,
+    chunk: Chunk,
+    keep_alive: bool,
+    recycle: Option<Arc<dyn Recycle>>,
+    done: bool,
+}
+
+impl std::fmt::Debug for RawBody {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RawBody")
+            .field("framing", &self.framing)
+            .field("left", &self.left)
+            .field("done", &self.done)
+            .finish()
+    }
+}
+
+impl RawBody {
+    /// The body announced by `head`, on `conn`; `recycle` takes the connection back after a
+    /// complete body when it may be reused.
+    pub fn new(mut conn: RawConn, head: &Head, recycle: Arc<dyn Recycle>) -> RawBody {
+        conn.reused = true;
+        let left = match head.framing {
+            Framing::Length(n) => n,
+            _ => 0,
+        };
+        let mut body = RawBody {
+            conn: Some(conn),
+            framing: head.framing,
+            left,
+            chunk: Chunk::Size,
+            keep_alive: head.keep_alive,
+            recycle: Some(recycle),
+            done: false,
+        };
+        if head.framing == Framing::Empty {
+            body.finish();
+        }
+        body
+    }
+
+    /// Whether the whole body has been delivered.
+    pub fn is_done(&self) -> bool {
+        self.done
+    }
+
+    /// The exact remaining size, when known.
+    pub fn exact_len(&self) -> Option<u64> {
+        match self.framing {
+            Framing::Empty => Some(0),
+            Framing::Length(_) => Some(self.left),
+            _ => None,
+        }
+    }
+
+    /// The body ended cleanly: hand the connection back if it may serve again.
+    fn finish(&mut self) {
+        self.done = true;
+        if let (Some(conn), Some(recycle)) = (self.conn.take(), self.recycle.take())
+            && self.keep_alive
+            && conn.buf.is_empty()
+        {
+            recycle.recycle(conn);
+        }
+    }
+
+    /// Reads more into the connection's buffer; `Ok(0)` at EOF.
+    fn poll_fill(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
+        let conn = self.conn.as_mut().expect("body not finished");
+        conn.buf.reserve(READ);
+        tokio_util::io::poll_read_buf(Pin::new(&mut conn.io), cx, &mut conn.buf)
+    }
+
+    fn buf(&mut self) -> &mut BytesMut {
+        &mut self.conn.as_mut().expect("body not finished").buf
+    }
+
+    fn poll_next(&mut self, cx: &mut Context<'_>) -> Poll<Option<io::Result<Frame<Bytes>>>> {
+        if self.done {
+            return Poll::Ready(None);
+        }
+        match self.framing {
+            Framing::Empty => {
+                self.finish();
+                Poll::Ready(None)
+            }
+            Framing::Length(_) => {
+                if self.buf().is_empty() {
+                    let n = ready!(self.poll_fill(cx))?;
+                    if n == 0 {
+                        return Poll::Ready(Some(Err(eof("body ended early"))));
+                    }
+                }
+                let take = usize::try_from(self.left)
+                    .unwrap_or(usize::MAX)
+                    .min(self.buf().len());
+                let data = self.buf().split_to(take).freeze();
+                self.left -= take as u64;
+                if self.left == 0 {
+                    self.finish();
+                }
+                Poll::Ready(Some(Ok(Frame::data(data))))
+            }
+            Framing::UntilClose => {
+                if self.buf().is_empty() {
+                    let n = ready!(self.poll_fill(cx))?;
+                    if n == 0 {
+                        self.finish();
+                        return Poll::Ready(None);
+                    }
+                }
+                let data = self.buf().split().freeze();
+                Poll::Ready(Some(Ok(Frame::data(data))))
+            }
+            Framing::Chunked => self.poll_chunked(cx),
+        }
+    }
+
+    fn poll_chunked(&mut self, cx: &mut Context<'_>) -> Poll<Option<io::Result<Frame<Bytes>>>> {
+        loop {
+            match self.chunk {
+                Chunk::Size => match find_crlf(self.buf()) {
+                    Some(end) => {
+                        let line = self.buf().split_to(end + 2);
+                        let size = parse_chunk_size(&line[..end])?;
+                        self.chunk = if size == 0 {
+                            Chunk::Trailers
+                        } else {
+                            Chunk::Data(size)
+                        };
+                    }
+                    None if self.buf().len() > MAX_CHUNK_LINE => {
+                        return Poll::Ready(Some(Err(bad("chunk-size line too long"))));
+                    }
+                    None => {
+                        if ready!(self.poll_fill(cx))? == 0 {
+                            return Poll::Ready(Some(Err(eof("chunked body ended early"))));
+                        }
+                    }
+                },
+                Chunk::Data(left) => {
+                    if self.buf().is_empty() && ready!(self.poll_fill(cx))? == 0 {
+                        return Poll::Ready(Some(Err(eof("chunked body ended early"))));
+                    }
+                    let take = usize::try_from(left)
+                        .unwrap_or(usize::MAX)
+                        .min(self.buf().len());
+                    let data = self.buf().split_to(take).freeze();
+                    let left = left - take as u64;
+                    self.chunk = if left == 0 {
+                        Chunk::DataEnd
+                    } else {
+                        Chunk::Data(left)
+                    };
+                    return Poll::Ready(Some(Ok(Frame::data(data))));
+                }
+                Chunk::DataEnd => {
+                    if self.buf().len() < 2 {
+                        if ready!(self.poll_fill(cx))? == 0 {
+                            return Poll::Ready(Some(Err(eof("chunked body ended early"))));
+                        }
+                        continue;
+                    }
+                    if &self.buf()[..2] != b"\r\n" {
+                        return Poll::Ready(Some(Err(bad("chunk data not followed by CRLF"))));
+                    }
+                    self.buf().advance(2);
+                    self.chunk = Chunk::Size;
+                }
+                Chunk::Trailers => {
+                    // The trailer section ends with an empty line; parse it whole.
+                    let end = if self.buf().starts_with(b"\r\n") {
+                        Some(0)
+                    } else {
+                        self.buf()
+                            .windows(4)
+                            .position(|w| w == b"\r\n\r\n")
+                            .map(|p| p + 2)
+                    };
+                    let Some(end) = end else {
+                        if self.buf().len() > MAX_HEAD {
+                            return Poll::Ready(Some(Err(bad("trailer section too large"))));
+                        }
+                        if ready!(self.poll_fill(cx))? == 0 {
+                            return Poll::Ready(Some(Err(eof("trailers ended early"))));
+                        }
+                        continue;
+                    };
+                    let section = self.buf().split_to(end + 2);
+                    let trailers = parse_trailers(&section[..end])?;
+                    self.finish();
+                    return Poll::Ready(if trailers.is_empty() {
+                        None
+                    } else {
+                        Some(Ok(Frame::trailers(trailers)))
+                    });
+                }
+            }
+        }
+    }
+}
+
+impl http_body::Body for RawBody {
+    type Data = Bytes;
+    type Error = io::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, io::Error>>> {
+        let this = self.get_mut();
+        let polled = this.poll_next(cx);
+        if let Poll::Ready(Some(Err(_))) = polled {
+            // A broken body never returns its connection.
+            this.done = true;
+            this.conn = None;
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.done
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        match self.exact_len() {
+            Some(n) => http_body::SizeHint::with_exact(n),
+            None => http_body::SizeHint::default(),
+        }
+    }
+}
+
+fn find_crlf(buf: &[u8]) -> Option<usize> {
+    buf.windows(2).position(|w| w == b"\r\n")
+}
+
+fn parse_chunk_size(line: &[u8]) -> io::Result<u64> {
+    let digits = line.split(|b| *b == b';').next().unwrap_or(&[]);
+    let digits = std::str::from_utf8(digits)
+        .map_err(|_| bad("chunk size is not ASCII"))?
+        .trim();
+    if digits.is_empty() || digits.len() > 15 {
+        return Err(bad("invalid chunk size"));
+    }
+    u64::from_str_radix(digits, 16).map_err(|_| bad("invalid chunk size"))
+}
+
+fn parse_trailers(section: &[u8]) -> io::Result<HeaderMap> {
+    let mut map = HeaderMap::new();
+    for line in section.split(|b| *b == b'\n') {
+        let line = line.strip_suffix(b"\r").unwrap_or(line);
+        if line.is_empty() {
+            continue;
+        }
+        let colon = line
+            .iter()
+            .position(|b| *b == b':')
+            .ok_or_else(|| bad("trailer field without a colon"))?;
+        let name = HeaderName::from_bytes(&line[..colon]).map_err(|_| bad("trailer name"))?;
+        let value = HeaderValue::from_bytes(line[colon + 1..].trim_ascii())
+            .map_err(|_| bad("trailer value"))?;
+        map.append(name, value);
+    }
+    Ok(map)
+}
+
+fn bad(what: &str) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, what.to_owned())
+}
+
+fn eof(what: &str) -> io::Error {
+    io::Error::new(io::ErrorKind::UnexpectedEof, what.to_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http_body_util::BodyExt;
+    use parking_lot::Mutex;
+    use tokio::io::AsyncReadExt;
+    use tokio::net::TcpListener;
+
+    #[derive(Default)]
+    struct Pool(Mutex<Vec<RawConn>>);
+    impl Recycle for Pool {
+        fn recycle(&self, conn: RawConn) {
+            self.0.lock().push(conn);
+        }
+    }
+
+    /// A backend that reads one request head per answer in `answers` and writes the answer.
+    async fn backend(answers: Vec<&'static [u8]>, close_after: bool) -> std::net::SocketAddr {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        tokio::spawn(async move {
+            let (mut s, _) = l.accept().await.unwrap();
+            let mut got = Vec::new();
+            for a in answers {
+                while !got.windows(4).any(|w| w == b"\r\n\r\n") {
+                    let mut b = [0u8; 1024];
+                    let n = s.read(&mut b).await.unwrap();
+                    if n == 0 {
+                        return;
+                    }
+                    got.extend_from_slice(&b[..n]);
+                }
+                let end = got.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
+                got.drain(..end);
+                s.write_all(a).await.unwrap();
+            }
+            if !close_after {
+                tokio::time::sleep(std::time::Duration::from_secs(5)).await;
+            }
+        });
+        addr
+    }
+
+    async fn get(
+        conn: RawConn,
+        method: Method,
+        pool: &Arc<Pool>,
+    ) -> (Head, Bytes, Option<HeaderMap>) {
+        let mut conn = conn;
+        let mut req = Vec::new();
+        let mut h = HeaderMap::new();
+        h.insert(header::HOST, HeaderValue::from_static("b"));
+        encode_head(&method, "/x?y=1", &h, &mut req);
+        let head = conn.exchange(&req, &method).await.expect("head");
+        let body = RawBody::new(conn, &head, pool.clone());
+        let collected = body.collect().await.expect("body");
+        let trailers = collected.trailers().cloned();
+        (head, collected.to_bytes(), trailers)
+    }
+
+    #[tokio::test]
+    async fn length_chunked_and_empty_bodies_are_read_and_the_connection_reused() {
+        let addr = backend(
+            vec![
+                b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello",
+                b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3;ext=1\r\nabc\r\n2\r\nde\r\n0\r\ngrpc-status: 0\r\n\r\n",
+                b"HTTP/1.1 204 No Content\r\n\r\n",
+                b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\n",
+            ],
+            false,
+        )
+        .await;
+        let pool = Arc::new(Pool::default());
+        let conn = RawConn::new(TcpStream::connect(addr).await.unwrap());
+        let (head, body, _) = get(conn, Method::GET, &pool).await;
+        assert_eq!((head.status, &body[..]), (StatusCode::OK, &b"hello"[..]));
+        let conn = pool.0.lock().pop().expect("reused after a length body");
+        let (head, body, trailers) = get(conn, Method::GET, &pool).await;
+        assert_eq!(head.framing, Framing::Chunked);
+        assert_eq!(&body[..], b"abcde");
+        assert_eq!(trailers.expect("trailers")["grpc-status"], "0");
+        let conn = pool.0.lock().pop().expect("reused after a chunked body");
+        let (head, body, _) = get(conn, Method::GET, &pool).await;
+        assert_eq!((head.status, body.len()), (StatusCode::NO_CONTENT, 0));
+        let conn = pool.0.lock().pop().expect("reused after no body");
+        // HEAD: Content-Length describes the GET's body, none follows.
+        let (head, body, _) = get(conn, Method::HEAD, &pool).await;
+        assert_eq!((head.framing, body.len()), (Framing::Empty, 0));
+        assert!(pool.0.lock().pop().is_some());
+    }
+
+    #[tokio::test]
+    async fn a_body_until_close_is_read_and_the_connection_not_kept() {
+        let addr = backend(vec![b"HTTP/1.1 200 OK\r\n\r\nall of it"], true).await;
+        let pool = Arc::new(Pool::default());
+        let conn = RawConn::new(TcpStream::connect(addr).await.unwrap());
+        let (head, body, _) = get(conn, Method::GET, &pool).await;
+        assert_eq!(head.framing, Framing::UntilClose);
+        assert_eq!(&body[..], b"all of it");
+        assert!(pool.0.lock().is_empty());
+    }
+
+    #[tokio::test]
+    async fn connection_close_and_http10_are_not_kept() {
+        for answer in [
+            &b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 2\r\n\r\nok"[..],
+            &b"HTTP/1.0 200 OK\r\nContent-Length: 2\r\n\r\nok"[..],
+        ] {
+            let addr = backend(vec![answer], false).await;
+            let pool = Arc::new(Pool::default());
+            let conn = RawConn::new(TcpStream::connect(addr).await.unwrap());
+            let (_, body, _) = get(conn, Method::GET, &pool).await;
+            assert_eq!(&body[..], b"ok");
+            assert!(pool.0.lock().is_empty());
+        }
+    }
+
+    #[tokio::test]
+    async fn malformed_answers_are_errors_not_panics() {
+        for answer in [
+            &b"HTTP/1.1 2OO OK\r\n\r\n"[..],
+            &b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n"[..],
+            &b"HTTP/1.1 200 OK\r\nContent-Length: x\r\n\r\n"[..],
+            &b"HTTP/1.1 101 Switching Protocols\r\n\r\n"[..],
+        ] {
+            let addr = backend(vec![answer], false).await;
+            let mut conn = RawConn::new(TcpStream::connect(addr).await.unwrap());
+            let mut req = Vec::new();
+            encode_head(&Method::GET, "/", &HeaderMap::new(), &mut req);
+            let e = conn.exchange(&req, &Method::GET).await.unwrap_err();
+            assert!(matches!(e, ExchangeError::Malformed(_)), "{e}");
+        }
+        let addr = backend(
+            vec![&b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n"[..]],
+            true,
+        )
+        .await;
+        let mut conn = RawConn::new(TcpStream::connect(addr).await.unwrap());
+        let mut req = Vec::new();
+        encode_head(&Method::GET, "/", &HeaderMap::new(), &mut req);
+        let head = conn.exchange(&req, &Method::GET).await.unwrap();
+        let pool = Arc::new(Pool::default());
+        let err = RawBody::new(conn, &head, pool.clone()).collect().await;
+        assert!(err.is_err());
+        assert!(
+            pool.0.lock().is_empty(),
+            "a broken body's connection is dropped"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_reused_connection_closed_before_answering_is_stale() {
+        // Answers one request, then closes.
+        let addr = backend(vec![b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n"], true).await;
+        let pool = Arc::new(Pool::default());
+        let conn = RawConn::new(TcpStream::connect(addr).await.unwrap());
+        let _ = get(conn, Method::GET, &pool).await;
+        let mut conn = pool.0.lock().pop().expect("kept");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        assert!(!conn.looks_open(), "the close is seen while idle");
+        let mut req = Vec::new();
+        encode_head(&Method::GET, "/", &HeaderMap::new(), &mut req);
+        let e = conn.exchange(&req, &Method::GET).await.unwrap_err();
+        assert!(matches!(e, ExchangeError::Stale), "{e}");
+    }
+
+    #[test]
+    fn request_heads_are_encoded_in_order() {
+        let mut h = HeaderMap::new();
+        h.insert(header::HOST, HeaderValue::from_static("api"));
+        h.append("x-a", HeaderValue::from_static("1"));
+        h.append("x-a", HeaderValue::from_static("2"));
+        let mut out = Vec::new();
+        encode_head(&Method::DELETE, "/p?q", &h, &mut out);
+        assert_eq!(
+            out,
+            b"DELETE /p?q HTTP/1.1\r\nhost: api\r\nx-a: 1\r\nx-a: 2\r\n\r\n"
+        );
+    }
+}
