@@ -10,10 +10,10 @@ FILE=compose/docker-compose.yml
 TIMEOUT="${UP_TIMEOUT:-120}"
 bash scripts/build-images.sh
 echo "==> starting project $PROJECT ($FILE)"
+start=$SECONDS
 bash scripts/compose.sh -p "$PROJECT" -f "$FILE" up -d "$@"
 expected=$(bash scripts/compose.sh -p "$PROJECT" -f "$FILE" config --services | wc -l)
-echo "==> waiting for all $expected containers to be healthy (at most ${TIMEOUT}s)"
-start=$SECONDS
+echo "==> waiting for all $expected containers to be healthy (at most ${TIMEOUT}s after the start)"
 last=""
 while :; do
   states=$(docker ps -a --filter "label=com.docker.compose.project=$PROJECT" --format '{{.Names}} {{.Status}}' | sort)
@@ -37,7 +37,7 @@ while :; do
   fi
   sleep 1
 done
-echo "==> ready in $((SECONDS - start))s. Try:"
+echo "==> all healthy $((SECONDS - start))s after the start. Try:"
 echo "    curl -s 127.0.0.1:8080/users/alice        # through lb-gateway to a demo instance"
 echo "    ETCDCTL_API=3 etcdctl --endpoints=127.0.0.1:2379 endpoint status -w table"
 echo "    (the tour is in README.md and compose/README.md)"
