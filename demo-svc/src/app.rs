@@ -81,7 +81,11 @@ impl State {
         }
         match Settings::parse(version.number, &version.content) {
             Ok(settings) => {
-                tracing::info!(version = settings.version, previous = current, "settings updated");
+                tracing::info!(
+                    version = settings.version,
+                    previous = current,
+                    "settings updated"
+                );
                 let m = &self.inner.metrics;
                 m.settings_version
                     .set(i64::try_from(settings.version).unwrap_or(i64::MAX));
@@ -109,9 +113,7 @@ pub fn router(state: State) -> Router {
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
     // Nothing here can become unhealthy while the process answers: serving from the start.
     tokio::spawn(async move {
-        health_reporter
-            .set_serving::<DemoServer<DemoGrpc>>()
-            .await;
+        health_reporter.set_serving::<DemoServer<DemoGrpc>>().await;
     });
     let grpc = tonic::service::Routes::new(DemoServer::new(DemoGrpc {
         state: state.clone(),
@@ -122,11 +124,14 @@ pub fn router(state: State) -> Router {
     let http_state = state.clone();
     let instance = HeaderValue::from_str(state.instance_id())
         .unwrap_or_else(|_| HeaderValue::from_static("invalid-instance-id"));
-    grpc.route("/healthz", get(|| async { Json(json!({ "status": "ok" })) }))
-        .fallback(move |req: Request| answer(http_state.clone(), req))
-        .layer(middleware::from_fn(move |req: Request, next: Next| {
-            trace_request(req, next, instance.clone())
-        }))
+    grpc.route(
+        "/healthz",
+        get(|| async { Json(json!({ "status": "ok" })) }),
+    )
+    .fallback(move |req: Request| answer(http_state.clone(), req))
+    .layer(middleware::from_fn(move |req: Request, next: Next| {
+        trace_request(req, next, instance.clone())
+    }))
 }
 
 /// A span per request; the instance header on every answer.
@@ -184,7 +189,8 @@ impl Demo for DemoGrpc {
     ) -> Result<tonic::Response<HelloReply>, tonic::Status> {
         let key = request.into_inner().key;
         if key.len() > MAX_KEY {
-            self.state.count("grpc", tonic::Code::InvalidArgument as i32);
+            self.state
+                .count("grpc", tonic::Code::InvalidArgument as i32);
             return Err(tonic::Status::invalid_argument(format!(
                 "key is {} bytes; at most {MAX_KEY} are accepted",
                 key.len()
@@ -204,7 +210,11 @@ impl Demo for DemoGrpc {
 
 /// Serves [`router`] on `listener` (HTTP/1.1 and h2c) until `stop`, then lets in-flight
 /// requests finish for at most [`SHUTDOWN_GRACE`].
-pub async fn serve(listener: TcpListener, state: State, stop: CancellationToken) -> std::io::Result<()> {
+pub async fn serve(
+    listener: TcpListener,
+    state: State,
+    stop: CancellationToken,
+) -> std::io::Result<()> {
     let server = axum::serve(listener, router(state))
         .with_graceful_shutdown(stop.clone().cancelled_owned())
         .into_future();

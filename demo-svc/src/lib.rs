@@ -88,25 +88,50 @@ pub struct Config {
     /// The address others reach this instance at (default: the listen IP when it is a specific
     /// one, else the host name). A host name is resolved to its IP address at start, and the IP
     /// is registered (lb-gateway routes to IP addresses).
-    #[arg(long, env = "DEMO_ADVERTISE_ADDRESS", default_value = "", value_name = "HOST")]
+    #[arg(
+        long,
+        env = "DEMO_ADVERTISE_ADDRESS",
+        default_value = "",
+        value_name = "HOST"
+    )]
     pub advertise_address: String,
 
     /// gRPC endpoints of registry-svc replicas, comma-separated.
-    #[arg(long, env = "DEMO_REGISTRY_ENDPOINTS", default_value = "http://127.0.0.1:9200",
-          value_delimiter = ',', value_name = "URLS")]
+    #[arg(
+        long,
+        env = "DEMO_REGISTRY_ENDPOINTS",
+        default_value = "http://127.0.0.1:9200",
+        value_delimiter = ',',
+        value_name = "URLS"
+    )]
     pub registry_endpoints: Vec<String>,
 
     /// gRPC endpoints of config-svc replicas, comma-separated.
-    #[arg(long, env = "DEMO_CONFIG_ENDPOINTS", default_value = "http://127.0.0.1:9300",
-          value_delimiter = ',', value_name = "URLS")]
+    #[arg(
+        long,
+        env = "DEMO_CONFIG_ENDPOINTS",
+        default_value = "http://127.0.0.1:9300",
+        value_delimiter = ',',
+        value_name = "URLS"
+    )]
     pub config_endpoints: Vec<String>,
 
     /// Registry namespace to register in.
-    #[arg(long, env = "DEMO_NAMESPACE", default_value = "demo", value_name = "NS")]
+    #[arg(
+        long,
+        env = "DEMO_NAMESPACE",
+        default_value = "demo",
+        value_name = "NS"
+    )]
     pub namespace: String,
 
     /// Service name to register as.
-    #[arg(long, env = "DEMO_SERVICE", default_value = "demo", value_name = "NAME")]
+    #[arg(
+        long,
+        env = "DEMO_SERVICE",
+        default_value = "demo",
+        value_name = "NAME"
+    )]
     pub service: String,
 
     /// Zone to register with (optional; lb-gateway routes can filter on it).
@@ -158,7 +183,10 @@ impl Config {
         if self.config_endpoints.iter().all(|e| e.trim().is_empty()) {
             return Err("--config-endpoints is empty".into());
         }
-        for (flag, value) in [("--namespace", &self.namespace), ("--service", &self.service)] {
+        for (flag, value) in [
+            ("--namespace", &self.namespace),
+            ("--service", &self.service),
+        ] {
             if value.trim().is_empty() {
                 return Err(format!("{flag} is empty"));
             }
@@ -276,7 +304,11 @@ pub async fn run_with_listeners(
         kit_admin::router(health.clone(), registry_metrics.clone()),
         stop_serving.clone(),
     ));
-    let app_task = tokio::spawn(app::serve(listeners.app, state.clone(), stop_serving.clone()));
+    let app_task = tokio::spawn(app::serve(
+        listeners.app,
+        state.clone(),
+        stop_serving.clone(),
+    ));
     tracing::info!(instance = %instance_id, %local, advertise = %address, "serving HTTP and gRPC");
 
     // Settings: what config-svc has now, then every new version.
@@ -333,7 +365,9 @@ pub async fn run_with_listeners(
     if let Some(reg) = registration {
         match tokio::time::timeout(Duration::from_secs(3), reg.deregister()).await {
             Ok(Ok(())) => tracing::info!("deregistered"),
-            Ok(Err(s)) => tracing::warn!(error = %s.message(), "deregistering failed; the instance expires after its TTL"),
+            Ok(Err(s)) => {
+                tracing::warn!(error = %s.message(), "deregistering failed; the instance expires after its TTL")
+            }
             Err(_) => tracing::warn!("deregistering timed out; the instance expires after its TTL"),
         }
         metrics.registered.set(0);

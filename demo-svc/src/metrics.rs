@@ -37,7 +37,11 @@ impl DemoMetrics {
             registration_failures: Counter::default(),
         };
         let mut r = metrics.registry();
-        r.register("demo_requests", "Requests answered, by face and code", m.requests.clone());
+        r.register(
+            "demo_requests",
+            "Requests answered, by face and code",
+            m.requests.clone(),
+        );
         r.register(
             "demo_settings_version",
             "The config-svc version of the settings in use (0: defaults)",
@@ -53,7 +57,11 @@ impl DemoMetrics {
             "Settings versions refused as invalid",
             m.settings_rejected.clone(),
         );
-        r.register("demo_registered", "1 while registered", m.registered.clone());
+        r.register(
+            "demo_registered",
+            "1 while registered",
+            m.registered.clone(),
+        );
         r.register(
             "demo_registration_failures",
             "Failed registration attempts",

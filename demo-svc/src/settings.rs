@@ -58,7 +58,9 @@ pub enum SettingsError {
         found: &'static str,
     },
     /// `greeting` is not a string of at most [`MAX_GREETING`] bytes.
-    #[error("settings version {version}: \"greeting\" must be a string of at most {MAX_GREETING} bytes")]
+    #[error(
+        "settings version {version}: \"greeting\" must be a string of at most {MAX_GREETING} bytes"
+    )]
     BadGreeting {
         /// The refused version.
         version: u64,
@@ -79,11 +81,10 @@ fn kind(v: &Value) -> &'static str {
 impl Settings {
     /// Parses version `version` with `content`.
     pub fn parse(version: u64, content: &str) -> Result<Settings, SettingsError> {
-        let value: Value =
-            serde_json::from_str(content).map_err(|e| SettingsError::NotJson {
-                version,
-                message: e.to_string(),
-            })?;
+        let value: Value = serde_json::from_str(content).map_err(|e| SettingsError::NotJson {
+            version,
+            message: e.to_string(),
+        })?;
         let Value::Object(document) = value else {
             return Err(SettingsError::NotAnObject {
                 version,
@@ -124,11 +125,17 @@ mod tests {
     #[test]
     fn bad_documents_are_refused_saying_why() {
         let e = Settings::parse(2, "{not json").expect_err("invalid");
-        assert!(matches!(e, SettingsError::NotJson { version: 2, .. }), "{e}");
+        assert!(
+            matches!(e, SettingsError::NotJson { version: 2, .. }),
+            "{e}"
+        );
         assert!(e.to_string().contains("line 1"), "{e}");
         assert_eq!(
             Settings::parse(4, "[1,2]"),
-            Err(SettingsError::NotAnObject { version: 4, found: "an array" })
+            Err(SettingsError::NotAnObject {
+                version: 4,
+                found: "an array"
+            })
         );
         assert_eq!(
             Settings::parse(5, r#"{"greeting": 7}"#),

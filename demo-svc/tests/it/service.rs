@@ -39,21 +39,39 @@ impl Stack {
         let coordinator = Coordinator::start().await;
         let url = coordinator.url();
         let rconf = registry_svc::Config::try_parse_from([
-            "registry-svc", "--coordinator-endpoints", &url, "--replica-ttl", "2s",
+            "registry-svc",
+            "--coordinator-endpoints",
+            &url,
+            "--replica-ttl",
+            "2s",
         ])
         .expect("registry config");
-        let rl = registry_svc::Listeners { admin: bind().await, grpc: bind().await, http: bind().await };
+        let rl = registry_svc::Listeners {
+            admin: bind().await,
+            grpc: bind().await,
+            http: bind().await,
+        };
         let registry = rl.grpc.local_addr().expect("addr");
         let rstop = CancellationToken::new();
         tokio::spawn(registry_svc::run_with_listeners(rconf, rl, rstop.clone()));
 
-        let cconf = config_svc::Config::try_parse_from(["config-svc", "--coordinator-endpoints", &url])
-            .expect("config-svc config");
-        let cl = config_svc::Listeners { admin: bind().await, grpc: bind().await, http: bind().await };
+        let cconf =
+            config_svc::Config::try_parse_from(["config-svc", "--coordinator-endpoints", &url])
+                .expect("config-svc config");
+        let cl = config_svc::Listeners {
+            admin: bind().await,
+            grpc: bind().await,
+            http: bind().await,
+        };
         let config = cl.grpc.local_addr().expect("addr");
         let cstop = CancellationToken::new();
         tokio::spawn(config_svc::run_with_listeners(cconf, cl, cstop.clone()));
-        Stack { _coordinator: coordinator, registry, config, stops: vec![rstop, cstop] }
+        Stack {
+            _coordinator: coordinator,
+            registry,
+            config,
+            stops: vec![rstop, cstop],
+        }
     }
 
     fn registry_url(&self) -> String {
@@ -123,26 +141,45 @@ impl Demo {
     async fn start(stack: &Stack, id: &str) -> Demo {
         let config = demo_svc::Config::try_parse_from([
             "demo-svc",
-            "--instance-id", id,
-            "--registry-endpoints", &stack.registry_url(),
-            "--config-endpoints", &stack.config_url(),
-            "--ttl", "4s",
-            "--health-check-interval", "300ms",
+            "--instance-id",
+            id,
+            "--registry-endpoints",
+            &stack.registry_url(),
+            "--config-endpoints",
+            &stack.config_url(),
+            "--ttl",
+            "4s",
+            "--health-check-interval",
+            "300ms",
         ])
         .expect("demo config");
-        let listeners = demo_svc::Listeners { app: bind().await, admin: bind().await };
+        let listeners = demo_svc::Listeners {
+            app: bind().await,
+            admin: bind().await,
+        };
         let app = listeners.app.local_addr().expect("addr");
         let admin = listeners.admin.local_addr().expect("addr");
         let stop = CancellationToken::new();
-        let task = tokio::spawn(demo_svc::run_with_listeners(config, listeners, stop.clone()));
-        Demo { app, admin, stop, task }
+        let task = tokio::spawn(demo_svc::run_with_listeners(
+            config,
+            listeners,
+            stop.clone(),
+        ));
+        Demo {
+            app,
+            admin,
+            stop,
+            task,
+        }
     }
 }
 
 async fn get(addr: SocketAddr, path: &str) -> (u16, String) {
     let client = Client::builder(TokioExecutor::new()).build_http::<Empty<Bytes>>();
     let uri: hyper::Uri = format!("http://{addr}{path}").parse().expect("uri");
-    let resp = within(T, "an HTTP answer", client.get(uri)).await.expect("HTTP request");
+    let resp = within(T, "an HTTP answer", client.get(uri))
+        .await
+        .expect("HTTP request");
     let status = resp.status().as_u16();
     let body = resp.into_body().collect().await.expect("body").to_bytes();
     (status, String::from_utf8_lossy(&body).into_owned())
@@ -169,11 +206,18 @@ async fn registers_answers_follows_settings_and_deregisters_on_shutdown() {
 
     // Registered, with its address, an HTTP health check, and ready.
     wait_until(T, "the demo instance in the registry", || async {
-        stack.instances().await.iter().any(|i| i.instance_id == "demo-a")
+        stack
+            .instances()
+            .await
+            .iter()
+            .any(|i| i.instance_id == "demo-a")
     })
     .await;
     let instances = stack.instances().await;
-    let me = instances.iter().find(|i| i.instance_id == "demo-a").expect("registered");
+    let me = instances
+        .iter()
+        .find(|i| i.instance_id == "demo-a")
+        .expect("registered");
     assert_eq!(me.address, "127.0.0.1");
     assert_eq!(me.port, u32::from(demo.app.port()));
     assert_eq!(me.ttl_seconds, 4);
@@ -182,11 +226,16 @@ async fn registers_answers_follows_settings_and_deregisters_on_shutdown() {
         matches!(check.kind, Some(rpb::health_check::Kind::Http(ref h)) if h.path == "/healthz"),
         "{check:?}"
     );
-    wait_until(T, "readiness", || async { get(demo.admin, "/readyz").await.0 == 200 }).await;
+    wait_until(T, "readiness", || async {
+        get(demo.admin, "/readyz").await.0 == 200
+    })
+    .await;
     wait_until(T, "the registry to find it healthy", || async {
-        stack.instances().await.iter().any(|i| {
-            i.instance_id == "demo-a" && i.health == rpb::HealthStatus::Healthy as i32
-        })
+        stack
+            .instances()
+            .await
+            .iter()
+            .any(|i| i.instance_id == "demo-a" && i.health == rpb::HealthStatus::Healthy as i32)
     })
     .await;
 
@@ -198,7 +247,9 @@ async fn registers_answers_follows_settings_and_deregisters_on_shutdown() {
     assert_eq!(a["settings_version"], 0);
 
     // Settings pushed: the next answers carry them.
-    let v1 = stack.publish(r#"{"greeting":"bonjour","color":"blue"}"#).await;
+    let v1 = stack
+        .publish(r#"{"greeting":"bonjour","color":"blue"}"#)
+        .await;
     wait_until(T, "the published settings in the answers", || async {
         get_json(demo.app, "/x").await["settings_version"] == v1
     })
@@ -223,7 +274,9 @@ async fn registers_answers_follows_settings_and_deregisters_on_shutdown() {
     assert_eq!(metric(&text, "demo_registered"), 1.0);
 
     // gRPC on the same port: Hello, a refused key, grpc.health.v1.
-    let mut grpc = DemoClient::connect(format!("http://{}", demo.app)).await.expect("gRPC connect");
+    let mut grpc = DemoClient::connect(format!("http://{}", demo.app))
+        .await
+        .expect("gRPC connect");
     let r = grpc
         .hello(HelloRequest { key: "k1".into() })
         .await
@@ -232,7 +285,9 @@ async fn registers_answers_follows_settings_and_deregisters_on_shutdown() {
     assert_eq!((r.instance_id.as_str(), r.key.as_str()), ("demo-a", "k1"));
     assert_eq!((r.config_version, r.greeting.as_str()), (v1, "bonjour"));
     let err = grpc
-        .hello(HelloRequest { key: "k".repeat(2000) })
+        .hello(HelloRequest {
+            key: "k".repeat(2000),
+        })
         .await
         .expect_err("an oversized key");
     assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err}");
@@ -244,12 +299,17 @@ async fn registers_answers_follows_settings_and_deregisters_on_shutdown() {
         .expect("connect");
     let mut health = tonic_health::pb::health_client::HealthClient::new(channel);
     let status = health
-        .check(tonic_health::pb::HealthCheckRequest { service: String::new() })
+        .check(tonic_health::pb::HealthCheckRequest {
+            service: String::new(),
+        })
         .await
         .expect("health check")
         .into_inner()
         .status;
-    assert_eq!(status, tonic_health::pb::health_check_response::ServingStatus::Serving as i32);
+    assert_eq!(
+        status,
+        tonic_health::pb::health_check_response::ServingStatus::Serving as i32
+    );
 
     // SIGTERM's path: deregistered at once (long before the 4 s TTL), run returns Ok.
     let stopped_at = std::time::Instant::now();
@@ -263,7 +323,10 @@ async fn registers_answers_follows_settings_and_deregisters_on_shutdown() {
         gone.iter().all(|i| i.instance_id != "demo-a"),
         "deregistered on shutdown: {gone:?}"
     );
-    assert!(stopped_at.elapsed() < Duration::from_secs(4), "stopped within the TTL");
+    assert!(
+        stopped_at.elapsed() < Duration::from_secs(4),
+        "stopped within the TTL"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -275,46 +338,72 @@ async fn serves_with_defaults_while_the_registry_is_unreachable_and_registers_on
     let coordinator = Coordinator::start().await;
     let config = demo_svc::Config::try_parse_from([
         "demo-svc",
-        "--instance-id", "demo-b",
-        "--registry-endpoints", &format!("http://{registry_addr}"),
-        "--config-endpoints", &crate::coord::dead_endpoint(),
+        "--instance-id",
+        "demo-b",
+        "--registry-endpoints",
+        &format!("http://{registry_addr}"),
+        "--config-endpoints",
+        &crate::coord::dead_endpoint(),
     ])
     .expect("demo config");
-    let listeners = demo_svc::Listeners { app: bind().await, admin: bind().await };
+    let listeners = demo_svc::Listeners {
+        app: bind().await,
+        admin: bind().await,
+    };
     let (app, admin) = (
         listeners.app.local_addr().expect("addr"),
         listeners.admin.local_addr().expect("addr"),
     );
     let stop = CancellationToken::new();
-    let task = tokio::spawn(demo_svc::run_with_listeners(config, listeners, stop.clone()));
+    let task = tokio::spawn(demo_svc::run_with_listeners(
+        config,
+        listeners,
+        stop.clone(),
+    ));
     wait_until(T, "the app port to answer", || async {
         tokio::net::TcpStream::connect(app).await.is_ok()
     })
     .await;
     let a = get_json(app, "/k").await;
-    assert_eq!((a["instance"].as_str(), a["settings_version"].as_u64()), (Some("demo-b"), Some(0)));
-    assert_eq!(get(admin, "/readyz").await.0, 503, "not ready before registering");
+    assert_eq!(
+        (a["instance"].as_str(), a["settings_version"].as_u64()),
+        (Some("demo-b"), Some(0))
+    );
+    assert_eq!(
+        get(admin, "/readyz").await.0,
+        503,
+        "not ready before registering"
+    );
     let (_, text) = get(admin, "/metrics").await;
     assert_eq!(metric(&text, "demo_registered"), 0.0);
 
     // Now a registry appears on that address: the retry loop registers and turns ready.
     let rconf = registry_svc::Config::try_parse_from([
-        "registry-svc", "--coordinator-endpoints", &coordinator.url(),
+        "registry-svc",
+        "--coordinator-endpoints",
+        &coordinator.url(),
     ])
     .expect("registry config");
     let rl = registry_svc::Listeners {
         admin: bind().await,
-        grpc: TcpListener::bind(registry_addr).await.expect("bind the registry's address"),
+        grpc: TcpListener::bind(registry_addr)
+            .await
+            .expect("bind the registry's address"),
         http: bind().await,
     };
     let rstop = CancellationToken::new();
     tokio::spawn(registry_svc::run_with_listeners(rconf, rl, rstop.clone()));
-    wait_until(T, "readiness after registering", || async { get(admin, "/readyz").await.0 == 200 })
-        .await;
+    wait_until(T, "readiness after registering", || async {
+        get(admin, "/readyz").await.0 == 200
+    })
+    .await;
     let (_, text) = get(admin, "/metrics").await;
     assert!(metric(&text, "demo_registration_failures_total") >= 1.0);
     stop.cancel();
-    within(T, "demo-svc to stop", task).await.expect("task").expect("run Ok");
+    within(T, "demo-svc to stop", task)
+        .await
+        .expect("task")
+        .expect("run Ok");
     rstop.cancel();
 }
 
@@ -326,7 +415,10 @@ fn bad_configuration_is_refused_with_a_clear_message() {
         demo_svc::Config::try_parse_from(all)
     };
     let err = parse(&["--settings-item", "only/two"]).expect_err("bad item");
-    assert!(err.to_string().contains("expected namespace/group/key"), "{err}");
+    assert!(
+        err.to_string().contains("expected namespace/group/key"),
+        "{err}"
+    );
     let err = parse(&["--ttl", "soon"]).expect_err("bad duration");
     assert!(err.to_string().contains("invalid duration"), "{err}");
     let err = parse(&["--listen", "https://0.0.0.0:1"]).expect_err("bad scheme");
@@ -335,19 +427,38 @@ fn bad_configuration_is_refused_with_a_clear_message() {
     let c = parse(&["--ttl", "1s"]).expect("parses");
     assert!(c.validate().expect_err("too short").contains("--ttl"));
     let c = parse(&["--registry-endpoints", ""]).expect("parses");
-    assert!(c.validate().expect_err("empty").contains("--registry-endpoints is empty"));
+    assert!(
+        c.validate()
+            .expect_err("empty")
+            .contains("--registry-endpoints is empty")
+    );
     let c = parse(&["--health-check-interval", "10ms"]).expect("parses");
-    assert!(c.validate().expect_err("too fast").contains("--health-check-interval"));
+    assert!(
+        c.validate()
+            .expect_err("too fast")
+            .contains("--health-check-interval")
+    );
     let c = parse(&[]).expect("defaults");
     c.validate().expect("the defaults are valid");
     assert_eq!(c.listen.to_string(), "127.0.0.1:8500");
     assert_eq!(c.effective_advertise_address(c.listen), "127.0.0.1");
-    assert_eq!(parse(&["--instance-id", "x"]).expect("parses").effective_instance_id(1), "x");
+    assert_eq!(
+        parse(&["--instance-id", "x"])
+            .expect("parses")
+            .effective_instance_id(1),
+        "x"
+    );
 }
 
 #[tokio::test]
 async fn a_host_name_is_registered_as_its_ip_address() {
     // lb-gateway routes to IP addresses only.
-    assert_eq!(demo_svc::resolve("10.1.2.3", 80).await.expect("an IP"), "10.1.2.3");
-    assert_eq!(demo_svc::resolve("localhost", 80).await.expect("localhost"), "127.0.0.1");
+    assert_eq!(
+        demo_svc::resolve("10.1.2.3", 80).await.expect("an IP"),
+        "10.1.2.3"
+    );
+    assert_eq!(
+        demo_svc::resolve("localhost", 80).await.expect("localhost"),
+        "127.0.0.1"
+    );
 }

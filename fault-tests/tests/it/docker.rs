@@ -88,7 +88,10 @@ pub fn ensure_images() {
     if missing.is_empty() {
         return;
     }
-    eprintln!("images missing ({}): running scripts/build-images.sh", missing.join(", "));
+    eprintln!(
+        "images missing ({}): running scripts/build-images.sh",
+        missing.join(", ")
+    );
     let status = Command::new("bash")
         .arg(repo_root().join("scripts/build-images.sh"))
         .status()
@@ -253,7 +256,9 @@ impl Project {
             .lines()
             .find(|l| l.starts_with("127.0.0.1:"))
             .unwrap_or_else(|| panic!("{service}:{port} is not published on 127.0.0.1: {out:?}"));
-        line.trim().parse().unwrap_or_else(|e| panic!("docker port said {line:?}: {e}"))
+        line.trim()
+            .parse()
+            .unwrap_or_else(|e| panic!("docker port said {line:?}: {e}"))
     }
 
     /// `service`'s IP address on the project's network (what it registers).
@@ -274,7 +279,12 @@ impl Project {
 
     /// `docker network disconnect` of `service`.
     pub fn disconnect(&self, service: &str) {
-        docker(&["network", "disconnect", &self.network(), &self.container(service)]);
+        docker(&[
+            "network",
+            "disconnect",
+            &self.network(),
+            &self.container(service),
+        ]);
     }
 
     /// `docker network connect` of `service`, under its service name again (peers reach it by
@@ -304,10 +314,19 @@ impl Project {
     pub fn died_ago(&self, service: &str) -> Option<Duration> {
         let out = run(
             "docker",
-            &["inspect", "--format", "{{.State.FinishedAt}}", &self.container(service)],
+            &[
+                "inspect",
+                "--format",
+                "{{.State.FinishedAt}}",
+                &self.container(service),
+            ],
         );
         let finished = seconds_of_day(String::from_utf8_lossy(&out.stdout).trim())?;
-        let now = SystemTime::now().duration_since(UNIX_EPOCH).ok()?.as_secs_f64() % 86_400.0;
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .ok()?
+            .as_secs_f64()
+            % 86_400.0;
         let ago = (now - finished).rem_euclid(86_400.0);
         (ago < 60.0).then(|| Duration::from_secs_f64(ago))
     }
@@ -394,11 +413,17 @@ fn the_test_compose_file_publishes_ephemeral_ports_on_loopback_and_never_restart
     assert!(!made.contains("127.0.0.1:2379:"), "a fixed port left");
     assert!(!made.contains("unless-stopped"));
     // Every published port of the original is on 127.0.0.1.
-    for line in original.lines().filter(|l| l.trim_start().starts_with("- \"")) {
+    for line in original
+        .lines()
+        .filter(|l| l.trim_start().starts_with("- \""))
+    {
         let l = line.trim();
         if l.contains(":/") || l.ends_with(":ro") || l.contains("-data:") {
             continue; // a volume
         }
-        assert!(l.starts_with("- \"127.0.0.1:"), "published beyond loopback: {l}");
+        assert!(
+            l.starts_with("- \"127.0.0.1:"),
+            "published beyond loopback: {l}"
+        );
     }
 }

@@ -65,8 +65,17 @@ async fn one(client: &HttpClient, addr: SocketAddr, path: &str) -> (u16, Option<
             .get("x-demo-instance")
             .and_then(|v| v.to_str().ok())
             .map(str::to_owned);
-        let body = resp.into_body().collect().await.map_err(|e| e.to_string())?.to_bytes();
-        Ok::<_, String>((status, instance, String::from_utf8_lossy(&body).into_owned()))
+        let body = resp
+            .into_body()
+            .collect()
+            .await
+            .map_err(|e| e.to_string())?
+            .to_bytes();
+        Ok::<_, String>((
+            status,
+            instance,
+            String::from_utf8_lossy(&body).into_owned(),
+        ))
     };
     match tokio::time::timeout(REQUEST_TIMEOUT, call).await {
         Ok(Ok(r)) => r,
@@ -106,15 +115,26 @@ impl Load {
                         }
                         let key = (n * CLIENTS + c) % KEYS;
                         let sent = Instant::now();
-                        let (status, instance, body) = one(&http, addr, &format!("/load/{key}")).await;
+                        let (status, instance, body) =
+                            one(&http, addr, &format!("/load/{key}")).await;
                         let detail = (status != 200).then(|| body.chars().take(160).collect());
-                        samples.lock().expect("samples").push(Sample { sent, key, status, instance, detail });
+                        samples.lock().expect("samples").push(Sample {
+                            sent,
+                            key,
+                            status,
+                            instance,
+                            detail,
+                        });
                         tokio::time::sleep(PACE).await;
                     }
                 })
             })
             .collect();
-        Load { stop, tasks, samples }
+        Load {
+            stop,
+            tasks,
+            samples,
+        }
     }
 
     /// Samples so far.
@@ -135,18 +155,27 @@ impl Load {
 
 /// Failed samples sent in `[from, to)`.
 pub fn failures(samples: &[Sample], from: Instant, to: Instant) -> Vec<&Sample> {
-    samples.iter().filter(|s| s.sent >= from && s.sent < to && !s.ok()).collect()
+    samples
+        .iter()
+        .filter(|s| s.sent >= from && s.sent < to && !s.ok())
+        .collect()
 }
 
 /// Samples sent in `[from, to)`.
 pub fn count(samples: &[Sample], from: Instant, to: Instant) -> usize {
-    samples.iter().filter(|s| s.sent >= from && s.sent < to).count()
+    samples
+        .iter()
+        .filter(|s| s.sent >= from && s.sent < to)
+        .count()
 }
 
 /// Which instances answered each key in `[from, to)`.
 pub fn owners(samples: &[Sample], from: Instant, to: Instant) -> BTreeMap<u32, BTreeSet<String>> {
     let mut map: BTreeMap<u32, BTreeSet<String>> = BTreeMap::new();
-    for s in samples.iter().filter(|s| s.sent >= from && s.sent < to && s.ok()) {
+    for s in samples
+        .iter()
+        .filter(|s| s.sent >= from && s.sent < to && s.ok())
+    {
         if let Some(i) = &s.instance {
             map.entry(s.key).or_default().insert(i.clone());
         }

@@ -132,12 +132,14 @@ impl Members {
     /// a majority of the members that answer (a deposed leader that has not noticed yet is not
     /// taken for the leader).
     pub async fn leader(&self) -> Option<usize> {
-        let statuses =
-            futures::future::join_all((0..self.len()).map(|i| self.status(i))).await;
+        let statuses = futures::future::join_all((0..self.len()).map(|i| self.status(i))).await;
         let (i, s) = statuses
             .iter()
             .enumerate()
-            .filter_map(|(i, s)| s.filter(|s| s.leader != 0 && s.leader == s.member_id).map(|s| (i, s)))
+            .filter_map(|(i, s)| {
+                s.filter(|s| s.leader != 0 && s.leader == s.member_id)
+                    .map(|s| (i, s))
+            })
             .max_by_key(|(_, s)| s.term)?;
         let agree = statuses
             .iter()
@@ -180,8 +182,7 @@ impl Members {
         let deadline = Instant::now() + timeout;
         let others: Vec<usize> = (0..self.len()).filter(|&i| i != old).collect();
         loop {
-            let statuses =
-                futures::future::join_all(others.iter().map(|&i| self.status(i))).await;
+            let statuses = futures::future::join_all(others.iter().map(|&i| self.status(i))).await;
             let found = others.iter().zip(&statuses).find_map(|(&i, s)| {
                 s.filter(|s| s.leader == s.member_id && s.term > old_term)
                     .map(|_| i)
@@ -216,7 +217,9 @@ async fn perform(kv: &mut KvClient<Channel>, req: &hc::Request) -> Result<hc::Re
                     })
                     .await?
                     .into_inner();
-                hc::Response::Put { revision: rev(r.header) }
+                hc::Response::Put {
+                    revision: rev(r.header),
+                }
             }
             hc::Request::Get { key } => {
                 let r = kv
@@ -467,21 +470,31 @@ async fn lease_cycles(members: Arc<Members>, prefix: String, stop: CancellationT
             let mut lease = members.lease(at);
             let mut kv = members.kv(at);
             let t = |what: &'static str| move |_| format!("lease {what}: no answer in time");
-            let grant = tokio::time::timeout(OP_TIMEOUT, lease.lease_grant(LeaseGrantRequest { ttl: 5, id: 0 }))
-                .await
-                .map_err(t("grant"))?
-                .map_err(|s| format!("lease grant: {}", s.message()))?
-                .into_inner();
+            let grant = tokio::time::timeout(
+                OP_TIMEOUT,
+                lease.lease_grant(LeaseGrantRequest { ttl: 5, id: 0 }),
+            )
+            .await
+            .map_err(t("grant"))?
+            .map_err(|s| format!("lease grant: {}", s.message()))?
+            .into_inner();
             let id = grant.id;
             tokio::time::timeout(
                 OP_TIMEOUT,
-                kv.put(PutRequest { key: key.clone(), value: b"leased".to_vec(), lease: id, ..Default::default() }),
+                kv.put(PutRequest {
+                    key: key.clone(),
+                    value: b"leased".to_vec(),
+                    lease: id,
+                    ..Default::default()
+                }),
             )
             .await
             .map_err(t("put"))?
             .map_err(|s| format!("put with lease: {}", s.message()))?;
             let (tx, rx) = tokio::sync::mpsc::channel(1);
-            tx.send(LeaseKeepAliveRequest { id }).await.map_err(|_| "keep-alive channel".to_string())?;
+            tx.send(LeaseKeepAliveRequest { id })
+                .await
+                .map_err(|_| "keep-alive channel".to_string())?;
             let keep = async {
                 let mut stream = lease
                     .lease_keep_alive(tokio_stream_from(rx))
@@ -502,7 +515,10 @@ async fn lease_cycles(members: Arc<Members>, prefix: String, stop: CancellationT
                 .map_err(|s| format!("revoke: {}", s.message()))?;
             let got = tokio::time::timeout(
                 OP_TIMEOUT,
-                kv.range(RangeRequest { key: key.clone(), ..Default::default() }),
+                kv.range(RangeRequest {
+                    key: key.clone(),
+                    ..Default::default()
+                }),
             )
             .await
             .map_err(t("read"))?
@@ -516,7 +532,10 @@ async fn lease_cycles(members: Arc<Members>, prefix: String, stop: CancellationT
             Ok(false) => {
                 counts.lease_cycles += 1;
                 counts.lease_violations += 1;
-                counts.errors.push(format!("key {} readable after its lease was revoked", String::from_utf8_lossy(&key)));
+                counts.errors.push(format!(
+                    "key {} readable after its lease was revoked",
+                    String::from_utf8_lossy(&key)
+                ));
             }
             Err(e) => {
                 counts.lease_failed += 1;
@@ -542,17 +561,30 @@ fn tokio_stream_from<T: Send + 'static>(
 
 /// Reads every key of the workload once more (retrying through the members until each read
 /// succeeds, within `timeout`), so a lost acknowledged write would show.
-pub async fn final_reads(members: &Members, rec: &hc::Recorder, prefix: &str, keys: u64, timeout: Duration) {
+pub async fn final_reads(
+    members: &Members,
+    rec: &hc::Recorder,
+    prefix: &str,
+    keys: u64,
+    timeout: Duration,
+) {
     let deadline = Instant::now() + timeout;
     for k in 0..keys {
         let key = format!("{prefix}k{k}").into_bytes();
         let mut at = 0;
         loop {
             let mut kv = members.kv(at);
-            if recorded(rec, 1_000, &mut kv, hc::Request::get(key.clone())).await.is_ok() {
+            if recorded(rec, 1_000, &mut kv, hc::Request::get(key.clone()))
+                .await
+                .is_ok()
+            {
                 break;
             }
-            assert!(Instant::now() < deadline, "final read of {} within {timeout:?}", String::from_utf8_lossy(&key));
+            assert!(
+                Instant::now() < deadline,
+                "final read of {} within {timeout:?}",
+                String::from_utf8_lossy(&key)
+            );
             at = (at + 1) % members.len();
             tokio::time::sleep(Duration::from_millis(100)).await;
         }

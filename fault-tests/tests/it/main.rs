@@ -69,7 +69,11 @@ impl Scenario {
     }
 
     fn fault(&mut self, at: Instant, since: Instant, what: String) {
-        self.faults.push(format!("+{:.1}s ({}) {what}", at.duration_since(since).as_secs_f64(), utc(at)));
+        self.faults.push(format!(
+            "+{:.1}s ({}) {what}",
+            at.duration_since(since).as_secs_f64(),
+            utc(at)
+        ));
     }
 
     fn line(&mut self, l: String) {
@@ -137,13 +141,16 @@ fn compose_stack_under_docker_faults() {
         .enable_all()
         .build()
         .expect("a Tokio runtime");
-    let outcome = runtime.block_on(async {
-        tokio::time::timeout(RUN_BOUND, run_all(&project)).await
-    });
+    let outcome =
+        runtime.block_on(async { tokio::time::timeout(RUN_BOUND, run_all(&project)).await });
     runtime.shutdown_timeout(Duration::from_secs(5));
-    let (header, scenarios) = outcome.unwrap_or_else(|_| panic!("the fault tests did not finish within {RUN_BOUND:?}"));
+    let (header, scenarios) =
+        outcome.unwrap_or_else(|_| panic!("the fault tests did not finish within {RUN_BOUND:?}"));
 
-    let mut report = format!("== fault tests across containers (project {}): {header}\n", project.name);
+    let mut report = format!(
+        "== fault tests across containers (project {}): {header}\n",
+        project.name
+    );
     for (i, s) in scenarios.iter().enumerate() {
         report.push_str(&s.render(i + 1));
     }
@@ -159,19 +166,35 @@ fn compose_stack_under_docker_faults() {
         .iter()
         .flat_map(|s| s.problems.iter().map(move |p| format!("{}: {p}", s.name)))
         .collect();
-    assert!(failed.is_empty(), "fault scenarios failed:\n{}", failed.join("\n"));
+    assert!(
+        failed.is_empty(),
+        "fault scenarios failed:\n{}",
+        failed.join("\n")
+    );
 }
 
 async fn run_all(project: &Project) -> (String, Vec<Scenario>) {
     let mut setup = Scenario::new("stack up, consistent hashing through the gateway");
     let up = blocking(|| project.up(Duration::from_secs(120)));
     let services = blocking(|| project.services());
-    setup.line(format!("{} containers healthy {} after `compose up`", services.len(), secs(up)));
-    setup.expect(up <= HEALTHY_BOUND, format!("healthy after {} (bound {})", secs(up), secs(HEALTHY_BOUND)));
+    setup.line(format!(
+        "{} containers healthy {} after `compose up`",
+        services.len(),
+        secs(up)
+    ));
+    setup.expect(
+        up <= HEALTHY_BOUND,
+        format!("healthy after {} (bound {})", secs(up), secs(HEALTHY_BOUND)),
+    );
     let gateway = blocking(|| project.port("lb-gateway", 8080));
     let gateway_admin = blocking(|| project.port("lb-gateway", 9103));
     let members = Arc::new(Members::connect(project).await);
-    let env = Env { project, members, gateway, gateway_admin };
+    let env = Env {
+        project,
+        members,
+        gateway,
+        gateway_admin,
+    };
     baseline(&env, &mut setup).await;
     let header = format!("{} services", services.len());
 
@@ -199,38 +222,64 @@ async fn baseline(env: &Env<'_>, s: &mut Scenario) {
             tokio::time::sleep(Duration::from_millis(500)).await;
         }
     }
-    s.line(format!("{} keys spread over instances {seen:?}", gateway::KEYS));
-    s.expect(seen.len() == 3, format!("all three demo instances answer through the gateway (saw {seen:?})"));
+    s.line(format!(
+        "{} keys spread over instances {seen:?}",
+        gateway::KEYS
+    ));
+    s.expect(
+        seen.len() == 3,
+        format!("all three demo instances answer through the gateway (saw {seen:?})"),
+    );
     let mut answers = std::collections::BTreeSet::new();
     for _ in 0..10 {
         let (status, instance, body) = gateway::get(env.gateway, "/users/alice").await;
-        s.expect(status == 200, format!("GET /users/alice answered {status}: {body}"));
+        s.expect(
+            status == 200,
+            format!("GET /users/alice answered {status}: {body}"),
+        );
         answers.extend(instance);
     }
     s.line(format!("GET /users/alice x10 answered by {answers:?}"));
-    s.expect(answers.len() == 1, format!("the same key lands on one instance (got {answers:?})"));
+    s.expect(
+        answers.len() == 1,
+        format!("the same key lands on one instance (got {answers:?})"),
+    );
 
     // gRPC through the gateway: demo.v1.Demo/Hello, routed by the x-key header.
     let mut grpc_answers = std::collections::BTreeSet::new();
-    match demo_svc::pb_demo::demo_client::DemoClient::connect(format!("http://{}", env.gateway)).await {
+    match demo_svc::pb_demo::demo_client::DemoClient::connect(format!("http://{}", env.gateway))
+        .await
+    {
         Ok(mut client) => {
             for _ in 0..5 {
-                let mut req = tonic::Request::new(demo_svc::pb_demo::HelloRequest { key: "alice".into() });
-                req.metadata_mut().insert("x-key", tonic::metadata::MetadataValue::from_static("alice"));
+                let mut req = tonic::Request::new(demo_svc::pb_demo::HelloRequest {
+                    key: "alice".into(),
+                });
+                req.metadata_mut().insert(
+                    "x-key",
+                    tonic::metadata::MetadataValue::from_static("alice"),
+                );
                 match client.hello(req).await {
                     Ok(r) => {
                         let r = r.into_inner();
                         s.expect(r.key == "alice", format!("Hello echoes the key: {r:?}"));
                         grpc_answers.insert(r.instance_id);
                     }
-                    Err(e) => s.problems.push(format!("gRPC Hello through the gateway: {e}")),
+                    Err(e) => s
+                        .problems
+                        .push(format!("gRPC Hello through the gateway: {e}")),
                 }
             }
         }
         Err(e) => s.problems.push(format!("gRPC connect to the gateway: {e}")),
     }
-    s.line(format!("gRPC demo.v1.Demo/Hello (x-key: alice) x5 answered by {grpc_answers:?}"));
-    s.expect(grpc_answers.len() == 1, format!("one instance answers a gRPC key (got {grpc_answers:?})"));
+    s.line(format!(
+        "gRPC demo.v1.Demo/Hello (x-key: alice) x5 answered by {grpc_answers:?}"
+    ));
+    s.expect(
+        grpc_answers.len() == 1,
+        format!("one instance answers a gRPC key (got {grpc_answers:?})"),
+    );
 }
 
 /// The current leader and its term, waiting for one if needed.
@@ -284,14 +333,21 @@ async fn rejoined(env: &Env<'_>, i: usize, since: Instant, timeout: Duration) ->
 
 /// A new leader came too late: say so, with what the other members logged about it.
 fn election_problem(env: &Env<'_>, old: usize, took: Duration) -> String {
-    let mut p = format!("new leader after {} (bound {})", secs(took), secs(ELECTION_BOUND));
+    let mut p = format!(
+        "new leader after {} (bound {})",
+        secs(took),
+        secs(ELECTION_BOUND)
+    );
     for (_, m) in MEMBERS.iter().enumerate().filter(|(i, _)| *i != old) {
         let log = blocking(|| env.project.logs(m, 200));
         let lines: Vec<&str> = log
             .lines()
             .filter(|l| {
                 let l = l.to_ascii_lowercase();
-                l.contains("elect") || l.contains("vote") || l.contains("leader") || l.contains("campaign")
+                l.contains("elect")
+                    || l.contains("vote")
+                    || l.contains("leader")
+                    || l.contains("campaign")
             })
             .collect();
         let tail = &lines[lines.len().saturating_sub(6)..];
@@ -301,7 +357,14 @@ fn election_problem(env: &Env<'_>, old: usize, took: Duration) -> String {
 }
 
 /// Stops the workload and the load, runs the final reads and the checker; reports.
-async fn finish(env: &Env<'_>, s: &mut Scenario, began: Instant, wl: Workload, load: Load, no_leader: Option<(Instant, Instant)>) {
+async fn finish(
+    env: &Env<'_>,
+    s: &mut Scenario,
+    began: Instant,
+    wl: Workload,
+    load: Load,
+    no_leader: Option<(Instant, Instant)>,
+) {
     let (rec, counts, prefix, keys) = wl.stop().await;
     kv::final_reads(&env.members, &rec, &prefix, keys, Duration::from_secs(30)).await;
     let samples = load.stop().await;
@@ -314,34 +377,68 @@ async fn finish(env: &Env<'_>, s: &mut Scenario, began: Instant, wl: Workload, l
         s.line(format!("errors    {}", counts.errors.join(" | ")));
     }
     let failed: Vec<&gateway::Sample> = samples.iter().filter(|x| !x.ok()).collect();
-    s.line(format!("http      {} requests through the gateway, {} failed", samples.len(), failed.len()));
+    s.line(format!(
+        "http      {} requests through the gateway, {} failed",
+        samples.len(),
+        failed.len()
+    ));
     s.line(format!("checker   {}", verdict.summary()));
-    s.expect(counts.ops > 100, format!("the workload ran ({} ops)", counts.ops));
-    s.expect(counts.acked_writes > 20, format!("writes were acknowledged ({})", counts.acked_writes));
-    s.expect(verdict.lost_writes() == 0, format!("{} acknowledged writes lost", verdict.lost_writes()));
+    s.expect(
+        counts.ops > 100,
+        format!("the workload ran ({} ops)", counts.ops),
+    );
+    s.expect(
+        counts.acked_writes > 20,
+        format!("writes were acknowledged ({})", counts.acked_writes),
+    );
+    s.expect(
+        verdict.lost_writes() == 0,
+        format!("{} acknowledged writes lost", verdict.lost_writes()),
+    );
     if !verdict.replay.is_ok() {
-        s.problems.push(format!("history check:\n{}", verdict.replay));
+        s.problems
+            .push(format!("history check:\n{}", verdict.replay));
     }
     if !verdict.linearizability.is_ok() {
         s.problems.push(format!(
             "not linearizable: {:?}; inconclusive keys: {}",
-            verdict.linearizability.violations.iter().map(|v| v.to_string()).collect::<Vec<_>>(),
+            verdict
+                .linearizability
+                .violations
+                .iter()
+                .map(|v| v.to_string())
+                .collect::<Vec<_>>(),
             verdict.linearizability.inconclusive.len()
         ));
     }
-    s.expect(counts.lease_violations == 0, format!("{} keys outlived their revoked lease", counts.lease_violations));
+    s.expect(
+        counts.lease_violations == 0,
+        format!(
+            "{} keys outlived their revoked lease",
+            counts.lease_violations
+        ),
+    );
     s.expect(counts.lease_cycles > 0, "lease cycles completed".into());
-    s.expect(samples.len() > 100, format!("gateway traffic ran ({} requests)", samples.len()));
+    s.expect(
+        samples.len() > 100,
+        format!("gateway traffic ran ({} requests)", samples.len()),
+    );
     if !failed.is_empty() {
         let gw = blocking(|| env.project.logs("lb-gateway", 400));
-        let lines: Vec<&str> = gw.lines().filter(|l| !l.contains("lb_gateway::access")).collect();
+        let lines: Vec<&str> = gw
+            .lines()
+            .filter(|l| !l.contains("lb_gateway::access"))
+            .collect();
         s.line(format!(
             "gateway log (last lines other than access):\n        {}",
             lines[lines.len().saturating_sub(8)..].join("\n        ")
         ));
         for r in ["registry-svc-1", "registry-svc-2", "demo-1"] {
             let log = blocking(|| env.project.logs(r, 300));
-            let lines: Vec<&str> = log.lines().filter(|l| l.contains("WARN") || l.contains("ERROR") || l.contains("again")).collect();
+            let lines: Vec<&str> = log
+                .lines()
+                .filter(|l| l.contains("WARN") || l.contains("ERROR") || l.contains("again"))
+                .collect();
             s.line(format!(
                 "{r} log (last warnings):\n        {}",
                 lines[lines.len().saturating_sub(5)..].join("\n        ")
@@ -362,14 +459,21 @@ async fn finish(env: &Env<'_>, s: &mut Scenario, began: Instant, wl: Workload, l
     if let Some((from, to)) = no_leader {
         let n = gateway::count(&samples, from, to);
         let bad = gateway::failures(&samples, from, to).len();
-        s.line(format!("no leader {} : the gateway answered {}/{} requests from its last known set", secs(to - from), n - bad, n));
+        s.line(format!(
+            "no leader {} : the gateway answered {}/{} requests from its last known set",
+            secs(to - from),
+            n - bad,
+            n
+        ));
         s.expect(n > 0, "requests were sent while there was no leader".into());
     }
 }
 
 async fn leader_partition(env: &Env<'_>) -> Scenario {
     let mut s = Scenario::new("leader partition: docker network disconnect for 10 s");
-    let Some((old, old_term)) = leader(env, &mut s).await else { return s };
+    let Some((old, old_term)) = leader(env, &mut s).await else {
+        return s;
+    };
     let wl = Workload::start(&env.members, "/faults/partition/");
     let load = Load::start(env.gateway);
     let t = Instant::now();
@@ -378,10 +482,26 @@ async fn leader_partition(env: &Env<'_>) -> Scenario {
     blocking(|| env.project.disconnect(MEMBERS[old]));
     // Timed from the CLI's return: the member is cut off by then.
     let t0 = Instant::now();
-    s.fault(t0, t, format!("docker network disconnect {} (the leader; the CLI took {})", MEMBERS[old], secs(t0 - c0)));
-    match env.members.wait_new_leader(old, old_term, t0, Duration::from_secs(10)).await {
+    s.fault(
+        t0,
+        t,
+        format!(
+            "docker network disconnect {} (the leader; the CLI took {})",
+            MEMBERS[old],
+            secs(t0 - c0)
+        ),
+    );
+    match env
+        .members
+        .wait_new_leader(old, old_term, t0, Duration::from_secs(10))
+        .await
+    {
         Some((new, took)) => {
-            s.line(format!("recovery  new leader {} after {}", MEMBERS[new], secs(took)));
+            s.line(format!(
+                "recovery  new leader {} after {}",
+                MEMBERS[new],
+                secs(took)
+            ));
             if took > ELECTION_BOUND {
                 let problem = election_problem(env, old, took);
                 s.problems.push(problem);
@@ -389,12 +509,17 @@ async fn leader_partition(env: &Env<'_>) -> Scenario {
         }
         None => s.problems.push("no new leader within 10 s".into()),
     }
-    tokio::time::sleep((t0 + Duration::from_secs(10)).saturating_duration_since(Instant::now())).await;
+    tokio::time::sleep((t0 + Duration::from_secs(10)).saturating_duration_since(Instant::now()))
+        .await;
     let t1 = Instant::now();
     blocking(|| env.project.connect(MEMBERS[old]));
     s.fault(t1, t, format!("docker network connect {}", MEMBERS[old]));
     match rejoined(env, old, t1, Duration::from_secs(30)).await {
-        Some(d) => s.line(format!("recovery  {} follows the leader {} after reconnecting", MEMBERS[old], secs(d))),
+        Some(d) => s.line(format!(
+            "recovery  {} follows the leader {} after reconnecting",
+            MEMBERS[old],
+            secs(d)
+        )),
         None => s.problems.push(format!(
             "{} did not rejoin within 30 s; its log:\n{}",
             MEMBERS[old],
@@ -408,7 +533,9 @@ async fn leader_partition(env: &Env<'_>) -> Scenario {
 
 async fn leader_kill(env: &Env<'_>) -> Scenario {
     let mut s = Scenario::new("leader kill: docker kill (SIGKILL), then docker start");
-    let Some((old, old_term)) = leader(env, &mut s).await else { return s };
+    let Some((old, old_term)) = leader(env, &mut s).await else {
+        return s;
+    };
     let wl = Workload::start(&env.members, "/faults/kill/");
     let load = Load::start(env.gateway);
     let t = Instant::now();
@@ -421,10 +548,26 @@ async fn leader_kill(env: &Env<'_>) -> Scenario {
         .and_then(|ago| returned.checked_sub(ago))
         .filter(|&died| died >= c0)
         .unwrap_or(returned);
-    s.fault(t0, t, format!("docker kill {} (the leader; died {} after the CLI started)", MEMBERS[old], secs(t0 - c0)));
-    match env.members.wait_new_leader(old, old_term, t0, Duration::from_secs(10)).await {
+    s.fault(
+        t0,
+        t,
+        format!(
+            "docker kill {} (the leader; died {} after the CLI started)",
+            MEMBERS[old],
+            secs(t0 - c0)
+        ),
+    );
+    match env
+        .members
+        .wait_new_leader(old, old_term, t0, Duration::from_secs(10))
+        .await
+    {
         Some((new, took)) => {
-            s.line(format!("recovery  new leader {} after {}", MEMBERS[new], secs(took)));
+            s.line(format!(
+                "recovery  new leader {} after {}",
+                MEMBERS[new],
+                secs(took)
+            ));
             if took > ELECTION_BOUND {
                 let problem = election_problem(env, old, took);
                 s.problems.push(problem);
@@ -437,7 +580,11 @@ async fn leader_kill(env: &Env<'_>) -> Scenario {
     blocking(|| env.project.start(&[MEMBERS[old]]));
     s.fault(t1, t, format!("docker start {}", MEMBERS[old]));
     match rejoined(env, old, t1, Duration::from_secs(30)).await {
-        Some(d) => s.line(format!("recovery  {} restarted and follows the leader after {}", MEMBERS[old], secs(d))),
+        Some(d) => s.line(format!(
+            "recovery  {} restarted and follows the leader after {}",
+            MEMBERS[old],
+            secs(d)
+        )),
         None => s.problems.push(format!(
             "{} did not rejoin within 30 s; its log:\n{}",
             MEMBERS[old],
@@ -450,7 +597,8 @@ async fn leader_kill(env: &Env<'_>) -> Scenario {
 }
 
 async fn whole_cluster_kill(env: &Env<'_>) -> Scenario {
-    let mut s = Scenario::new("whole-cluster kill: docker kill of all three members at once, then start");
+    let mut s =
+        Scenario::new("whole-cluster kill: docker kill of all three members at once, then start");
     if leader(env, &mut s).await.is_none() {
         return s;
     }
@@ -460,17 +608,26 @@ async fn whole_cluster_kill(env: &Env<'_>) -> Scenario {
     tokio::time::sleep(Duration::from_secs(2)).await;
     let t0 = Instant::now();
     blocking(|| env.project.kill(&MEMBERS));
-    s.fault(t0, t, "docker kill coordinator-1 coordinator-2 coordinator-3".into());
+    s.fault(
+        t0,
+        t,
+        "docker kill coordinator-1 coordinator-2 coordinator-3".into(),
+    );
     tokio::time::sleep(Duration::from_secs(5)).await;
     let t1 = Instant::now();
     blocking(|| env.project.start(&MEMBERS));
-    s.fault(t1, t, "docker start coordinator-1 coordinator-2 coordinator-3".into());
+    s.fault(
+        t1,
+        t,
+        "docker start coordinator-1 coordinator-2 coordinator-3".into(),
+    );
     for i in 0..MEMBERS.len() {
         blocking(|| env.members.refresh(env.project, i));
     }
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        let answering = futures::future::join_all((0..MEMBERS.len()).map(|i| env.members.status(i))).await;
+        let answering =
+            futures::future::join_all((0..MEMBERS.len()).map(|i| env.members.status(i))).await;
         if answering.iter().any(Option::is_some) || Instant::now() > deadline {
             s.line(format!(
                 "recovery  {} of 3 members answer Status {} after the start",
@@ -482,24 +639,47 @@ async fn whole_cluster_kill(env: &Env<'_>) -> Scenario {
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
     let mut back = Instant::now();
-    match env.members.wait_leader(None, t1, Duration::from_secs(30)).await {
+    match env
+        .members
+        .wait_leader(None, t1, Duration::from_secs(30))
+        .await
+    {
         Some((l, took)) => {
             back = Instant::now();
-            s.line(format!("recovery  leader {} elected {} after the start", MEMBERS[l], secs(took)));
+            s.line(format!(
+                "recovery  leader {} elected {} after the start",
+                MEMBERS[l],
+                secs(took)
+            ));
             if took > RESTART_BOUND {
-                let mut p = format!("a leader {} after the start (bound {})", secs(took), secs(RESTART_BOUND));
+                let mut p = format!(
+                    "a leader {} after the start (bound {})",
+                    secs(took),
+                    secs(RESTART_BOUND)
+                );
                 for m in MEMBERS {
                     let log = blocking(|| env.project.logs(m, 300));
                     let lines: Vec<&str> = log
                         .lines()
-                        .filter(|l| l.contains("coordinator ready") || l.contains("became leader") || l.contains("startup done") || l.contains("campaign"))
+                        .filter(|l| {
+                            l.contains("coordinator ready")
+                                || l.contains("became leader")
+                                || l.contains("startup done")
+                                || l.contains("campaign")
+                        })
                         .collect();
-                    let _ = write!(p, "\n      {m}:\n        {}", lines[lines.len().saturating_sub(4)..].join("\n        "));
+                    let _ = write!(
+                        p,
+                        "\n      {m}:\n        {}",
+                        lines[lines.len().saturating_sub(4)..].join("\n        ")
+                    );
                 }
                 s.problems.push(p);
             }
         }
-        None => s.problems.push("no leader within 30 s of starting the members".into()),
+        None => s
+            .problems
+            .push("no leader within 30 s of starting the members".into()),
     }
     // Writable: an unrecorded put (its own key) succeeds through some member.
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -512,7 +692,10 @@ async fn whole_cluster_kill(env: &Env<'_>) -> Scenario {
                 value: b"1".to_vec(),
                 ..Default::default()
             };
-            if tokio::time::timeout(Duration::from_secs(2), kv.put(put)).await.is_ok_and(|r| r.is_ok()) {
+            if tokio::time::timeout(Duration::from_secs(2), kv.put(put))
+                .await
+                .is_ok_and(|r| r.is_ok())
+            {
                 ok = true;
                 break;
             }
@@ -527,7 +710,9 @@ async fn whole_cluster_kill(env: &Env<'_>) -> Scenario {
     };
     match writable {
         Some(d) => s.line(format!("recovery  writable {} after the start", secs(d))),
-        None => s.problems.push("not writable within 30 s of the start".into()),
+        None => s
+            .problems
+            .push("not writable within 30 s of the start".into()),
     }
     tokio::time::sleep(Duration::from_secs(2)).await;
     finish(env, &mut s, t, wl, load, Some((t0, back))).await;
@@ -536,7 +721,9 @@ async fn whole_cluster_kill(env: &Env<'_>) -> Scenario {
 
 async fn leader_pause(env: &Env<'_>) -> Scenario {
     let mut s = Scenario::new("leader pause: docker pause for 5 s");
-    let Some((old, old_term)) = leader(env, &mut s).await else { return s };
+    let Some((old, old_term)) = leader(env, &mut s).await else {
+        return s;
+    };
     let wl = Workload::start(&env.members, "/faults/pause/");
     let load = Load::start(env.gateway);
     let t = Instant::now();
@@ -545,24 +732,46 @@ async fn leader_pause(env: &Env<'_>) -> Scenario {
     blocking(|| env.project.pause(MEMBERS[old]));
     // Timed from the CLI's return: the member is frozen by then.
     let t0 = Instant::now();
-    s.fault(t0, t, format!("docker pause {} (the leader; the CLI took {})", MEMBERS[old], secs(t0 - c0)));
-    let elected = env.members.wait_new_leader(old, old_term, t0, Duration::from_secs(5)).await;
-    tokio::time::sleep((t0 + Duration::from_secs(5)).saturating_duration_since(Instant::now())).await;
+    s.fault(
+        t0,
+        t,
+        format!(
+            "docker pause {} (the leader; the CLI took {})",
+            MEMBERS[old],
+            secs(t0 - c0)
+        ),
+    );
+    let elected = env
+        .members
+        .wait_new_leader(old, old_term, t0, Duration::from_secs(5))
+        .await;
+    tokio::time::sleep((t0 + Duration::from_secs(5)).saturating_duration_since(Instant::now()))
+        .await;
     let t1 = Instant::now();
     blocking(|| env.project.unpause(MEMBERS[old]));
     s.fault(t1, t, format!("docker unpause {}", MEMBERS[old]));
     match elected {
         Some((new, took)) => {
-            s.line(format!("recovery  new leader {} after {}", MEMBERS[new], secs(took)));
+            s.line(format!(
+                "recovery  new leader {} after {}",
+                MEMBERS[new],
+                secs(took)
+            ));
             if took > ELECTION_BOUND {
                 let problem = election_problem(env, old, took);
                 s.problems.push(problem);
             }
         }
-        None => s.problems.push("no new leader while the old one was paused (5 s)".into()),
+        None => s
+            .problems
+            .push("no new leader while the old one was paused (5 s)".into()),
     }
     match rejoined(env, old, t1, Duration::from_secs(30)).await {
-        Some(d) => s.line(format!("recovery  {} resumed and follows the leader after {}", MEMBERS[old], secs(d))),
+        Some(d) => s.line(format!(
+            "recovery  {} resumed and follows the leader after {}",
+            MEMBERS[old],
+            secs(d)
+        )),
         None => s.problems.push(format!(
             "{} did not rejoin within 30 s; its log:\n{}",
             MEMBERS[old],
@@ -587,8 +796,13 @@ async fn instance_kill(env: &Env<'_>) -> Scenario {
             *per_instance.entry(i.clone()).or_default() += 1;
         }
     }
-    let Some(victim) = per_instance.iter().max_by_key(|(_, n)| **n).map(|(i, _)| i.clone()) else {
-        s.problems.push("no instance answered before the fault".into());
+    let Some(victim) = per_instance
+        .iter()
+        .max_by_key(|(_, n)| **n)
+        .map(|(i, _)| i.clone())
+    else {
+        s.problems
+            .push("no instance answered before the fault".into());
         let _ = load.stop().await;
         return s;
     };
@@ -601,7 +815,15 @@ async fn instance_kill(env: &Env<'_>) -> Scenario {
     let before_kill = gateway::tries_at(env.gateway_admin, &victim_ip).await;
     let t0 = Instant::now();
     blocking(|| env.project.kill(&[victim.as_str()]));
-    s.fault(t0, t, format!("docker kill {victim} (owner of {} of {} keys)", victim_keys.len(), gateway::KEYS));
+    s.fault(
+        t0,
+        t,
+        format!(
+            "docker kill {victim} (owner of {} of {} keys)",
+            victim_keys.len(),
+            gateway::KEYS
+        ),
+    );
     tokio::time::sleep(EJECTION_WINDOW).await;
     let at_window = gateway::tries_at(env.gateway_admin, &victim_ip).await;
     tokio::time::sleep(Duration::from_secs(6)).await;
@@ -614,7 +836,11 @@ async fn instance_kill(env: &Env<'_>) -> Scenario {
     let deadline = Instant::now() + Duration::from_secs(30);
     let mut returned = None;
     while Instant::now() < deadline {
-        if load.samples().iter().any(|x| x.sent >= t_back && x.instance.as_deref() == Some(victim.as_str())) {
+        if load
+            .samples()
+            .iter()
+            .any(|x| x.sent >= t_back && x.instance.as_deref() == Some(victim.as_str()))
+        {
             returned = Some(t_back.elapsed());
             break;
         }
@@ -625,13 +851,20 @@ async fn instance_kill(env: &Env<'_>) -> Scenario {
     let window = t0 + EJECTION_WINDOW;
     let in_window = gateway::failures(&samples, t0, window).len();
     let after = gateway::failures(&samples, window, t_end);
-    let last_failure = gateway::failures(&samples, t0, t_end).iter().map(|x| x.sent).max();
+    let last_failure = gateway::failures(&samples, t0, t_end)
+        .iter()
+        .map(|x| x.sent)
+        .max();
     let reached_after_window = samples
         .iter()
-        .filter(|x| x.sent >= window && x.sent < t_back && x.instance.as_deref() == Some(victim.as_str()))
+        .filter(|x| {
+            x.sent >= window && x.sent < t_back && x.instance.as_deref() == Some(victim.as_str())
+        })
         .count();
     let moved = gateway::owners(&samples, window, t_end);
-    let unanswered: Vec<u32> = (0..gateway::KEYS).filter(|k| !moved.contains_key(k)).collect();
+    let unanswered: Vec<u32> = (0..gateway::KEYS)
+        .filter(|k| !moved.contains_key(k))
+        .collect();
     s.line(format!(
         "http      {} requests; {} failed within the {} ejection window, {} after it (until {})",
         samples.len(),
@@ -641,7 +874,10 @@ async fn instance_kill(env: &Env<'_>) -> Scenario {
         secs(t_end - t0)
     ));
     if let Some(last) = last_failure {
-        s.line(format!("recovery  last failed request {} after the kill", secs(last.saturating_duration_since(t0))));
+        s.line(format!(
+            "recovery  last failed request {} after the kill",
+            secs(last.saturating_duration_since(t0))
+        ));
     } else {
         s.line("recovery  no request failed".to_string());
     }
@@ -653,19 +889,42 @@ async fn instance_kill(env: &Env<'_>) -> Scenario {
         secs(t_end - window)
     ));
     match returned {
-        Some(d) => s.line(format!("recovery  {victim} restarted and answers again after {}", secs(d))),
-        None => s.problems.push(format!("{victim} did not answer again within 30 s of its start")),
+        Some(d) => s.line(format!(
+            "recovery  {victim} restarted and answers again after {}",
+            secs(d)
+        )),
+        None => s.problems.push(format!(
+            "{victim} did not answer again within 30 s of its start"
+        )),
     }
-    s.expect(after.is_empty(), format!("{} requests failed after the ejection window (first key {:?})", after.len(), after.first().map(|x| x.key)));
-    s.expect(reached_after_window == 0, format!("{reached_after_window} answers from the killed instance after the window"));
+    s.expect(
+        after.is_empty(),
+        format!(
+            "{} requests failed after the ejection window (first key {:?})",
+            after.len(),
+            after.first().map(|x| x.key)
+        ),
+    );
+    s.expect(
+        reached_after_window == 0,
+        format!("{reached_after_window} answers from the killed instance after the window"),
+    );
     s.expect(
         match (at_window, at_end) {
             (Some(a), Some(b)) => b <= a,
             _ => false,
         },
-        format!("the gateway tried the killed instance after the window ({at_window:?} -> {at_end:?})"),
+        format!(
+            "the gateway tried the killed instance after the window ({at_window:?} -> {at_end:?})"
+        ),
     );
-    s.expect(unanswered.is_empty(), format!("keys without an answer after the window: {unanswered:?}"));
-    s.expect(!victim_keys.is_empty(), "the victim owned keys before the kill".into());
+    s.expect(
+        unanswered.is_empty(),
+        format!("keys without an answer after the window: {unanswered:?}"),
+    );
+    s.expect(
+        !victim_keys.is_empty(),
+        "the victim owned keys before the kill".into(),
+    );
     s
 }
