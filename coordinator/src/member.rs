@@ -61,6 +61,18 @@ impl Member {
         }
     }
 
+    /// Order a command only if this member leads (never forwarded): see
+    /// [`crate::raft::RaftMember::propose_as_leader`]. A single member always leads.
+    pub async fn propose_as_leader(&self, cmd: Command) -> Result<Proposed> {
+        match self {
+            Member::Single(_) => self.propose(cmd).await,
+            Member::Raft(r) => {
+                let (revision, result) = r.propose_as_leader(cmd).await?;
+                Ok(Proposed { revision, result })
+            }
+        }
+    }
+
     /// Return once a read here would see every write acknowledged before the call.
     pub async fn read_barrier(&self) -> Result<()> {
         match self {

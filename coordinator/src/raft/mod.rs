@@ -398,6 +398,27 @@ impl RaftMember {
         }
     }
 
+    /// Propose a command only if this member leads, never forwarding it: for decisions only
+    /// the leader may take (lease expiry, made from its own clock). A member that believed it
+    /// led while cut off (partitioned, paused) must not have such a decision committed by the
+    /// real leader once it reconnects: its proposal stays in its own log and is overwritten
+    /// there. `NoLeader` when it does not lead (or stops leading before the entry commits).
+    pub async fn propose_as_leader(&self, cmd: Command) -> Result<Outcome> {
+        if !self.is_leader() {
+            return Err(Error::NoLeader);
+        }
+        let write = self.inner.raft.client_write(cmd);
+        let Ok(res) = tokio::time::timeout(PROPOSE_WAIT, write).await else {
+            return Err(Error::Timeout);
+        };
+        match res {
+            Ok(r) => Ok(r.data.into_result()),
+            Err(RaftError::APIError(ClientWriteError::ForwardToLeader(_))) => Err(Error::NoLeader),
+            Err(RaftError::APIError(e)) => Err(Error::Unsupported(e.to_string())),
+            Err(RaftError::Fatal(_)) => Err(Error::Stopped),
+        }
+    }
+
     /// Propose a command; forwarded to the leader when this member does not lead.
     pub async fn propose(&self, cmd: Command) -> Result<Outcome> {
         let deadline = Instant::now() + PROPOSE_WAIT;

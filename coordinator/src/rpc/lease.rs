@@ -265,8 +265,14 @@ pub async fn expiry_loop(ctx: Ctx, shutdown: tokio_util::sync::CancellationToken
         } else {
             Vec::new()
         };
+        // Expiry is this member's own decision, from its own clock: proposed only while it
+        // leads and never forwarded (a stale leader's expiries must not reach the real one).
         for id in expired {
-            match ctx.member.propose(Command::LeaseRevoke { id }).await {
+            match ctx
+                .member
+                .propose_as_leader(Command::LeaseRevoke { id })
+                .await
+            {
                 Ok(a) => {
                     if let Err(Error::LeaseNotFound) = a.result {
                         ctx.lessor.revoked(id);

@@ -2144,3 +2144,68 @@ async fn a_write_through_a_follower_whose_leader_died_waits_or_fails_with_an_etc
         );
     }
 }
+
+/// A leader paused past every lease's TTL wakes up believing it still leads, with every
+/// deadline on its clock passed. Its expiries are its own stale decision: they must not be
+/// forwarded to the leader elected meanwhile (which kept the leases alive) and committed there.
+/// (Found by the container fault tests: every registration vanished a few seconds after a
+/// paused or partitioned leader came back.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_paused_leader_coming_back_does_not_expire_leases_the_new_leader_kept_alive() {
+    const TTL: i64 = 3;
+    let mut c = Cluster::start(3).await;
+    let old = wait_all_agree(&c).await;
+    let f: Vec<usize> = (0..3).filter(|&i| i != old).collect();
+    let id = grant(&c, f[0], TTL).await;
+    put_with_lease(&c, f[0], "lease/kept-through-pause", id).await;
+
+    // Keep-alives every 500 ms through the followers, all along.
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let keeper = {
+        let (c_lease, c_lease2) = (c.lease(f[0]), c.lease(f[1]));
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            let mut clients = [c_lease, c_lease2];
+            let mut n = 0usize;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let (tx, rx) = mpsc::channel(1);
+                let _ = tx.send(LeaseKeepAliveRequest { id }).await;
+                let lease = &mut clients[n % 2];
+                n += 1;
+                let _ = tokio::time::timeout(Duration::from_secs(1), async {
+                    if let Ok(s) = lease.lease_keep_alive(ReceiverStream::new(rx)).await {
+                        let _ = s.into_inner().message().await;
+                    }
+                })
+                .await;
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+        })
+    };
+
+    c.pause(old);
+    let paused_at = Instant::now();
+    let (_new, _) = wait_new_leader(&c, old, paused_at).await;
+    // Well past the TTL on the paused member's clock.
+    tokio::time::sleep(Duration::from_secs(TTL as u64 * 2 + 1)).await;
+    c.resume(old);
+    // Time for the old leader to act on its stale deadlines and to learn of the new term.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+
+    let ttl = within(
+        REQUEST,
+        "LeaseTimeToLive",
+        c.lease(f[1])
+            .lease_time_to_live(LeaseTimeToLiveRequest { id, keys: true }),
+    )
+    .await
+    .expect("time to live")
+    .into_inner();
+    assert!(
+        ttl.ttl > 0,
+        "the lease kept alive through the new leader was revoked: {ttl:?}"
+    );
+    assert_eq!(ttl.keys, vec![b"lease/kept-through-pause".to_vec()]);
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let _ = keeper.await;
+}
