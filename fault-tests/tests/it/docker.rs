@@ -350,6 +350,28 @@ impl Project {
     }
 
     /// The last lines of `service`'s log.
+    /// When `service`'s container last started, by Docker's clock (seconds since the epoch).
+    pub fn started_at(&self, service: &str) -> Option<f64> {
+        let id = self.container(service);
+        epoch_seconds(docker(&["inspect", "-f", "{{.State.StartedAt}}", &id]).trim())
+    }
+
+    /// Docker's timestamps (seconds since the epoch) of `service`'s log lines, stdout and
+    /// stderr, that contain `needle`.
+    pub fn log_times(&self, service: &str, needle: &str) -> Vec<f64> {
+        let id = self.container(service);
+        let out = run("docker", &["logs", "-t", &id]);
+        let text = format!(
+            "{}\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        text.lines()
+            .filter(|l| l.contains(needle))
+            .filter_map(|l| l.split_once(' ').and_then(|(ts, _)| epoch_seconds(ts)))
+            .collect()
+    }
+
     pub fn logs(&self, service: &str, lines: u32) -> String {
         let out = self.compose(&["logs", "--no-color", "--tail", &lines.to_string(), service]);
         String::from_utf8_lossy(&out.stdout).into_owned()
@@ -426,4 +448,41 @@ fn the_test_compose_file_publishes_ephemeral_ports_on_loopback_and_never_restart
             "published beyond loopback: {l}"
         );
     }
+}
+
+/// Seconds since the Unix epoch of a UTC timestamp as Docker prints it
+/// (`2026-11-25T22:59:01.123456789Z`); `None` for anything else.
+pub fn epoch_seconds(ts: &str) -> Option<f64> {
+    let ts = ts.strip_suffix('Z')?;
+    let (date, time) = ts.split_once('T')?;
+    let mut d = date.splitn(3, '-').map(|p| p.parse::<i64>().ok());
+    let (y, m, day) = (d.next()??, d.next()??, d.next()??);
+    let mut t = time.splitn(3, ':');
+    let (h, min) = (
+        t.next()?.parse::<i64>().ok()?,
+        t.next()?.parse::<i64>().ok()?,
+    );
+    let sec: f64 = t.next()?.parse().ok()?;
+    if !(1..=12).contains(&m) || !(1..=31).contains(&day) || h > 23 || min > 59 || sec >= 61.0 {
+        return None;
+    }
+    // Days from 1970-01-01 to y-m-d in the proleptic Gregorian calendar.
+    let (y, m) = if m <= 2 { (y - 1, m + 12) } else { (y, m) };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let doy = (153 * (m - 3) + 2) / 5 + day - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = era * 146_097 + doe - 719_468;
+    Some((days * 86_400 + h * 3_600 + min * 60) as f64 + sec)
+}
+
+#[test]
+fn docker_timestamps_become_epoch_seconds() {
+    assert_eq!(epoch_seconds("1970-01-01T00:00:00Z"), Some(0.0));
+    assert_eq!(epoch_seconds("2000-03-01T00:00:00Z"), Some(951_868_800.0));
+    let t = epoch_seconds("2026-11-25T22:59:01.5Z").expect("parsed");
+    assert!((t - 1_795_647_541.5).abs() < 1e-6, "{t}");
+    assert_eq!(epoch_seconds("2026-11-25 22:59:01Z"), None);
+    assert_eq!(epoch_seconds("2026-13-25T22:59:01Z"), None);
+    assert_eq!(epoch_seconds("0001-01-01T00:00:00"), None);
 }

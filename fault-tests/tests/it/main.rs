@@ -651,10 +651,37 @@ async fn whole_cluster_kill(env: &Env<'_>) -> Scenario {
                 MEMBERS[l],
                 secs(took)
             ));
-            if took > RESTART_BOUND {
+            // The figure above includes this test's own Docker CLI calls after `docker start`
+            // (finding the new host ports: about 2 s each on a loaded machine). Docker's own
+            // clock says how long the cluster took: from the first member's start to the first
+            // "became leader" line after it.
+            let system = blocking(|| {
+                let started = MEMBERS
+                    .iter()
+                    .map(|m| env.project.started_at(m))
+                    .collect::<Option<Vec<f64>>>()?;
+                let first_start = started.iter().copied().fold(f64::MAX, f64::min);
+                MEMBERS
+                    .iter()
+                    .flat_map(|m| env.project.log_times(m, "became leader"))
+                    .filter(|t| *t >= first_start)
+                    .fold(None, |a: Option<f64>, t| Some(a.map_or(t, |a| a.min(t))))
+                    .map(|leader| Duration::from_secs_f64(leader - first_start))
+            });
+            let measured = match system {
+                Some(d) => {
+                    s.line(format!(
+                        "recovery  by Docker's clock: first \"became leader\" {} after the first member started",
+                        secs(d)
+                    ));
+                    d
+                }
+                None => took,
+            };
+            if measured > RESTART_BOUND {
                 let mut p = format!(
                     "a leader {} after the start (bound {})",
-                    secs(took),
+                    secs(measured),
                     secs(RESTART_BOUND)
                 );
                 for m in MEMBERS {
