@@ -223,9 +223,16 @@ async fn etcdctl_users_roles_auth_enable_and_denials() {
 async fn etcdctl_auth_enable_adds_the_root_role_itself() {
     let server = Server::start().await;
     let ctl = server.etcdctl();
-    failed_with(&ctl.run(&["auth", "enable"]).await, "root user does not exist");
+    failed_with(
+        &ctl.run(&["auth", "enable"]).await,
+        "root user does not exist",
+    );
     ctl.ok(&["user", "add", "root:root-secret-1"]).await;
-    assert!(ctl.ok(&["auth", "enable"]).await.contains("Authentication Enabled"));
+    assert!(
+        ctl.ok(&["auth", "enable"])
+            .await
+            .contains("Authentication Enabled")
+    );
     let root = as_user(&ctl, "root:root-secret-1", &["user", "get", "root"])
         .await
         .ok("user get root");
@@ -233,5 +240,8 @@ async fn etcdctl_auth_enable_adds_the_root_role_itself() {
     as_user(&ctl, "root:root-secret-1", &["put", "a", "b"])
         .await
         .ok("root writes");
-    failed_with(&ctl.run(&["put", "a", "c"]).await, "etcdserver: user name is empty");
+    failed_with(
+        &ctl.run(&["put", "a", "c"]).await,
+        "etcdserver: user name is empty",
+    );
 }
