@@ -40,14 +40,7 @@ fn main() -> ExitCode {
 }
 
 fn health(config: &Config, timeout: Duration) -> ExitCode {
-    let addr = probe::local_addr(config.admin_listen).to_string();
-    match probe::check_health(&addr, "/readyz", timeout) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(err) => {
-            eprintln!("not ready: {err}");
-            ExitCode::FAILURE
-        }
-    }
+    probe::exit_code(config.admin_listen, "/readyz", timeout, "not ready")
 }
 
 fn serve(config: Config) -> ExitCode {

@@ -47,14 +47,7 @@ fn main() -> ExitCode {
 }
 
 fn health(config: &Config, timeout: Duration) -> ExitCode {
-    let addr = probe::local_addr(config.admin_listen).to_string();
-    match probe::check_health(&addr, "/healthz", timeout) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(err) => {
-            eprintln!("unhealthy: {err}");
-            ExitCode::FAILURE
-        }
-    }
+    probe::exit_code(config.admin_listen, "/healthz", timeout, "unhealthy")
 }
 
 fn serve(config: Config) -> ExitCode {
