@@ -15,13 +15,6 @@ fi
 
 export ETCDCTL_API=3
 # Two cores: keep test binaries from fighting over them more than necessary.
+# coordinator/tests/sim runs the deterministic simulation of the Raft stack over 500 seeds here:
+# .cargo/config.toml builds with `--cfg tokio_unstable`, so each seed replays exactly.
 cargo test --workspace --all-targets --no-fail-fast -- --test-threads="${TEST_THREADS:-4}"
-
-# The deterministic simulation of the coordinator's Raft stack, 500 seeds, built with
-# `--cfg tokio_unstable` so that each seed also fixes tokio's own randomness (the branch order
-# of select!): a failing seed then replays exactly. Its own target dir, as the flag changes
-# every crate. SIM_EXACT=skip skips it (the workspace run above ran a few seeds without it).
-if [[ ${SIM_EXACT:-} != skip ]]; then
-  RUSTFLAGS="--cfg tokio_unstable" cargo test -p coordinator --test sim \
-    --target-dir target/sim-exact -- --test-threads="${TEST_THREADS:-4}"
-fi

@@ -29,10 +29,10 @@
 //! A seed fixes the faults, every latency, loss and fsync draw, election draws and client
 //! choices. tokio's own randomness (which branch of a `select!` is polled first) is seeded by
 //! turmoil only when tokio is built with `--cfg tokio_unstable`; without it about half of the
-//! seeds take a different path somewhere on a second run. So `scripts/test.sh` (CI) runs 500
-//! seeds built with `RUSTFLAGS="--cfg tokio_unstable"` in `target/sim-exact`, where a seed
-//! replays exactly (checked by `a_seed_replays_exactly`); a plain `cargo test` runs 20 seeds as
-//! a smoke test.
+//! seeds take a different path somewhere on a second run. The workspace's `.cargo/config.toml`
+//! sets that flag, so a plain `cargo test` (and CI) runs 500 seeds where each replays exactly
+//! (checked by `a_seed_replays_exactly`); a build with its own RUSTFLAGS that drop the flag
+//! runs 20 seeds as a smoke test.
 //!
 //! That the history checks can fail is tested in the checker crate itself
 //! (`checker/tests/it`: injected stale reads, lost writes and revisions going back are
@@ -466,9 +466,8 @@ fn print_failure(r: &RunReport) {
     }
     if cfg!(tokio_unstable) {
         eprintln!(
-            "  replay exactly: SIM_SEED={} SIM_VERBOSE=1 RUSTFLAGS=\"--cfg tokio_unstable\" \
-             cargo test -p coordinator --test sim --target-dir target/sim-exact -- simulated \
-             --nocapture",
+            "  replay exactly: SIM_SEED={} SIM_VERBOSE=1 cargo test -p coordinator --test sim \
+             -- simulated --nocapture",
             r.seed
         );
     } else {
@@ -697,8 +696,8 @@ fn simulated_clusters_keep_raft_and_client_invariants() {
 #[cfg_attr(
     not(tokio_unstable),
     ignore = "exact replay needs tokio's own randomness (the branch order of select!) seeded, \
-              which tokio and turmoil do only under --cfg tokio_unstable: run with \
-              RUSTFLAGS=\"--cfg tokio_unstable\" and its own --target-dir"
+              which tokio and turmoil do only under --cfg tokio_unstable (set in \
+              .cargo/config.toml; this build's RUSTFLAGS replaced it)"
 )]
 fn a_seed_replays_exactly() {
     // Seeds with crashes, restarts and leader changes (and the SIM_SEED being replayed).
