@@ -4,6 +4,8 @@
 #   etcd-server       etcd 3.4, the peer the benchmarks compare against
 #   protobuf-compiler protoc, needed to build the etcd-client crate (a dev-dependency)
 #   libprotobuf-dev   the .proto files of protobuf's well-known types, which that build imports
+#   chromium          headless Chromium, which lb-gateway's dashboard test drives
+#   chromium-driver   chromedriver, the WebDriver server that test talks to
 set -euo pipefail
 need=()
 command -v etcdctl >/dev/null || need+=(etcd-client)
@@ -11,6 +13,8 @@ command -v etcd >/dev/null || need+=(etcd-server)
 command -v protoc >/dev/null || need+=(protobuf-compiler)
 # protoc's well-known types (google/protobuf/*.proto), which the etcd-client crate's build imports.
 [ -f /usr/include/google/protobuf/descriptor.proto ] || need+=(libprotobuf-dev)
+command -v chromium >/dev/null || need+=(chromium)
+command -v chromedriver >/dev/null || need+=(chromium-driver)
 if [ ${#need[@]} -eq 0 ]; then
   exit 0
 fi

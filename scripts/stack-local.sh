@@ -9,6 +9,7 @@
 # Data and logs: ${STACK_DIR:-.stack-local}/ (coordinator-N data dirs, logs/<process>.log).
 #
 #   8080 lb-gateway proxy, 9103 its admin        2379/2479/2579 coordinators (2381/2481/2581 admin)
+#   http://127.0.0.1:9103/ui/ the web dashboard (served by lb-gateway's admin server)
 #   9200/9201/9101 registry-svc-1 (gRPC/REST/admin), registry-svc-2 on 9210/9211/9111
 #   9300/9301/9102 config-svc-1   (gRPC/REST/admin), config-svc-2   on 9310/9311/9112
 #   demo-1..3: 8501..8503 (HTTP + gRPC), admin 9141..9143 (reached through the gateway on 8080)
@@ -130,7 +131,9 @@ CFGS=http://127.0.0.1:9300,http://127.0.0.1:9310
 echo "==> lb-gateway and demo-1..3"
 start lb-gateway lb-gateway LB_GATEWAY_LISTEN=127.0.0.1:8080 LB_GATEWAY_ADMIN_LISTEN=127.0.0.1:9103 \
   LB_GATEWAY_ROUTES="$ROOT/compose/gateway-routes.toml" LB_GATEWAY_REGISTRY_ENDPOINTS="$REGS" \
-  LB_GATEWAY_WORKER_THREADS=2
+  LB_GATEWAY_WORKER_THREADS=2 LB_GATEWAY_DASHBOARD_COORDINATOR_ENDPOINTS="$COORDS" \
+  LB_GATEWAY_DASHBOARD_CONFIG_URL=http://127.0.0.1:9301,http://127.0.0.1:9311 \
+  LB_GATEWAY_DASHBOARD_CONFIG_NAMESPACES=demo
 for i in 1 2 3; do
   start "demo-$i" demo-svc DEMO_INSTANCE_ID="demo-$i" DEMO_LISTEN="127.0.0.1:$((8500 + i))" \
     DEMO_ADMIN_LISTEN="127.0.0.1:$((9140 + i))" DEMO_REGISTRY_ENDPOINTS="$REGS" \
@@ -141,6 +144,7 @@ for i in 1 2 3; do wait_ok "demo-$i" /readyz $((9140 + i)); done
 
 echo "==> all ${#PIDS[@]} processes healthy after $((SECONDS - t0)) s; logs in $DIR/logs. Try:"
 echo "    curl -s 127.0.0.1:8080/users/alice"
+echo "    the dashboard: http://127.0.0.1:9103/ui/"
 echo "    ETCDCTL_API=3 etcdctl --endpoints=127.0.0.1:2379,127.0.0.1:2479,127.0.0.1:2579 endpoint status -w table"
 echo "==> Ctrl-C stops everything"
 # Wait until a signal arrives or a process dies.

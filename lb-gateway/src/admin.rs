@@ -22,7 +22,7 @@ use axum::routing::get;
 use serde_json::{Value, json};
 
 use crate::hash::{Table, hash_key};
-use crate::pool::{LiveLoads, RouteState};
+use crate::pool::{LiveLoads, Pool, RouteState};
 use crate::proxy::Gateway;
 use crate::resilience::now_ns;
 use crate::routes::HashOn;
@@ -73,52 +73,57 @@ async fn backends(State(gw): State<Arc<Gateway>>) -> Json<Value> {
     let out: Vec<Value> = table
         .routes
         .iter()
-        .map(|r| {
-            r.prune_draining();
-            let pool = r.pool.load();
-            let shares = pool.table.shares();
-            let members: Vec<Value> = pool
-                .members
-                .iter()
-                .enumerate()
-                .map(|(i, m)| {
-                    let b = &m.backend;
-                    json!({
-                        "id": b.id,
-                        "instance_id": m.instance_id,
-                        "zone": m.zone,
-                        "weight": m.weight,
-                        "registry_health": if m.healthy { "healthy" } else { "unhealthy" },
-                        "ejected": b.outlier.is_ejected(now),
-                        "ejected_for_ms": ms_until(b.outlier.ejected_until(), now),
-                        "ejections": b.outlier.total_ejections.load(std::sync::atomic::Ordering::Relaxed),
-                        "in_flight": b.in_flight(),
-                        "requests": b.metrics.total(),
-                        "idle_connections": b.conns.idle(),
-                        "share": shares.get(i).copied().unwrap_or(0.0),
-                    })
-                })
-                .collect();
-            let draining: Vec<Value> = r
-                .draining
-                .lock()
-                .iter()
-                .map(|b| json!({ "id": b.id, "in_flight": b.in_flight() }))
-                .collect();
+        .map(|r| route_view(r, &r.pool.load(), now))
+        .collect();
+    Json(json!({ "routes": out }))
+}
+
+/// One route's live state as `/admin/backends` shows it (the dashboard adds its ring): the
+/// registry watch's state, each backend's registry health, ejection, load and share of the
+/// key space, and the draining backends. `pool` is one generation of `r`'s backend set, so a
+/// caller can add more of that same generation.
+pub fn route_view(r: &RouteState, pool: &Pool, now: u64) -> Value {
+    r.prune_draining();
+    let shares = pool.table.shares();
+    let members: Vec<Value> = pool
+        .members
+        .iter()
+        .enumerate()
+        .map(|(i, m)| {
+            let b = &m.backend;
             json!({
-                "route": r.route.name,
-                "service": format!("{}/{}", r.route.backend.namespace, r.route.backend.service),
-                "registry": *r.sync.lock(),
-                "revision": pool.revision,
-                "generation": r.generation.load(std::sync::atomic::Ordering::Relaxed),
-                "panic_mode": pool.panic,
-                "in_flight": r.metrics.in_flight.get(),
-                "backends": members,
-                "draining": draining,
+                "id": b.id,
+                "instance_id": m.instance_id,
+                "zone": m.zone,
+                "weight": m.weight,
+                "registry_health": if m.healthy { "healthy" } else { "unhealthy" },
+                "ejected": b.outlier.is_ejected(now),
+                "ejected_for_ms": ms_until(b.outlier.ejected_until(), now),
+                "ejections": b.outlier.total_ejections.load(std::sync::atomic::Ordering::Relaxed),
+                "in_flight": b.in_flight(),
+                "requests": b.metrics.total(),
+                "idle_connections": b.conns.idle(),
+                "share": shares.get(i).copied().unwrap_or(0.0),
             })
         })
         .collect();
-    Json(json!({ "routes": out }))
+    let draining: Vec<Value> = r
+        .draining
+        .lock()
+        .iter()
+        .map(|b| json!({ "id": b.id, "in_flight": b.in_flight() }))
+        .collect();
+    json!({
+        "route": r.route.name,
+        "service": format!("{}/{}", r.route.backend.namespace, r.route.backend.service),
+        "registry": *r.sync.lock(),
+        "revision": pool.revision,
+        "generation": r.generation.load(std::sync::atomic::Ordering::Relaxed),
+        "panic_mode": pool.panic,
+        "in_flight": r.metrics.in_flight.get(),
+        "backends": members,
+        "draining": draining,
+    })
 }
 
 async fn lookup(

@@ -22,6 +22,8 @@
 //! - [`resilience`]: rate limits (GCRA), retry budget, outlier ejection.
 //! - [`overrides`]: routes replaced at run time by versions of a config-svc item.
 //! - [`trace`]: W3C `traceparent`; [`metrics`]: Prometheus families; [`admin`]: the JSON API.
+//! - [`dashboard`]: the web dashboard (`/ui/` on the admin port): cluster, services, config
+//!   items with history and diffs, each route's ring and loads, kept live by polling.
 //! - `main.rs`: the binary (exit 64 on a bad config or routes file, `health` subcommand).
 //!
 //! # Guarantees
@@ -40,6 +42,7 @@
 //!   item replaces them whole (see [`overrides`]). Editing the file needs a restart.
 
 pub mod admin;
+pub mod dashboard;
 pub mod discovery;
 pub mod h1;
 pub mod hash;
@@ -172,6 +175,36 @@ pub struct Config {
     )]
     pub shutdown_grace: Duration,
 
+    /// Coordinator endpoints whose members the dashboard (`/ui/`) shows, comma-separated
+    /// (`http://host:port`). Without them the dashboard's cluster panel says so.
+    #[arg(
+        long,
+        env = "LB_GATEWAY_DASHBOARD_COORDINATOR_ENDPOINTS",
+        value_delimiter = ',',
+        value_name = "URLS"
+    )]
+    pub dashboard_coordinator_endpoints: Vec<String>,
+
+    /// Base URLs of config-svc's REST API for the dashboard's config panel, comma-separated
+    /// (`http://host:port`; the next is tried when one cannot be reached).
+    #[arg(
+        long,
+        env = "LB_GATEWAY_DASHBOARD_CONFIG_URL",
+        value_delimiter = ',',
+        value_name = "URLS"
+    )]
+    pub dashboard_config_url: Vec<String>,
+
+    /// config-svc namespaces the dashboard lists, comma-separated (default: the registry's
+    /// namespaces; config-svc cannot list its own).
+    #[arg(
+        long,
+        env = "LB_GATEWAY_DASHBOARD_CONFIG_NAMESPACES",
+        value_delimiter = ',',
+        value_name = "NAMES"
+    )]
+    pub dashboard_config_namespaces: Vec<String>,
+
     /// Format of the log lines written to stdout.
     #[arg(long, env = "LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
@@ -192,6 +225,14 @@ impl Config {
         }
         if self.max_connections == 0 {
             return Err("--max-connections must be at least 1".into());
+        }
+        for url in self
+            .dashboard_config_url
+            .iter()
+            .filter(|u| !u.trim().is_empty())
+        {
+            dashboard::validate_config_url(url)
+                .map_err(|e| format!("--dashboard-config-url: {e}"))?;
         }
         Ok(())
     }
@@ -305,6 +346,9 @@ pub async fn run_with_listeners(
         access_log,
         http1_client,
         shutdown_grace,
+        dashboard_coordinator_endpoints,
+        dashboard_config_url,
+        dashboard_config_namespaces,
         log_format: _,
     } = config;
     let proxy_addr = listeners
@@ -341,6 +385,16 @@ pub async fn run_with_listeners(
             .filter(|e| !e.is_empty()),
     )
     .map_err(|s| anyhow::anyhow!("invalid registry endpoint: {}", s.message()))?;
+    let dashboard = dashboard::Dashboard::new(
+        Arc::clone(&gw),
+        client.clone(),
+        dashboard::DashboardConfig {
+            coordinator_endpoints: dashboard_coordinator_endpoints,
+            config_urls: dashboard_config_url,
+            config_namespaces: dashboard_config_namespaces,
+        },
+    )
+    .map_err(|e| anyhow::anyhow!(e))?;
     let discovery = Arc::new(Discovery::new(client, health.clone(), shutdown.clone()));
     discovery.apply(&gw.table.load().routes);
 
@@ -429,7 +483,9 @@ pub async fn run_with_listeners(
         shutdown_grace,
         shutdown.clone(),
     ));
-    let admin_router = kit_admin::router(health.clone(), metrics).merge(admin::router(gw));
+    let admin_router = kit_admin::router(health.clone(), metrics)
+        .merge(admin::router(gw))
+        .merge(dashboard::router(dashboard));
     let admin_result = kit_admin::serve(listeners.admin, admin_router, shutdown.clone())
         .await
         .context("admin server failed");

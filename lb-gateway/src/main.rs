@@ -88,6 +88,9 @@ fn serve(config: Config) -> ExitCode {
             max_connections = config.max_connections,
             access_log = config.access_log,
             shutdown_grace = ?config.shutdown_grace,
+            dashboard_coordinator_endpoints = %config.dashboard_coordinator_endpoints.join(","),
+            dashboard_config_url = %config.dashboard_config_url.join(","),
+            dashboard_config_namespaces = %config.dashboard_config_namespaces.join(","),
             log_format = %config.log_format,
             "starting lb-gateway"
         );

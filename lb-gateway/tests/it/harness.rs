@@ -89,6 +89,8 @@ impl Registry {
 /// A config-svc in process.
 pub struct ConfigSvc {
     pub grpc: SocketAddr,
+    /// Its REST API.
+    pub http: SocketAddr,
     shutdown: CancellationToken,
     task: JoinHandle<anyhow::Result<()>>,
 }
@@ -108,6 +110,7 @@ impl ConfigSvc {
             http: bind().await,
         };
         let grpc = listeners.grpc.local_addr().expect("addr");
+        let http = listeners.http.local_addr().expect("addr");
         let shutdown = CancellationToken::new();
         let task = tokio::spawn(config_svc::run_with_listeners(
             config,
@@ -116,6 +119,7 @@ impl ConfigSvc {
         ));
         ConfigSvc {
             grpc,
+            http,
             shutdown,
             task,
         }

@@ -11,11 +11,15 @@
 //! - `limits`: rate limiting (429), load shedding (503), timeouts (504), circuit breakers,
 //!   WebSocket tunnels.
 //! - `overrides`: routes replaced by versions of a config-svc item.
+//! - `dashboard`: the web dashboard's JSON API and its errors, and the page in headless
+//!   Chromium (`browser`: chromedriver as a child process, WebDriver over HTTP).
 
 #[path = "../../../coord-client/tests/it/harness.rs"]
 mod coord;
 
 mod binary;
+mod browser;
+mod dashboard;
 mod grpc;
 mod harness;
 mod limits;
