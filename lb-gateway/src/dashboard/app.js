@@ -55,11 +55,10 @@ function when(ms) {
   return ms ? new Date(ms).toLocaleString() : "";
 }
 
-// A stable colour per backend identity.
-function colour(id) {
-  let x = 2166136261;
-  for (let i = 0; i < id.length; i++) { x ^= id.charCodeAt(i); x = Math.imul(x, 16777619); }
-  return "hsl(" + ((x >>> 0) % 360) + ", 62%, 52%)";
+// The colour of a route's i-th backend (backends are sorted by address): hues a golden angle
+// apart, so neighbours on the ring stay distinct however many there are.
+function colour(i) {
+  return "hsl(" + ((i * 137.508) % 360).toFixed(1) + ", 65%, 50%)";
 }
 
 // Fetches JSON; a non-2xx answer or a network failure throws an Error with the message to show.
@@ -365,7 +364,7 @@ function ringSvg(route) {
     if (k < n && owners[k] === owners[start]) continue;
     const owner = owners[start];
     if (owner >= 0 && route.backends[owner]) {
-      const colourOf = colour(route.backends[owner].id);
+      const colourOf = colour(owner);
       if (start === 0 && k === n) {
         svg.append(s("circle", { cx: c, cy: c, r, fill: "none", stroke: colourOf, "stroke-width": width,
           "data-owner": route.backends[owner].id }));
@@ -395,14 +394,14 @@ function renderRoutes(data) {
   setSummary(panel, data.routes.length + " route(s) from " + data.source);
   const blocks = data.routes.map((route) => {
     const maxLoad = Math.max(1, ...route.backends.map((b) => b.in_flight));
-    const rows = route.backends.map((b) => {
+    const rows = route.backends.map((b, index) => {
       const key = route.route + "|" + b.id;
       const prev = lastRequests.get(key);
       let rate = "";
       if (prev && now > prev[1]) rate = (Math.max(0, b.requests - prev[0]) * 1000 / (now - prev[1])).toFixed(1);
       lastRequests.set(key, [b.requests, now]);
       return h("tr", { "data-backend": b.id, "data-in-flight": b.in_flight },
-        h("td", {}, h("span", { class: "swatch", style: "background:" + colour(b.id) }), b.id),
+        h("td", { class: "nowrap" }, h("span", { class: "swatch", style: "background:" + colour(index) }), b.id),
         h("td", { text: b.instance_id }),
         h("td", { class: "num", text: b.weight }),
         h("td", { class: "num share", text: (b.share * 100).toFixed(1) + "%" }),

@@ -25,6 +25,24 @@ hash = "header:x-user"
     )
 }
 
+/// A gateway over `stack`'s registry whose dashboard reads the coordinator at `coordinator`
+/// and config-svc's REST API at `config` (namespace [`NS`]).
+async fn dashboard_gateway(stack: &Stack, coordinator: &str, config: &str) -> Gateway {
+    Gateway::start_with(
+        &stack.registry.url(),
+        &routes(),
+        &[
+            "--dashboard-coordinator-endpoints",
+            coordinator,
+            "--dashboard-config-url",
+            config,
+            "--dashboard-config-namespaces",
+            NS,
+        ],
+    )
+    .await
+}
+
 /// Everything the dashboard reads: coordinator, registry, config-svc with two versions of
 /// one item, two registered backends, and a gateway pointed at all of them.
 struct World {
@@ -52,21 +70,8 @@ impl World {
         config
             .publish(NS, ITEM.0, ITEM.1, "greeting = \"bonjour\"\nlimit = 10\n")
             .await;
-        let coordinator = stack.coordinator.url();
         let config_url = format!("http://{}", config.http);
-        let gw = Gateway::start_with(
-            &stack.registry.url(),
-            &routes(),
-            &[
-                "--dashboard-coordinator-endpoints",
-                &coordinator,
-                "--dashboard-config-url",
-                &config_url,
-                "--dashboard-config-namespaces",
-                NS,
-            ],
-        )
-        .await;
+        let gw = dashboard_gateway(&stack, &stack.coordinator.url(), &config_url).await;
         gw.wait_backends("web", 2).await;
         World {
             stack,
@@ -282,19 +287,7 @@ async fn dashboard_panels_say_when_an_upstream_is_missing_down_or_silent() {
 
     // Down (connection refused): 502 naming the upstream.
     let dead = crate::coord::dead_endpoint();
-    let gw = Gateway::start_with(
-        &stack.registry.url(),
-        &routes(),
-        &[
-            "--dashboard-coordinator-endpoints",
-            &dead,
-            "--dashboard-config-url",
-            &dead,
-            "--dashboard-config-namespaces",
-            NS,
-        ],
-    )
-    .await;
+    let gw = dashboard_gateway(&stack, &dead, &dead).await;
     for path in ["/ui/api/cluster", "/ui/api/config"] {
         let (status, body, _) = get(gw.admin, path, &[]).await;
         assert_eq!(status, 502, "{path}: {body}");
@@ -310,19 +303,7 @@ async fn dashboard_panels_say_when_an_upstream_is_missing_down_or_silent() {
     // Silent (accepts, never answers): 504 after the call timeout, not a hung page.
     let (silent, holder) = silent_listener().await;
     let silent = format!("http://{silent}");
-    let gw = Gateway::start_with(
-        &stack.registry.url(),
-        &routes(),
-        &[
-            "--dashboard-coordinator-endpoints",
-            &silent,
-            "--dashboard-config-url",
-            &silent,
-            "--dashboard-config-namespaces",
-            NS,
-        ],
-    )
-    .await;
+    let gw = dashboard_gateway(&stack, &silent, &silent).await;
     for (path, source) in [
         ("/ui/api/cluster", "coordinator"),
         ("/ui/api/config", "config-svc"),
@@ -457,6 +438,21 @@ async fn dashboard_page_in_chromium_shows_live_state_and_follows_changes_without
             && v["inserted"] == serde_json::json!(["greeting = \"hola\""])
     })
     .await;
+    // Any two versions: pick v1 → v3 in the selects.
+    browser
+        .eval(
+            "const f = document.getElementById('diff-from'), t = document.getElementById('diff-to');
+             f.value = '1'; t.value = '3';
+             f.dispatchEvent(new Event('change')); return true",
+        )
+        .await;
+    page_shows(&browser, "the diff of v1 and v3", config, |v| {
+        v["from"] == "1"
+            && v["to"] == "3"
+            && v["deleted"] == serde_json::json!(["greeting = \"hello\""])
+            && v["inserted"] == serde_json::json!(["greeting = \"hola\""])
+    })
+    .await;
     assert_eq!(
         browser.eval("return window.__loadMark").await,
         "first-load",
@@ -469,4 +465,48 @@ async fn dashboard_page_in_chromium_shows_live_state_and_follows_changes_without
 
     browser.close().await;
     w.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dashboard_page_in_chromium_shows_an_unreachable_upstream_in_its_panel_only() {
+    let stack = Stack::start().await;
+    let b = HttpBackend::start("web-1").await;
+    let _reg = stack.register("web", "web-1", b.port(), false).await;
+    let dead = crate::coord::dead_endpoint();
+    let gw = dashboard_gateway(&stack, &dead, &dead).await;
+    gw.wait_backends("web", 1).await;
+    let browser = within(
+        Duration::from_secs(90),
+        "Chromium to start",
+        Browser::start(),
+    )
+    .await;
+    browser.goto(&dashboard_url(gw.admin)).await;
+    let errors = "const e = (id) => { const b = document.querySelector('#' + id + ' > .error'); return b.hidden ? null : b.textContent };
+        return {
+          cluster: e('cluster'), config: e('config'), services: e('services'), routes: e('routes'),
+          instances: document.querySelectorAll('#services tr[data-instance-id]').length,
+          backends: document.querySelectorAll('#routes tr[data-backend]').length,
+        }";
+    page_shows(
+        &browser,
+        "the two unreachable panels' errors beside working ones",
+        errors,
+        |v| {
+            let says = |panel: &str, source: &str| {
+                v[panel].as_str().is_some_and(|t| {
+                    t.contains(&format!("cannot reach {source}")) && t.contains("HTTP 502")
+                })
+            };
+            says("cluster", "coordinator")
+                && says("config", "config-svc")
+                && v["services"].is_null()
+                && v["routes"].is_null()
+                && v["instances"] == 1
+                && v["backends"] == 1
+        },
+    )
+    .await;
+    browser.close().await;
+    gw.stop().await;
 }
