@@ -34,9 +34,11 @@ use std::time::Duration;
 
 use proto::registry_v1 as pb;
 use proto::registry_v1::registry_client::RegistryClient as Grpc;
+use service_kit::authn::BearerToken;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
+use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Code, Status};
 
@@ -49,7 +51,12 @@ pub struct RegistryClient {
 struct Inner {
     channels: Vec<Channel>,
     current: AtomicUsize,
+    /// Sent with every call (none by default).
+    token: BearerToken,
 }
+
+/// The channel the generated client runs on: the bearer token (if any) added to every call.
+pub type AuthChannel = InterceptedService<Channel, BearerToken>;
 
 impl RegistryClient {
     /// A client for the gRPC endpoints of registry replicas (`http://host:port`). Connects
@@ -78,14 +85,29 @@ impl RegistryClient {
             inner: Arc::new(Inner {
                 channels,
                 current: AtomicUsize::new(0),
+                token: BearerToken::default(),
+            }),
+        })
+    }
+
+    /// The same client sending `Authorization: Bearer <token>` with every call (for a
+    /// registry with auth on; an empty token sends none). Fails if the token is not visible
+    /// ASCII.
+    pub fn with_token(self, token: &str) -> Result<RegistryClient, Status> {
+        let token = BearerToken::new(token).map_err(Status::invalid_argument)?;
+        Ok(RegistryClient {
+            inner: Arc::new(Inner {
+                channels: self.inner.channels.clone(),
+                current: AtomicUsize::new(0),
+                token,
             }),
         })
     }
 
     /// The generated gRPC client on the current endpoint.
-    pub fn grpc(&self) -> Grpc<Channel> {
+    pub fn grpc(&self) -> Grpc<AuthChannel> {
         let i = self.inner.current.load(Ordering::Relaxed) % self.inner.channels.len();
-        Grpc::new(self.inner.channels[i].clone())
+        Grpc::with_interceptor(self.inner.channels[i].clone(), self.inner.token.clone())
     }
 
     /// Moves to the next endpoint (after a failure).
@@ -96,7 +118,7 @@ impl RegistryClient {
     /// Runs a unary call, moving to the next endpoint on `UNAVAILABLE` (each endpoint once).
     async fn unary<T, F, Fut>(&self, mut call: F) -> Result<T, Status>
     where
-        F: FnMut(Grpc<Channel>) -> Fut,
+        F: FnMut(Grpc<AuthChannel>) -> Fut,
         Fut: std::future::Future<Output = Result<T, Status>>,
     {
         let mut last = Status::unavailable("no endpoint tried");

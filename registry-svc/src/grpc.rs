@@ -1,12 +1,18 @@
 //! The gRPC face (`registry.v1.Registry`): converts messages to domain types, calls
 //! [`Registry`], converts back. Errors become statuses through `From<Error> for Status`.
+//!
+//! Every call passes the authentication interceptor ([`GrpcAuth`]) first, which puts the
+//! caller's [`Identity`] into the request; each handler hands it to [`Registry`], which checks
+//! the permission (see [`crate::registry`]).
 
 use std::pin::Pin;
 use std::sync::Arc;
 
 use proto::registry_v1 as pb;
 use proto::registry_v1::registry_server::Registry as RegistryApi;
+use service_kit::authn::{GrpcAuth, Identity};
 use tokio_stream::{Stream, StreamExt};
+use tonic::service::interceptor::InterceptedService;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::error::Error;
@@ -28,10 +34,21 @@ impl GrpcService {
         GrpcService { registry }
     }
 
-    /// The tonic server for this service.
-    pub fn server(self) -> pb::registry_server::RegistryServer<GrpcService> {
-        pb::registry_server::RegistryServer::new(self)
+    /// The tonic server for this service, behind the authentication interceptor.
+    pub fn server(
+        self,
+    ) -> InterceptedService<pb::registry_server::RegistryServer<GrpcService>, GrpcAuth<Error>> {
+        let auth = GrpcAuth::new(self.registry.auth().clone());
+        InterceptedService::new(pb::registry_server::RegistryServer::new(self), auth)
     }
+}
+
+/// The caller, as the interceptor found it.
+fn caller<T>(req: &Request<T>) -> Result<Identity, Error> {
+    req.extensions()
+        .get::<Identity>()
+        .cloned()
+        .ok_or_else(|| Error::Internal("the authentication interceptor did not run".into()))
 }
 
 // ---- conversions ----------------------------------------------------------------------------
@@ -189,11 +206,15 @@ impl RegistryApi for GrpcService {
         &self,
         req: Request<pb::RegisterRequest>,
     ) -> Result<Response<pb::RegisterResponse>, Status> {
+        let who = caller(&req)?;
         let instance = req
             .into_inner()
             .instance
             .ok_or_else(|| Error::invalid("instance is missing"))?;
-        let (instance, revision) = self.registry.register(instance_from_pb(instance)?).await?;
+        let (instance, revision) = self
+            .registry
+            .register(&who, instance_from_pb(instance)?)
+            .await?;
         Ok(Response::new(pb::RegisterResponse {
             instance: Some(instance_to_pb(instance)),
             revision,
@@ -204,8 +225,9 @@ impl RegistryApi for GrpcService {
         &self,
         req: Request<pb::HeartbeatRequest>,
     ) -> Result<Response<pb::HeartbeatResponse>, Status> {
+        let who = caller(&req)?;
         let r = reference(req.into_inner().instance)?;
-        let ttl_seconds = self.registry.heartbeat(&r).await?;
+        let ttl_seconds = self.registry.heartbeat(&who, &r).await?;
         Ok(Response::new(pb::HeartbeatResponse { ttl_seconds }))
     }
 
@@ -215,6 +237,7 @@ impl RegistryApi for GrpcService {
         &self,
         req: Request<Streaming<pb::HeartbeatRequest>>,
     ) -> Result<Response<Self::KeepAliveStream>, Status> {
+        let who = caller(&req)?;
         let mut incoming = req.into_inner();
         let registry = self.registry.clone();
         let (tx, rx) = tokio::sync::mpsc::channel(16);
@@ -234,9 +257,9 @@ impl RegistryApi for GrpcService {
                     let r = reference(msg.instance)?;
                     let lease = match &cached {
                         Some((c, lease)) if *c == r => *lease,
-                        _ => registry.lease_of(&r).await?,
+                        _ => registry.lease_of(&who, &r).await?,
                     };
-                    let ttl = registry.renew(&r, lease).await?;
+                    let ttl = registry.renew(&who, &r, lease).await?;
                     cached = Some((r, lease));
                     Ok::<_, Error>(ttl)
                 }
@@ -259,16 +282,18 @@ impl RegistryApi for GrpcService {
         &self,
         req: Request<pb::DeregisterRequest>,
     ) -> Result<Response<pb::DeregisterResponse>, Status> {
+        let who = caller(&req)?;
         let r = reference(req.into_inner().instance)?;
-        let (existed, revision) = self.registry.deregister(&r).await?;
+        let (existed, revision) = self.registry.deregister(&who, &r).await?;
         Ok(Response::new(pb::DeregisterResponse { existed, revision }))
     }
 
     async fn list_namespaces(
         &self,
-        _req: Request<pb::ListNamespacesRequest>,
+        req: Request<pb::ListNamespacesRequest>,
     ) -> Result<Response<pb::ListNamespacesResponse>, Status> {
-        let (namespaces, revision) = self.registry.list_namespaces().await?;
+        let who = caller(&req)?;
+        let (namespaces, revision) = self.registry.list_namespaces(&who).await?;
         Ok(Response::new(pb::ListNamespacesResponse {
             namespaces,
             revision,
@@ -279,9 +304,10 @@ impl RegistryApi for GrpcService {
         &self,
         req: Request<pb::ListServicesRequest>,
     ) -> Result<Response<pb::ListServicesResponse>, Status> {
+        let who = caller(&req)?;
         let (services, revision) = self
             .registry
-            .list_services(&req.into_inner().namespace)
+            .list_services(&who, &req.into_inner().namespace)
             .await?;
         Ok(Response::new(pb::ListServicesResponse {
             services,
@@ -293,6 +319,7 @@ impl RegistryApi for GrpcService {
         &self,
         req: Request<pb::DiscoverRequest>,
     ) -> Result<Response<pb::DiscoverResponse>, Status> {
+        let who = caller(&req)?;
         let r = req.into_inner();
         let filter = DiscoverFilter {
             tags: r.tags,
@@ -302,7 +329,7 @@ impl RegistryApi for GrpcService {
         };
         let d = self
             .registry
-            .discover(&r.namespace, &r.service, &filter)
+            .discover(&who, &r.namespace, &r.service, &filter)
             .await?;
         Ok(Response::new(pb::DiscoverResponse {
             instances: d.instances.into_iter().map(instance_to_pb).collect(),
@@ -317,11 +344,12 @@ impl RegistryApi for GrpcService {
         &self,
         req: Request<pb::WatchRequest>,
     ) -> Result<Response<Self::WatchStream>, Status> {
+        let who = caller(&req)?;
         let r = req.into_inner();
         let svc = (!r.service.is_empty()).then_some(r.service.as_str());
         let rx = self
             .registry
-            .watch(&r.namespace, svc, r.after_revision)
+            .watch(&who, &r.namespace, svc, r.after_revision)
             .await?;
         let stream = tokio_stream::wrappers::ReceiverStream::new(rx)
             .map(|item| item.map(watch_item_to_pb).map_err(Status::from));
@@ -332,17 +360,21 @@ impl RegistryApi for GrpcService {
         &self,
         req: Request<pb::SetServiceOptionsRequest>,
     ) -> Result<Response<pb::ServiceOptions>, Status> {
+        let who = caller(&req)?;
         let o = req
             .into_inner()
             .options
             .ok_or_else(|| Error::invalid("options is missing"))?;
         let set = self
             .registry
-            .set_options(ServiceOptions {
-                namespace: o.namespace,
-                service: o.service,
-                protect_threshold: o.protect_threshold,
-            })
+            .set_options(
+                &who,
+                ServiceOptions {
+                    namespace: o.namespace,
+                    service: o.service,
+                    protect_threshold: o.protect_threshold,
+                },
+            )
             .await?;
         Ok(Response::new(options_to_pb(set)))
     }
@@ -351,8 +383,12 @@ impl RegistryApi for GrpcService {
         &self,
         req: Request<pb::GetServiceOptionsRequest>,
     ) -> Result<Response<pb::ServiceOptions>, Status> {
+        let who = caller(&req)?;
         let r = req.into_inner();
-        let o = self.registry.options(&r.namespace, &r.service).await?;
+        let o = self
+            .registry
+            .options(&who, &r.namespace, &r.service)
+            .await?;
         Ok(Response::new(options_to_pb(o)))
     }
 }

@@ -27,6 +27,13 @@
 //! coordinator is unreachable; it becomes ready (`/readyz` 200, gRPC health `SERVING`) once it
 //! joined the replica set in the coordinator.
 //!
+//! # Authentication
+//! Off by default (everyone may do everything). With `--auth-mode token|jwt|mtls` every gRPC
+//! call and REST route (but `/openapi.json` and `grpc.health.v1`) needs credentials, and each
+//! operation a permission in its namespace from `--auth-policy-file`: see
+//! `service_kit::authn` for the flags and the policy format, [`registry`] for what each
+//! operation needs.
+//!
 //! # Caveats
 //! - Readiness is not withdrawn when the coordinator becomes unreachable later; calls then
 //!   answer `UNAVAILABLE` / 503.
@@ -50,6 +57,7 @@ use std::time::Duration;
 use anyhow::Context as _;
 use coord_client::{Client, ClientConfig};
 use service_kit::admin::{self, Health, Metrics};
+use service_kit::authn::{Auth, AuthArgs};
 use service_kit::config::{parse_duration, parse_listen_url};
 use service_kit::telemetry::LogFormat;
 use tokio::net::TcpListener;
@@ -132,6 +140,11 @@ pub struct Config {
     /// Format of the log lines written to stdout.
     #[arg(long, env = "LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
+
+    /// Authentication and authorisation (`--auth-mode`, `--auth-policy-file`, …; off by
+    /// default). See `service_kit::authn` and the permission table in [`registry`].
+    #[command(flatten)]
+    pub auth: AuthArgs,
 }
 
 impl Config {
@@ -150,6 +163,7 @@ impl Config {
                 self.replica_ttl
             ));
         }
+        self.auth.validate()?;
         if !self.replica_id.is_empty()
             && (self.replica_id.len() > 128
                 || !self
@@ -228,7 +242,9 @@ pub async fn run_with_listeners(
         replica_id,
         replica_ttl,
         log_format: _,
+        auth,
     } = config;
+    let auth = Auth::from_args(&auth).map_err(|e| anyhow::anyhow!(e))?;
     let replica_id = if replica_id.is_empty() {
         model::new_instance_id()
     } else {
@@ -254,7 +270,7 @@ pub async fn run_with_listeners(
             .filter(|e| !e.is_empty()),
     ))
     .context("invalid coordinator endpoint")?;
-    let registry = Registry::new(client, registry_metrics, shutdown.clone());
+    let registry = Registry::new(client, registry_metrics, auth, shutdown.clone());
 
     // gRPC: the registry and grpc.health.v1, NOT_SERVING until this replica joined.
     let (reporter, health_service) = tonic_health::server::health_reporter();

@@ -69,6 +69,7 @@ fn serve(config: Config) -> ExitCode {
             replica_id = %config.replica_id,
             replica_ttl = ?config.replica_ttl,
             log_format = %config.log_format,
+            auth_mode = %config.auth.modes(),
             "starting registry-svc"
         );
         match registry_svc::run(config, shutdown::token_on_signal()).await {

@@ -1,6 +1,20 @@
 //! The registry's operations, shared by the gRPC and REST faces: each takes domain types,
 //! talks to the coordinator through `coord-client`, and returns domain types or [`Error`].
 //!
+//! # Authorisation
+//! Every public operation takes the caller's [`Identity`] and checks it first, here and only
+//! here (the faces cannot forget it: they have no other way in). What each needs in the
+//! namespace it touches (`service_kit::authn`: admin implies write implies read):
+//!
+//! | operation | permission |
+//! |---|---|
+//! | discover, list services, get service options, watch | read |
+//! | register, heartbeat (unary and stream), deregister | write |
+//! | set service options (protect threshold) | admin |
+//! | list namespaces | none: the answer holds only the namespaces the caller may read |
+//!
+//! With auth off every caller is anonymous and allowed everything.
+//!
 //! # Guarantees
 //! - An instance record is bound to a lease of its own; it disappears `ttl_seconds` after the
 //!   last heartbeat (as a ZooKeeper ephemeral node), or at once on deregistration.
@@ -22,6 +36,7 @@ use coord_client::{Client, EventKind, KeyValue, Txn, WatchEvent, WatchOptions};
 use parking_lot::Mutex;
 use proto::etcdserverpb::response_op::Response as ResponseOp;
 use serde::{Deserialize, Serialize};
+use service_kit::authn::{Auth, Identity, Permission};
 use tokio::sync::{broadcast, mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
@@ -122,6 +137,8 @@ impl Feed {
 pub struct Registry {
     client: Client,
     metrics: RegistryMetrics,
+    /// Who may do what (off: everyone everything).
+    auth: Arc<Auth>,
     /// Services whose record is known to exist (saves a write per registration). A std-free
     /// `parking_lot` mutex: held only to look up or insert, never across an await.
     known_services: Mutex<HashSet<(String, String)>>,
@@ -164,11 +181,13 @@ impl Registry {
     pub fn new(
         client: Client,
         metrics: RegistryMetrics,
+        auth: Arc<Auth>,
         shutdown: CancellationToken,
     ) -> Arc<Registry> {
         Arc::new(Registry {
             client,
             metrics,
+            auth,
             known_services: Mutex::new(HashSet::new()),
             feeds: Mutex::new(HashMap::new()),
             shutdown,
@@ -190,8 +209,19 @@ impl Registry {
         &self.metrics
     }
 
+    /// Who may do what; the faces authenticate callers with it.
+    pub fn auth(&self) -> &Arc<Auth> {
+        &self.auth
+    }
+
+    /// The one authorisation check (see the module docs).
+    fn check(&self, who: &Identity, action: &str, ns: &str, need: Permission) -> Result<()> {
+        Ok(self.auth.authorize(who, action, ns, need)?)
+    }
+
     /// Registers (or replaces) an instance; returns it as stored and the revision.
-    pub async fn register(&self, instance: Instance) -> Result<(Instance, i64)> {
+    pub async fn register(&self, who: &Identity, instance: Instance) -> Result<(Instance, i64)> {
+        self.check(who, "register", &instance.namespace, Permission::Write)?;
         let result = self.register_inner(instance).await;
         RegistryMetrics::count(&self.metrics.registrations, &result);
         result
@@ -290,7 +320,8 @@ impl Registry {
     }
 
     /// The lease behind a registered instance (`NotFound` if it is gone).
-    pub async fn lease_of(&self, r: &InstanceRef) -> Result<i64> {
+    pub async fn lease_of(&self, who: &Identity, r: &InstanceRef) -> Result<i64> {
+        self.check(who, "heartbeat", &r.namespace, Permission::Write)?;
         r.validate()?;
         let key = keys::instance(&r.namespace, &r.service, &r.instance_id);
         match self.client.get(key).await? {
@@ -300,7 +331,8 @@ impl Registry {
     }
 
     /// Renews a lease found by [`Registry::lease_of`]; returns the TTL (`NotFound` if expired).
-    pub async fn renew(&self, r: &InstanceRef, lease: i64) -> Result<u32> {
+    pub async fn renew(&self, who: &Identity, r: &InstanceRef, lease: i64) -> Result<u32> {
+        self.check(who, "heartbeat", &r.namespace, Permission::Write)?;
         let result = match self.client.lease_keep_alive_once(lease).await {
             Ok(ttl) if ttl > 0 => Ok(u32::try_from(ttl).unwrap_or(u32::MAX)),
             Ok(_) | Err(coord_client::Error::LeaseNotFound) => Err(not_registered(r)),
@@ -311,8 +343,8 @@ impl Registry {
     }
 
     /// One heartbeat: renews the instance's lease; returns its TTL.
-    pub async fn heartbeat(&self, r: &InstanceRef) -> Result<u32> {
-        let lease = match self.lease_of(r).await {
+    pub async fn heartbeat(&self, who: &Identity, r: &InstanceRef) -> Result<u32> {
+        let lease = match self.lease_of(who, r).await {
             Ok(l) => l,
             Err(e) => {
                 let result: Result<u32> = Err(e);
@@ -320,11 +352,12 @@ impl Registry {
                 return result;
             }
         };
-        self.renew(r, lease).await
+        self.renew(who, r, lease).await
     }
 
     /// Removes an instance now; returns whether it existed and the revision.
-    pub async fn deregister(&self, r: &InstanceRef) -> Result<(bool, i64)> {
+    pub async fn deregister(&self, who: &Identity, r: &InstanceRef) -> Result<(bool, i64)> {
+        self.check(who, "deregister", &r.namespace, Permission::Write)?;
         let result = self.deregister_inner(r).await;
         RegistryMetrics::count(&self.metrics.deregistrations, &result);
         result
@@ -344,19 +377,21 @@ impl Registry {
         Ok((deleted > 0, revision))
     }
 
-    /// Every namespace (that has ever had a service registered), sorted.
-    pub async fn list_namespaces(&self) -> Result<(Vec<String>, i64)> {
+    /// Every namespace (that has ever had a service registered) that `who` may read, sorted.
+    pub async fn list_namespaces(&self, who: &Identity) -> Result<(Vec<String>, i64)> {
         let res = self.client.keys_with_prefix(keys::SERVICES).await?;
         let names: BTreeSet<String> = res
             .kvs
             .iter()
             .filter_map(|kv| keys::parse_service(&kv.key).map(|(ns, _)| ns))
+            .filter(|ns| self.auth.allows(who, ns, Permission::Read))
             .collect();
         Ok((names.into_iter().collect(), res.revision))
     }
 
     /// Every service of a namespace, sorted (empty for an unknown namespace).
-    pub async fn list_services(&self, ns: &str) -> Result<(Vec<String>, i64)> {
+    pub async fn list_services(&self, who: &Identity, ns: &str) -> Result<(Vec<String>, i64)> {
+        self.check(who, "list services", ns, Permission::Read)?;
         validate_name("namespace", ns)?;
         let res = self
             .client
@@ -373,10 +408,12 @@ impl Registry {
     /// The instances of a service matching `filter` (see [`crate::model::select`]).
     pub async fn discover(
         &self,
+        who: &Identity,
         ns: &str,
         svc: &str,
         filter: &DiscoverFilter,
     ) -> Result<Discovery> {
+        self.check(who, "discover", ns, Permission::Read)?;
         let result = self.discover_inner(ns, svc, filter).await;
         RegistryMetrics::count(&self.metrics.discoveries, &result);
         result
@@ -396,7 +433,7 @@ impl Registry {
             .await?;
         let instances = res.kvs.iter().map(decode).collect::<Result<Vec<_>>>()?;
         let threshold = if filter.healthy_only {
-            self.options(ns, svc).await?.protect_threshold
+            self.options_inner(ns, svc).await?.protect_threshold
         } else {
             0.0
         };
@@ -409,7 +446,12 @@ impl Registry {
     }
 
     /// A service's options (defaults if the service is unknown).
-    pub async fn options(&self, ns: &str, svc: &str) -> Result<ServiceOptions> {
+    pub async fn options(&self, who: &Identity, ns: &str, svc: &str) -> Result<ServiceOptions> {
+        self.check(who, "get service options", ns, Permission::Read)?;
+        self.options_inner(ns, svc).await
+    }
+
+    async fn options_inner(&self, ns: &str, svc: &str) -> Result<ServiceOptions> {
         validate_name("namespace", ns)?;
         validate_name("service", svc)?;
         let (kv, _) = self.client.get(keys::service(ns, svc)).await?;
@@ -425,7 +467,17 @@ impl Registry {
     }
 
     /// Sets a service's options (creating the service record if needed).
-    pub async fn set_options(&self, options: ServiceOptions) -> Result<ServiceOptions> {
+    pub async fn set_options(
+        &self,
+        who: &Identity,
+        options: ServiceOptions,
+    ) -> Result<ServiceOptions> {
+        self.check(
+            who,
+            "set service options",
+            &options.namespace,
+            Permission::Admin,
+        )?;
         options.validate()?;
         let key = keys::service(&options.namespace, &options.service);
         // A plain put: setting the same options twice is harmless, so an uncertain outcome is
@@ -443,10 +495,12 @@ impl Registry {
     /// The namespace must exist (`InvalidArgument` otherwise); the service need not.
     pub async fn watch(
         self: &Arc<Self>,
+        who: &Identity,
         ns: &str,
         svc: Option<&str>,
         after_revision: i64,
     ) -> Result<mpsc::Receiver<Result<WatchItem>>> {
+        self.check(who, "watch", ns, Permission::Read)?;
         validate_name("namespace", ns)?;
         if let Some(svc) = svc {
             validate_name("service", svc)?;

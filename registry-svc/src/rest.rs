@@ -2,6 +2,11 @@
 //! [`crate::model`] and [`crate::registry`] as JSON; errors are [`Error`]'s JSON answers.
 //! `GET /openapi.json` serves the OpenAPI 3 document (`openapi.json` beside this file).
 //!
+//! Every route but `/openapi.json` passes the authentication middleware
+//! (`service_kit::authn::http_middleware`) first, which answers 401 or puts the caller's
+//! [`Identity`] into the request; each handler hands it to [`Registry`], which checks the
+//! permission (see [`crate::registry`]; 403 when missing).
+//!
 //! | method | path | operation |
 //! |---|---|---|
 //! | POST | `/v1/instances` | register |
@@ -19,11 +24,12 @@ use axum::Json;
 use axum::Router;
 use axum::body::Body;
 use axum::extract::rejection::JsonRejection;
-use axum::extract::{Path, RawQuery, State};
+use axum::extract::{Extension, Path, RawQuery, State};
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, post};
 use serde_json::{Value, json};
+use service_kit::authn::{self, Identity};
 use tokio_stream::StreamExt;
 
 use crate::error::{Error, Result};
@@ -35,8 +41,8 @@ pub const OPENAPI: &str = include_str!("openapi.json");
 
 /// The REST routes over a shared [`Registry`].
 pub fn router(registry: Arc<Registry>) -> Router {
+    let auth = registry.auth().clone();
     Router::new()
-        .route("/openapi.json", get(openapi))
         .route("/v1/instances", post(register))
         .route(
             "/v1/namespaces/{ns}/services/{svc}/instances/{id}/heartbeat",
@@ -57,6 +63,11 @@ pub fn router(registry: Arc<Registry>) -> Router {
             "/v1/namespaces/{ns}/services/{svc}/options",
             get(get_options).put(set_options),
         )
+        .route_layer(axum::middleware::from_fn_with_state(
+            auth,
+            authn::http_middleware::<Error>,
+        ))
+        .route("/openapi.json", get(openapi))
         .fallback(not_found)
         .with_state(registry)
 }
@@ -77,9 +88,10 @@ async fn not_found() -> Error {
 
 async fn register(
     State(r): State<Arc<Registry>>,
+    Extension(who): Extension<Identity>,
     b: std::result::Result<Json<Instance>, JsonRejection>,
 ) -> Result<Json<Value>> {
-    let (instance, revision) = r.register(body(b)?).await?;
+    let (instance, revision) = r.register(&who, body(b)?).await?;
     Ok(Json(json!({ "instance": instance, "revision": revision })))
 }
 
@@ -95,22 +107,27 @@ fn reference(ns: String, svc: String, id: String) -> Result<InstanceRef> {
 
 async fn heartbeat(
     State(r): State<Arc<Registry>>,
+    Extension(who): Extension<Identity>,
     Path((ns, svc, id)): Path<(String, String, String)>,
 ) -> Result<Json<Value>> {
-    let ttl = r.heartbeat(&reference(ns, svc, id)?).await?;
+    let ttl = r.heartbeat(&who, &reference(ns, svc, id)?).await?;
     Ok(Json(json!({ "ttl_seconds": ttl })))
 }
 
 async fn deregister(
     State(r): State<Arc<Registry>>,
+    Extension(who): Extension<Identity>,
     Path((ns, svc, id)): Path<(String, String, String)>,
 ) -> Result<Json<Value>> {
-    let (existed, revision) = r.deregister(&reference(ns, svc, id)?).await?;
+    let (existed, revision) = r.deregister(&who, &reference(ns, svc, id)?).await?;
     Ok(Json(json!({ "existed": existed, "revision": revision })))
 }
 
-async fn list_namespaces(State(r): State<Arc<Registry>>) -> Result<Json<Value>> {
-    let (namespaces, revision) = r.list_namespaces().await?;
+async fn list_namespaces(
+    State(r): State<Arc<Registry>>,
+    Extension(who): Extension<Identity>,
+) -> Result<Json<Value>> {
+    let (namespaces, revision) = r.list_namespaces(&who).await?;
     Ok(Json(
         json!({ "namespaces": namespaces, "revision": revision }),
     ))
@@ -118,9 +135,10 @@ async fn list_namespaces(State(r): State<Arc<Registry>>) -> Result<Json<Value>> 
 
 async fn list_services(
     State(r): State<Arc<Registry>>,
+    Extension(who): Extension<Identity>,
     Path(ns): Path<String>,
 ) -> Result<Json<Value>> {
-    let (services, revision) = r.list_services(&ns).await?;
+    let (services, revision) = r.list_services(&who, &ns).await?;
     Ok(Json(json!({ "services": services, "revision": revision })))
 }
 
@@ -159,16 +177,18 @@ fn discover_filter(query: Option<&str>) -> Result<DiscoverFilter> {
 
 async fn discover(
     State(r): State<Arc<Registry>>,
+    Extension(who): Extension<Identity>,
     Path((ns, svc)): Path<(String, String)>,
     RawQuery(query): RawQuery,
 ) -> Result<Json<Discovery>> {
     let filter = discover_filter(query.as_deref())?;
-    Ok(Json(r.discover(&ns, &svc, &filter).await?))
+    Ok(Json(r.discover(&who, &ns, &svc, &filter).await?))
 }
 
 /// `service` (optional), `after_revision` (optional). Streams one JSON object per line.
 async fn watch(
     State(r): State<Arc<Registry>>,
+    Extension(who): Extension<Identity>,
     Path(ns): Path<String>,
     RawQuery(query): RawQuery,
 ) -> Result<Response> {
@@ -189,7 +209,7 @@ async fn watch(
             }
         }
     }
-    let rx = r.watch(&ns, service.as_deref(), after).await?;
+    let rx = r.watch(&who, &ns, service.as_deref(), after).await?;
     let lines = tokio_stream::wrappers::ReceiverStream::new(rx).map(|item| {
         let value = match item {
             Ok(item) => serde_json::to_value(item).unwrap_or(Value::Null),
@@ -211,20 +231,22 @@ async fn watch(
 
 async fn get_options(
     State(r): State<Arc<Registry>>,
+    Extension(who): Extension<Identity>,
     Path((ns, svc)): Path<(String, String)>,
 ) -> Result<Json<ServiceOptions>> {
-    Ok(Json(r.options(&ns, &svc).await?))
+    Ok(Json(r.options(&who, &ns, &svc).await?))
 }
 
 async fn set_options(
     State(r): State<Arc<Registry>>,
+    Extension(who): Extension<Identity>,
     Path((ns, svc)): Path<(String, String)>,
     b: std::result::Result<Json<ServiceOptions>, JsonRejection>,
 ) -> Result<Json<ServiceOptions>> {
     let mut options = body(b)?;
     options.namespace = ns;
     options.service = svc;
-    Ok(Json(r.set_options(options).await?))
+    Ok(Json(r.set_options(&who, options).await?))
 }
 
 #[cfg(test)]
@@ -262,6 +284,28 @@ mod tests {
             "/v1/namespaces/{ns}/services/{svc}/options",
         ] {
             assert!(doc["paths"][path].is_object(), "{path} missing");
+        }
+    }
+
+    #[test]
+    fn openapi_document_names_the_bearer_scheme_and_401_on_every_operation() {
+        let doc: Value = serde_json::from_str(OPENAPI).expect("valid JSON");
+        assert_eq!(
+            doc["components"]["securitySchemes"]["bearer"]["scheme"],
+            "bearer"
+        );
+        let ops = doc["paths"]
+            .as_object()
+            .expect("paths")
+            .iter()
+            .flat_map(|(path, ops)| {
+                let ops = ops.as_object().expect("operations");
+                ops.iter()
+                    .map(move |(method, op)| (format!("{method} {path}"), op))
+            });
+        for (name, op) in ops {
+            let responses = &op["responses"];
+            assert!(responses["401"].is_object(), "{name}: no 401");
         }
     }
 }

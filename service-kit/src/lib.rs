@@ -8,6 +8,9 @@
 //!
 //! # Layout
 //!
+//! - [`authn`]: who is calling (static bearer tokens, JWTs, TLS client certificates) and
+//!   whether a policy of roles and per-namespace permissions (read < write < admin) lets them;
+//!   registry-svc and config-svc check it at the top of their operations.
 //! - [`telemetry`]: installs the global `tracing` subscriber (text or JSON
 //!   logs filtered by `RUST_LOG`) and, when `OTEL_EXPORTER_OTLP_ENDPOINT` is
 //!   set, an OpenTelemetry OTLP/gRPC span exporter. [`telemetry::init`]
@@ -42,6 +45,7 @@
 //!   says nothing about dependencies. Readiness is whatever the service sets.
 
 pub mod admin;
+pub mod authn;
 pub mod config;
 pub mod probe;
 pub mod shutdown;

@@ -6,6 +6,8 @@
 //!   backends whose health can be switched.
 //! - `run`: the library's `run` in process; `binary`: the built executable (exit codes, logs,
 //!   signals, `health`).
+//! - `authz`: authentication (static tokens, JWTs) and the role × operation matrix over both
+//!   faces, denial logs; `auth_support`: what it shares with config-svc's (which includes it).
 //! - `registration`: register, discover, TTL expiry, deregister, bad input, REST face.
 //! - `health_checks`: HTTP/TCP/gRPC probes marking instances unhealthy and back, protect
 //!   threshold, one prober per instance across replicas.
@@ -16,6 +18,8 @@
 #[path = "../../../coord-client/tests/it/harness.rs"]
 mod coord;
 
+mod auth_support;
+mod authz;
 mod binary;
 mod failover;
 mod harness;
