@@ -11,6 +11,7 @@
 //! - [`lease`]: grant, keep-alive, revoke, and [`lease::LeaseKeeper`], a task that keeps a lease
 //!   alive and, after it expired (an outage longer than its TTL), grants a new one and calls the
 //!   owner back so it can write its keys again.
+//! - [`maintenance`]: the member list and each endpoint's status (leader, term, revision).
 //! - [`watch`]: [`watch::WatchStream`], a watch that survives reconnects.
 //! - [`error`]: the crate's one error type.
 //!
@@ -38,6 +39,7 @@
 pub mod error;
 pub mod kv;
 pub mod lease;
+pub mod maintenance;
 pub mod watch;
 
 use std::future::Future;
@@ -51,6 +53,7 @@ use tonic::{Code, Status};
 pub use error::{Error, Result};
 pub use kv::{KeyValue, Txn};
 pub use lease::LeaseKeeper;
+pub use maintenance::EndpointStatus;
 pub use watch::{Event, EventKind, WatchEvent, WatchOptions, WatchStream};
 
 /// How the client connects and how long it keeps trying.

@@ -28,6 +28,8 @@
 //! - [`probe`]: a blocking, dependency-free HTTP/1.0 health probe, for the
 //!   `health` subcommand that container health checks run in images without
 //!   `curl`.
+//! - [`time`]: wall-clock times as UTC text (RFC 3339), for file names and
+//!   tools.
 //!
 //! # Guarantees and caveats
 //!
@@ -50,3 +52,4 @@ pub mod config;
 pub mod probe;
 pub mod shutdown;
 pub mod telemetry;
+pub mod time;

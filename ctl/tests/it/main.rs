@@ -1,0 +1,16 @@
+//! Integration tests of `platformctl`: the real binary against the services in process.
+//!
+//! - `harness`: the stack in process (coordinator, registry-svc, config-svc, lb-gateway) and
+//!   runners of the binary (to the end, or streaming line by line).
+//! - `registry`: services, instances, register, deregister, watch.
+//! - `config`: put, get, history, diff, rollback, list, watch, rollout.
+//! - `ring`: where a key goes, the ring, the routes.
+//! - `cluster`: cluster status.
+//! - `errors`: unreachable services, bad usage, completions.
+
+mod cluster;
+mod config;
+mod errors;
+mod harness;
+mod registry;
+mod ring;
