@@ -44,9 +44,11 @@ use parking_lot::Mutex;
 use proto::config_v1 as pb;
 use proto::config_v1::config_client::ConfigClient as Grpc;
 use serde::{Deserialize, Serialize};
+use service_kit::authn::BearerToken;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
+use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Code, Status};
 
@@ -58,9 +60,16 @@ pub struct Builder {
     client: pb::Client,
     cache_dir: Option<PathBuf>,
     timeout: Duration,
+    token: String,
 }
 
 impl Builder {
+    /// Send `Authorization: Bearer <token>` with every call (for a config-svc with auth on).
+    pub fn token(mut self, token: impl Into<String>) -> Builder {
+        self.token = token.into();
+        self
+    }
+
     /// This client's stable id (for percentage rollouts).
     pub fn client_id(mut self, id: impl Into<String>) -> Builder {
         self.client.id = id.into();
@@ -87,6 +96,7 @@ impl Builder {
 
     /// The client (connects lazily; call inside a Tokio runtime).
     pub fn build(self) -> Result<ConfigClient, Status> {
+        let token = BearerToken::new(&self.token).map_err(Status::invalid_argument)?;
         let mut channels = Vec::new();
         for e in &self.endpoints {
             let url = if e.contains("://") {
@@ -110,6 +120,7 @@ impl Builder {
             inner: Arc::new(Inner {
                 channels,
                 current: AtomicUsize::new(0),
+                token,
                 client: self.client,
                 cache: Cache {
                     memory: Mutex::new(HashMap::new()),
@@ -127,9 +138,14 @@ pub struct ConfigClient {
     inner: Arc<Inner>,
 }
 
+/// The channel the generated client runs on: the bearer token (if any) added to every call.
+pub type AuthChannel = InterceptedService<Channel, BearerToken>;
+
 struct Inner {
     channels: Vec<Channel>,
     current: AtomicUsize,
+    /// Sent with every call (none by default).
+    token: BearerToken,
     client: pb::Client,
     cache: Cache,
     timeout: Duration,
@@ -191,6 +207,7 @@ impl ConfigClient {
             client: pb::Client::default(),
             cache_dir: None,
             timeout: Duration::from_secs(5),
+            token: String::new(),
         }
     }
 
@@ -202,9 +219,10 @@ impl ConfigClient {
     }
 
     /// The generated gRPC client on the current endpoint.
-    pub fn grpc(&self) -> Grpc<Channel> {
+    pub fn grpc(&self) -> Grpc<AuthChannel> {
         let i = self.inner.current.load(Ordering::Relaxed) % self.inner.channels.len();
-        Grpc::new(self.inner.channels[i].clone()).max_decoding_message_size(16 * 1024 * 1024)
+        Grpc::with_interceptor(self.inner.channels[i].clone(), self.inner.token.clone())
+            .max_decoding_message_size(16 * 1024 * 1024)
     }
 
     fn rotate(&self) {

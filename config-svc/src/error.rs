@@ -5,6 +5,8 @@
 //! |---|---|---|---|
 //! | `InvalidArgument` | `INVALID_ARGUMENT` | 400 | a bad name, size, page token, version 0 ... |
 //! | `Invalid` | `INVALID_ARGUMENT` | 400 | content that does not parse or violates the schema (with line/column/path) |
+//! | `Unauthenticated` | `UNAUTHENTICATED` | 401 | no or bad credentials (with `WWW-Authenticate: Bearer`) |
+//! | `PermissionDenied` | `PERMISSION_DENIED` | 403 | the caller lacks the permission in the namespace |
 //! | `NotFound` | `NOT_FOUND` | 404 | unknown item, deleted item's current version, version out of range |
 //! | `Conflict` | `ABORTED` | 409 | compare-and-set lost: the current version is not the expected one |
 //! | `FailedPrecondition` | `FAILED_PRECONDITION` | 409 | the item's state forbids it (rollout in progress, purge before delete) |
@@ -18,6 +20,7 @@ use axum::Json;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use serde_json::json;
+use service_kit::authn::AuthError;
 
 use crate::validate::Problem;
 
@@ -35,6 +38,12 @@ pub enum Error {
         /// Every problem found.
         problems: Vec<Problem>,
     },
+    /// No credentials, or credentials that prove nothing (see `service_kit::authn`).
+    #[error("unauthenticated: {0}")]
+    Unauthenticated(String),
+    /// The caller may not do this in this namespace.
+    #[error("permission denied: {0}")]
+    PermissionDenied(String),
     /// The item or version does not exist.
     #[error("{0}")]
     NotFound(String),
@@ -65,6 +74,8 @@ impl Error {
     pub fn code(&self) -> &'static str {
         match self {
             Error::InvalidArgument(_) | Error::Invalid { .. } => "invalid_argument",
+            Error::Unauthenticated(_) => "unauthenticated",
+            Error::PermissionDenied(_) => "permission_denied",
             Error::NotFound(_) => "not_found",
             Error::Conflict(_) => "conflict",
             Error::FailedPrecondition(_) => "failed_precondition",
@@ -76,6 +87,8 @@ impl Error {
     fn http_status(&self) -> StatusCode {
         match self {
             Error::InvalidArgument(_) | Error::Invalid { .. } => StatusCode::BAD_REQUEST,
+            Error::Unauthenticated(_) => StatusCode::UNAUTHORIZED,
+            Error::PermissionDenied(_) => StatusCode::FORBIDDEN,
             Error::NotFound(_) => StatusCode::NOT_FOUND,
             Error::Conflict(_) | Error::FailedPrecondition(_) => StatusCode::CONFLICT,
             Error::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
@@ -103,6 +116,15 @@ impl From<coord_client::Error> for Error {
     }
 }
 
+impl From<AuthError> for Error {
+    fn from(e: AuthError) -> Error {
+        match e {
+            AuthError::Unauthenticated(m) => Error::Unauthenticated(m),
+            AuthError::PermissionDenied(m) => Error::PermissionDenied(m),
+        }
+    }
+}
+
 impl From<Error> for tonic::Status {
     fn from(e: Error) -> tonic::Status {
         let message = e.to_string();
@@ -110,6 +132,8 @@ impl From<Error> for tonic::Status {
             Error::InvalidArgument(_) | Error::Invalid { .. } => {
                 tonic::Status::invalid_argument(message)
             }
+            Error::Unauthenticated(_) => tonic::Status::unauthenticated(message),
+            Error::PermissionDenied(_) => tonic::Status::permission_denied(message),
             Error::NotFound(_) => tonic::Status::not_found(message),
             Error::Conflict(_) => tonic::Status::aborted(message),
             Error::FailedPrecondition(_) => tonic::Status::failed_precondition(message),
@@ -121,7 +145,14 @@ impl From<Error> for tonic::Status {
 
 impl IntoResponse for Error {
     fn into_response(self) -> Response {
-        (self.http_status(), Json(self.to_json())).into_response()
+        let mut response = (self.http_status(), Json(self.to_json())).into_response();
+        if let Error::Unauthenticated(_) = self {
+            response.headers_mut().insert(
+                axum::http::header::WWW_AUTHENTICATE,
+                axum::http::HeaderValue::from_static("Bearer"),
+            );
+        }
+        response
     }
 }
 
@@ -136,6 +167,16 @@ mod tests {
                 Error::invalid("x"),
                 tonic::Code::InvalidArgument,
                 StatusCode::BAD_REQUEST,
+            ),
+            (
+                Error::Unauthenticated("x".into()),
+                tonic::Code::Unauthenticated,
+                StatusCode::UNAUTHORIZED,
+            ),
+            (
+                Error::PermissionDenied("x".into()),
+                tonic::Code::PermissionDenied,
+                StatusCode::FORBIDDEN,
             ),
             (
                 Error::NotFound("x".into()),

@@ -1,5 +1,9 @@
 //! The gRPC face (`config.v1.Config`): converts messages to domain types, calls [`Store`] or
 //! [`Hub`], converts back. Errors become statuses through `From<Error> for Status`.
+//!
+//! Every call passes the authentication interceptor ([`GrpcAuth`]) first, which puts the
+//! caller's [`Identity`] into the request; each handler hands it to [`Store`] or [`Hub`], which
+//! check the permission (see [`crate::store`]).
 
 use std::collections::{BTreeSet, HashMap};
 use std::pin::Pin;
@@ -7,7 +11,9 @@ use std::sync::Arc;
 
 use proto::config_v1 as pb;
 use proto::config_v1::config_server::Config as ConfigApi;
+use service_kit::authn::{GrpcAuth, Identity};
 use tokio_stream::{Stream, StreamExt};
+use tonic::service::interceptor::InterceptedService;
 use tonic::{Request, Response, Status};
 
 use crate::diff::{Diff, KeyOp, LineOp};
@@ -30,12 +36,25 @@ impl GrpcService {
         GrpcService { store, hub }
     }
 
-    /// The tonic server for this service (accepting messages up to 4 MiB).
-    pub fn server(self) -> pb::config_server::ConfigServer<GrpcService> {
-        pb::config_server::ConfigServer::new(self)
+    /// The tonic server for this service (accepting messages up to 4 MiB), behind the
+    /// authentication interceptor.
+    pub fn server(
+        self,
+    ) -> InterceptedService<pb::config_server::ConfigServer<GrpcService>, GrpcAuth<Error>> {
+        let auth = GrpcAuth::new(self.store.auth().clone());
+        let server = pb::config_server::ConfigServer::new(self)
             .max_decoding_message_size(4 * 1024 * 1024)
-            .max_encoding_message_size(16 * 1024 * 1024)
+            .max_encoding_message_size(16 * 1024 * 1024);
+        InterceptedService::new(server, auth)
     }
+}
+
+/// The caller, as the interceptor found it.
+fn caller<T>(req: &Request<T>) -> Result<Identity, Error> {
+    req.extensions()
+        .get::<Identity>()
+        .cloned()
+        .ok_or_else(|| Error::Internal("the authentication interceptor did not run".into()))
 }
 
 // ---- conversions ----------------------------------------------------------------------------
@@ -278,6 +297,7 @@ impl ConfigApi for GrpcService {
         &self,
         req: Request<pb::PublishRequest>,
     ) -> Result<Response<pb::PublishResponse>, Status> {
+        let who = caller(&req)?;
         let r = req.into_inner();
         let input = PublishInput {
             item: Some(item_from_pb(r.item)?),
@@ -291,16 +311,17 @@ impl ConfigApi for GrpcService {
             rollout: rule_from_pb(r.rollout),
         };
         Ok(Response::new(published_to_pb(
-            self.store.publish(input).await?,
+            self.store.publish(&who, input).await?,
         )))
     }
 
     async fn get(&self, req: Request<pb::GetRequest>) -> Result<Response<pb::GetResponse>, Status> {
+        let who = caller(&req)?;
         let r = req.into_inner();
         let item = item_from_pb(r.item)?;
         let (version, info) = self
             .store
-            .get(&item, r.version, &client_from_pb(r.client))
+            .get(&who, &item, r.version, &client_from_pb(r.client))
             .await?;
         Ok(Response::new(pb::GetResponse {
             version: Some(stored_to_pb(&item, &version)),
@@ -312,11 +333,13 @@ impl ConfigApi for GrpcService {
         &self,
         req: Request<pb::ListRequest>,
     ) -> Result<Response<pb::ListResponse>, Status> {
+        let who = caller(&req)?;
         let r = req.into_inner();
         let group = (!r.group.is_empty()).then_some(r.group.as_str());
         let page = self
             .store
             .list(
+                &who,
                 &r.namespace,
                 group,
                 r.include_deleted,
@@ -335,11 +358,12 @@ impl ConfigApi for GrpcService {
         &self,
         req: Request<pb::HistoryRequest>,
     ) -> Result<Response<pb::HistoryResponse>, Status> {
+        let who = caller(&req)?;
         let r = req.into_inner();
         let item = item_from_pb(r.item)?;
         let page = self
             .store
-            .history(&item, r.page_size, &r.page_token, r.include_content)
+            .history(&who, &item, r.page_size, &r.page_token, r.include_content)
             .await?;
         Ok(Response::new(pb::HistoryResponse {
             versions: page.versions.iter().map(version_to_pb).collect(),
@@ -351,9 +375,13 @@ impl ConfigApi for GrpcService {
         &self,
         req: Request<pb::DiffRequest>,
     ) -> Result<Response<pb::DiffResponse>, Status> {
+        let who = caller(&req)?;
         let r = req.into_inner();
         let item = item_from_pb(r.item)?;
-        let d = self.store.diff(&item, r.from_version, r.to_version).await?;
+        let d = self
+            .store
+            .diff(&who, &item, r.from_version, r.to_version)
+            .await?;
         Ok(Response::new(diff_to_pb(d)))
     }
 
@@ -361,11 +389,19 @@ impl ConfigApi for GrpcService {
         &self,
         req: Request<pb::RollbackRequest>,
     ) -> Result<Response<pb::PublishResponse>, Status> {
+        let who = caller(&req)?;
         let r = req.into_inner();
         let item = item_from_pb(r.item)?;
         let p = self
             .store
-            .rollback(item, r.version, r.author, r.message, r.expected_version)
+            .rollback(
+                &who,
+                item,
+                r.version,
+                r.author,
+                r.message,
+                r.expected_version,
+            )
             .await?;
         Ok(Response::new(published_to_pb(p)))
     }
@@ -374,9 +410,10 @@ impl ConfigApi for GrpcService {
         &self,
         req: Request<pb::DeleteRequest>,
     ) -> Result<Response<pb::DeleteResponse>, Status> {
+        let who = caller(&req)?;
         let r = req.into_inner();
         let item = item_from_pb(r.item)?;
-        let (deleted, info, revision) = self.store.delete(&item, r.expected_version).await?;
+        let (deleted, info, revision) = self.store.delete(&who, &item, r.expected_version).await?;
         Ok(Response::new(pb::DeleteResponse {
             deleted,
             item: Some(item_info_to_pb(&info)),
@@ -388,8 +425,9 @@ impl ConfigApi for GrpcService {
         &self,
         req: Request<pb::PurgeRequest>,
     ) -> Result<Response<pb::PurgeResponse>, Status> {
+        let who = caller(&req)?;
         let item = item_from_pb(req.into_inner().item)?;
-        let revision = self.store.purge(&item).await?;
+        let revision = self.store.purge(&who, &item).await?;
         Ok(Response::new(pb::PurgeResponse { revision }))
     }
 
@@ -397,9 +435,13 @@ impl ConfigApi for GrpcService {
         &self,
         req: Request<pb::SetOptionsRequest>,
     ) -> Result<Response<pb::Item>, Status> {
+        let who = caller(&req)?;
         let r = req.into_inner();
         let item = item_from_pb(r.item)?;
-        let info = self.store.set_options(&item, r.schema, r.retention).await?;
+        let info = self
+            .store
+            .set_options(&who, &item, r.schema, r.retention)
+            .await?;
         Ok(Response::new(item_info_to_pb(&info)))
     }
 
@@ -423,14 +465,16 @@ impl ConfigApi for GrpcService {
         &self,
         req: Request<pb::PromoteRequest>,
     ) -> Result<Response<pb::Item>, Status> {
+        let who = caller(&req)?;
         let item = item_from_pb(req.into_inner().item)?;
-        let info = self.store.promote(&item).await?;
+        let info = self.store.promote(&who, &item).await?;
         Ok(Response::new(item_info_to_pb(&info)))
     }
 
     async fn abort(&self, req: Request<pb::AbortRequest>) -> Result<Response<pb::Item>, Status> {
+        let who = caller(&req)?;
         let item = item_from_pb(req.into_inner().item)?;
-        let info = self.store.abort(&item).await?;
+        let info = self.store.abort(&who, &item).await?;
         Ok(Response::new(item_info_to_pb(&info)))
     }
 
@@ -440,8 +484,9 @@ impl ConfigApi for GrpcService {
         &self,
         req: Request<pb::WatchRequest>,
     ) -> Result<Response<Self::WatchStream>, Status> {
+        let who = caller(&req)?;
         let (scope, known, client) = watch_from_pb(req.into_inner())?;
-        let rx = self.hub.watch(scope, known, client).await?;
+        let rx = self.hub.watch(&who, scope, known, client).await?;
         let stream = tokio_stream::wrappers::ReceiverStream::new(rx)
             .map(|item| item.map(watch_item_to_pb).map_err(Status::from));
         Ok(Response::new(Box::pin(stream)))

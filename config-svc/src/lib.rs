@@ -33,6 +33,13 @@
 //! coordinator is unreachable; it becomes ready (`/readyz` 200, gRPC health `SERVING`) once its
 //! coordinator watch is established.
 //!
+//! # Authentication
+//! Off by default (everyone may do everything). With `--auth-mode token|jwt|mtls` every gRPC
+//! call and REST route (but `/openapi.json` and `grpc.health.v1`) needs credentials, and each
+//! operation a permission in its namespace from `--auth-policy-file`: see
+//! `service_kit::authn` for the flags and the policy format, [`store`] for what each operation
+//! needs.
+//!
 //! # Caveats
 //! - Readiness is not withdrawn when the coordinator becomes unreachable later; calls then
 //!   answer `UNAVAILABLE` / 503, and watches stay open and catch up when it is back.
@@ -57,6 +64,7 @@ use std::time::Duration;
 use anyhow::Context as _;
 use coord_client::{Client, ClientConfig};
 use service_kit::admin::{self, Health, Metrics};
+use service_kit::authn::{Auth, AuthArgs};
 use service_kit::config::parse_listen_url;
 use service_kit::telemetry::LogFormat;
 use tokio::net::TcpListener;
@@ -149,6 +157,11 @@ pub struct Config {
     /// Format of the log lines written to stdout.
     #[arg(long, env = "LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
+
+    /// Authentication and authorisation (`--auth-mode`, `--auth-policy-file`, …; off by
+    /// default). See `service_kit::authn` and the permission table in [`store`].
+    #[command(flatten)]
+    pub auth: AuthArgs,
 }
 
 impl Config {
@@ -174,6 +187,7 @@ impl Config {
                 model::MAX_RETENTION
             ));
         }
+        self.auth.validate()?;
         if !(16..=1 << 20).contains(&self.watch_buffer) {
             return Err(format!(
                 "--watch-buffer {} is out of range: expected 16 to 1048576",
@@ -247,7 +261,9 @@ pub async fn run_with_listeners(
         default_retention,
         watch_buffer,
         log_format: _,
+        auth,
     } = config;
+    let auth = Auth::from_args(&auth).map_err(|e| anyhow::anyhow!(e))?;
     let addr = |l: &TcpListener, what: &str| {
         l.local_addr()
             .with_context(|| format!("cannot read the {what} listener's address"))
@@ -275,6 +291,7 @@ pub async fn run_with_listeners(
             max_content_bytes,
             default_retention,
         },
+        auth,
     );
     let hub = Hub::start(store.clone(), watch_buffer, shutdown.clone());
 

@@ -71,6 +71,7 @@ fn serve(config: Config) -> ExitCode {
             default_retention = config.default_retention,
             watch_buffer = config.watch_buffer,
             log_format = %config.log_format,
+            auth_mode = %config.auth.modes(),
             "starting config-svc"
         );
         match config_svc::run(config, shutdown::token_on_signal()).await {

@@ -2,6 +2,11 @@
 //! [`crate::store`] and [`crate::model`] as JSON; errors are [`Error`]'s JSON answers.
 //! `GET /openapi.json` serves the OpenAPI 3 document (`openapi.json` beside this file).
 //!
+//! Every route but `/openapi.json` passes the authentication middleware
+//! (`service_kit::authn::http_middleware`) first, which answers 401 or puts the caller's
+//! [`Identity`] into the request; each handler hands it to [`Store`] or [`Hub`], which check
+//! the permission (see [`crate::store`]; 403 when missing).
+//!
 //! `I` below is `/v1/namespaces/{ns}/groups/{group}/items/{key}`.
 //!
 //! | method | path | operation |
@@ -28,12 +33,13 @@ use axum::Json;
 use axum::Router;
 use axum::body::Body;
 use axum::extract::rejection::JsonRejection;
-use axum::extract::{Path, RawQuery, State};
+use axum::extract::{Extension, Path, RawQuery, State};
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
 use serde::Deserialize;
 use serde_json::{Value, json};
+use service_kit::authn::{self, Identity};
 use tokio_stream::StreamExt;
 
 use crate::error::{Error, Result};
@@ -54,8 +60,8 @@ pub struct Rest {
 /// The REST routes over a shared [`Store`] and [`Hub`].
 pub fn router(store: Arc<Store>, hub: Arc<Hub>) -> Router {
     const I: &str = "/v1/namespaces/{ns}/groups/{group}/items/{key}";
+    let auth = store.auth().clone();
     Router::new()
-        .route("/openapi.json", get(openapi))
         .route("/v1/validate", post(validate))
         .route("/v1/namespaces/{ns}/items", get(list))
         .route("/v1/namespaces/{ns}/watch", get(watch))
@@ -69,6 +75,11 @@ pub fn router(store: Arc<Store>, hub: Arc<Hub>) -> Router {
         .route(&format!("{I}/options"), put(set_options))
         .route(&format!("{I}/rollout/promote"), post(promote))
         .route(&format!("{I}/rollout/abort"), post(abort))
+        .route_layer(axum::middleware::from_fn_with_state(
+            auth,
+            authn::http_middleware::<Error>,
+        ))
+        .route("/openapi.json", get(openapi))
         .fallback(not_found)
         .with_state(Rest { store, hub })
 }
@@ -137,6 +148,7 @@ fn client_param(client: &mut ClientInfo, k: &str, v: &str) -> bool {
 
 async fn list(
     State(s): State<Rest>,
+    Extension(who): Extension<Identity>,
     Path(ns): Path<String>,
     RawQuery(q): RawQuery,
 ) -> Result<Json<Value>> {
@@ -159,6 +171,7 @@ async fn list(
     let page = s
         .store
         .list(
+            &who,
             &ns,
             group.as_deref(),
             include_deleted,
@@ -171,12 +184,13 @@ async fn list(
 
 async fn publish(
     State(s): State<Rest>,
+    Extension(who): Extension<Identity>,
     Path((ns, group, key)): Path<(String, String, String)>,
     b: std::result::Result<Json<PublishInput>, JsonRejection>,
 ) -> Result<Json<Value>> {
     let mut input = body(b)?;
     input.item = Some(item(ns, group, key)?);
-    Ok(Json(json!(s.store.publish(input).await?)))
+    Ok(Json(json!(s.store.publish(&who, input).await?)))
 }
 
 fn client_and_version(q: Option<&str>) -> Result<(ClientInfo, u64)> {
@@ -196,12 +210,13 @@ fn client_and_version(q: Option<&str>) -> Result<(ClientInfo, u64)> {
 
 async fn get_current(
     State(s): State<Rest>,
+    Extension(who): Extension<Identity>,
     Path((ns, group, key)): Path<(String, String, String)>,
     RawQuery(q): RawQuery,
 ) -> Result<Json<Value>> {
     let item = item(ns, group, key)?;
     let (client, version) = client_and_version(q.as_deref())?;
-    let (v, info) = s.store.get(&item, version, &client).await?;
+    let (v, info) = s.store.get(&who, &item, version, &client).await?;
     Ok(Json(
         json!({ "version": Version::new(item, &v, true), "item": info }),
     ))
@@ -209,12 +224,13 @@ async fn get_current(
 
 async fn raw(
     State(s): State<Rest>,
+    Extension(who): Extension<Identity>,
     Path((ns, group, key)): Path<(String, String, String)>,
     RawQuery(q): RawQuery,
 ) -> Result<Response> {
     let item = item(ns, group, key)?;
     let (client, version) = client_and_version(q.as_deref())?;
-    let (v, _) = s.store.get(&item, version, &client).await?;
+    let (v, _) = s.store.get(&who, &item, version, &client).await?;
     Ok((
         [
             (
@@ -234,6 +250,7 @@ async fn raw(
 
 async fn get_version(
     State(s): State<Rest>,
+    Extension(who): Extension<Identity>,
     Path((ns, group, key, n)): Path<(String, String, String, String)>,
 ) -> Result<Json<Value>> {
     let item = item(ns, group, key)?;
@@ -242,7 +259,7 @@ async fn get_version(
         .ok()
         .filter(|n| *n > 0)
         .ok_or_else(|| Error::invalid(format!("version {n:?} is not a number of 1 or more")))?;
-    let (v, info) = s.store.get(&item, n, &ClientInfo::default()).await?;
+    let (v, info) = s.store.get(&who, &item, n, &ClientInfo::default()).await?;
     Ok(Json(
         json!({ "version": Version::new(item, &v, true), "item": info }),
     ))
@@ -250,6 +267,7 @@ async fn get_version(
 
 async fn history(
     State(s): State<Rest>,
+    Extension(who): Extension<Identity>,
     Path((ns, group, key)): Path<(String, String, String)>,
     RawQuery(q): RawQuery,
 ) -> Result<Json<Value>> {
@@ -265,13 +283,14 @@ async fn history(
     }
     let page = s
         .store
-        .history(&item, page_size, &page_token, include_content)
+        .history(&who, &item, page_size, &page_token, include_content)
         .await?;
     Ok(Json(json!(page)))
 }
 
 async fn diff(
     State(s): State<Rest>,
+    Extension(who): Extension<Identity>,
     Path((ns, group, key)): Path<(String, String, String)>,
     RawQuery(q): RawQuery,
 ) -> Result<Json<Value>> {
@@ -284,7 +303,7 @@ async fn diff(
             other => return Err(unknown(other, "from, to")),
         }
     }
-    Ok(Json(json!(s.store.diff(&item, from, to).await?)))
+    Ok(Json(json!(s.store.diff(&who, &item, from, to).await?)))
 }
 
 #[derive(Deserialize)]
@@ -300,6 +319,7 @@ struct RollbackBody {
 
 async fn rollback(
     State(s): State<Rest>,
+    Extension(who): Extension<Identity>,
     Path((ns, group, key)): Path<(String, String, String)>,
     b: std::result::Result<Json<RollbackBody>, JsonRejection>,
 ) -> Result<Json<Value>> {
@@ -307,13 +327,21 @@ async fn rollback(
     let b = body(b)?;
     let p = s
         .store
-        .rollback(item, b.version, b.author, b.message, b.expected_version)
+        .rollback(
+            &who,
+            item,
+            b.version,
+            b.author,
+            b.message,
+            b.expected_version,
+        )
         .await?;
     Ok(Json(json!(p)))
 }
 
 async fn delete(
     State(s): State<Rest>,
+    Extension(who): Extension<Identity>,
     Path((ns, group, key)): Path<(String, String, String)>,
     RawQuery(q): RawQuery,
 ) -> Result<Json<Value>> {
@@ -325,7 +353,7 @@ async fn delete(
             other => return Err(unknown(other, "expected_version")),
         }
     }
-    let (deleted, info, revision) = s.store.delete(&item, expected).await?;
+    let (deleted, info, revision) = s.store.delete(&who, &item, expected).await?;
     Ok(Json(
         json!({ "deleted": deleted, "item": info, "revision": revision }),
     ))
@@ -333,10 +361,11 @@ async fn delete(
 
 async fn purge(
     State(s): State<Rest>,
+    Extension(who): Extension<Identity>,
     Path((ns, group, key)): Path<(String, String, String)>,
 ) -> Result<Json<Value>> {
     let item = item(ns, group, key)?;
-    let revision = s.store.purge(&item).await?;
+    let revision = s.store.purge(&who, &item).await?;
     Ok(Json(json!({ "revision": revision })))
 }
 
@@ -350,30 +379,35 @@ struct OptionsBody {
 
 async fn set_options(
     State(s): State<Rest>,
+    Extension(who): Extension<Identity>,
     Path((ns, group, key)): Path<(String, String, String)>,
     b: std::result::Result<Json<OptionsBody>, JsonRejection>,
 ) -> Result<Json<Value>> {
     let item = item(ns, group, key)?;
     let b = body(b)?;
     Ok(Json(json!(
-        s.store.set_options(&item, b.schema, b.retention).await?
+        s.store
+            .set_options(&who, &item, b.schema, b.retention)
+            .await?
     )))
 }
 
 async fn promote(
     State(s): State<Rest>,
+    Extension(who): Extension<Identity>,
     Path((ns, group, key)): Path<(String, String, String)>,
 ) -> Result<Json<Value>> {
     let item = item(ns, group, key)?;
-    Ok(Json(json!(s.store.promote(&item).await?)))
+    Ok(Json(json!(s.store.promote(&who, &item).await?)))
 }
 
 async fn abort(
     State(s): State<Rest>,
+    Extension(who): Extension<Identity>,
     Path((ns, group, key)): Path<(String, String, String)>,
 ) -> Result<Json<Value>> {
     let item = item(ns, group, key)?;
-    Ok(Json(json!(s.store.abort(&item).await?)))
+    Ok(Json(json!(s.store.abort(&who, &item).await?)))
 }
 
 #[derive(Deserialize)]
@@ -468,11 +502,12 @@ pub fn watch_item_json(item: Result<WatchItem>) -> Value {
 
 async fn watch(
     State(s): State<Rest>,
+    Extension(who): Extension<Identity>,
     Path(ns): Path<String>,
     RawQuery(q): RawQuery,
 ) -> Result<Response> {
     let (scope, known, client) = watch_params(&ns, q.as_deref())?;
-    let rx = s.hub.watch(scope, known, client).await?;
+    let rx = s.hub.watch(&who, scope, known, client).await?;
     let lines = tokio_stream::wrappers::ReceiverStream::new(rx).map(|item| {
         let mut line = watch_item_json(item).to_string();
         line.push('\n');
@@ -540,6 +575,28 @@ mod tests {
             format!("{i}/rollout/abort"),
         ] {
             assert!(doc["paths"][&path].is_object(), "{path} missing");
+        }
+    }
+
+    #[test]
+    fn openapi_document_names_the_bearer_scheme_and_401_on_every_operation() {
+        let doc: Value = serde_json::from_str(OPENAPI).expect("valid JSON");
+        assert_eq!(
+            doc["components"]["securitySchemes"]["bearer"]["scheme"],
+            "bearer"
+        );
+        let ops = doc["paths"]
+            .as_object()
+            .expect("paths")
+            .iter()
+            .flat_map(|(path, ops)| {
+                let ops = ops.as_object().expect("operations");
+                ops.iter()
+                    .map(move |(method, op)| (format!("{method} {path}"), op))
+            });
+        for (name, op) in ops {
+            let responses = &op["responses"];
+            assert!(responses["401"].is_object(), "{name}: no 401");
         }
     }
 }

@@ -1,6 +1,21 @@
 //! The configuration operations, shared by the gRPC and REST faces: each takes domain types,
 //! talks to the coordinator through `coord-client`, and returns domain types or [`Error`].
 //!
+//! # Authorisation
+//! Every public operation that the faces call takes the caller's [`Identity`] and checks it
+//! first, here and only here (watches check through [`Store::check`] in [`crate::watch`]).
+//! What each needs in the item's namespace (`service_kit::authn`: admin implies write implies
+//! read):
+//!
+//! | operation | permission |
+//! |---|---|
+//! | get (current or a version, raw), list, history, diff, watch | read |
+//! | publish (also compare-and-set), rollback, delete, rollout promote and abort | write |
+//! | set options (schema, retention), publish that also sets schema or retention, purge | admin |
+//! | validate (stores nothing, names no namespace) | none beyond authentication |
+//!
+//! With auth off every caller is anonymous and allowed everything.
+//!
 //! # Guarantees
 //! - Every change of an item is **one coordinator Txn** guarded by the `mod_revision` of the
 //!   item's `meta` key (see [`crate::keys`]): it writes the new version, moves the pointer,
@@ -23,6 +38,7 @@ use proto::etcdserverpb::range_request::{SortOrder, SortTarget};
 use proto::etcdserverpb::request_op::Request as Op;
 use proto::etcdserverpb::{DeleteRangeRequest, RangeRequest, RequestOp, TxnRequest};
 use serde::{Deserialize, Serialize};
+use service_kit::authn::{Auth, Identity, Permission};
 
 use crate::error::{Error, Result};
 use crate::keys::{self, Parsed, Part};
@@ -260,6 +276,8 @@ impl VersionCache {
 /// The store: a handle on the coordinator plus metrics. Cheap to share behind an `Arc`.
 pub struct Store {
     client: Client,
+    /// Who may do what (off: everyone everything).
+    auth: Arc<Auth>,
     metrics: ConfigMetrics,
     limits: Limits,
     cache: Arc<VersionCache>,
@@ -358,9 +376,15 @@ const WRITE_ATTEMPTS: usize = 16;
 
 impl Store {
     /// A store over `client`.
-    pub fn new(client: Client, metrics: ConfigMetrics, limits: Limits) -> Arc<Store> {
+    pub fn new(
+        client: Client,
+        metrics: ConfigMetrics,
+        limits: Limits,
+        auth: Arc<Auth>,
+    ) -> Arc<Store> {
         Arc::new(Store {
             client,
+            auth,
             metrics,
             limits,
             cache: Arc::new(VersionCache::new(64 * 1024 * 1024)),
@@ -370,6 +394,16 @@ impl Store {
     /// The coordinator client.
     pub fn client(&self) -> &Client {
         &self.client
+    }
+
+    /// Who may do what; the faces authenticate callers with it.
+    pub fn auth(&self) -> &Arc<Auth> {
+        &self.auth
+    }
+
+    /// The one authorisation check (see the module docs).
+    pub fn check(&self, who: &Identity, action: &str, ns: &str, need: Permission) -> Result<()> {
+        Ok(self.auth.authorize(who, action, ns, need)?)
     }
 
     /// The metrics.
@@ -468,7 +502,18 @@ impl Store {
     // ---- publish ---------------------------------------------------------------------------
 
     /// Publishes a new version (see the module docs).
-    pub async fn publish(&self, input: PublishInput) -> Result<Published> {
+    pub async fn publish(&self, who: &Identity, input: PublishInput) -> Result<Published> {
+        let ns = input.item.as_ref().map_or("", |i| i.namespace.as_str());
+        if input.schema.is_some() || input.retention.is_some() {
+            self.check(
+                who,
+                "publish with schema or retention",
+                ns,
+                Permission::Admin,
+            )?;
+        } else {
+            self.check(who, "publish", ns, Permission::Write)?;
+        }
         let result = self.publish_inner(input, Origin::Publish).await;
         ConfigMetrics::count(&self.metrics.publishes, &result);
         result
@@ -477,12 +522,14 @@ impl Store {
     /// Publishes a new version with the content of version `version`.
     pub async fn rollback(
         &self,
+        who: &Identity,
         item: ItemRef,
         version: u64,
         author: String,
         message: String,
         expected_version: Option<u64>,
     ) -> Result<Published> {
+        self.check(who, "rollback", &item.namespace, Permission::Write)?;
         let result = async {
             item.validate()?;
             if version == 0 {
@@ -694,10 +741,12 @@ impl Store {
     /// The version `client` should have (`version == 0`) or version `version`, with the item.
     pub async fn get(
         &self,
+        who: &Identity,
         item: &ItemRef,
         version: u64,
         client: &ClientInfo,
     ) -> Result<(Arc<StoredVersion>, Item)> {
+        self.check(who, "get", &item.namespace, Permission::Read)?;
         let result = self.get_inner(item, version, client).await;
         ConfigMetrics::count(&self.metrics.reads, &result);
         result
@@ -730,12 +779,14 @@ impl Store {
     /// The items of a namespace (or one group), by group then key.
     pub async fn list(
         &self,
+        who: &Identity,
         ns: &str,
         group: Option<&str>,
         include_deleted: bool,
         page_size: u32,
         page_token: &str,
     ) -> Result<ItemPage> {
+        self.check(who, "list", ns, Permission::Read)?;
         let result = async {
             validate_name("namespace", ns)?;
             if let Some(g) = group {
@@ -803,11 +854,13 @@ impl Store {
     /// An item's versions, newest first.
     pub async fn history(
         &self,
+        who: &Identity,
         item: &ItemRef,
         page_size: u32,
         page_token: &str,
         include_content: bool,
     ) -> Result<HistoryPage> {
+        self.check(who, "history", &item.namespace, Permission::Read)?;
         let result = async {
             item.validate()?;
             let page_size = match page_size {
@@ -882,7 +935,14 @@ impl Store {
 
     /// The difference between versions `from` and `to` (`to == 0`: the current version;
     /// `from == 0`: the version before `to`).
-    pub async fn diff(&self, item: &ItemRef, from: u64, to: u64) -> Result<crate::diff::Diff> {
+    pub async fn diff(
+        &self,
+        who: &Identity,
+        item: &ItemRef,
+        from: u64,
+        to: u64,
+    ) -> Result<crate::diff::Diff> {
+        self.check(who, "diff", &item.namespace, Permission::Read)?;
         let result = async {
             item.validate()?;
             let (state, _, _) = self.read_state(item).await?;
@@ -964,9 +1024,11 @@ impl Store {
     /// was live, the item, and the revision.
     pub async fn delete(
         &self,
+        who: &Identity,
         item: &ItemRef,
         expected_version: Option<u64>,
     ) -> Result<(bool, Item, i64)> {
+        self.check(who, "delete", &item.namespace, Permission::Write)?;
         let (ns, g, k) = (&item.namespace, &item.group, &item.key);
         let (state, rev, changed) = self
             .change("delete", item, |state| {
@@ -1008,7 +1070,8 @@ impl Store {
     }
 
     /// Removes a deleted item and all its versions.
-    pub async fn purge(&self, item: &ItemRef) -> Result<i64> {
+    pub async fn purge(&self, who: &Identity, item: &ItemRef) -> Result<i64> {
+        self.check(who, "purge", &item.namespace, Permission::Admin)?;
         let (ns, g, k) = (&item.namespace, &item.group, &item.key);
         let (_, rev, _) = self
             .change("purge", item, |state| {
@@ -1040,10 +1103,12 @@ impl Store {
     /// accept the current version.
     pub async fn set_options(
         &self,
+        who: &Identity,
         item: &ItemRef,
         schema: Option<String>,
         retention: Option<u32>,
     ) -> Result<Item> {
+        self.check(who, "set options", &item.namespace, Permission::Admin)?;
         if let Some(r) = retention {
             check_retention(r)?;
         }
@@ -1111,7 +1176,8 @@ impl Store {
     }
 
     /// Makes the rollout's candidate current for everyone.
-    pub async fn promote(&self, item: &ItemRef) -> Result<Item> {
+    pub async fn promote(&self, who: &Identity, item: &ItemRef) -> Result<Item> {
+        self.check(who, "promote rollout", &item.namespace, Permission::Write)?;
         let (ns, g, k) = (&item.namespace, &item.group, &item.key);
         let candidate = {
             let (state, _, _) = self.read_state(item).await?;
@@ -1167,7 +1233,8 @@ impl Store {
 
     /// Ends the rollout: its candidate is never released; selected clients go back to the
     /// current version.
-    pub async fn abort(&self, item: &ItemRef) -> Result<Item> {
+    pub async fn abort(&self, who: &Identity, item: &ItemRef) -> Result<Item> {
+        self.check(who, "abort rollout", &item.namespace, Permission::Write)?;
         let (ns, g, k) = (&item.namespace, &item.group, &item.key);
         let (state, _, _) = self
             .change("abort", item, |state| {

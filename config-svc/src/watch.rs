@@ -34,6 +34,7 @@ use std::time::Duration;
 
 use coord_client::{EventKind, WatchEvent, WatchOptions};
 use serde::{Deserialize, Serialize};
+use service_kit::authn::{Identity, Permission};
 use tokio::sync::{broadcast, mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
@@ -208,10 +209,24 @@ impl Hub {
     /// dropped or the service stops. An error ends the stream.
     pub async fn watch(
         self: &Arc<Self>,
+        who: &Identity,
         scope: Scope,
         known: HashMap<ItemRef, u64>,
         client: ClientInfo,
     ) -> Result<mpsc::Receiver<Result<WatchItem>>> {
+        match &scope {
+            Scope::Prefix { namespace, .. } => {
+                self.store
+                    .check(who, "watch", namespace, Permission::Read)?
+            }
+            Scope::Items(items) => {
+                let namespaces: BTreeSet<&str> =
+                    items.iter().map(|i| i.namespace.as_str()).collect();
+                for ns in namespaces {
+                    self.store.check(who, "watch", ns, Permission::Read)?;
+                }
+            }
+        }
         scope.validate()?;
         if !self.wait_ready(READY_WAIT).await {
             return Err(Error::Unavailable(coord_client::Error::Timeout {

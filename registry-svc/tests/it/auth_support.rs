@@ -403,16 +403,24 @@ impl std::io::Write for Captured {
     }
 }
 
-/// Captures this thread's log lines until the guard is dropped (use a current-thread runtime,
-/// so the service's tasks log on this thread, and no other test's lines mix in).
-pub fn capture_logs() -> (Captured, tracing::subscriber::DefaultGuard) {
-    let logs = Captured::default();
-    let writer = logs.clone();
-    let subscriber = tracing_subscriber::fmt()
-        .with_writer(move || writer.clone())
-        .with_ansi(false)
-        .finish();
-    (logs, tracing::subscriber::set_default(subscriber))
+/// The warnings of this whole test process, captured by one global subscriber installed on
+/// first use. Global rather than per thread: a thread-local subscriber misses events now and
+/// then while other threads register the same callsites. Tests find their own lines by a
+/// namespace no other test uses.
+pub fn capture_logs() -> Captured {
+    static LOGS: std::sync::OnceLock<Captured> = std::sync::OnceLock::new();
+    LOGS.get_or_init(|| {
+        let logs = Captured::default();
+        let writer = logs.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_writer(move || writer.clone())
+            .with_max_level(tracing::Level::WARN)
+            .with_ansi(false)
+            .finish();
+        tracing::subscriber::set_global_default(subscriber).expect("the only global subscriber");
+        logs
+    })
+    .clone()
 }
 
 /// Asserts the captured logs hold a denial naming `subject`, `action` and `namespace`, an

@@ -368,10 +368,9 @@ async fn missing_expired_forged_or_unknown_credentials_are_unauthenticated_in_bo
     r.stop().await;
 }
 
-/// On a current-thread runtime: the registry's tasks log on this thread, into the capture.
-#[tokio::test(flavor = "current_thread")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_denial_is_logged_with_subject_action_and_namespace_but_never_the_token() {
-    let (logs, _guard) = capture_logs();
+    let logs = capture_logs();
     let c = Coordinator::start().await;
     let dir = tempfile::tempdir().expect("dir");
     let r = start_with_auth(&c, dir.path()).await;
