@@ -43,6 +43,9 @@
 //! keep their status. The page shows the message in the panel concerned.
 //!
 //! # Caveats
+//! - The member list comes through the configured coordinator endpoints; members are then asked
+//!   at those endpoints or, failing that, at the client URLs they advertise. If no configured
+//!   endpoint answers, the panel says so even while other members run: list them all.
 //! - Config namespaces are not listed by config-svc: the page shows those of
 //!   `--dashboard-config-namespaces`, or else the registry's namespaces.
 //! - Only plain `http://` upstreams; the admin port has no authentication, so it should stay on

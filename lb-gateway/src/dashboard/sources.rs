@@ -168,7 +168,9 @@ impl Cluster {
         let list = self.member_list().await;
         let members = match list {
             Ok(list) => list.members,
-            Err(e) if statuses.is_empty() => return Err(first_error.unwrap_or(e)),
+            Err(e) if statuses.is_empty() => {
+                return Err(self.naming_endpoints(first_error.unwrap_or(e)));
+            }
             // Someone answered Status but not MemberList: show who answered.
             Err(_) => Vec::new(),
         };
@@ -244,6 +246,23 @@ impl Cluster {
             "revision": revision,
             "members": out,
         }))
+    }
+
+    /// `e`, saying which endpoints were asked when none could be reached.
+    fn naming_endpoints(&self, e: DashboardError) -> DashboardError {
+        match e {
+            DashboardError::Unreachable {
+                source_name,
+                message,
+            } => {
+                let asked: Vec<&str> = self.endpoints.iter().map(|(u, _)| u.as_str()).collect();
+                DashboardError::Unreachable {
+                    source_name,
+                    message: format!("{message} (asked {})", asked.join(", ")),
+                }
+            }
+            other => other,
+        }
     }
 
     async fn member_list(&self) -> Result<etcd::MemberListResponse, DashboardError> {

@@ -94,6 +94,18 @@ impl World {
         self.backends.push(b);
     }
 
+    /// Publishes the next version of the item as a candidate for half the clients.
+    async fn start_rollout(&self) -> u64 {
+        let rule = proto::config_v1::RolloutRule {
+            percentage: Some(50),
+            ..Default::default()
+        };
+        let content = "greeting = \"salut\"\nlimit = 10\n";
+        self.config
+            .publish_with(NS, ITEM.0, ITEM.1, content, Some(rule))
+            .await
+    }
+
     async fn stop(self) {
         self.gw.stop().await;
         self.config.stop().await;
@@ -206,6 +218,14 @@ async fn dashboard_api_reports_cluster_services_config_and_rings() {
         "{diff}"
     );
     assert_eq!(diff["changes"][0]["path"], "greeting", "{diff}");
+
+    // A staged rollout: the item says which candidate goes to whom.
+    w.start_rollout().await;
+    let (_, config) = w.api("/ui/api/config").await;
+    let rollout = &config["namespaces"][0]["items"][0]["rollout"];
+    assert_eq!(rollout["candidate"], 3, "{config}");
+    assert_eq!(rollout["base"], 2, "{config}");
+    assert_eq!(rollout["rule"]["percentage"], 50, "{config}");
 
     // The page and its assets are served from the binary.
     let (status, html) = raw_get(w.gw.admin, "/ui/").await;
@@ -453,6 +473,21 @@ async fn dashboard_page_in_chromium_shows_live_state_and_follows_changes_without
             && v["inserted"] == serde_json::json!(["greeting = \"hola\""])
     })
     .await;
+    // A staged rollout shows in the item's row and as a candidate in its history.
+    w.start_rollout().await;
+    page_shows(
+        &browser,
+        "the rollout of v4",
+        "const item = document.querySelector('#config-items tr[data-item=\"test/app/settings.toml\"]');
+         const v4 = document.querySelector('#config-history-table tr[data-version=\"4\"]');
+         return { rollout: item ? item.querySelector('.rollout').textContent : null,
+                  candidate: v4 ? v4.textContent : null }",
+        |v| {
+            v["rollout"] == "v4 rolling out over v3 to 50%"
+                && v["candidate"].as_str().is_some_and(|t| t.contains("candidate"))
+        },
+    )
+    .await;
     assert_eq!(
         browser.eval("return window.__loadMark").await,
         "first-load",
@@ -509,4 +544,145 @@ async fn dashboard_page_in_chromium_shows_an_unreachable_upstream_in_its_panel_o
     .await;
     browser.close().await;
     gw.stop().await;
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port()
+}
+
+/// Three coordinator members in process, forming one Raft cluster.
+async fn three_members(dir: &std::path::Path) -> Vec<(String, coordinator::Running)> {
+    use clap::Parser as _;
+    let ports: Vec<(u16, u16)> = (0..3).map(|_| (free_port(), free_port())).collect();
+    let initial: Vec<String> = ports
+        .iter()
+        .enumerate()
+        .map(|(i, (_, peer))| format!("m{}=http://127.0.0.1:{peer}", i + 1))
+        .collect();
+    let initial = initial.join(",");
+    let mut starting = Vec::new();
+    for (i, (client, peer)) in ports.iter().enumerate() {
+        let (client, peer) = (
+            format!("http://127.0.0.1:{client}"),
+            format!("http://127.0.0.1:{peer}"),
+        );
+        let data = dir.join(format!("m{}", i + 1)).display().to_string();
+        let config = coordinator::Config::parse_from([
+            "coordinator",
+            "--name",
+            &format!("m{}", i + 1),
+            "--data-dir",
+            &data,
+            "--listen-client-urls",
+            &client,
+            "--advertise-client-urls",
+            &client,
+            "--listen-peer-urls",
+            &peer,
+            "--initial-advertise-peer-urls",
+            &peer,
+            "--initial-cluster",
+            &initial,
+            "--initial-cluster-state",
+            "new",
+            "--listen-metrics-urls",
+            "http://127.0.0.1:0",
+        ]);
+        starting.push((client, tokio::spawn(coordinator::start(config))));
+    }
+    let mut members = Vec::new();
+    for (client, task) in starting {
+        let running = within(T, "a coordinator member to start", task)
+            .await
+            .expect("no panic")
+            .expect("the member starts");
+        members.push((client, running));
+    }
+    members
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dashboard_shows_every_member_of_a_three_member_cluster_and_one_that_stops() {
+    let stack = Stack::start().await;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let mut members = three_members(dir.path()).await;
+    // Only the first member is configured: the others are asked at the URLs they advertise.
+    let gw = dashboard_gateway(&stack, &members[0].0, &crate::coord::dead_endpoint()).await;
+    // While the members elect a leader, a member may not answer yet (502): poll.
+    let cluster = || async { get(gw.admin, "/ui/api/cluster", &[]).await.1 };
+    let mut view = Value::Null;
+    let agreed = |v: &Value| {
+        let ms = v["members"].as_array().cloned().unwrap_or_default();
+        ms.len() == 3
+            && ms.iter().all(|m| m["health"] == "healthy")
+            && ms.iter().filter(|m| m["leader"] == true).count() == 1
+            && ms.iter().all(|m| m["term"] == v["term"])
+            && ms.iter().all(|m| m["revision"].as_i64() > Some(0))
+    };
+    let deadline = Instant::now() + T;
+    while !agreed(&view) {
+        assert!(Instant::now() < deadline, "no agreed view: {view}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        view = cluster().await;
+    }
+    let asked: Vec<&str> = view["members"]
+        .as_array()
+        .expect("members")
+        .iter()
+        .map(|m| m["asked"].as_str().expect("asked"))
+        .collect();
+    for (url, _) in &members {
+        assert!(asked.contains(&url.as_str()), "{url} asked: {view}");
+    }
+
+    // A follower (not the configured one, through which the list comes) stops: its row says
+    // unreachable, the others stay healthy with a leader.
+    let follower = view["members"]
+        .as_array()
+        .expect("members")
+        .iter()
+        .find(|m| m["leader"] == false && m["asked"] != members[0].0.as_str())
+        .expect("a follower besides the configured member");
+    let follower_url = follower["asked"].as_str().expect("asked").to_owned();
+    let follower_id = follower["id"].as_str().expect("id").to_owned();
+    let at = members
+        .iter()
+        .position(|(u, _)| *u == follower_url)
+        .expect("the follower is one of ours");
+    let (_, running) = members.remove(at);
+    within(T, "the follower to stop", running.shutdown()).await;
+    // (Under load the two left may elect a new leader: it must be one of them.)
+    let shows_stopped = |v: &Value| {
+        let ms = v["members"].as_array().cloned().unwrap_or_default();
+        let leader = v["leader"].as_str().unwrap_or_default();
+        ms.len() == 3
+            && ms.iter().all(|m| {
+                if m["id"] == follower_id.as_str() {
+                    m["health"] == "unreachable" && m["error"].as_str().is_some()
+                } else {
+                    m["health"] == "healthy"
+                }
+            })
+            && !leader.is_empty()
+            && leader != follower_id
+    };
+    let deadline = Instant::now() + T;
+    loop {
+        view = cluster().await;
+        if shows_stopped(&view) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the stopped member {follower_id} does not show as unreachable: {view}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    gw.stop().await;
+    for (_, running) in members {
+        within(T, "a member to stop", running.shutdown()).await;
+    }
 }

@@ -131,8 +131,22 @@ impl ConfigSvc {
 
     /// Publishes `content` (TOML) as the next version of `ns/group/key`; returns its number.
     pub async fn publish(&self, ns: &str, group: &str, key: &str, content: &str) -> u64 {
+        self.publish_with(ns, group, key, content, None).await
+    }
+
+    /// [`ConfigSvc::publish`], as the candidate of a staged rollout to `rollout`'s clients
+    /// when given.
+    pub async fn publish_with(
+        &self,
+        ns: &str,
+        group: &str,
+        key: &str,
+        content: &str,
+        rollout: Option<proto::config_v1::RolloutRule>,
+    ) -> u64 {
         use proto::config_v1 as cpb;
         let req = cpb::PublishRequest {
+            rollout,
             item: Some(cpb::ItemRef {
                 namespace: ns.into(),
                 group: group.into(),
