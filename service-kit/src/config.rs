@@ -86,15 +86,22 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
 /// Parses the address a server listens on, written as a URL or a bare
 /// `host:port`: `http://127.0.0.1:2379`, `127.0.0.1:2379`,
 /// `http://0.0.0.0:2379`, `http://[::1]:2379`. `localhost` means `127.0.0.1`.
-/// A trailing `/` is allowed; any other path, a scheme other than `http`, a
+/// `https://` is accepted too (TLS is switched on by the certificate flags).
+/// A trailing `/` is allowed; any other path, a scheme other than these, a
 /// host name other than `localhost` and a missing port are rejected.
 pub fn parse_listen_url(s: &str) -> Result<SocketAddr, String> {
     let text = s.trim();
     let rest = match text.split_once("://") {
-        Some((scheme, rest)) if scheme.eq_ignore_ascii_case("http") => rest,
+        // The scheme does not switch TLS on (the certificate flags do); https is accepted so
+        // that etcd's `--listen-client-urls https://…` runs unchanged.
+        Some((scheme, rest))
+            if scheme.eq_ignore_ascii_case("http") || scheme.eq_ignore_ascii_case("https") =>
+        {
+            rest
+        }
         Some((scheme, _)) => {
             return Err(format!(
-                "invalid listen address {s:?}: scheme {scheme:?} is not supported; use http:// or a bare host:port"
+                "invalid listen address {s:?}: scheme {scheme:?} is not supported; use http://, https:// or a bare host:port"
             ));
         }
         None => text,
@@ -239,13 +246,16 @@ mod tests {
     }
 
     #[test]
-    fn listen_url_rejects_https_and_other_schemes() {
-        let err = parse_listen_url("https://127.0.0.1:2379").expect_err("https");
+    fn listen_url_accepts_https_and_rejects_other_schemes() {
+        assert_eq!(
+            parse_listen_url("https://127.0.0.1:2379"),
+            Ok("127.0.0.1:2379".parse().expect("addr"))
+        );
+        let err = parse_listen_url("unix:///tmp/sock").expect_err("unix");
         assert!(
-            err.contains("\"https\"") && err.contains("not supported"),
+            err.contains("\"unix\"") && err.contains("not supported"),
             "{err}"
         );
-        assert!(parse_listen_url("unix:///tmp/sock").is_err());
     }
 
     #[test]

@@ -30,6 +30,11 @@
 //!   `curl`.
 //! - [`time`]: wall-clock times as UTC text (RFC 3339), for file names and
 //!   tools.
+//! - [`tls`]: TLS (rustls, ring) for every listener and internal client: the etcd-style
+//!   file flags, reloading certificates (file change or SIGHUP), concurrent handshakes for
+//!   tonic and axum servers, TLS channels for tonic clients, certificate names.
+//! - [`devcerts`]: a development CA (rcgen) issuing a certificate per service; the
+//!   `devcerts` binary writes them for the compose stack.
 //!
 //! # Guarantees and caveats
 //!
@@ -49,7 +54,9 @@
 pub mod admin;
 pub mod authn;
 pub mod config;
+pub mod devcerts;
 pub mod probe;
 pub mod shutdown;
 pub mod telemetry;
 pub mod time;
+pub mod tls;
