@@ -12,6 +12,7 @@ use std::time::Duration;
 use clap::Parser;
 use service_kit::config::{parse_duration, parse_listen_url};
 use service_kit::telemetry::LogFormat;
+use service_kit::tls::{ClientTlsFiles, ServerTlsFiles};
 
 /// The coordinator's configuration.
 #[derive(Debug, Clone, Parser)]
@@ -119,6 +120,45 @@ pub struct Config {
     #[arg(long, env = "ETCD_AUTH_TOKEN_TTL", default_value_t = 300)]
     pub auth_token_ttl: u64,
 
+    /// Certificate (PEM) of the client port; TLS is on there when set.
+    #[arg(long, env = "ETCD_CERT_FILE", value_name = "FILE")]
+    pub cert_file: Option<PathBuf>,
+
+    /// Private key (PEM) of --cert-file.
+    #[arg(long, env = "ETCD_KEY_FILE", value_name = "FILE")]
+    pub key_file: Option<PathBuf>,
+
+    /// CA bundle (PEM) client certificates are verified against.
+    #[arg(long, env = "ETCD_TRUSTED_CA_FILE", value_name = "FILE")]
+    pub trusted_ca_file: Option<PathBuf>,
+
+    /// Require a client certificate signed by --trusted-ca-file; with auth enabled, a request
+    /// without a token acts as the user named by the certificate's CN (as in etcd).
+    #[arg(long, env = "ETCD_CLIENT_CERT_AUTH")]
+    pub client_cert_auth: bool,
+
+    /// Certificate (PEM) of the peer port, also presented to other members; TLS between
+    /// members is on when set.
+    #[arg(long, env = "ETCD_PEER_CERT_FILE", value_name = "FILE")]
+    pub peer_cert_file: Option<PathBuf>,
+
+    /// Private key (PEM) of --peer-cert-file.
+    #[arg(long, env = "ETCD_PEER_KEY_FILE", value_name = "FILE")]
+    pub peer_key_file: Option<PathBuf>,
+
+    /// CA bundle (PEM) other members' certificates are verified against.
+    #[arg(long, env = "ETCD_PEER_TRUSTED_CA_FILE", value_name = "FILE")]
+    pub peer_trusted_ca_file: Option<PathBuf>,
+
+    /// Require other members to present a certificate signed by --peer-trusted-ca-file whose
+    /// CN or a DNS SAN is a member's name (or --peer-cert-allowed-cn).
+    #[arg(long, env = "ETCD_PEER_CLIENT_CERT_AUTH")]
+    pub peer_client_cert_auth: bool,
+
+    /// A certificate CN accepted from peers besides the members' names.
+    #[arg(long, env = "ETCD_PEER_CERT_ALLOWED_CN", value_name = "CN")]
+    pub peer_cert_allowed_cn: Option<String>,
+
     /// Log format.
     #[arg(long, env = "LOG_FORMAT", default_value = "text")]
     pub log_format: LogFormat,
@@ -201,7 +241,46 @@ impl Config {
             return Err("--auth-token-ttl must be at least 1 second".into());
         }
         self.token_config()?;
+        self.client_tls().validate("")?;
+        self.peer_tls().validate("peer-")?;
+        if self.peer_tls().enabled() && self.peer_trusted_ca_file.is_none() {
+            return Err(
+                "--peer-cert-file needs --peer-trusted-ca-file (the CA that signed the \
+                        other members' certificates)"
+                    .into(),
+            );
+        }
         Ok(())
+    }
+
+    /// The client port's TLS files.
+    pub fn client_tls(&self) -> ServerTlsFiles {
+        ServerTlsFiles {
+            cert_file: self.cert_file.clone(),
+            key_file: self.key_file.clone(),
+            trusted_ca_file: self.trusted_ca_file.clone(),
+            client_cert_auth: self.client_cert_auth,
+        }
+    }
+
+    /// The peer port's TLS files (its certificate is also the one presented when dialling).
+    pub fn peer_tls(&self) -> ServerTlsFiles {
+        ServerTlsFiles {
+            cert_file: self.peer_cert_file.clone(),
+            key_file: self.peer_key_file.clone(),
+            trusted_ca_file: self.peer_trusted_ca_file.clone(),
+            client_cert_auth: self.peer_client_cert_auth,
+        }
+    }
+
+    /// How this member dials the others: the peer CA, and the peer certificate as client
+    /// certificate.
+    pub fn peer_client_tls(&self) -> ClientTlsFiles {
+        ClientTlsFiles {
+            ca_file: self.peer_trusted_ca_file.clone(),
+            cert_file: self.peer_cert_file.clone(),
+            key_file: self.peer_key_file.clone(),
+        }
     }
 
     /// Token settings from `--auth-token` and `--auth-token-ttl` (key files are read here).
@@ -212,7 +291,12 @@ impl Config {
     /// Client URLs announced in member lists.
     pub fn client_urls(&self, bound: &[SocketAddr]) -> Vec<String> {
         if self.advertise_client_urls.is_empty() {
-            bound.iter().map(|a| format!("http://{a}")).collect()
+            let scheme = if self.cert_file.is_some() {
+                "https"
+            } else {
+                "http"
+            };
+            bound.iter().map(|a| format!("{scheme}://{a}")).collect()
         } else {
             self.advertise_client_urls.clone()
         }

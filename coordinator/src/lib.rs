@@ -30,9 +30,10 @@
 //! - Leases get a full TTL again after a restart (etcd without lease checkpoints does the same).
 //! - `Snapshot` streams our own format, not etcd's bolt file: `coordinator snapshot
 //!   status|restore` reads it, `etcdctl snapshot status|restore` cannot.
-//! - Auth (etcd's users, roles and tokens, see [`auth`]) runs without TLS for now: passwords and
-//!   tokens cross the network in clear text, so enable it only on a trusted network until TLS
-//!   (and client-certificate identities) arrive.
+//! - TLS (rustls, [`service_kit::tls`]) is on per port when its certificate flags are given
+//!   (`--cert-file …` for clients, `--peer-cert-file …` between members); without them, auth
+//!   passwords and tokens cross the network in clear text. Peers are checked by CA and by
+//!   name (a member's name in the certificate's CN or DNS SAN).
 
 pub mod auth;
 pub mod command;
@@ -143,6 +144,31 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
 pub async fn start(config: Config) -> anyhow::Result<Running> {
     config.validate().map_err(|e| anyhow::anyhow!(e))?;
     let tokens = config.token_config().map_err(|e| anyhow::anyhow!(e))?;
+    // Certificates are read now, so that a bad file fails the start with a clear message.
+    let client_tls = config
+        .client_tls()
+        .server_config()
+        .context("client TLS (--cert-file, --key-file, --trusted-ca-file)")?;
+    // Peers are authenticated by certificate (the peer CA) and by name, both ways: a
+    // certificate from the right CA whose names hold no member's name is refused at the
+    // handshake, whether that member dials or is dialled.
+    let peer_names = PeerNames {
+        live: Arc::new(std::sync::OnceLock::new()),
+        initial: config
+            .initial_members()
+            .map_err(|e| anyhow::anyhow!(e))?
+            .into_iter()
+            .map(|(n, _)| n)
+            .collect(),
+        allowed_cn: config.peer_cert_allowed_cn.clone(),
+    };
+    let peer_client_tls = config
+        .peer_client_tls()
+        .client_config_checked(Some(peer_names.check()))
+        .context("peer TLS (--peer-cert-file, --peer-key-file, --peer-trusted-ca-file)")?;
+    if client_tls.is_some() || peer_client_tls.is_some() {
+        service_kit::tls::reload_on_sighup();
+    }
     let data_dir = config.data_dir();
     let member_dir = data_dir.join("member");
     std::fs::create_dir_all(&member_dir)
@@ -258,6 +284,10 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
             Member::Single(node)
         }
         None => {
+            let mut io = raft::RaftIo::production(raft_dir);
+            if let Some(tls) = &peer_client_tls {
+                io.connect = raft::network::tls(tls.clone());
+            }
             let token = config.initial_cluster_token.clone();
             let initial = members
                 .iter()
@@ -282,7 +312,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
                 token: token.clone(),
                 snapshot_count: config.snapshot_count,
                 removed: removed.clone(),
-                io: raft::RaftIo::production(raft_dir),
+                io,
                 election_timeout: Duration::from_millis(config.election_timeout),
                 heartbeat: Duration::from_millis(config.heartbeat_interval),
                 state: state.clone(),
@@ -292,27 +322,31 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
             })
             .await
             .context("cannot start Raft")?;
+            let _ = peer_names.live.set((r.clone(), state.clone()));
+            let peer_tls = config
+                .peer_tls()
+                .server_config_checked(Some(peer_names.check()))
+                .context("peer TLS (--peer-cert-file, --peer-key-file, --peer-trusted-ca-file)")?;
             for listener in peer_listeners {
                 let svc = proto::peerpb::peer_server::PeerServer::new(r.peer_service())
                     .max_decoding_message_size(256 * 1024 * 1024)
                     .max_encoding_message_size(256 * 1024 * 1024);
                 let stop = shutdown.clone();
-                // tonic's tcp_nodelay applies only to listeners it binds itself; without it,
-                // Nagle + delayed ACK hold small Raft messages for ~40 ms.
-                let incoming = tokio_stream::StreamExt::map(
-                    tokio_stream::wrappers::TcpListenerStream::new(listener),
-                    |s| {
-                        s.inspect(|s| {
-                            let _ = s.set_nodelay(true);
-                        })
-                    },
-                );
+                let router = tonic::transport::Server::builder()
+                    .tcp_nodelay(true)
+                    .add_service(svc);
+                let tls = peer_tls.clone();
                 tasks.push(tokio::spawn(async move {
-                    let res = tonic::transport::Server::builder()
-                        .tcp_nodelay(true)
-                        .add_service(svc)
-                        .serve_with_incoming_shutdown(incoming, stop.cancelled_owned())
-                        .await;
+                    // tonic's tcp_nodelay applies only to listeners it binds itself; without
+                    // it, Nagle + delayed ACK hold small Raft messages for ~40 ms (serve_tonic
+                    // sets it on every accepted connection).
+                    let res = service_kit::tls::serve_tonic(
+                        router,
+                        listener,
+                        tls,
+                        stop.cancelled_owned(),
+                    )
+                    .await;
                     if let Err(e) = res {
                         tracing::error!(error = %e, "peer server failed");
                     }
@@ -372,12 +406,6 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     for listener in client_listeners {
         let ctx = ctx.clone();
         let stop = shutdown.clone();
-        let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
-        let incoming = tokio_stream::StreamExt::map(incoming, |s| {
-            s.inspect(|s| {
-                let _ = s.set_nodelay(true);
-            })
-        });
         let router = tonic::transport::Server::builder()
             .tcp_nodelay(true)
             .http2_keepalive_interval(Some(Duration::from_secs(30)))
@@ -385,7 +413,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
             // non-gRPC requests to it.
             .accept_http1(true)
             .layer(tower::util::MapResponseLayer::new(rpc::too_large_as_etcd))
-            .layer(gateway::GatewayLayer::new(ctx.clone()))
+            .layer(gateway::GatewayLayer::new(ctx.clone()).with_cert_cn(config.client_cert_auth))
             .add_service(
                 KvServer::new(rpc::kv::KvService::new(ctx.clone()))
                     .max_decoding_message_size(max_msg),
@@ -407,11 +435,11 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
             .add_service(ClusterServer::new(
                 rpc::maintenance::MaintenanceService::new(ctx.clone()),
             ));
+        let tls = client_tls.clone();
         tasks.push(tokio::spawn(async move {
-            if let Err(e) = router
-                .serve_with_incoming_shutdown(incoming, stop.cancelled_owned())
-                .await
-            {
+            let res =
+                service_kit::tls::serve_tonic(router, listener, tls, stop.cancelled_owned()).await;
+            if let Err(e) = res {
                 tracing::error!(error = %e, "gRPC server failed");
             }
         }));
@@ -448,6 +476,9 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         term,
         replayed,
         auth = ?auth_gate,
+        client_tls = client_tls.is_some(),
+        client_cert_auth = config.client_cert_auth,
+        peer_tls = peer_client_tls.is_some(),
         startup_ms = started.elapsed().as_millis() as u64,
         "coordinator ready"
     );
@@ -458,6 +489,57 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         tasks,
         member,
     })
+}
+
+/// Which names a peer certificate may carry: each member's name, as the live membership and
+/// the members' published attributes know it; for a member added with `member add` that has
+/// not started yet (no name), the host of its peer URL. Until this member knows a membership
+/// (before Raft starts, or while joining), the `--initial-cluster` names. Plus
+/// `--peer-cert-allowed-cn`.
+#[derive(Clone)]
+struct PeerNames {
+    live: Arc<std::sync::OnceLock<(raft::RaftMember, Arc<RwLock<StateMachine>>)>>,
+    initial: Vec<String>,
+    allowed_cn: Option<String>,
+}
+
+impl PeerNames {
+    fn check(&self) -> service_kit::tls::NameCheck {
+        let me = self.clone();
+        Arc::new(move |names: &[String]| {
+            let members = me.names();
+            names
+                .iter()
+                .any(|n| members.contains(n) || me.allowed_cn.as_deref() == Some(n.as_str()))
+        })
+    }
+
+    fn names(&self) -> Vec<String> {
+        let Some((r, state)) = self.live.get() else {
+            return self.initial.clone();
+        };
+        let members = r.members();
+        if members.is_empty() {
+            return self.initial.clone();
+        }
+        let attrs = state.read().member_attrs();
+        let mut out = Vec::new();
+        for (id, node, _) in members {
+            let published = attrs
+                .get(&id)
+                .map(|(n, _)| n.clone())
+                .filter(|n| !n.is_empty());
+            let unnamed = node.name.is_empty() && published.is_none();
+            if !node.name.is_empty() {
+                out.push(node.name.clone());
+            }
+            out.extend(published);
+            if unnamed && let Some(host) = service_kit::tls::url_host(&node.peer_url) {
+                out.push(host.to_owned());
+            }
+        }
+        out
+    }
 }
 
 fn identity(

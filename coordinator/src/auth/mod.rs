@@ -31,9 +31,12 @@
 //! a check is a binary search per leaf.
 //!
 //! # Identity
-//! [`Credentials`] are what a request presents: a token today; the verified client
-//! certificate's common name once `--client-cert-auth` arrives with TLS (etcd uses the CN when
-//! no token is given). [`Gate::caller`] turns credentials into a [`Caller`].
+//! [`Credentials`] are what a request presents: a token, or the verified client certificate's
+//! common name with `--client-cert-auth` (etcd uses the CN when no token is given).
+//! [`Gate::caller`] turns credentials into a [`Caller`]. The CN reaches the handlers as the
+//! [`CERT_CN_HEADER`] metadata, which the client port's outermost layer
+//! ([`crate::gateway::Split`]) removes from every request and sets only from the certificate
+//! of the TLS connection, so a client cannot claim a name by sending the header.
 //!
 //! # Passwords
 //! Hashed with Argon2id (the `argon2` crate's defaults: 19 MiB, 2 passes), salted, before a
@@ -109,23 +112,27 @@ impl AuthShared {
 pub struct Credentials<'a> {
     /// The `token` metadata value.
     pub token: Option<&'a str>,
-    /// Common name of a verified client certificate (with `--client-cert-auth`; not yet).
+    /// Common name of a verified client certificate (with `--client-cert-auth`).
     pub cert_cn: Option<&'a str>,
 }
 
+/// The metadata key carrying the verified client certificate's CN (see the module docs).
+pub const CERT_CN_HEADER: &str = "x-coordinator-client-cert-cn";
+
 impl<'a> Credentials<'a> {
     /// Credentials of a gRPC request: the `token` metadata (etcd's clients), or an
-    /// `authorization` header (etcd 3.5's gateway form).
+    /// `authorization` header (etcd 3.5's gateway form); and the [`CERT_CN_HEADER`].
     pub fn from_metadata(md: &'a tonic::metadata::MetadataMap) -> Credentials<'a> {
         let token = md
             .get("token")
             .or_else(|| md.get("authorization"))
             .and_then(|v| v.to_str().ok())
             .filter(|t| !t.is_empty());
-        Credentials {
-            token,
-            cert_cn: None,
-        }
+        let cert_cn = md
+            .get(CERT_CN_HEADER)
+            .and_then(|v| v.to_str().ok())
+            .filter(|t| !t.is_empty());
+        Credentials { token, cert_cn }
     }
 }
 

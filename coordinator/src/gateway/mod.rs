@@ -131,12 +131,24 @@ pub fn router(ctx: Ctx) -> Router {
 #[derive(Clone)]
 pub struct GatewayLayer {
     http: Router,
+    cert_cn: bool,
 }
 
 impl GatewayLayer {
     /// The layer serving the gateway for `ctx`.
     pub fn new(ctx: Ctx) -> GatewayLayer {
-        GatewayLayer { http: router(ctx) }
+        GatewayLayer {
+            http: router(ctx),
+            cert_cn: false,
+        }
+    }
+
+    /// Pass the verified client certificate's CN to the handlers as
+    /// [`crate::auth::CERT_CN_HEADER`] (`--client-cert-auth`). The header is removed from every
+    /// request either way.
+    pub fn with_cert_cn(mut self, on: bool) -> GatewayLayer {
+        self.cert_cn = on;
+        self
     }
 }
 
@@ -147,6 +159,7 @@ impl<S> tower::Layer<S> for GatewayLayer {
         Split {
             grpc,
             http: self.http.clone(),
+            cert_cn: self.cert_cn,
         }
     }
 }
@@ -156,6 +169,27 @@ impl<S> tower::Layer<S> for GatewayLayer {
 pub struct Split<S> {
     grpc: S,
     http: Router,
+    cert_cn: bool,
+}
+
+/// Removes any client-sent [`crate::auth::CERT_CN_HEADER`], then sets it from the verified
+/// client certificate of the TLS connection when `on`.
+fn set_cert_cn<B>(req: &mut Request<B>, on: bool) {
+    let removed = req.headers_mut().remove(crate::auth::CERT_CN_HEADER);
+    if removed.is_some() {
+        tracing::debug!("dropped a client-sent certificate CN header");
+    }
+    if !on {
+        return;
+    }
+    let cn = service_kit::tls::peer_certs_of(req).and_then(|chain| {
+        chain
+            .first()
+            .and_then(|c| service_kit::tls::cert_common_name(c))
+    });
+    if let Some(v) = cn.and_then(|cn| HeaderValue::from_str(&cn).ok()) {
+        req.headers_mut().insert(crate::auth::CERT_CN_HEADER, v);
+    }
 }
 
 fn is_grpc<B>(req: &Request<B>) -> bool {
@@ -183,7 +217,8 @@ where
         self.grpc.poll_ready(cx)
     }
 
-    fn call(&mut self, req: Request<tonic::body::Body>) -> Self::Future {
+    fn call(&mut self, mut req: Request<tonic::body::Body>) -> Self::Future {
+        set_cert_cn(&mut req, self.cert_cn);
         if is_grpc(&req) {
             // The clone is ready only after poll_ready; keep the ready one, leave the clone.
             let clone = self.grpc.clone();

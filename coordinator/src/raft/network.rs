@@ -38,6 +38,16 @@ pub fn tcp() -> Connector {
     Arc::new(channel)
 }
 
+/// Production with TLS: channels over TLS (`config`: the peer CA and this member's peer
+/// certificate), checking each peer's certificate for the host of its URL. `https://` peer URLs
+/// are dialled as such; so are `http://` ones (the flags, not the scheme, switch TLS on).
+pub fn tls(config: Arc<service_kit::tls::rustls::ClientConfig>) -> Connector {
+    Arc::new(move |url: &str| {
+        let ep = endpoint(&service_kit::tls::plain_scheme(url))?;
+        Ok(service_kit::tls::lazy_channel(ep, Some(&config)))
+    })
+}
+
 /// Opens a client per peer.
 #[derive(Clone)]
 pub struct Network {

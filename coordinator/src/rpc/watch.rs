@@ -55,9 +55,9 @@ impl Watch for WatchService {
             .is_some_and(|v| v == "true");
         // The stream's token names the user of every watch created on it; permissions are
         // checked at each create, against the auth state of that moment.
-        let token = crate::auth::Credentials::from_metadata(req.metadata())
-            .token
-            .map(str::to_string);
+        let creds = crate::auth::Credentials::from_metadata(req.metadata());
+        let token = creds.token.map(str::to_string);
+        let cert_cn = creds.cert_cn.map(str::to_string);
         let mut incoming = req.into_inner();
         let (tx, rx) = mpsc::channel(STREAM_BUFFER);
         let ctx = self.ctx.clone();
@@ -71,6 +71,7 @@ impl Watch for WatchService {
                 watchers: HashMap::new(),
                 next_id: 0,
                 token,
+                cert_cn,
             };
             let check_every = match &ctx.member {
                 crate::member::Member::Raft(r) => r.election_timeout(),
@@ -117,6 +118,8 @@ struct Session {
     watchers: HashMap<i64, Arc<Watcher>>,
     next_id: i64,
     token: Option<String>,
+    /// The verified client certificate's CN (with `--client-cert-auth`).
+    cert_cn: Option<String>,
 }
 
 impl Session {
@@ -189,7 +192,7 @@ impl Session {
             .auth
             .caller(crate::auth::Credentials {
                 token: self.token.as_deref(),
-                cert_cn: None,
+                cert_cn: self.cert_cn.as_deref(),
             })
             .and_then(|caller| caller.read(&range));
         if let Err(e) = allowed {

@@ -645,7 +645,7 @@ impl Drop for Process {
 /// Cluster tests measure elections against wall-clock bounds on a 2-core machine, so they run
 /// one at a time: two clusters of three debug processes starving each other would measure the
 /// machine, not the protocol. A [`Cluster`] holds this lock for its whole life.
-static CLUSTER_SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+pub static CLUSTER_SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 /// The token every test cluster uses (member ids derive from it and the peer URL).
 const CLUSTER_TOKEN: &str = "etcd-cluster";

@@ -17,6 +17,11 @@
 //!   into one member and into a fresh 3-member cluster (the disaster drill); damaged files.
 //! - [`json_gateway`]: etcd's JSON gateway (`POST /v3/...`) over raw HTTP/1.1 on the client port.
 //!
+//! - [`tls`]: TLS on the client port (plaintext, missing and foreign client certificates
+//!   refused; `etcdctl --cacert --cert --key`; `--user` and the certificate CN as user; the
+//!   JSON gateway; reload) and between members (a foreign CA or a name that is no member's
+//!   never joins).
+//!
 //! [`harness`] holds the shared helpers.
 
 mod harness;
@@ -31,4 +36,5 @@ mod etcdctl;
 mod json_gateway;
 mod restart;
 mod snapshot_restore;
+mod tls;
 mod watch;
