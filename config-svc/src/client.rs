@@ -61,9 +61,17 @@ pub struct Builder {
     cache_dir: Option<PathBuf>,
     timeout: Duration,
     token: String,
+    tls: Option<Arc<service_kit::tls::rustls::ClientConfig>>,
 }
 
 impl Builder {
+    /// Dial over TLS (config-svc's CA and a client certificate:
+    /// `service_kit::tls::ClientTlsFiles`); `None` dials plain TCP.
+    pub fn tls(mut self, tls: Option<Arc<service_kit::tls::rustls::ClientConfig>>) -> Builder {
+        self.tls = tls;
+        self
+    }
+
     /// Send `Authorization: Bearer <token>` with every call (for a config-svc with auth on).
     pub fn token(mut self, token: impl Into<String>) -> Builder {
         self.token = token.into();
@@ -104,14 +112,14 @@ impl Builder {
             } else {
                 format!("http://{e}")
             };
-            let endpoint = Endpoint::from_shared(url.clone())
+            let endpoint = Endpoint::from_shared(service_kit::tls::plain_scheme(&url))
                 .map_err(|err| Status::invalid_argument(format!("endpoint {url:?}: {err}")))?
                 .connect_timeout(Duration::from_secs(2))
                 .tcp_nodelay(true)
                 .http2_keep_alive_interval(Duration::from_secs(10))
                 .keep_alive_timeout(Duration::from_secs(5))
                 .keep_alive_while_idle(true);
-            channels.push(endpoint.connect_lazy());
+            channels.push(service_kit::tls::lazy_channel(endpoint, self.tls.as_ref()));
         }
         if channels.is_empty() {
             return Err(Status::invalid_argument("no config-svc endpoints given"));
@@ -208,6 +216,7 @@ impl ConfigClient {
             cache_dir: None,
             timeout: Duration::from_secs(5),
             token: String::new(),
+            tls: None,
         }
     }
 

@@ -67,6 +67,7 @@ use service_kit::admin::{self, Health, Metrics};
 use service_kit::authn::{Auth, AuthArgs};
 use service_kit::config::parse_listen_url;
 use service_kit::telemetry::LogFormat;
+use service_kit::tls::{ClientTlsArgs, ServerTlsArgs};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
@@ -162,6 +163,16 @@ pub struct Config {
     /// default). See `service_kit::authn` and the permission table in [`store`].
     #[command(flatten)]
     pub auth: AuthArgs,
+
+    /// TLS of the gRPC and REST listeners (`--cert-file`, `--key-file`, `--trusted-ca-file`,
+    /// `--client-cert-auth`); the admin listener stays plain HTTP.
+    #[command(flatten)]
+    pub tls: ServerTlsArgs,
+
+    /// TLS of the coordinator client (`--coordinator-cacert`, `--coordinator-cert`,
+    /// `--coordinator-key`).
+    #[command(flatten)]
+    pub coordinator_tls: ClientTlsArgs,
 }
 
 impl Config {
@@ -194,6 +205,8 @@ impl Config {
                 self.watch_buffer
             ));
         }
+        self.tls.files().validate("")?;
+        self.coordinator_tls.files().validate("--coordinator-")?;
         Ok(())
     }
 }
@@ -262,8 +275,20 @@ pub async fn run_with_listeners(
         watch_buffer,
         log_format: _,
         auth,
+        tls,
+        coordinator_tls,
     } = config;
     let auth = Auth::from_args(&auth).map_err(|e| anyhow::anyhow!(e))?;
+    // Certificates are read now, so that a bad file fails the start with a clear message.
+    let server_tls = tls.files().server_config().context(
+        "TLS of the gRPC and REST listeners (--cert-file, --key-file, --trusted-ca-file)",
+    )?;
+    let client_tls = coordinator_tls.client_config().context(
+        "TLS of the coordinator client (--coordinator-cacert, --coordinator-cert, --coordinator-key)",
+    )?;
+    if server_tls.is_some() || client_tls.is_some() {
+        service_kit::tls::reload_on_sighup();
+    }
     let addr = |l: &TcpListener, what: &str| {
         l.local_addr()
             .with_context(|| format!("cannot read the {what} listener's address"))
@@ -277,12 +302,15 @@ pub async fn run_with_listeners(
     let health = Health::new();
     let metrics = Metrics::new();
     let config_metrics = ConfigMetrics::register(&metrics);
-    let client = Client::new(ClientConfig::new(
-        coordinator_endpoints
-            .iter()
-            .map(|e| e.trim().to_owned())
-            .filter(|e| !e.is_empty()),
-    ))
+    let client = Client::new(ClientConfig {
+        tls: client_tls,
+        ..ClientConfig::new(
+            coordinator_endpoints
+                .iter()
+                .map(|e| e.trim().to_owned())
+                .filter(|e| !e.is_empty()),
+        )
+    })
     .context("invalid coordinator endpoint")?;
     let store = Store::new(
         client,
@@ -304,28 +332,25 @@ pub async fn run_with_listeners(
         .set_not_serving::<proto::config_v1::config_server::ConfigServer<GrpcService>>()
         .await;
     let grpc_server = {
-        // TCP_NODELAY on every accepted connection: tonic's own `tcp_nodelay` only applies to
-        // listeners it binds itself, and Nagle + delayed ACKs add ~40 ms to small answers.
-        let incoming =
-            tonic::transport::server::TcpIncoming::from(listeners.grpc).with_nodelay(Some(true));
+        // TCP_NODELAY on every accepted connection (serve_tonic): tonic's own `tcp_nodelay`
+        // only applies to listeners it binds itself, and Nagle + delayed ACKs add ~40 ms.
         let service = GrpcService::new(store.clone(), hub.clone()).server();
         let stop = shutdown.clone();
+        let tls = server_tls.clone();
+        let router = tonic::transport::Server::builder()
+            .tcp_nodelay(true)
+            .add_service(health_service)
+            .add_service(service);
         tokio::spawn(async move {
-            tonic::transport::Server::builder()
-                .tcp_nodelay(true)
-                .add_service(health_service)
-                .add_service(service)
-                .serve_with_incoming_shutdown(incoming, stop.cancelled_owned())
-                .await
+            service_kit::tls::serve_tonic(router, listeners.grpc, tls, stop.cancelled_owned()).await
         })
     };
     let rest_server = {
         let router = rest::router(store.clone(), hub.clone());
         let stop = shutdown.clone();
+        let tls = server_tls.clone();
         tokio::spawn(async move {
-            axum::serve(listeners.http, router)
-                .with_graceful_shutdown(stop.cancelled_owned())
-                .await
+            service_kit::tls::serve_axum(router, listeners.http, tls, stop.cancelled_owned()).await
         })
     };
     tracing::info!(grpc = %grpc_addr, rest = %http_addr, "config service listening");

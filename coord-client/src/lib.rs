@@ -67,16 +67,21 @@ pub struct ClientConfig {
     pub request_timeout: Duration,
     /// How long one call keeps retrying on other endpoints before it fails.
     pub retry_deadline: Duration,
+    /// TLS (the coordinator's CA, and a client certificate when the coordinator requires
+    /// one: `service_kit::tls::ClientTlsArgs`); `None` dials plain TCP. With TLS,
+    /// `https://` and `http://` endpoints are both dialled over TLS.
+    pub tls: Option<Arc<service_kit::tls::rustls::ClientConfig>>,
 }
 
 impl ClientConfig {
-    /// Defaults (connect 2 s, request 5 s, retry for 10 s) for `endpoints`.
+    /// Defaults (connect 2 s, request 5 s, retry for 10 s, no TLS) for `endpoints`.
     pub fn new<S: Into<String>>(endpoints: impl IntoIterator<Item = S>) -> ClientConfig {
         ClientConfig {
             endpoints: endpoints.into_iter().map(Into::into).collect(),
             connect_timeout: Duration::from_secs(2),
             request_timeout: Duration::from_secs(5),
             retry_deadline: Duration::from_secs(10),
+            tls: None,
         }
     }
 }
@@ -190,7 +195,7 @@ impl Client {
             } else {
                 format!("http://{raw}")
             };
-            let endpoint = Endpoint::from_shared(url.clone())
+            let endpoint = Endpoint::from_shared(service_kit::tls::plain_scheme(&url))
                 .map_err(|e| Error::InvalidEndpoint(format!("{raw:?}: {e}")))?
                 .connect_timeout(config.connect_timeout)
                 .tcp_nodelay(true)
@@ -199,7 +204,7 @@ impl Client {
                 .keep_alive_while_idle(true);
             members.push(Member {
                 url,
-                channel: endpoint.connect_lazy(),
+                channel: service_kit::tls::lazy_channel(endpoint, config.tls.as_ref()),
             });
         }
         Ok(Client {

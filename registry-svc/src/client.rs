@@ -64,6 +64,15 @@ impl RegistryClient {
     pub fn connect<S: Into<String>>(
         endpoints: impl IntoIterator<Item = S>,
     ) -> Result<RegistryClient, Status> {
+        Self::connect_tls(endpoints, None)
+    }
+
+    /// Like [`connect`](Self::connect), over TLS when `tls` is set (the registry's CA and a
+    /// client certificate: `service_kit::tls::ClientTlsFiles`).
+    pub fn connect_tls<S: Into<String>>(
+        endpoints: impl IntoIterator<Item = S>,
+        tls: Option<Arc<service_kit::tls::rustls::ClientConfig>>,
+    ) -> Result<RegistryClient, Status> {
         let mut channels = Vec::new();
         for e in endpoints {
             let url: String = e.into();
@@ -72,11 +81,11 @@ impl RegistryClient {
             } else {
                 format!("http://{url}")
             };
-            let endpoint = Endpoint::from_shared(url.clone())
+            let endpoint = Endpoint::from_shared(service_kit::tls::plain_scheme(&url))
                 .map_err(|err| Status::invalid_argument(format!("endpoint {url:?}: {err}")))?
                 .connect_timeout(Duration::from_secs(2))
                 .tcp_nodelay(true);
-            channels.push(endpoint.connect_lazy());
+            channels.push(service_kit::tls::lazy_channel(endpoint, tls.as_ref()));
         }
         if channels.is_empty() {
             return Err(Status::invalid_argument("no registry endpoints given"));

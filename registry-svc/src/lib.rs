@@ -60,6 +60,7 @@ use service_kit::admin::{self, Health, Metrics};
 use service_kit::authn::{Auth, AuthArgs};
 use service_kit::config::{parse_duration, parse_listen_url};
 use service_kit::telemetry::LogFormat;
+use service_kit::tls::{ClientTlsArgs, ServerTlsArgs};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
@@ -145,6 +146,16 @@ pub struct Config {
     /// default). See `service_kit::authn` and the permission table in [`registry`].
     #[command(flatten)]
     pub auth: AuthArgs,
+
+    /// TLS of the gRPC and REST listeners (`--cert-file`, `--key-file`, `--trusted-ca-file`,
+    /// `--client-cert-auth`); the admin listener stays plain HTTP.
+    #[command(flatten)]
+    pub tls: ServerTlsArgs,
+
+    /// TLS of the coordinator client (`--coordinator-cacert`, `--coordinator-cert`,
+    /// `--coordinator-key`).
+    #[command(flatten)]
+    pub coordinator_tls: ClientTlsArgs,
 }
 
 impl Config {
@@ -176,6 +187,8 @@ impl Config {
                 self.replica_id
             ));
         }
+        self.tls.files().validate("")?;
+        self.coordinator_tls.files().validate("--coordinator-")?;
         Ok(())
     }
 }
@@ -243,8 +256,20 @@ pub async fn run_with_listeners(
         replica_ttl,
         log_format: _,
         auth,
+        tls,
+        coordinator_tls,
     } = config;
     let auth = Auth::from_args(&auth).map_err(|e| anyhow::anyhow!(e))?;
+    // Certificates are read now, so that a bad file fails the start with a clear message.
+    let server_tls = tls.files().server_config().context(
+        "TLS of the gRPC and REST listeners (--cert-file, --key-file, --trusted-ca-file)",
+    )?;
+    let client_tls = coordinator_tls.client_config().context(
+        "TLS of the coordinator client (--coordinator-cacert, --coordinator-cert, --coordinator-key)",
+    )?;
+    if server_tls.is_some() || client_tls.is_some() {
+        service_kit::tls::reload_on_sighup();
+    }
     let replica_id = if replica_id.is_empty() {
         model::new_instance_id()
     } else {
@@ -263,12 +288,15 @@ pub async fn run_with_listeners(
     let health = Health::new();
     let metrics = Metrics::new();
     let registry_metrics = RegistryMetrics::register(&metrics);
-    let client = Client::new(ClientConfig::new(
-        coordinator_endpoints
-            .iter()
-            .map(|e| e.trim().to_owned())
-            .filter(|e| !e.is_empty()),
-    ))
+    let client = Client::new(ClientConfig {
+        tls: client_tls,
+        ..ClientConfig::new(
+            coordinator_endpoints
+                .iter()
+                .map(|e| e.trim().to_owned())
+                .filter(|e| !e.is_empty()),
+        )
+    })
     .context("invalid coordinator endpoint")?;
     let registry = Registry::new(client, registry_metrics, auth, shutdown.clone());
 
@@ -281,28 +309,25 @@ pub async fn run_with_listeners(
         .set_not_serving::<proto::registry_v1::registry_server::RegistryServer<GrpcService>>()
         .await;
     let grpc_server = {
-        // tonic's `tcp_nodelay` applies only to listeners it binds itself; without it Nagle +
-        // delayed ACK add ~40 ms to small answers.
-        let incoming =
-            tonic::transport::server::TcpIncoming::from(listeners.grpc).with_nodelay(Some(true));
+        // TCP_NODELAY on every accepted connection (serve_tonic): tonic's own `tcp_nodelay`
+        // only applies to listeners it binds itself, and Nagle + delayed ACKs add ~40 ms.
         let service = GrpcService::new(registry.clone()).server();
         let stop = shutdown.clone();
+        let tls = server_tls.clone();
+        let router = tonic::transport::Server::builder()
+            .tcp_nodelay(true)
+            .add_service(health_service)
+            .add_service(service);
         tokio::spawn(async move {
-            tonic::transport::Server::builder()
-                .tcp_nodelay(true)
-                .add_service(health_service)
-                .add_service(service)
-                .serve_with_incoming_shutdown(incoming, stop.cancelled_owned())
-                .await
+            service_kit::tls::serve_tonic(router, listeners.grpc, tls, stop.cancelled_owned()).await
         })
     };
     let rest_server = {
         let router = rest::router(registry.clone());
         let stop = shutdown.clone();
+        let tls = server_tls.clone();
         tokio::spawn(async move {
-            axum::serve(listeners.http, router)
-                .with_graceful_shutdown(stop.cancelled_owned())
-                .await
+            service_kit::tls::serve_axum(router, listeners.http, tls, stop.cancelled_owned()).await
         })
     };
     tracing::info!(grpc = %grpc_addr, rest = %http_addr, replica = %replica_id, "registry listening");

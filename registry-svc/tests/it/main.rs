@@ -14,6 +14,7 @@
 //! - `watch`: snapshot + ordered changes, resume, compaction.
 //! - `outages`: registry and coordinator restarts, the client library re-registering.
 //! - `failover`: a three-member Raft coordinator losing its leader under the registry.
+//! - `tls`: TLS on the registry's ports and mTLS to the coordinator.
 
 #[path = "../../../coord-client/tests/it/harness.rs"]
 mod coord;
@@ -27,4 +28,5 @@ mod health_checks;
 mod outages;
 mod registration;
 mod run;
+mod tls;
 mod watch;
