@@ -156,6 +156,10 @@ pub struct Config {
     /// Format of the log lines written to stdout.
     #[arg(long, env = "LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
+
+    /// TLS to registry-svc and config-svc (`--client-cacert`, `--client-cert`, `--client-key`).
+    #[command(flatten)]
+    pub client_tls: service_kit::tls::ServiceClientTlsArgs,
 }
 
 /// Parses `namespace/group/key`.
@@ -180,6 +184,7 @@ impl Config {
         if self.registry_endpoints.iter().all(|e| e.trim().is_empty()) {
             return Err("--registry-endpoints is empty".into());
         }
+        self.client_tls.files().validate("--client-")?;
         if self.config_endpoints.iter().all(|e| e.trim().is_empty()) {
             return Err("--config-endpoints is empty".into());
         }
@@ -311,8 +316,16 @@ pub async fn run_with_listeners(
     ));
     tracing::info!(instance = %instance_id, %local, advertise = %address, "serving HTTP and gRPC");
 
+    let client_tls = config.client_tls.client_config().context(
+        "TLS to registry-svc and config-svc (--client-cacert, --client-cert, --client-key)",
+    )?;
+    if client_tls.is_some() {
+        service_kit::tls::reload_on_sighup();
+    }
+
     // Settings: what config-svc has now, then every new version.
     let config_client = ConfigClient::builder(config.config_endpoints.clone())
+        .tls(client_tls.clone())
         .client_id(instance_id.clone())
         .label("service", config.service.clone())
         .timeout(Duration::from_secs(2))
@@ -340,7 +353,7 @@ pub async fn run_with_listeners(
     let subscription = config_client.subscribe(vec![item], on_change);
 
     // Registration, retried until the registry answers (or we are asked to stop).
-    let registry = RegistryClient::connect(config.registry_endpoints.clone())
+    let registry = RegistryClient::connect_tls(config.registry_endpoints.clone(), client_tls)
         .map_err(|s| anyhow::anyhow!("invalid registry endpoint: {}", s.message()))?;
     let instance = instance_record(&config, &instance_id, &address, local.port());
     let registration = register_until_done(&registry, instance, &metrics, &shutdown).await;

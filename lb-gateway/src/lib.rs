@@ -208,6 +208,15 @@ pub struct Config {
     /// Format of the log lines written to stdout.
     #[arg(long, env = "LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
+
+    /// TLS of the proxy listener (`--cert-file`, `--key-file`, `--trusted-ca-file`,
+    /// `--client-cert-auth`; HTTP/1.1 and HTTP/2 through ALPN); the admin listener stays plain.
+    #[command(flatten)]
+    pub tls: service_kit::tls::ServerTlsArgs,
+
+    /// TLS to registry-svc and config-svc (`--client-cacert`, `--client-cert`, `--client-key`).
+    #[command(flatten)]
+    pub client_tls: service_kit::tls::ServiceClientTlsArgs,
 }
 
 impl Config {
@@ -234,6 +243,8 @@ impl Config {
             dashboard::validate_config_url(url)
                 .map_err(|e| format!("--dashboard-config-url: {e}"))?;
         }
+        self.tls.files().validate("")?;
+        self.client_tls.files().validate("--client-")?;
         Ok(())
     }
 
@@ -350,7 +361,20 @@ pub async fn run_with_listeners(
         dashboard_config_url,
         dashboard_config_namespaces,
         log_format: _,
+        tls,
+        client_tls,
     } = config;
+    // Certificates are read now, so that a bad file fails the start with a clear message.
+    let server_tls = tls
+        .files()
+        .server_config()
+        .context("TLS of the proxy listener (--cert-file, --key-file, --trusted-ca-file)")?;
+    let client_tls = client_tls.client_config().context(
+        "TLS to registry-svc and config-svc (--client-cacert, --client-cert, --client-key)",
+    )?;
+    if server_tls.is_some() || client_tls.is_some() {
+        service_kit::tls::reload_on_sighup();
+    }
     let proxy_addr = listeners
         .proxy
         .local_addr()
@@ -378,11 +402,12 @@ pub async fn run_with_listeners(
         unrouted: gm.route("-"),
     });
 
-    let client = RegistryClient::connect(
+    let client = RegistryClient::connect_tls(
         registry_endpoints
             .iter()
             .map(|e| e.trim().to_owned())
             .filter(|e| !e.is_empty()),
+        client_tls.clone(),
     )
     .map_err(|s| anyhow::anyhow!("invalid registry endpoint: {}", s.message()))?;
     let dashboard = dashboard::Dashboard::new(
@@ -408,8 +433,9 @@ pub async fn run_with_listeners(
                 .filter(|e| !e.is_empty())
                 .collect();
             tracing::info!(item = %item, "routes follow the config-svc item");
-            let subscription = overrides::spawn(endpoints, item, tx, shutdown.clone())
-                .map_err(|e| anyhow::anyhow!(e))?;
+            let subscription =
+                overrides::spawn(endpoints, item, client_tls.clone(), tx, shutdown.clone())
+                    .map_err(|e| anyhow::anyhow!(e))?;
             let applier = tokio::spawn(apply_reloads(
                 rx,
                 Arc::clone(&gw),
@@ -456,7 +482,7 @@ pub async fn run_with_listeners(
             let clone = std_listener
                 .try_clone()
                 .context("cannot share the proxy listener")?;
-            let (gw, stop) = (Arc::clone(&gw), shutdown.clone());
+            let (gw, stop, tls) = (Arc::clone(&gw), shutdown.clone(), server_tls.clone());
             let thread = std::thread::Builder::new()
                 .name(format!("lb-gateway-worker-{i}"))
                 .spawn(move || -> std::io::Result<()> {
@@ -466,7 +492,7 @@ pub async fn run_with_listeners(
                         .build()?;
                     runtime.block_on(async move {
                         let listener = TcpListener::from_std(clone)?;
-                        server::serve(listener, gw, per_worker, shutdown_grace, stop).await
+                        server::serve(listener, tls, gw, per_worker, shutdown_grace, stop).await
                     })
                 })
                 .context("cannot start a proxy worker thread")?;
@@ -478,6 +504,7 @@ pub async fn run_with_listeners(
     };
     let proxy_server = tokio::spawn(server::serve(
         proxy_listener,
+        server_tls,
         Arc::clone(&gw),
         per_worker,
         shutdown_grace,

@@ -44,15 +44,18 @@ pub fn parse_item(s: &str) -> Result<ItemRef, String> {
     }
 }
 
-/// Subscribes to `item` on config-svc at `endpoints` and sends every new version on `updates`
+/// Subscribes to `item` on config-svc at `endpoints` (over TLS with `tls`) and sends every new version on `updates`
 /// until `shutdown`.
 pub fn spawn(
     endpoints: Vec<String>,
     item: ItemRef,
+    tls: Option<std::sync::Arc<service_kit::tls::rustls::ClientConfig>>,
     updates: mpsc::UnboundedSender<Update>,
     shutdown: CancellationToken,
 ) -> Result<JoinHandle<()>, String> {
-    let client = ConfigClient::connect(endpoints)
+    let client = ConfigClient::builder(endpoints)
+        .tls(tls)
+        .build()
         .map_err(|s| format!("invalid config-svc endpoint: {}", s.message()))?;
     Ok(tokio::spawn(async move {
         let shown = item.to_string();

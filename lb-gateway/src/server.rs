@@ -24,9 +24,11 @@ use tokio_util::sync::CancellationToken;
 
 use crate::proxy::{Client, Gateway, handle};
 
-/// Serves `listener` until `shutdown`, then drains for at most `grace`.
+/// Serves `listener` (over TLS with `tls`: the handshake runs on the connection's own task) until
+/// `shutdown`, then drains for at most `grace`.
 pub async fn serve(
     listener: TcpListener,
+    tls: Option<Arc<service_kit::tls::rustls::ServerConfig>>,
     gw: Arc<Gateway>,
     max_connections: usize,
     grace: Duration,
@@ -71,9 +73,45 @@ pub async fn serve(
         let service = service_fn(move |req| handle(Arc::clone(&gw), Arc::clone(&client), req));
         let builder = builder.clone();
         let watcher = graceful.watcher();
+        let acceptor = tls
+            .clone()
+            .map(service_kit::tls::tokio_rustls::TlsAcceptor::from);
         tokio::spawn(async move {
-            let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
-            if let Err(e) = watcher.watch(conn).await {
+            let result = match acceptor {
+                Some(acceptor) => {
+                    let handshake = tokio::time::timeout(
+                        service_kit::tls::HANDSHAKE_TIMEOUT,
+                        acceptor.accept(stream),
+                    )
+                    .await;
+                    match handshake {
+                        Ok(Ok(tls)) => {
+                            watcher
+                                .watch(
+                                    builder
+                                        .serve_connection_with_upgrades(TokioIo::new(tls), service),
+                                )
+                                .await
+                        }
+                        Ok(Err(e)) => {
+                            tracing::debug!(error = %e, client = %peer, "TLS handshake failed");
+                            Ok(())
+                        }
+                        Err(_) => {
+                            tracing::debug!(client = %peer, "TLS handshake timed out");
+                            Ok(())
+                        }
+                    }
+                }
+                None => {
+                    watcher
+                        .watch(
+                            builder.serve_connection_with_upgrades(TokioIo::new(stream), service),
+                        )
+                        .await
+                }
+            };
+            if let Err(e) = result {
                 tracing::debug!(error = %e, client = %peer, "client connection ended with an error");
             }
             drop(permit);

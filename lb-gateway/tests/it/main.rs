@@ -26,3 +26,4 @@ mod limits;
 mod overrides;
 mod routing;
 mod run;
+mod tls;
