@@ -159,12 +159,41 @@ pub struct Config {
     #[arg(long, env = "ETCD_PEER_CERT_ALLOWED_CN", value_name = "CN")]
     pub peer_cert_allowed_cn: Option<String>,
 
+    /// Scheduled backups: the directory each snapshot is written to (none without it).
+    #[arg(long, env = "COORDINATOR_BACKUP_DIR", value_name = "DIR")]
+    pub backup_dir: Option<PathBuf>,
+
+    /// Scheduled backups: the time between two snapshots, e.g. "15m".
+    #[arg(long, env = "COORDINATOR_BACKUP_INTERVAL", default_value = "15m",
+          value_name = "DURATION", value_parser = parse_duration)]
+    pub backup_interval: Duration,
+
+    /// Scheduled backups: how many of the newest snapshots are kept.
+    #[arg(
+        long,
+        env = "COORDINATOR_BACKUP_KEEP",
+        default_value_t = 7,
+        value_name = "N"
+    )]
+    pub backup_keep: usize,
+
     /// Log format.
     #[arg(long, env = "LOG_FORMAT", default_value = "text")]
     pub log_format: LogFormat,
 }
 
 impl Config {
+    /// The scheduled backups asked for, if any.
+    pub fn backup(&self) -> Option<crate::backup::BackupConfig> {
+        self.backup_dir
+            .as_ref()
+            .map(|dir| crate::backup::BackupConfig {
+                dir: dir.clone(),
+                interval: self.backup_interval,
+                keep: self.backup_keep,
+            })
+    }
+
     /// The data directory.
     pub fn data_dir(&self) -> PathBuf {
         self.data_dir
@@ -224,6 +253,12 @@ impl Config {
         }
         if self.snapshot_count == 0 {
             return Err("--snapshot-count must be at least 1".into());
+        }
+        if self.backup_keep == 0 {
+            return Err("--backup-keep must be at least 1".into());
+        }
+        if self.backup_interval < Duration::from_secs(1) {
+            return Err("--backup-interval must be at least 1s".into());
         }
         if self.election_timeout < 5 * self.heartbeat_interval {
             return Err(format!(

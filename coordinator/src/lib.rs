@@ -14,6 +14,8 @@
 //! - [`lease`]: lease deadlines (the leader's clock).
 //! - [`auth`]: users, roles, permissions and tokens (etcd's auth), checked on every request.
 //! - [`rpc`]: thin gRPC adapters; [`error`]: the one error type and its gRPC mapping.
+//! - [`backup`]: scheduled backups (`--backup-dir`): a snapshot every interval, the newest K
+//!   kept.
 //! - [`snapshot`]: `coordinator snapshot status|restore` (etcdutl's commands) for the files
 //!   `Maintenance.Snapshot` writes.
 //! - [`gateway`]: etcd's JSON gateway (`POST /v3/kv/range`, …) on the client port, calling
@@ -36,6 +38,7 @@
 //!   name (a member's name in the certificate's CN or DNS SAN).
 
 pub mod auth;
+pub mod backup;
 pub mod command;
 pub mod config;
 pub mod error;
@@ -374,6 +377,16 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
             Member::Raft(r)
         }
     };
+
+    if let Some(backup) = config.backup() {
+        let metrics = backup::BackupMetrics::register(&admin_metrics);
+        tasks.push(tokio::spawn(backup::run(
+            state.clone(),
+            backup,
+            metrics,
+            shutdown.clone(),
+        )));
+    }
 
     let ctx = Ctx {
         member: member.clone(),

@@ -1,5 +1,6 @@
-//! `coordinator snapshot status|restore`: reading the files `Maintenance.Snapshot` writes
-//! (`etcdctl snapshot save`), in the manner of `etcdutl`.
+//! Snapshot files: [`write`] makes them (for `Maintenance.Snapshot`, which `etcdctl snapshot
+//! save` calls, and for the scheduled backups of [`crate::backup`]); `coordinator snapshot
+//! status|restore` reads them, in the manner of `etcdutl`.
 //!
 //! The format is described in [`crate::rpc::maintenance`]: `CSNAP001`, the backend's entries
 //! as length-prefixed records, an end marker, a CRC-32 of everything before it, zero padding to
@@ -31,6 +32,65 @@ const SHA_LEN: u64 = 32;
 /// Records larger than this are taken as damage, not data (the largest real entry is a value
 /// under `--max-request-bytes`, at most 64 MiB).
 const MAX_RECORD: u32 = 256 * 1024 * 1024;
+
+/// Writes a snapshot of `state` into `out` (an empty file) in the format above: one
+/// consistent point in time, copied under the state's read lock (writes wait meanwhile), then
+/// padded and hashed. Leaves `out` positioned at its start; returns its size and the store
+/// revision it holds. `Maintenance.Snapshot` streams what this writes; `--backup-dir` keeps it.
+pub fn write(
+    state: &parking_lot::RwLock<crate::state::StateMachine>,
+    out: &mut File,
+) -> crate::error::Result<(u64, i64)> {
+    use std::io::Write as _;
+    let st = state.read();
+    let rev = st.revision();
+    let mut h = crc32fast::Hasher::new();
+    let mut w = std::io::BufWriter::with_capacity(1 << 20, &mut *out);
+    let mut io_err = None;
+    w.write_all(MAGIC)?;
+    h.update(MAGIC);
+    st.store().backend().scan(&[0], &[0xff], &mut |k, v| {
+        let mut rec = Vec::with_capacity(8 + k.len() + v.len());
+        rec.extend_from_slice(&(k.len() as u32).to_le_bytes());
+        rec.extend_from_slice(k);
+        rec.extend_from_slice(&(v.len() as u32).to_le_bytes());
+        rec.extend_from_slice(v);
+        h.update(&rec);
+        if let Err(e) = w.write_all(&rec) {
+            io_err = Some(e);
+            return false;
+        }
+        true
+    })?;
+    drop(st);
+    if let Some(e) = io_err {
+        return Err(e.into());
+    }
+    let end = u32::MAX.to_le_bytes();
+    h.update(&end);
+    w.write_all(&end)?;
+    w.write_all(&h.finalize().to_le_bytes())?;
+    w.flush()?;
+    drop(w);
+    let len = out.metadata()?.len();
+    let pad = (512 - (len % 512)) % 512;
+    out.write_all(&vec![0u8; pad as usize])?;
+    // The SHA-256 covers the file as written, read back.
+    let mut sha = Sha256::new();
+    out.seek(SeekFrom::Start(0))?;
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = out.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        sha.update(&buf[..n]);
+    }
+    out.write_all(&sha.finalize())?;
+    let total = out.metadata()?.len();
+    out.seek(SeekFrom::Start(0))?;
+    Ok((total, rev))
+}
 
 /// Why a snapshot cannot be read or restored.
 #[derive(Debug, thiserror::Error)]

@@ -9,7 +9,7 @@
 //! state lock, so it is one consistent point in time; writes wait while it is copied to a
 //! temporary file, then the file is streamed.
 
-use std::io::{Read, Write};
+use std::io::Read;
 use std::pin::Pin;
 use std::sync::atomic::Ordering;
 
@@ -24,7 +24,6 @@ use proto::etcdserverpb::{
     MemberUpdateResponse, MoveLeaderRequest, MoveLeaderResponse, SnapshotRequest, SnapshotResponse,
     StatusRequest, StatusResponse, alarm_request::AlarmAction,
 };
-use sha2::{Digest, Sha256};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
@@ -322,54 +321,7 @@ impl Maintenance for MaintenanceService {
 
 fn write_snapshot(ctx: &Ctx) -> Result<(std::fs::File, u64, i64)> {
     let mut tmp = tempfile_in_data()?;
-    let st = ctx.state.read();
-    let rev = st.revision();
-    let mut h = crc32fast::Hasher::new();
-    let mut w = std::io::BufWriter::with_capacity(1 << 20, &mut tmp);
-    let mut io_err = None;
-    w.write_all(b"CSNAP001")?;
-    h.update(b"CSNAP001");
-    st.store().backend().scan(&[0], &[0xff], &mut |k, v| {
-        let mut rec = Vec::with_capacity(8 + k.len() + v.len());
-        rec.extend_from_slice(&(k.len() as u32).to_le_bytes());
-        rec.extend_from_slice(k);
-        rec.extend_from_slice(&(v.len() as u32).to_le_bytes());
-        rec.extend_from_slice(v);
-        h.update(&rec);
-        if let Err(e) = w.write_all(&rec) {
-            io_err = Some(e);
-            return false;
-        }
-        true
-    })?;
-    drop(st);
-    if let Some(e) = io_err {
-        return Err(e.into());
-    }
-    let mut sha = Sha256::new();
-    // `h` covered the records; `sha` is computed over the file as written.
-    let end = u32::MAX.to_le_bytes();
-    h.update(&end);
-    w.write_all(&end)?;
-    w.write_all(&h.finalize().to_le_bytes())?;
-    w.flush()?;
-    drop(w);
-    let len = tmp.metadata()?.len();
-    let pad = (512 - (len % 512)) % 512;
-    tmp.write_all(&vec![0u8; pad as usize])?;
-    use std::io::Seek;
-    tmp.seek(std::io::SeekFrom::Start(0))?;
-    let mut buf = vec![0u8; 1 << 20];
-    loop {
-        let n = tmp.read(&mut buf)?;
-        if n == 0 {
-            break;
-        }
-        sha.update(&buf[..n]);
-    }
-    tmp.write_all(&sha.finalize())?;
-    let total = tmp.metadata()?.len();
-    tmp.seek(std::io::SeekFrom::Start(0))?;
+    let (total, rev) = crate::snapshot::write(&ctx.state, &mut tmp)?;
     Ok((tmp, total, rev))
 }
 

@@ -8,7 +8,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use crate::harness::{Server, put, within};
 
 /// `GET path` over HTTP/1.0; returns (status code, body).
-async fn get(addr: SocketAddr, path: &str) -> (u16, String) {
+pub(crate) async fn get(addr: SocketAddr, path: &str) -> (u16, String) {
     within(Duration::from_secs(10), &format!("GET {path}"), async {
         let mut s = tokio::net::TcpStream::connect(addr)
             .await

@@ -15,6 +15,8 @@
 //! - [`cluster`]: a 3-member Raft cluster of processes under kill -9, restart and SIGSTOP.
 //! - [`snapshot_restore`]: `etcdctl snapshot save`, then `coordinator snapshot status|restore`
 //!   into one member and into a fresh 3-member cluster (the disaster drill); damaged files.
+//! - [`backup`]: scheduled backups (`--backup-dir`): files written and pruned, each one
+//!   checked and restored into a member that serves the keys; a failing backup directory.
 //! - [`json_gateway`]: etcd's JSON gateway (`POST /v3/...`) over raw HTTP/1.1 on the client port.
 //!
 //! - [`tls`]: TLS on the client port (plaintext, missing and foreign client certificates
@@ -29,6 +31,7 @@ mod harness;
 mod admin;
 mod auth;
 mod auth_etcdctl;
+mod backup;
 mod bad_input;
 mod cluster;
 mod etcd_client;

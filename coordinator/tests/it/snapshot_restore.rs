@@ -18,7 +18,7 @@ use tonic::transport::Channel;
 use crate::harness::{Cluster, Process, Server, wait_until, within};
 
 /// Runs the coordinator binary with `args`; returns (success, stdout, stderr).
-fn coordinator(args: &[&str]) -> (bool, String, String) {
+pub(crate) fn coordinator(args: &[&str]) -> (bool, String, String) {
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_coordinator"))
         .args(args)
         .output()
@@ -30,7 +30,14 @@ fn coordinator(args: &[&str]) -> (bool, String, String) {
     )
 }
 
-fn restore(file: &Path, data_dir: &Path, name: &str, cluster: &str, url: &str, token: &str) {
+pub(crate) fn restore(
+    file: &Path,
+    data_dir: &Path,
+    name: &str,
+    cluster: &str,
+    url: &str,
+    token: &str,
+) {
     let (ok, out, err) = coordinator(&[
         "snapshot",
         "restore",
@@ -50,7 +57,10 @@ fn restore(file: &Path, data_dir: &Path, name: &str, cluster: &str, url: &str, t
 }
 
 /// Every key (all of them) as the member serves it, and the store revision.
-async fn all_keys(kv: &mut KvClient<Channel>, serializable: bool) -> (i64, Vec<KeyValue>) {
+pub(crate) async fn all_keys(
+    kv: &mut KvClient<Channel>,
+    serializable: bool,
+) -> (i64, Vec<KeyValue>) {
     let r = within(
         Duration::from_secs(10),
         "range of every key",
@@ -82,7 +92,7 @@ async fn put(kv: &mut KvClient<Channel>, k: &str, v: &str, lease: i64) -> i64 {
     .revision
 }
 
-fn status_json(file: &Path) -> serde_json::Value {
+pub(crate) fn status_json(file: &Path) -> serde_json::Value {
     let (ok, out, err) = coordinator(&[
         "snapshot",
         "status",
