@@ -1002,14 +1002,22 @@ mod tests {
             cert_file: Some("c".into()),
             ..Default::default()
         };
-        assert!(f.validate("peer-").unwrap_err().contains("--peer-key-file"));
+        assert!(
+            f.validate("peer-")
+                .expect_err("no key")
+                .contains("--peer-key-file")
+        );
         let f = ServerTlsFiles {
             cert_file: Some("c".into()),
             key_file: Some("k".into()),
             client_cert_auth: true,
             ..Default::default()
         };
-        assert!(f.validate("").unwrap_err().contains("--trusted-ca-file"));
+        assert!(
+            f.validate("")
+                .expect_err("no CA")
+                .contains("--trusted-ca-file")
+        );
         let f = ClientTlsFiles {
             cert_file: Some("c".into()),
             key_file: Some("k".into()),
@@ -1017,7 +1025,7 @@ mod tests {
         };
         assert!(
             f.validate("--coordinator-")
-                .unwrap_err()
+                .expect_err("no CA")
                 .contains("--coordinator-cacert")
         );
     }
