@@ -100,6 +100,16 @@ pub struct Global {
     )]
     pub config_admin: Vec<String>,
 
+    /// Bearer token sent to registry-svc and config-svc (when their auth is on).
+    #[arg(
+        long,
+        global = true,
+        env = "PLATFORM_TOKEN",
+        hide_env_values = true,
+        value_name = "TOKEN"
+    )]
+    pub token: Option<String>,
+
     /// Namespace of services and configuration items.
     #[arg(
         short,

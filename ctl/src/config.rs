@@ -22,8 +22,9 @@ fn addr(ctx: &Ctx) -> String {
 fn client(ctx: &Ctx) -> Result<ConfigClient> {
     ConfigClient::builder(ctx.global.config.iter().map(|e| e.trim().to_owned()))
         .timeout(ctx.global.timeout)
+        .token(ctx.global.token.clone().unwrap_or_default())
         .build()
-        .map_err(|s| CtlError::Usage(format!("--config: {}", s.message())))
+        .map_err(|s| CtlError::Usage(format!("--config or --token: {}", s.message())))
 }
 
 /// Runs one unary call on the client's current endpoint under `--timeout`.

@@ -19,8 +19,14 @@ fn addr(ctx: &Ctx) -> String {
 }
 
 fn client(ctx: &Ctx) -> Result<RegistryClient> {
-    RegistryClient::connect(ctx.global.registry.iter().map(|e| e.trim().to_owned()))
-        .map_err(|s| CtlError::Usage(format!("--registry: {}", s.message())))
+    let client = RegistryClient::connect(ctx.global.registry.iter().map(|e| e.trim().to_owned()))
+        .map_err(|s| CtlError::Usage(format!("--registry: {}", s.message())))?;
+    match &ctx.global.token {
+        Some(token) => client
+            .with_token(token)
+            .map_err(|s| CtlError::Usage(format!("--token: {}", s.message()))),
+        None => Ok(client),
+    }
 }
 
 /// Runs a registry call under `--timeout`, mapping its status.

@@ -86,6 +86,19 @@ async fn bad_usage_exits_2_and_completions_are_printed() {
         run.stderr
     );
 
+    // A token that cannot travel in a header is refused before any call.
+    let run = ctl(&[
+        "--token",
+        "bad\u{7}token",
+        "--registry",
+        &dead_addr(),
+        "services",
+    ])
+    .await;
+    assert_eq!(run.code, 2, "{run:?}");
+    assert_one_clean_line(&run.stderr);
+    assert!(run.stderr.contains("--token"), "{}", run.stderr);
+
     for shell in ["bash", "zsh", "fish"] {
         let run = ctl(&["completions", shell]).await;
         run.assert_ok();
