@@ -4,10 +4,9 @@
 
 #![allow(dead_code)]
 
-use std::future::Future;
 use std::net::SocketAddr;
 use std::process::Stdio;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use clap::Parser as _;
 use serde_json::Value;
@@ -16,35 +15,13 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::process::{Child, ChildStdout, Command};
 use tokio_util::sync::CancellationToken;
 
+pub use crate::coord::{wait_until, within};
+
 /// Bound on any single wait.
 pub const T: Duration = Duration::from_secs(20);
 
 /// The namespace tests use.
 pub const NS: &str = "ctltest";
-
-/// Awaits `fut`, panicking naming `what` after `timeout`.
-pub async fn within<O>(timeout: Duration, what: &str, fut: impl Future<Output = O>) -> O {
-    match tokio::time::timeout(timeout, fut).await {
-        Ok(v) => v,
-        Err(_) => panic!("timed out after {timeout:?}: {what}"),
-    }
-}
-
-/// Polls `condition` every 50 ms until it holds; panics naming `what` after `timeout`.
-pub async fn wait_until<F, Fut>(timeout: Duration, what: &str, mut condition: F)
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = bool>,
-{
-    let deadline = Instant::now() + timeout;
-    while !condition().await {
-        assert!(
-            Instant::now() < deadline,
-            "timed out after {timeout:?} waiting for {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
 
 async fn bind() -> TcpListener {
     TcpListener::bind("127.0.0.1:0").await.expect("bind")

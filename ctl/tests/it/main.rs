@@ -1,5 +1,6 @@
 //! Integration tests of `platformctl`: the real binary against the services in process.
 //!
+//! - `coord`: bounded waits (`within`, `wait_until`), coord-client's.
 //! - `harness`: the stack in process (coordinator, registry-svc, config-svc, lb-gateway) and
 //!   runners of the binary (to the end, or streaming line by line).
 //! - `registry`: services, instances, register, deregister, watch.
@@ -7,6 +8,10 @@
 //! - `ring`: where a key goes, the ring, the routes.
 //! - `cluster`: cluster status.
 //! - `errors`: unreachable services, bad usage, completions.
+
+/// Bounded waits, shared with coord-client's tests.
+#[path = "../../../coord-client/tests/it/harness.rs"]
+mod coord;
 
 mod cluster;
 mod config;
