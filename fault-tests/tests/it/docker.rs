@@ -128,32 +128,50 @@ pub fn test_compose_file(original: &str) -> String {
     out
 }
 
+/// The compose projects of one test binary run one at a time: two stacks at once on a small
+/// machine would slow each other's elections past the bounds the tests check.
+pub static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 /// One compose project; removed with everything it created when dropped.
 pub struct Project {
     /// The project name.
     pub name: String,
     dir: PathBuf,
     program: (String, Vec<String>),
+    /// The compose files given to every command: the stack's, then overlays.
+    files: Vec<String>,
 }
 
 impl Project {
     /// Writes the project's compose file; starts nothing yet.
     pub fn new() -> Project {
+        Project::with_overlays("faults", &[])
+    }
+
+    /// A project named `<label>-<pid>-<time>` of the stack's compose file and the `overlays`
+    /// (files in `compose/`, rewritten the same way). [`Project::up`] starts only the stack's
+    /// own services; an overlay's are started by name.
+    pub fn with_overlays(label: &str, overlays: &[&str]) -> Project {
         let unix = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map(|d| d.as_secs())
             .unwrap_or(0);
-        let name = format!("faults-{}-{unix}", std::process::id());
+        let name = format!("{label}-{}-{unix}", std::process::id());
         let root = repo_root();
         let target = std::env::var_os("CARGO_TARGET_DIR")
             .map(PathBuf::from)
             .unwrap_or_else(|| root.join("target"));
         let dir = target.join("fault-tests").join(&name);
         std::fs::create_dir_all(&dir).expect("create the project folder");
-        let original = std::fs::read_to_string(root.join("compose/docker-compose.yml"))
-            .expect("read compose/docker-compose.yml");
-        std::fs::write(dir.join("docker-compose.yml"), test_compose_file(&original))
-            .expect("write the project's compose file");
+        let mut files = Vec::new();
+        for file in std::iter::once("docker-compose.yml").chain(overlays.iter().copied()) {
+            let original = std::fs::read_to_string(root.join("compose").join(file))
+                .unwrap_or_else(|e| panic!("read compose/{file}: {e}"));
+            let path = dir.join(file);
+            std::fs::write(&path, test_compose_file(&original))
+                .unwrap_or_else(|e| panic!("write the project's {file}: {e}"));
+            files.push(path.to_str().expect("a UTF-8 path").to_string());
+        }
         std::fs::copy(
             root.join("compose/gateway-routes.toml"),
             dir.join("gateway-routes.toml"),
@@ -163,19 +181,26 @@ impl Project {
             name,
             dir,
             program: compose_program(),
+            files,
         }
     }
 
     fn compose(&self, args: &[&str]) -> Output {
-        let file = self.dir.join("docker-compose.yml");
-        let file = file.to_str().expect("a UTF-8 path");
+        self.compose_files(&self.files, args)
+    }
+
+    fn compose_files(&self, files: &[String], args: &[&str]) -> Output {
         let mut all: Vec<&str> = self.program.1.iter().map(String::as_str).collect();
-        all.extend(["-p", &self.name, "-f", file]);
+        all.extend(["-p", &self.name]);
+        for f in files {
+            all.extend(["-f", f]);
+        }
         all.extend_from_slice(args);
         run(&self.program.0, &all)
     }
 
-    fn compose_ok(&self, args: &[&str]) -> String {
+    /// `compose ARGS` (every file of the project), which must succeed; its stdout.
+    pub fn compose_ok(&self, args: &[&str]) -> String {
         let out = self.compose(args);
         assert!(
             out.status.success(),
@@ -187,21 +212,25 @@ impl Project {
         String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
-    /// The services of the compose file.
+    /// The services of the stack's compose file (not the overlays').
     pub fn services(&self) -> Vec<String> {
-        self.compose_ok(&["config", "--services"])
+        let out = self.compose_files(&self.files[..1], &["config", "--services"]);
+        assert!(out.status.success(), "compose config --services failed");
+        String::from_utf8_lossy(&out.stdout)
             .lines()
             .map(str::to_owned)
             .filter(|s| !s.is_empty())
             .collect()
     }
 
-    /// `compose up -d`, then waits until every container is healthy; how long that took from
-    /// the `up`. Panics naming the unhealthy ones after `timeout`.
+    /// `compose up -d` of the stack's services, then waits until every container is healthy;
+    /// how long that took from the `up`. Panics naming the unhealthy ones after `timeout`.
     pub fn up(&self, timeout: Duration) -> Duration {
         let started = Instant::now();
-        self.compose_ok(&["up", "-d"]);
         let services = self.services();
+        let mut args = vec!["up", "-d"];
+        args.extend(services.iter().map(String::as_str));
+        self.compose_ok(&args);
         loop {
             let unhealthy: Vec<String> = services
                 .iter()
@@ -222,43 +251,52 @@ impl Project {
         }
     }
 
-    /// The container id of `service`.
+    /// The container id of `service` (the first one if it is scaled).
     pub fn container(&self, service: &str) -> String {
-        let id = self.compose_ok(&["ps", "-q", service]).trim().to_string();
-        assert!(!id.is_empty(), "no container for {service}");
-        id
+        let ids = self.containers(service);
+        assert!(!ids.is_empty(), "no container for {service}");
+        ids[0].clone()
+    }
+
+    /// The ids of `service`'s containers (several once it is scaled).
+    pub fn containers(&self, service: &str) -> Vec<String> {
+        let out = self.compose(&["ps", "-q", service]);
+        String::from_utf8_lossy(&out.stdout)
+            .split_whitespace()
+            .map(str::to_owned)
+            .collect()
+    }
+
+    /// `compose up -d --no-deps --scale s=n ... s ...`: each service to `n` containers (new ones
+    /// created, the highest-numbered ones stopped and removed), nothing else touched.
+    pub fn scale(&self, to: &[(&str, usize)]) {
+        let flags: Vec<String> = to.iter().map(|(s, n)| format!("{s}={n}")).collect();
+        let mut args = vec!["up", "-d", "--no-deps"];
+        for f in &flags {
+            args.extend(["--scale", f]);
+        }
+        args.extend(to.iter().map(|(s, _)| *s));
+        self.compose_ok(&args);
     }
 
     /// The health status Docker reports for `service` (`healthy`, `starting`, `unhealthy`,
-    /// or the container state when it has none).
+    /// or the container state when it has none); for a scaled service, the first container
+    /// that is not healthy, if any.
     pub fn health(&self, service: &str) -> String {
-        let out = self.compose(&["ps", "-q", service]);
-        let id = String::from_utf8_lossy(&out.stdout).trim().to_string();
-        if id.is_empty() {
+        let ids = self.containers(service);
+        if ids.is_empty() {
             return "absent".into();
         }
-        let out = run(
-            "docker",
-            &[
-                "inspect",
-                "--format",
-                "{{if .State.Health}}{{.State.Health.Status}}{{else}}{{.State.Status}}{{end}}",
-                &id,
-            ],
-        );
-        String::from_utf8_lossy(&out.stdout).trim().to_string()
+        ids.iter()
+            .map(|id| container_health(id))
+            .find(|h| h != "healthy")
+            .unwrap_or_else(|| "healthy".into())
     }
 
     /// The host address Docker published `service`'s `port` on.
     pub fn port(&self, service: &str, port: u16) -> std::net::SocketAddr {
-        let out = docker(&["port", &self.container(service), &format!("{port}/tcp")]);
-        let line = out
-            .lines()
-            .find(|l| l.starts_with("127.0.0.1:"))
-            .unwrap_or_else(|| panic!("{service}:{port} is not published on 127.0.0.1: {out:?}"));
-        line.trim()
-            .parse()
-            .unwrap_or_else(|e| panic!("docker port said {line:?}: {e}"))
+        published(&self.container(service), port)
+            .unwrap_or_else(|| panic!("{service}:{port} is not published on 127.0.0.1"))
     }
 
     /// `service`'s IP address on the project's network (what it registers).
@@ -339,6 +377,11 @@ impl Project {
         docker(&args);
     }
 
+    /// `docker restart` of `service` (SIGTERM, 10 s to stop, then start again).
+    pub fn restart(&self, service: &str) {
+        docker(&["restart", "-t", "10", &self.container(service)]);
+    }
+
     /// `docker pause` of `service`.
     pub fn pause(&self, service: &str) {
         docker(&["pause", &self.container(service)]);
@@ -376,6 +419,51 @@ impl Project {
         let out = self.compose(&["logs", "--no-color", "--tail", &lines.to_string(), service]);
         String::from_utf8_lossy(&out.stdout).into_owned()
     }
+}
+
+/// The health status Docker reports for container `id` (or its state when it has no health
+/// check).
+pub fn container_health(id: &str) -> String {
+    let out = run(
+        "docker",
+        &[
+            "inspect",
+            "--format",
+            "{{if .State.Health}}{{.State.Health.Status}}{{else}}{{.State.Status}}{{end}}",
+            id,
+        ],
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+/// The ids of compose project `project`'s containers of `service`, running or not.
+pub fn service_containers(project: &str, service: &str) -> Vec<String> {
+    let out = run(
+        "docker",
+        &[
+            "ps",
+            "-a",
+            "-q",
+            "--filter",
+            &format!("label=com.docker.compose.project={project}"),
+            "--filter",
+            &format!("label=com.docker.compose.service={service}"),
+        ],
+    );
+    String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .map(str::to_owned)
+        .collect()
+}
+
+/// The host address Docker published container `id`'s `port` on, if it is published on
+/// 127.0.0.1 (and the container still exists).
+pub fn published(id: &str, port: u16) -> Option<std::net::SocketAddr> {
+    let out = run("docker", &["port", id, &format!("{port}/tcp")]);
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .find(|l| l.starts_with("127.0.0.1:"))
+        .and_then(|l| l.trim().parse().ok())
 }
 
 impl Drop for Project {

@@ -23,10 +23,15 @@
 //! - `docker`: the compose project and the Docker CLI faults.
 //! - `kv`: the members, the leader (Maintenance Status), the recorded workload, the checker.
 //! - `gateway`: HTTP load through lb-gateway, and its metrics.
+//! - `scaling`: scaling out and in, coordinator members added and removed, a rolling restart
+//!   (a second stack, after this one: see its docs).
+//! - `k8s`: the Kubernetes manifests (`deploy/k8s`) rendered and validated offline.
 
 mod docker;
 mod gateway;
+mod k8s;
 mod kv;
+mod scaling;
 
 use std::fmt::Write as _;
 use std::net::SocketAddr;
@@ -133,6 +138,9 @@ fn compose_stack_under_docker_faults() {
         docker::engine_available(),
         "the fault tests need a Docker engine (`docker info` failed); FAULT_TESTS=skip skips them"
     );
+    let _one = docker::ONE_AT_A_TIME
+        .lock()
+        .unwrap_or_else(|e| e.into_inner());
     docker::ensure_images();
     let started = Instant::now();
     let project = Project::new();
@@ -147,10 +155,27 @@ fn compose_stack_under_docker_faults() {
     let (header, scenarios) =
         outcome.unwrap_or_else(|_| panic!("the fault tests did not finish within {RUN_BOUND:?}"));
 
-    let mut report = format!(
-        "== fault tests across containers (project {}): {header}\n",
-        project.name
+    conclude(
+        project,
+        "fault tests across containers",
+        &header,
+        &scenarios,
+        started,
+        "report.txt",
     );
+}
+
+/// Prints and saves the report of `scenarios` (in `target/fault-tests/<file>`), removes the
+/// project, then fails naming every problem.
+fn conclude(
+    project: Project,
+    title: &str,
+    header: &str,
+    scenarios: &[Scenario],
+    started: Instant,
+    file: &str,
+) {
+    let mut report = format!("== {title} (project {}): {header}\n", project.name);
     for (i, s) in scenarios.iter().enumerate() {
         report.push_str(&s.render(i + 1));
     }
@@ -159,7 +184,7 @@ fn compose_stack_under_docker_faults() {
     eprintln!("{report}");
     let dir = docker::repo_root().join("target/fault-tests");
     let _ = std::fs::create_dir_all(&dir);
-    let _ = std::fs::write(dir.join("report.txt"), &report);
+    let _ = std::fs::write(dir.join(file), &report);
     drop(project); // compose down -v before the verdict, so a failure leaves nothing behind
 
     let failed: Vec<String> = scenarios
@@ -168,7 +193,7 @@ fn compose_stack_under_docker_faults() {
         .collect();
     assert!(
         failed.is_empty(),
-        "fault scenarios failed:\n{}",
+        "{title}: scenarios failed:\n{}",
         failed.join("\n")
     );
 }
@@ -364,7 +389,7 @@ async fn finish(
     wl: Workload,
     load: Load,
     no_leader: Option<(Instant, Instant)>,
-) {
+) -> kv::Counts {
     let (rec, counts, prefix, keys) = wl.stop().await;
     kv::final_reads(&env.members, &rec, &prefix, keys, Duration::from_secs(30)).await;
     let samples = load.stop().await;
@@ -433,7 +458,7 @@ async fn finish(
             "gateway log (last lines other than access):\n        {}",
             lines[lines.len().saturating_sub(8)..].join("\n        ")
         ));
-        for r in ["registry-svc-1", "registry-svc-2", "demo-1"] {
+        for r in ["registry-svc-1", "registry-svc", "demo-1"] {
             let log = blocking(|| env.project.logs(r, 300));
             let lines: Vec<&str> = log
                 .lines()
@@ -467,6 +492,7 @@ async fn finish(
         ));
         s.expect(n > 0, "requests were sent while there was no leader".into());
     }
+    counts
 }
 
 async fn leader_partition(env: &Env<'_>) -> Scenario {
@@ -527,7 +553,7 @@ async fn leader_partition(env: &Env<'_>) -> Scenario {
         )),
     }
     tokio::time::sleep(Duration::from_secs(2)).await;
-    finish(env, &mut s, t, wl, load, None).await;
+    let _ = finish(env, &mut s, t, wl, load, None).await;
     s
 }
 
@@ -592,7 +618,7 @@ async fn leader_kill(env: &Env<'_>) -> Scenario {
         )),
     }
     tokio::time::sleep(Duration::from_secs(2)).await;
-    finish(env, &mut s, t, wl, load, None).await;
+    let _ = finish(env, &mut s, t, wl, load, None).await;
     s
 }
 
@@ -742,7 +768,7 @@ async fn whole_cluster_kill(env: &Env<'_>) -> Scenario {
             .push("not writable within 30 s of the start".into()),
     }
     tokio::time::sleep(Duration::from_secs(2)).await;
-    finish(env, &mut s, t, wl, load, Some((t0, back))).await;
+    let _ = finish(env, &mut s, t, wl, load, Some((t0, back))).await;
     s
 }
 
@@ -806,7 +832,7 @@ async fn leader_pause(env: &Env<'_>) -> Scenario {
         )),
     }
     tokio::time::sleep(Duration::from_secs(2)).await;
-    finish(env, &mut s, t, wl, load, None).await;
+    let _ = finish(env, &mut s, t, wl, load, None).await;
     s
 }
 
