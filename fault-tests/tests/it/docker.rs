@@ -436,7 +436,14 @@ pub fn container_health(id: &str) -> String {
     String::from_utf8_lossy(&out.stdout).trim().to_string()
 }
 
-/// The ids of compose project `project`'s containers of `service`, running or not.
+/// The state Docker reports for container `id` (`running`, `exited`, …).
+pub fn container_state(id: &str) -> String {
+    let out = run("docker", &["inspect", "--format", "{{.State.Status}}", id]);
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+/// The full ids of compose project `project`'s containers of `service`, running or not (as
+/// `compose ps -q` prints them).
 pub fn service_containers(project: &str, service: &str) -> Vec<String> {
     let out = run(
         "docker",
@@ -444,6 +451,7 @@ pub fn service_containers(project: &str, service: &str) -> Vec<String> {
             "ps",
             "-a",
             "-q",
+            "--no-trunc",
             "--filter",
             &format!("label=com.docker.compose.project={project}"),
             "--filter",

@@ -809,7 +809,7 @@ async fn member_add_and_remove(env: &Env<'_>) -> Scenario {
     // A removed member stops serving by itself.
     let deadline = Instant::now() + Duration::from_secs(20);
     let stopped = loop {
-        let state = blocking(|| docker::container_health(&p.container(FOURTH)));
+        let state = blocking(|| docker::container_state(&p.container(FOURTH)));
         if state == "exited" {
             break Some(t2.elapsed());
         }
