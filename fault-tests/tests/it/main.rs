@@ -130,25 +130,12 @@ struct Env<'a> {
 
 #[test]
 fn compose_stack_under_docker_faults() {
-    if std::env::var("FAULT_TESTS").as_deref() == Ok("skip") {
-        eprintln!("FAULT_TESTS=skip: the fault tests across containers did NOT run");
+    let Some(_one) = docker_tests("fault tests") else {
         return;
-    }
-    assert!(
-        docker::engine_available(),
-        "the fault tests need a Docker engine (`docker info` failed); FAULT_TESTS=skip skips them"
-    );
-    let _one = docker::ONE_AT_A_TIME
-        .lock()
-        .unwrap_or_else(|e| e.into_inner());
-    docker::ensure_images();
+    };
     let started = Instant::now();
     let project = Project::new();
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(4)
-        .enable_all()
-        .build()
-        .expect("a Tokio runtime");
+    let runtime = runtime();
     let outcome =
         runtime.block_on(async { tokio::time::timeout(RUN_BOUND, run_all(&project)).await });
     runtime.shutdown_timeout(Duration::from_secs(5));
@@ -163,6 +150,34 @@ fn compose_stack_under_docker_faults() {
         started,
         "report.txt",
     );
+}
+
+/// Whether the tests across containers run here: not with `FAULT_TESTS=skip` (the test says so
+/// and passes); else a Docker engine must answer, the images are built if missing, and the
+/// guard returned keeps other compose projects of this binary waiting.
+fn docker_tests(what: &str) -> Option<std::sync::MutexGuard<'static, ()>> {
+    if std::env::var("FAULT_TESTS").as_deref() == Ok("skip") {
+        eprintln!("FAULT_TESTS=skip: the {what} across containers did NOT run");
+        return None;
+    }
+    let one = docker::ONE_AT_A_TIME
+        .lock()
+        .unwrap_or_else(|e| e.into_inner());
+    assert!(
+        docker::engine_available(),
+        "the {what} need a Docker engine (`docker info` failed); FAULT_TESTS=skip skips them"
+    );
+    docker::ensure_images();
+    Some(one)
+}
+
+/// The runtime the scenarios run on.
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(4)
+        .enable_all()
+        .build()
+        .expect("a Tokio runtime")
 }
 
 /// Prints and saves the report of `scenarios` (in `target/fault-tests/<file>`), removes the

@@ -57,25 +57,12 @@ const FOURTH: &str = "coordinator-4";
 
 #[test]
 fn compose_stack_scales_stateless_services_and_changes_coordinator_members_online() {
-    if std::env::var("FAULT_TESTS").as_deref() == Ok("skip") {
-        eprintln!("FAULT_TESTS=skip: the scaling tests across containers did NOT run");
+    let Some(_one) = crate::docker_tests("scaling tests") else {
         return;
-    }
-    let _one = docker::ONE_AT_A_TIME
-        .lock()
-        .unwrap_or_else(|e| e.into_inner());
-    assert!(
-        docker::engine_available(),
-        "the scaling tests need a Docker engine (`docker info` failed); FAULT_TESTS=skip skips them"
-    );
-    docker::ensure_images();
+    };
     let started = Instant::now();
     let project = Project::with_overlays("scaling", &["coordinator-4.yml"]);
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(4)
-        .enable_all()
-        .build()
-        .expect("a Tokio runtime");
+    let runtime = crate::runtime();
     let outcome =
         runtime.block_on(async { tokio::time::timeout(RUN_BOUND, run_all(&project)).await });
     runtime.shutdown_timeout(Duration::from_secs(5));
