@@ -156,7 +156,9 @@ impl Tally {
 /// or one that no retry would cure (`Err(Err)`).
 type Try = Result<(), Result<String, String>>;
 
-/// Whether a gRPC error may pass on another replica (the replica went away or was busy).
+/// Whether a gRPC error may pass on another replica (the replica went away or was busy). A
+/// connection reset while a replica stops reaches tonic as `Internal: h2 protocol error`: a
+/// transport failure, not the service's answer.
 fn retryable(status: &tonic::Status) -> bool {
     matches!(
         status.code(),
@@ -164,7 +166,8 @@ fn retryable(status: &tonic::Status) -> bool {
             | tonic::Code::Unknown
             | tonic::Code::Cancelled
             | tonic::Code::DeadlineExceeded
-    )
+    ) || (status.code() == tonic::Code::Internal
+        && status.message().starts_with("h2 protocol error"))
 }
 
 fn grpc_try<T>(r: Result<Result<T, tonic::Status>, tokio::time::error::Elapsed>) -> Try {
