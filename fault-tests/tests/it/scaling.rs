@@ -737,14 +737,13 @@ async fn member_add_and_remove(env: &Env<'_>) -> Scenario {
                     }),
                 )
                 .await;
-                if let Ok(Ok(r)) = read {
-                    if r.into_inner()
+                if let Ok(Ok(r)) = read
+                    && r.into_inner()
                         .kvs
                         .first()
                         .is_some_and(|kv| kv.value == value)
-                    {
-                        return Some(addr);
-                    }
+                {
+                    return Some(addr);
                 }
             }
             if Instant::now() > deadline {
@@ -818,8 +817,8 @@ async fn member_add_and_remove(env: &Env<'_>) -> Scenario {
             .push(format!("{FOURTH} still running 20 s after its removal")),
     }
     blocking(|| p.compose_ok(&["rm", "-s", "-f", "-v", FOURTH]));
-    for i in 0..MEMBERS.len() {
-        let addr = blocking(|| p.port(MEMBERS[i], 2379));
+    for member in MEMBERS {
+        let addr = blocking(|| p.port(member, 2379));
         let n = match tokio::time::timeout(
             Duration::from_secs(5),
             cluster(addr).member_list(MemberListRequest::default()),
@@ -831,7 +830,7 @@ async fn member_add_and_remove(env: &Env<'_>) -> Scenario {
         };
         s.expect(
             n == 3,
-            format!("{} lists {n} members after the removal", MEMBERS[i]),
+            format!("{member} lists {n} members after the removal"),
         );
     }
     tokio::time::sleep(Duration::from_secs(2)).await;
