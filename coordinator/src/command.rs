@@ -270,6 +270,11 @@ pub enum Command {
         /// The command.
         cmd: Box<Command>,
     },
+    /// Client commands gathered by the leader into one log entry (see `raft::batch`): applied
+    /// in order, each with its own revision, events and outcome, exactly as if each had been
+    /// an entry of its own; a refused one changes nothing and the next goes on. Only a Raft
+    /// leader proposes these; one inside another command is refused at apply.
+    Batch(Vec<Command>),
 }
 
 impl Command {
@@ -278,6 +283,14 @@ impl Command {
         match self {
             Command::AsUser { cmd, .. } => cmd.unwrapped(),
             other => other,
+        }
+    }
+
+    /// The commands an entry holds: those of a [`Command::Batch`], or the command itself.
+    pub fn commands(&self) -> &[Command] {
+        match self {
+            Command::Batch(cmds) => cmds,
+            one => std::slice::from_ref(one),
         }
     }
 
@@ -294,6 +307,7 @@ impl Command {
             Command::MemberAttrs { .. } => "member_attrs",
             Command::Auth(a) => a.kind(),
             Command::AsUser { cmd, .. } => cmd.kind(),
+            Command::Batch(_) => "batch",
         }
     }
 }

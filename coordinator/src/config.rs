@@ -103,7 +103,7 @@ pub struct Config {
     #[arg(long, env = "ETCD_ELECTION_TIMEOUT", default_value_t = 1000)]
     pub election_timeout: u64,
 
-    /// Raft: applied entries between snapshots (after which the log behind a snapshot is purged).
+    /// Raft: applied commands between snapshots (after which the log behind a snapshot is purged).
     #[arg(long, env = "ETCD_SNAPSHOT_COUNT", default_value_t = 20_000)]
     pub snapshot_count: u64,
 

@@ -22,6 +22,8 @@ pub struct CoordinatorMetrics {
     pub wal_fsync_seconds: Histogram,
     /// Commands per fsync.
     pub batch_size: Histogram,
+    /// Commands per Raft entry proposed by a leader (see `raft::batch`).
+    pub raft_entry_commands: Histogram,
     /// Duration of applying one batch and committing it to sled.
     pub apply_seconds: Histogram,
     /// Commands applied.
@@ -44,6 +46,7 @@ impl CoordinatorMetrics {
         let me = CoordinatorMetrics {
             wal_fsync_seconds: Histogram::new(exponential_buckets(0.0001, 2.0, 16)),
             batch_size: Histogram::new(exponential_buckets(1.0, 2.0, 14)),
+            raft_entry_commands: Histogram::new(exponential_buckets(1.0, 2.0, 12)),
             apply_seconds: Histogram::new(exponential_buckets(0.00001, 2.0, 18)),
             applied: Counter::default(),
             rpcs: Family::default(),
@@ -62,6 +65,11 @@ impl CoordinatorMetrics {
             "coordinator_wal_batch_commands",
             "Commands made durable by one fsync",
             me.batch_size.clone(),
+        );
+        r.register(
+            "coordinator_raft_entry_commands",
+            "Commands per Raft entry this member proposed as leader",
+            me.raft_entry_commands.clone(),
         );
         r.register(
             "coordinator_apply_duration_seconds",

@@ -230,20 +230,43 @@ impl StateMachine {
     }
 
     /// Apply the log entry at `index` (entries at or below the applied index are skipped, so
-    /// replaying a log after a crash is safe).
+    /// replaying a log after a crash is safe). A [`Command::Batch`] is refused here: only
+    /// [`Self::apply_entry`] takes one.
     pub fn apply(&mut self, index: u64, term: u64, cmd: &Command) -> Option<Applied> {
         if index <= self.applied_index {
             return None;
         }
         self.applied_index = index;
         self.applied_term = term;
+        Some(self.apply_command(cmd))
+    }
+
+    /// Apply the log entry at `index`, which may be a [`Command::Batch`]: one [`Applied`] per
+    /// command it holds, in order, each with its own revision and events, exactly as if each
+    /// command had been an entry of its own (a refused one changes nothing, the next goes on).
+    /// Entries at or below the applied index are skipped, as in [`Self::apply`].
+    pub fn apply_entry(&mut self, index: u64, term: u64, cmd: &Command) -> Option<Vec<Applied>> {
+        if index <= self.applied_index {
+            return None;
+        }
+        self.applied_index = index;
+        self.applied_term = term;
+        Some(
+            cmd.commands()
+                .iter()
+                .map(|c| self.apply_command(c))
+                .collect(),
+        )
+    }
+
+    fn apply_command(&mut self, cmd: &Command) -> Applied {
         let mut events = Vec::new();
         let result = self.apply_checked(cmd, &mut events);
-        Some(Applied {
+        Applied {
             revision: self.store.current_revision(),
             result,
             events,
-        })
+        }
     }
 
     /// Apply a command, checking the permissions of the user it was issued for while auth is
@@ -311,6 +334,9 @@ impl StateMachine {
             }
             Command::Auth(a) => self.apply_auth(a),
             Command::AsUser { .. } => Err(Error::InvalidArgument("nested user commands".into())),
+            Command::Batch(_) => Err(Error::InvalidArgument(
+                "a batch inside another command".into(),
+            )),
         }
     }
 
@@ -1276,6 +1302,117 @@ mod tests {
         assert!(reopened.leases()[&5].keys.contains(&b"k".to_vec()));
         let mut reopened = reopened;
         assert!(reopened.apply(idx, 1, &Command::Noop).is_none());
+    }
+
+    /// Commands of a mixed batch: a put, a txn whose compare fails, a put refused for an
+    /// unknown lease, a batch inside the batch (refused), a delete.
+    fn mixed_batch() -> Vec<Command> {
+        vec![
+            Command::Put(PutReq {
+                key: b"a".to_vec(),
+                value: b"1".to_vec(),
+                ..Default::default()
+            }),
+            Command::Txn(TxnReq {
+                compare: vec![cmp(
+                    "a",
+                    CompareResult::Equal,
+                    CompareTarget::Value(b"2".to_vec()),
+                )],
+                success: vec![put_op("a", "then")],
+                failure: vec![put_op("b", "else")],
+            }),
+            Command::Put(PutReq {
+                key: b"c".to_vec(),
+                value: b"x".to_vec(),
+                lease: 99,
+                ..Default::default()
+            }),
+            Command::Batch(vec![Command::Put(PutReq {
+                key: b"d".to_vec(),
+                value: b"x".to_vec(),
+                ..Default::default()
+            })]),
+            Command::Delete(DeleteReq {
+                range: KeyRange::single(b"a".to_vec()),
+                prev_kv: false,
+            }),
+        ]
+    }
+
+    #[test]
+    fn a_batch_entry_answers_each_command_as_separate_entries_would() {
+        let cmds = mixed_batch();
+        // The same commands, one entry each.
+        let mut one_by_one = T::new();
+        let separate: Vec<Applied> = cmds
+            .iter()
+            .map(|c| {
+                one_by_one.index += 1;
+                one_by_one
+                    .sm
+                    .apply(one_by_one.index, 1, c)
+                    .expect("new index")
+            })
+            .collect();
+        one_by_one.sm.commit().expect("commit");
+        // All of them in one entry.
+        let mut batched = T::new();
+        let list = batched
+            .sm
+            .apply_entry(1, 1, &Command::Batch(cmds.clone()))
+            .expect("new index");
+        batched.sm.commit().expect("commit");
+
+        assert_eq!(list.len(), cmds.len(), "one outcome per command");
+        for (n, (b, s)) in list.iter().zip(&separate).enumerate() {
+            assert_eq!(b.revision, s.revision, "command {n}: revision");
+            assert_eq!(
+                format!("{:?}", b.result),
+                format!("{:?}", s.result),
+                "command {n}"
+            );
+            assert_eq!(b.events, s.events, "command {n}: events");
+        }
+        let revisions: Vec<i64> = list.iter().map(|a| a.revision).collect();
+        assert_eq!(
+            revisions,
+            [2, 3, 3, 3, 4],
+            "refused commands take no revision"
+        );
+        match &list[1].result {
+            Ok(Response::Txn(t)) => assert!(!t.succeeded, "the failure branch ran"),
+            other => panic!("txn: {other:?}"),
+        }
+        assert!(matches!(list[2].result, Err(Error::LeaseNotFound)));
+        assert!(matches!(list[3].result, Err(Error::InvalidArgument(_))));
+        assert_eq!(batched.sm.applied_index(), 1, "the batch is one entry");
+        assert!(batched.get_at("a", 0).expect("read").is_none());
+        assert_eq!(
+            batched.get_at("b", 0).expect("read").expect("b").value,
+            b"else"
+        );
+        assert!(batched.get_at("c", 0).expect("read").is_none());
+        assert!(batched.get_at("d", 0).expect("read").is_none());
+        // And the same key space: every revision record alike.
+        let dump = |t: &T| {
+            let mut out = Vec::new();
+            t.backend
+                .scan(&[keys::REV], &[keys::REV + 1], &mut |k, v| {
+                    out.push((k.to_vec(), v.to_vec()));
+                    true
+                })
+                .expect("scan");
+            out
+        };
+        assert_eq!(dump(&batched), dump(&one_by_one));
+        // A replayed batch entry is skipped as a whole.
+        assert!(
+            batched
+                .sm
+                .apply_entry(1, 1, &Command::Batch(cmds))
+                .is_none()
+        );
     }
 }
 

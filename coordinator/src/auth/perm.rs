@@ -258,7 +258,8 @@ impl UserPerms {
             Command::Compact { .. }
             | Command::MemberAttrs { .. }
             | Command::Auth(_)
-            | Command::AsUser { .. } => Err(Error::PermissionDenied),
+            | Command::AsUser { .. }
+            | Command::Batch(_) => Err(Error::PermissionDenied),
         }
     }
 }

@@ -3,6 +3,8 @@
 //! - [`log_store`]: the Raft log and vote, fsynced, with group commit.
 //! - [`sm`]: the state machine store (the same `apply` as single-member mode) and snapshots.
 //! - [`network`]: openraft's messages over our `peerpb.Peer` gRPC service on the peer port.
+//! - [`batch`]: the leader's batcher, which proposes the commands that arrive while an entry is
+//!   in flight as one entry.
 //! - this module: [`RaftMember`] — what the gRPC adapters call — and the peer service.
 //!
 //! # Behaviour clients see
@@ -23,6 +25,7 @@
 //! timeout drawn afresh in `[election, 2 × election)` before *every* campaign calls
 //! `trigger().elect()`.
 
+pub mod batch;
 pub mod log_store;
 pub mod network;
 pub mod sm;
@@ -54,6 +57,7 @@ use crate::lease::Lessor;
 use crate::metrics::CoordinatorMetrics;
 use crate::state::{OutcomeWire, StateMachine};
 use crate::watch::WatchHub;
+use batch::WriteFailed;
 
 /// How long a write waits for a leader before `etcdserver: no leader`.
 pub const PROPOSE_WAIT: Duration = Duration::from_secs(5);
@@ -71,13 +75,18 @@ openraft::declare_raft_types!(
     /// openraft's types for the coordinator.
     pub TypeConfig:
         D = Command,
-        R = OutcomeWire,
+        R = EntryOutcome,
         NodeId = u64,
         Node = MemberNode,
         Entry = openraft::Entry<TypeConfig>,
         SnapshotData = Cursor<Vec<u8>>,
         AsyncRuntime = openraft::TokioRuntime,
 );
+
+/// What applying one log entry gave: one outcome per command it holds (several for a
+/// [`Command::Batch`], in order).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EntryOutcome(pub Vec<OutcomeWire>);
 
 /// A pre-vote request: the candidate and its last log id.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -172,6 +181,8 @@ impl RaftIo {
 struct Inner {
     id: u64,
     raft: Raft<TypeConfig>,
+    /// Every write this member makes as leader goes through here.
+    batcher: batch::Batcher,
     state: Arc<RwLock<StateMachine>>,
     lessor: Arc<Lessor>,
     sm: sm::SmStore,
@@ -218,6 +229,7 @@ impl RaftMember {
             p.lessor.clone(),
             p.metrics.clone(),
             p.io.inline_snapshots,
+            p.snapshot_count,
         )?;
         let rng = match p.io.seed {
             Some(seed) => StdRng::seed_from_u64(seed),
@@ -257,10 +269,13 @@ impl RaftMember {
                 tracing::info!(error = %e, "cluster already initialised");
             }
         }
+        let stop = CancellationToken::new();
+        let batcher = batch::Batcher::start(raft.clone(), p.metrics.clone(), stop.clone());
         let member = RaftMember {
             inner: Arc::new(Inner {
                 id: p.id,
                 raft,
+                batcher,
                 state: p.state,
                 lessor: p.lessor,
                 sm,
@@ -271,7 +286,7 @@ impl RaftMember {
                 rng: Mutex::new(rng),
                 last_heartbeat: Mutex::new(Instant::now()),
                 election_timeout: p.election_timeout,
-                stop: CancellationToken::new(),
+                stop,
                 token: p.token,
                 hub: p.hub.clone(),
                 removed: p.removed,
@@ -292,6 +307,7 @@ impl RaftMember {
             *member.inner.restored_leader.lock() = Some(leader_id);
             tokio::spawn(member.clone().confirm_restored_leadership(leader_id));
         }
+        tokio::spawn(member.clone().snapshot_timer());
         tokio::spawn(member.clone().election_timer());
         tokio::spawn(member.clone().leadership_watch());
         Ok(member)
@@ -407,15 +423,16 @@ impl RaftMember {
         if !self.is_leader() {
             return Err(Error::NoLeader);
         }
-        let write = self.inner.raft.client_write(cmd);
-        let Ok(res) = tokio::time::timeout(PROPOSE_WAIT, write).await else {
-            return Err(Error::Timeout);
-        };
-        match res {
-            Ok(r) => Ok(r.data.into_result()),
-            Err(RaftError::APIError(ClientWriteError::ForwardToLeader(_))) => Err(Error::NoLeader),
-            Err(RaftError::APIError(e)) => Err(Error::Unsupported(e.to_string())),
-            Err(RaftError::Fatal(_)) => Err(Error::Stopped),
+        match self.inner.batcher.write(cmd).await {
+            Ok(o) => Ok(o.into_result()),
+            Err(WriteFailed::Timeout) => Err(Error::Timeout),
+            Err(WriteFailed::Raft(RaftError::APIError(ClientWriteError::ForwardToLeader(_)))) => {
+                Err(Error::NoLeader)
+            }
+            Err(WriteFailed::Raft(RaftError::APIError(e))) => {
+                Err(Error::Unsupported(e.to_string()))
+            }
+            Err(WriteFailed::Raft(RaftError::Fatal(_))) => Err(Error::Stopped),
         }
     }
 
@@ -427,16 +444,17 @@ impl RaftMember {
                 return Err(Error::NoLeader);
             };
             if leader == self.inner.id {
-                let write = self.inner.raft.client_write(cmd.clone());
-                let Ok(res) = tokio::time::timeout(PROPOSE_WAIT, write).await else {
+                match self.inner.batcher.write(cmd.clone()).await {
+                    Ok(o) => return Ok(o.into_result()),
                     // A leader cut off from its quorum never commits: the outcome is unknown.
-                    return Err(Error::Timeout);
-                };
-                match res {
-                    Ok(r) => return Ok(r.data.into_result()),
-                    Err(RaftError::APIError(ClientWriteError::ForwardToLeader(_))) => {}
-                    Err(RaftError::APIError(e)) => return Err(Error::Unsupported(e.to_string())),
-                    Err(RaftError::Fatal(_)) => return Err(Error::Stopped),
+                    Err(WriteFailed::Timeout) => return Err(Error::Timeout),
+                    Err(WriteFailed::Raft(RaftError::APIError(
+                        ClientWriteError::ForwardToLeader(_),
+                    ))) => {}
+                    Err(WriteFailed::Raft(RaftError::APIError(e))) => {
+                        return Err(Error::Unsupported(e.to_string()));
+                    }
+                    Err(WriteFailed::Raft(RaftError::Fatal(_))) => return Err(Error::Stopped),
                 }
             } else {
                 let data = bincode::serialize(&cmd)
@@ -761,6 +779,22 @@ impl RaftMember {
         self.inner.log.close();
     }
 
+    /// Ask openraft for a snapshot whenever `--snapshot-count` commands were applied since the
+    /// last one (its own policy, which counts entries, stays as a bound for unbatched logs).
+    async fn snapshot_timer(self) {
+        let due = self.inner.sm.snapshot_due();
+        loop {
+            tokio::select! {
+                _ = self.inner.stop.cancelled() => return,
+                _ = due.wait() => {}
+            }
+            // A wake-up left over from before the last snapshot finds nothing due.
+            if due.is_due() && self.inner.raft.trigger().snapshot().await.is_err() {
+                return;
+            }
+        }
+    }
+
     /// A fresh election timeout in `[base, 2 × base)`.
     fn draw(&self, base: Duration) -> Duration {
         let ms = base.as_millis() as u64;
@@ -1068,19 +1102,21 @@ impl Peer for PeerService {
 
     async fn forward(&self, req: Request<Blob>) -> std::result::Result<Response<Blob>, Status> {
         let cmd: Command = decode(req.get_ref())?;
-        let res: std::result::Result<OutcomeWire, PeerError> = match tokio::time::timeout(
-            PROPOSE_WAIT,
-            self.member.inner.raft.client_write(cmd),
-        )
-        .await
-        {
-            Err(_) => Err(PeerError::Failed(Error::Timeout.to_string())),
-            Ok(Ok(r)) => Ok(r.data),
-            Ok(Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f)))) => {
-                Err(PeerError::NotLeader(f.leader_id))
-            }
-            Ok(Err(e)) => Err(PeerError::Failed(e.to_string())),
-        };
+        if matches!(cmd, Command::Batch(_)) {
+            // Only a leader's batcher makes batches, of the commands it was given one by one.
+            return Err(Status::invalid_argument(
+                "a forwarded write must be one command",
+            ));
+        }
+        let res: std::result::Result<OutcomeWire, PeerError> =
+            match self.member.inner.batcher.write(cmd).await {
+                Ok(o) => Ok(o),
+                Err(WriteFailed::Timeout) => Err(PeerError::Failed(Error::Timeout.to_string())),
+                Err(WriteFailed::Raft(RaftError::APIError(ClientWriteError::ForwardToLeader(
+                    f,
+                )))) => Err(PeerError::NotLeader(f.leader_id)),
+                Err(WriteFailed::Raft(e)) => Err(PeerError::Failed(e.to_string())),
+            };
         blob(&res)
     }
 

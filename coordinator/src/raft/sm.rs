@@ -3,7 +3,8 @@
 //! Committed entries are applied in one sled batch per call, together with the last applied log
 //! id and the membership, so a crash leaves the state machine at a batch boundary it can resume
 //! from (the log replays the rest). After the batch lands, its events go to the watch hub and the
-//! lease hooks run, exactly as in [`crate::node`].
+//! lease hooks run, exactly as in [`crate::node`]. An entry that holds a [`Command::Batch`]
+//! (see [`super::batch`]) gives one outcome per command in it, in order.
 //!
 //! A snapshot is every backend entry (records, leases, meta) taken under the state's read lock,
 //! so it is one consistent point; installing one replaces the backend's contents in one batch and
@@ -14,6 +15,7 @@
 
 use std::io::Cursor;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use openraft::storage::{RaftStateMachine, Snapshot};
 use openraft::{
@@ -22,7 +24,7 @@ use openraft::{
 };
 use parking_lot::{Mutex, RwLock};
 
-use super::{MemberNode, TypeConfig};
+use super::{EntryOutcome, MemberNode, TypeConfig};
 use crate::command::Command;
 use crate::lease::Lessor;
 use crate::metrics::CoordinatorMetrics;
@@ -58,6 +60,31 @@ pub struct SmStore {
     /// Build snapshots on the calling task rather than a blocking thread (the deterministic
     /// simulation, whose in-memory backend never waits on a disk).
     inline_snapshots: bool,
+    due: Arc<SnapshotDue>,
+}
+
+/// When a snapshot is due: every `--snapshot-count` *commands* applied, batched or not (a
+/// batch is one entry, and openraft's own policy counts entries only, so with batches of
+/// hundreds of commands the log, and a replay after a crash, would grow hundreds of times
+/// longer between snapshots than the flag says).
+pub struct SnapshotDue {
+    every: u64,
+    applied: AtomicU64,
+    at_last: AtomicU64,
+    wake: tokio::sync::Notify,
+}
+
+impl SnapshotDue {
+    /// Whether `every` commands were applied since the last snapshot was taken.
+    pub fn is_due(&self) -> bool {
+        let applied = self.applied.load(Ordering::Acquire);
+        applied.saturating_sub(self.at_last.load(Ordering::Acquire)) >= self.every
+    }
+
+    /// Returns once a snapshot may be due (check [`Self::is_due`]).
+    pub async fn wait(&self) {
+        self.wake.notified().await
+    }
 }
 
 impl SmStore {
@@ -68,6 +95,7 @@ impl SmStore {
         lessor: Arc<Lessor>,
         metrics: CoordinatorMetrics,
         inline_snapshots: bool,
+        snapshot_count: u64,
     ) -> crate::error::Result<SmStore> {
         let (applied, membership) = {
             let st = state.read();
@@ -90,7 +118,18 @@ impl SmStore {
             applied: Arc::new(Mutex::new((applied, membership))),
             current: Arc::new(Mutex::new(None)),
             inline_snapshots,
+            due: Arc::new(SnapshotDue {
+                every: snapshot_count.max(1),
+                applied: AtomicU64::new(0),
+                at_last: AtomicU64::new(0),
+                wake: tokio::sync::Notify::new(),
+            }),
         })
+    }
+
+    /// When the next snapshot is due (by commands applied).
+    pub fn snapshot_due(&self) -> Arc<SnapshotDue> {
+        self.due.clone()
     }
 
     /// The membership last applied (for member lists).
@@ -110,6 +149,10 @@ impl SmStore {
     > {
         let st = self.state.read();
         let (applied, membership) = self.applied.lock().clone();
+        // Every command applied so far is in this snapshot (apply holds the write lock).
+        self.due
+            .at_last
+            .store(self.due.applied.load(Ordering::Acquire), Ordering::Release);
         let mut entries: Vec<(Vec<u8>, Vec<u8>)> = Vec::new();
         st.store()
             .backend()
@@ -168,7 +211,7 @@ impl RaftStateMachine<TypeConfig> for SmStore {
         Ok(self.applied.lock().clone())
     }
 
-    async fn apply<I>(&mut self, entries: I) -> Result<Vec<OutcomeWire>, StorageError<NodeId>>
+    async fn apply<I>(&mut self, entries: I) -> Result<Vec<EntryOutcome>, StorageError<NodeId>>
     where
         I: IntoIterator<Item = openraft::Entry<TypeConfig>> + openraft::OptionalSend,
         I::IntoIter: openraft::OptionalSend,
@@ -189,12 +232,20 @@ impl RaftStateMachine<TypeConfig> for SmStore {
                         Command::Noop
                     }
                 };
-                match st.apply(e.log_id.index, e.log_id.leader_id.term, &cmd) {
-                    Some(a) => {
-                        outs.push(OutcomeWire::from_result(a.revision, &a.result));
-                        done.push((cmd, a));
+                // One outcome per command the entry holds (a batch holds several).
+                match st.apply_entry(e.log_id.index, e.log_id.leader_id.term, &cmd) {
+                    Some(list) => {
+                        outs.push(EntryOutcome(
+                            list.iter()
+                                .map(|a| OutcomeWire::from_result(a.revision, &a.result))
+                                .collect(),
+                        ));
+                        done.push((cmd, list));
                     }
-                    None => outs.push(OutcomeWire::from_result(st.revision(), &Ok(Response::Noop))),
+                    None => outs.push(EntryOutcome(vec![OutcomeWire::from_result(
+                        st.revision(),
+                        &Ok(Response::Noop),
+                    )])),
                 }
             }
             let a = bincode::serialize(&applied.0).map_err(|e| sm_err(ErrorVerb::Write, &e))?;
@@ -206,16 +257,25 @@ impl RaftStateMachine<TypeConfig> for SmStore {
         self.metrics
             .apply_seconds
             .observe(started.elapsed().as_secs_f64());
-        for (cmd, a) in done {
-            self.hub.publish(a.revision, &a.events);
-            match (&a.result, cmd.unwrapped()) {
-                (Ok(Response::LeaseGrant { id, ttl }), _) => self.lessor.granted(*id, *ttl),
-                (Ok(Response::LeaseRevoke), Command::LeaseRevoke { id }) => {
-                    self.lessor.revoked(*id)
+        let commands: usize = done.iter().map(|(_, list)| list.len()).sum();
+        self.due
+            .applied
+            .fetch_add(commands as u64, Ordering::AcqRel);
+        if self.due.is_due() {
+            self.due.wake.notify_one();
+        }
+        for (cmd, list) in done {
+            for (c, a) in cmd.commands().iter().zip(list) {
+                self.hub.publish(a.revision, &a.events);
+                match (&a.result, c.unwrapped()) {
+                    (Ok(Response::LeaseGrant { id, ttl }), _) => self.lessor.granted(*id, *ttl),
+                    (Ok(Response::LeaseRevoke), Command::LeaseRevoke { id }) => {
+                        self.lessor.revoked(*id)
+                    }
+                    _ => {}
                 }
-                _ => {}
+                self.metrics.applied.inc();
             }
-            self.metrics.applied.inc();
         }
         Ok(outs)
     }
@@ -238,7 +298,7 @@ impl RaftStateMachine<TypeConfig> for SmStore {
         let data = snapshot.into_inner();
         let entries: Vec<(Vec<u8>, Vec<u8>)> =
             bincode::deserialize(&data).map_err(|e| sm_err(ErrorVerb::Read, &e))?;
-        let rev = {
+        let (rev, backend) = {
             let mut st = self.state.write();
             let backend: Arc<dyn Backend> = st.store().backend().clone();
             let mut batch = Batch::default();
@@ -254,11 +314,15 @@ impl RaftStateMachine<TypeConfig> for SmStore {
             backend
                 .apply(batch)
                 .map_err(|e| sm_err(ErrorVerb::Write, &e))?;
-            let fresh = StateMachine::open(backend).map_err(|e| sm_err(ErrorVerb::Read, &e))?;
+            let fresh =
+                StateMachine::open(backend.clone()).map_err(|e| sm_err(ErrorVerb::Read, &e))?;
             st.replace(fresh);
             *self.applied.lock() = (meta.last_log_id, meta.last_membership.clone());
-            st.revision()
+            (st.revision(), backend)
         };
+        // openraft purges the log up to the snapshot once this returns: the installed state
+        // must be durable first, or a crash would leave a state machine behind a purged log.
+        backend.flush().map_err(|e| sm_err(ErrorVerb::Write, &e))?;
         self.hub.reset_after_snapshot(rev);
         *self.current.lock() = Some(Stored {
             meta: meta.clone(),

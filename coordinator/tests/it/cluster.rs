@@ -940,7 +940,9 @@ async fn kill_9_of_the_leader_under_write_load_loses_no_acknowledged_write() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_member_restarted_far_behind_catches_up_by_snapshot() {
     const WRITES: usize = 2_400;
-    const TASKS: usize = 16;
+    // Few writers, so that the leader's batches stay small and the log moves by well over the
+    // 512 entries openraft purges at a time (with 16 writers 2,400 writes took ~330 entries).
+    const TASKS: usize = 2;
     let mut c = Cluster::start_with(3, &["--snapshot-count", "100"]).await;
     let leader = wait_all_agree(&c).await;
     let behind = (0..3).find(|&i| i != leader).expect("a follower");
@@ -980,14 +982,22 @@ async fn a_member_restarted_far_behind_catches_up_by_snapshot() {
     }
     let lead = c.status(leader).await.expect("leader status");
     println!(
-        "{WRITES} writes in {} ms while member {behind} was down (it had applied index {}; the \
-         leader is now at {})",
+        "{WRITES} writes in {} ms while member {behind} was down (it had applied index {} at \
+         revision {}; the leader is now at index {}, revision {})",
         ms(t.elapsed()),
         before.applied_index,
-        lead.raft_index
+        before.revision,
+        lead.raft_index,
+        lead.revision
     );
     assert!(
-        lead.raft_index >= before.applied_index + 2_000,
+        lead.revision >= before.revision + WRITES as i64,
+        "every write took a revision: {} → {}",
+        before.revision,
+        lead.revision
+    );
+    assert!(
+        lead.raft_index >= before.applied_index + 1_000,
         "the log moved {} entries",
         lead.raft_index - before.applied_index
     );
@@ -1511,6 +1521,182 @@ async fn a_watch_on_a_follower_sees_every_write_through_the_leader_in_order() {
         on_leader, events,
         "the leader's and the follower's watchers saw the same"
     );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Batched entries: many writes in one Raft entry, each answered on its own
+// ---------------------------------------------------------------------------------------------
+
+/// `(sum, count)` of histogram `name` on member `i`'s metrics page.
+async fn histogram(c: &Cluster, i: usize, name: &str) -> (f64, f64) {
+    let (code, body) = crate::admin::get(c.metrics_addr(i), "/metrics").await;
+    assert_eq!(code, 200, "metrics of member {i}");
+    let sample = |suffix: &str| {
+        let prefix = format!("{name}_{suffix} ");
+        body.lines()
+            .find_map(|l| l.strip_prefix(prefix.as_str()))
+            .and_then(|v| v.trim().parse::<f64>().ok())
+            .unwrap_or_else(|| panic!("no {name}_{suffix} on member {i}:\n{body}"))
+    };
+    (sample("sum"), sample("count"))
+}
+
+/// What one client's write was answered with.
+#[derive(Debug)]
+enum Answered {
+    /// A put of `key` = `value`, acknowledged at `rev`.
+    Put {
+        rev: i64,
+        key: String,
+        value: String,
+    },
+    /// A txn whose compare failed; its failure branch put `key` = `value` at `rev`.
+    TxnElse {
+        rev: i64,
+        key: String,
+        value: String,
+    },
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_writes_share_raft_entries_and_each_client_gets_its_own_outcome() {
+    const CLIENTS: usize = 48;
+    const ROUNDS: usize = 5;
+    let c = Cluster::start(3).await;
+    let leader = wait_all_agree(&c).await;
+    let follower = (0..3).find(|&i| i != leader).expect("a follower");
+    let (_, rev0) = scan(&c, follower, "batch/").await;
+    let (_wtx, mut watch) = open_watch(&c, follower, "batch/", rev0 + 1).await;
+    let (sum0, count0) = histogram(&c, leader, "coordinator_raft_entry_commands").await;
+
+    // Every round, all clients at once (a barrier lines them up): a put of the client's own
+    // key, a txn whose compare fails (its failure branch puts), and a put with a lease that does
+    // not exist, which apply refuses. A quarter of the clients go through a follower, whose
+    // forwarded writes join the leader's batches.
+    let barrier = Arc::new(tokio::sync::Barrier::new(CLIENTS));
+    let mut tasks = Vec::new();
+    for t in 0..CLIENTS {
+        let mut kv = c.kv(if t % 4 == 0 { follower } else { leader });
+        let barrier = barrier.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut answered = Vec::new();
+            for round in 0..ROUNDS {
+                barrier.wait().await;
+                let (key, value) = (format!("batch/{t}"), format!("{t}.{round}"));
+                let rev = try_put(&mut kv, &key, &value, REQUEST)
+                    .await
+                    .unwrap_or_else(|e| panic!("put {key}: {e}"));
+                answered.push(Answered::Put { rev, key, value });
+
+                barrier.wait().await;
+                let (key, value) = (format!("batch/{t}/else"), format!("else {t}.{round}"));
+                let txn = TxnRequest {
+                    compare: vec![Compare {
+                        key: b"batch-absent".to_vec(),
+                        result: CompareResult::Equal as i32,
+                        target: CompareTarget::Value as i32,
+                        target_union: Some(TargetUnion::Value(b"never".to_vec())),
+                        ..Default::default()
+                    }],
+                    success: vec![],
+                    failure: vec![RequestOp {
+                        request: Some(Op::RequestPut(PutRequest {
+                            key: key.clone().into_bytes(),
+                            value: value.clone().into_bytes(),
+                            ..Default::default()
+                        })),
+                    }],
+                };
+                let r = within(REQUEST, "txn", kv.txn(txn))
+                    .await
+                    .unwrap_or_else(|e| panic!("txn of client {t}: {e}"))
+                    .into_inner();
+                assert!(!r.succeeded, "client {t}: the compare fails: {r:?}");
+                let rev = r.header.expect("header").revision;
+                answered.push(Answered::TxnElse { rev, key, value });
+
+                barrier.wait().await;
+                let refused = within(
+                    REQUEST,
+                    "put with an unknown lease",
+                    kv.put(PutRequest {
+                        key: format!("batch/{t}/leased").into_bytes(),
+                        value: b"x".to_vec(),
+                        lease: 0x7e57_0000 + t as i64,
+                        ..Default::default()
+                    }),
+                )
+                .await
+                .expect_err("a put with an unknown lease is refused");
+                assert_eq!(
+                    refused.code(),
+                    tonic::Code::NotFound,
+                    "client {t}: {refused:?}"
+                );
+                assert_eq!(refused.message(), "etcdserver: requested lease not found");
+            }
+            answered
+        }));
+    }
+    let mut by_rev: BTreeMap<i64, (String, String)> = BTreeMap::new();
+    for task in tasks {
+        let answered = within(Duration::from_secs(120), "clients", task)
+            .await
+            .expect("client task");
+        for a in answered {
+            let (rev, key, value) = match a {
+                Answered::Put { rev, key, value } | Answered::TxnElse { rev, key, value } => {
+                    (rev, key, value)
+                }
+            };
+            if let Some(other) = by_rev.insert(rev, (key.clone(), value.clone())) {
+                panic!("revision {rev} acknowledged twice: {other:?} and {key}={value}");
+            }
+        }
+    }
+    let writes = CLIENTS * ROUNDS * 2;
+    assert_eq!(by_rev.len(), writes);
+    assert_eq!(
+        by_rev.keys().copied().collect::<Vec<_>>(),
+        (rev0 + 1..=rev0 + writes as i64).collect::<Vec<_>>(),
+        "the acknowledged writes took every revision after {rev0} once; the refused puts took none"
+    );
+
+    // The watch on the follower sees every write once, in revision order, as acknowledged.
+    let events = read_events(&mut watch, writes, Duration::from_secs(30)).await;
+    assert_eq!(events.len(), writes, "one event per acknowledged write");
+    for ((ty, key, value, rev), (acked_rev, (acked_key, acked_value))) in
+        events.iter().zip(by_rev.iter())
+    {
+        assert_eq!(*ty, EventType::Put);
+        assert_eq!(
+            (rev, key, value.as_slice()),
+            (acked_rev, acked_key, acked_value.as_bytes()),
+            "the event at revision {rev} is the write acknowledged there"
+        );
+    }
+    for t in 0..CLIENTS {
+        assert!(
+            get(&c, follower, &format!("batch/{t}/leased"))
+                .await
+                .is_none(),
+            "a refused put changed nothing"
+        );
+    }
+
+    // The leader proposed fewer entries than commands: some entries held several.
+    let (sum1, count1) = histogram(&c, leader, "coordinator_raft_entry_commands").await;
+    let (commands, entries) = (sum1 - sum0, count1 - count0);
+    assert!(
+        commands >= (CLIENTS * ROUNDS * 3) as f64,
+        "every client write went through the leader's batcher: {commands} commands"
+    );
+    assert!(
+        entries < commands,
+        "some entries held several commands: {commands} commands in {entries} entries"
+    );
+    println!("{commands} commands in {entries} entries");
+    assert_same_hash(&c, &[0, 1, 2], rev0 + writes as i64).await;
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -964,6 +964,11 @@ impl Cluster {
         format!("127.0.0.1:{}", self.members[i].client_port)
     }
 
+    /// Member `i`'s admin (metrics) address.
+    pub fn metrics_addr(&self, i: usize) -> std::net::SocketAddr {
+        std::net::SocketAddr::from(([127, 0, 0, 1], self.members[i].metrics_port))
+    }
+
     /// Member `i`'s peer URL.
     pub fn peer_url(&self, i: usize) -> String {
         self.members[i].peer_url()
