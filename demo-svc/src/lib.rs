@@ -39,6 +39,7 @@ pub mod metrics;
 pub mod settings;
 
 use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::Context as _;
@@ -47,6 +48,7 @@ use config_svc::model::ItemRef;
 use proto::registry_v1 as pb;
 use registry_svc::client::{Registration, RegistryClient};
 use service_kit::admin::{self as kit_admin, Health, Metrics};
+use service_kit::authn::read_token_file;
 use service_kit::config::{parse_duration, parse_listen_url};
 use service_kit::telemetry::LogFormat;
 use tokio::net::TcpListener;
@@ -115,6 +117,16 @@ pub struct Config {
         value_name = "URLS"
     )]
     pub config_endpoints: Vec<String>,
+
+    /// File holding this service's bearer token for registry-svc (when it has auth on; a
+    /// subject with write permission on `--namespace`).
+    #[arg(long, env = "DEMO_REGISTRY_TOKEN_FILE", value_name = "FILE")]
+    pub registry_token_file: Option<PathBuf>,
+
+    /// File holding this service's bearer token for config-svc (when it has auth on; read
+    /// permission on the settings item's namespace).
+    #[arg(long, env = "DEMO_CONFIG_TOKEN_FILE", value_name = "FILE")]
+    pub config_token_file: Option<PathBuf>,
 
     /// Registry namespace to register in.
     #[arg(
@@ -188,6 +200,8 @@ impl Config {
         if self.config_endpoints.iter().all(|e| e.trim().is_empty()) {
             return Err("--config-endpoints is empty".into());
         }
+        read_token_file(self.registry_token_file.as_deref())?;
+        read_token_file(self.config_token_file.as_deref())?;
         for (flag, value) in [
             ("--namespace", &self.namespace),
             ("--service", &self.service),
@@ -329,6 +343,9 @@ pub async fn run_with_listeners(
         .client_id(instance_id.clone())
         .label("service", config.service.clone())
         .timeout(Duration::from_secs(2))
+        .token(
+            read_token_file(config.config_token_file.as_deref()).map_err(|e| anyhow::anyhow!(e))?,
+        )
         .build()
         .map_err(|s| anyhow::anyhow!("invalid config-svc endpoint: {}", s.message()))?;
     let item = config.settings_item.clone();
@@ -353,8 +370,11 @@ pub async fn run_with_listeners(
     let subscription = config_client.subscribe(vec![item], on_change);
 
     // Registration, retried until the registry answers (or we are asked to stop).
+    let registry_token =
+        read_token_file(config.registry_token_file.as_deref()).map_err(|e| anyhow::anyhow!(e))?;
     let registry = RegistryClient::connect_tls(config.registry_endpoints.clone(), client_tls)
-        .map_err(|s| anyhow::anyhow!("invalid registry endpoint: {}", s.message()))?;
+        .and_then(|c| c.with_token(&registry_token))
+        .map_err(|s| anyhow::anyhow!("invalid registry endpoint or token: {}", s.message()))?;
     let instance = instance_record(&config, &instance_id, &address, local.port());
     let registration = register_until_done(&registry, instance, &metrics, &shutdown).await;
     if let Some(reg) = &registration {

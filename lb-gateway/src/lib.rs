@@ -26,6 +26,13 @@
 //!   items with history and diffs, each route's ring and loads, kept live by polling.
 //! - `main.rs`: the binary (exit 64 on a bad config or routes file, `health` subcommand).
 //!
+//! # Identity
+//! The gateway never acts for anyone but itself: it reads registry-svc (and config-svc, for
+//! `--routes-item`) with its own bearer token (`--registry-token-file`, `--config-token-file`;
+//! a read-only subject), and forwards each caller's `Authorization` header to the backend
+//! unchanged (only `Proxy-Authorization`, addressed to the gateway, is removed). Its own tokens
+//! are never sent to a backend.
+//!
 //! # Guarantees
 //! - A registry change swaps a route's whole backend set at once: a request sees the old set
 //!   or the new one. Requests already on a backend that left finish there (draining).
@@ -65,6 +72,7 @@ use std::time::Duration;
 use anyhow::Context as _;
 use registry_svc::client::RegistryClient;
 use service_kit::admin::{self as kit_admin, Health, Metrics};
+use service_kit::authn::read_token_file;
 use service_kit::config::{parse_duration, parse_listen_url};
 use service_kit::telemetry::LogFormat;
 use tokio::net::TcpListener;
@@ -131,6 +139,17 @@ pub struct Config {
         value_name = "URLS"
     )]
     pub registry_endpoints: Vec<String>,
+
+    /// File holding the gateway's own bearer token for registry-svc (when the registry has
+    /// auth on): give it a subject with read permission on the routed namespaces, never write
+    /// or admin. It is sent only to registry-svc, never to backends.
+    #[arg(long, env = "LB_GATEWAY_REGISTRY_TOKEN_FILE", value_name = "FILE")]
+    pub registry_token_file: Option<PathBuf>,
+
+    /// File holding the gateway's bearer token for config-svc (`--routes-item`), read
+    /// permission on the item's namespace.
+    #[arg(long, env = "LB_GATEWAY_CONFIG_TOKEN_FILE", value_name = "FILE")]
+    pub config_token_file: Option<PathBuf>,
 
     /// Proxy workers (default: one per CPU). Each is a thread with its own single-threaded
     /// runtime accepting from the shared listener and serving its connections start to end,
@@ -225,6 +244,8 @@ impl Config {
         if self.registry_endpoints.iter().all(|e| e.trim().is_empty()) {
             return Err("--registry-endpoints is empty".into());
         }
+        read_token_file(self.registry_token_file.as_deref())?;
+        read_token_file(self.config_token_file.as_deref())?;
         if self.worker_threads == Some(0) {
             return Err("--worker-threads must be at least 1".into());
         }
@@ -352,6 +373,8 @@ pub async fn run_with_listeners(
         config_endpoints,
         routes_item,
         registry_endpoints,
+        registry_token_file,
+        config_token_file,
         worker_threads,
         max_connections,
         access_log,
@@ -409,7 +432,12 @@ pub async fn run_with_listeners(
             .filter(|e| !e.is_empty()),
         client_tls.clone(),
     )
-    .map_err(|s| anyhow::anyhow!("invalid registry endpoint: {}", s.message()))?;
+    .and_then(|c| {
+        let token = read_token_file(registry_token_file.as_deref())
+            .map_err(tonic::Status::invalid_argument)?;
+        c.with_token(&token)
+    })
+    .map_err(|s| anyhow::anyhow!("invalid registry endpoint or token: {}", s.message()))?;
     let dashboard = dashboard::Dashboard::new(
         Arc::clone(&gw),
         client.clone(),
@@ -433,9 +461,17 @@ pub async fn run_with_listeners(
                 .filter(|e| !e.is_empty())
                 .collect();
             tracing::info!(item = %item, "routes follow the config-svc item");
-            let subscription =
-                overrides::spawn(endpoints, item, client_tls.clone(), tx, shutdown.clone())
-                    .map_err(|e| anyhow::anyhow!(e))?;
+            let token =
+                read_token_file(config_token_file.as_deref()).map_err(|e| anyhow::anyhow!(e))?;
+            let subscription = overrides::spawn(
+                endpoints,
+                &token,
+                item,
+                client_tls.clone(),
+                tx,
+                shutdown.clone(),
+            )
+            .map_err(|e| anyhow::anyhow!(e))?;
             let applier = tokio::spawn(apply_reloads(
                 rx,
                 Arc::clone(&gw),

@@ -84,6 +84,7 @@ fn serve(config: Config) -> ExitCode {
             routes_file = %config.routes.as_ref().map_or("(none)".into(), |p| p.display().to_string()),
             routes = routes.routes.len(),
             registry_endpoints = %config.registry_endpoints.join(","),
+            registry_token = config.registry_token_file.is_some(),
             worker_threads = config.worker_threads.unwrap_or(0),
             max_connections = config.max_connections,
             access_log = config.access_log,

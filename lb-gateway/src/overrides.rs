@@ -48,6 +48,7 @@ pub fn parse_item(s: &str) -> Result<ItemRef, String> {
 /// until `shutdown`.
 pub fn spawn(
     endpoints: Vec<String>,
+    token: &str,
     item: ItemRef,
     tls: Option<std::sync::Arc<service_kit::tls::rustls::ClientConfig>>,
     updates: mpsc::UnboundedSender<Update>,
@@ -55,8 +56,9 @@ pub fn spawn(
 ) -> Result<JoinHandle<()>, String> {
     let client = ConfigClient::builder(endpoints)
         .tls(tls)
+        .token(token)
         .build()
-        .map_err(|s| format!("invalid config-svc endpoint: {}", s.message()))?;
+        .map_err(|s| format!("invalid config-svc endpoint or token: {}", s.message()))?;
     Ok(tokio::spawn(async move {
         let shown = item.to_string();
         let subscription = client.subscribe(vec![item], move |change: &Change| match change {

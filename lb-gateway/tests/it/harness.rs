@@ -44,14 +44,20 @@ pub struct Registry {
 
 impl Registry {
     pub async fn start(coordinator: &str) -> Registry {
-        let config = registry_svc::Config::try_parse_from([
+        Self::start_with(coordinator, &[]).await
+    }
+
+    /// [`Registry::start`] with extra flags.
+    pub async fn start_with(coordinator: &str, extra: &[&str]) -> Registry {
+        let mut args = vec![
             "registry-svc",
             "--coordinator-endpoints",
             coordinator,
             "--replica-ttl",
             "2s",
-        ])
-        .expect("registry config");
+        ];
+        args.extend_from_slice(extra);
+        let config = registry_svc::Config::try_parse_from(args).expect("registry config");
         let bind = || async { TcpListener::bind("127.0.0.1:0").await.expect("bind") };
         let listeners = registry_svc::Listeners {
             admin: bind().await,
@@ -331,6 +337,7 @@ async fn backend_answer(
         "x_forwarded_for": header("x-forwarded-for"),
         "version": format!("{:?}", req.version()),
         "upgrade": header("upgrade"),
+        "authorization": header("authorization"),
     });
     if path == "/ws" {
         let upgrade = hyper::upgrade::on(&mut req);

@@ -10,6 +10,8 @@
 //! - `grpc`: unary and streaming calls, status and trailers.
 //! - `limits`: rate limiting (429), load shedding (503), timeouts (504), circuit breakers,
 //!   WebSocket tunnels.
+//! - `identity`: with auth on in registry-svc, the gateway discovers with its own read-only
+//!   token and forwards the caller's `Authorization`, never its own.
 //! - `overrides`: routes replaced by versions of a config-svc item.
 //! - `dashboard`: the web dashboard's JSON API and its errors, and the page in headless
 //!   Chromium (`browser`: chromedriver as a child process, WebDriver over HTTP).
@@ -22,6 +24,7 @@ mod browser;
 mod dashboard;
 mod grpc;
 mod harness;
+mod identity;
 mod limits;
 mod overrides;
 mod routing;
