@@ -158,7 +158,8 @@ pub struct Config {
     #[arg(long, env = "LB_GATEWAY_WORKER_THREADS", value_name = "N")]
     pub worker_threads: Option<usize>,
 
-    /// Most client connections open at once; beyond it, accepting waits.
+    /// Most client connections open at once (split evenly over the workers); beyond it,
+    /// new connections wait in the listen backlog until one closes.
     #[arg(
         long,
         env = "LB_GATEWAY_MAX_CONNECTIONS",
@@ -166,6 +167,27 @@ pub struct Config {
         value_name = "N"
     )]
     pub max_connections: usize,
+
+    /// Largest request head (request line + headers; HTTP/2: header list) in bytes; larger
+    /// ones are answered 431. At least 8192.
+    #[arg(
+        long,
+        env = "LB_GATEWAY_MAX_HEADER_BYTES",
+        default_value_t = 64 * 1024,
+        value_name = "BYTES"
+    )]
+    pub max_header_bytes: usize,
+
+    /// Time a client has to send a request's complete headers (slow-loris protection), e.g.
+    /// "30s"; the connection is closed after it. Also bounds an idle HTTP/1.1 keep-alive.
+    #[arg(
+        long,
+        env = "LB_GATEWAY_HEADER_READ_TIMEOUT",
+        default_value = "30s",
+        value_name = "DURATION",
+        value_parser = parse_duration
+    )]
+    pub header_read_timeout: Duration,
 
     /// Write one access log line per request (`true` or `false`).
     #[arg(
@@ -266,6 +288,18 @@ impl Config {
         }
         self.tls.files().validate("")?;
         self.client_tls.files().validate("--client-")?;
+        if self.max_header_bytes < server::MIN_HEADER_BYTES
+            || u32::try_from(self.max_header_bytes).is_err()
+        {
+            return Err(format!(
+                "--max-header-bytes must be between {} and {}",
+                server::MIN_HEADER_BYTES,
+                u32::MAX
+            ));
+        }
+        if self.header_read_timeout.is_zero() {
+            return Err("--header-read-timeout must be above zero".into());
+        }
         Ok(())
     }
 
@@ -377,6 +411,8 @@ pub async fn run_with_listeners(
         config_token_file,
         worker_threads,
         max_connections,
+        max_header_bytes,
+        header_read_timeout,
         access_log,
         http1_client,
         shutdown_grace,
@@ -506,7 +542,11 @@ pub async fn run_with_listeners(
     let workers = worker_threads
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
         .max(1);
-    let per_worker = max_connections.div_ceil(workers);
+    let per_worker = server::ConnLimits {
+        max_connections: max_connections.div_ceil(workers),
+        max_header_bytes,
+        header_read_timeout,
+    };
     // Workers 1.. on threads of their own, on clones of the listening socket.
     let mut extra_workers = Vec::new();
     let proxy_listener = if workers > 1 {

@@ -87,6 +87,8 @@ fn serve(config: Config) -> ExitCode {
             registry_token = config.registry_token_file.is_some(),
             worker_threads = config.worker_threads.unwrap_or(0),
             max_connections = config.max_connections,
+            max_header_bytes = config.max_header_bytes,
+            header_read_timeout = ?config.header_read_timeout,
             access_log = config.access_log,
             shutdown_grace = ?config.shutdown_grace,
             dashboard_coordinator_endpoints = %config.dashboard_coordinator_endpoints.join(","),

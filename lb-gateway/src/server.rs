@@ -6,16 +6,30 @@
 //! worker that accepted it, and so do the idle HTTP/1.1 backend connections it hands back
 //! (`upstream` keeps one stack per worker); the single HTTP/2 connection per backend is shared.
 //!
-//! Connections are capped by a semaphore (per worker; accepting waits while the cap is reached). On
-//! shutdown the listener closes, every connection is told to finish (HTTP/1.1: after the
+//! # Limits (see [`ConnLimits`])
+//! - Connections are capped by a semaphore per worker. At the cap the worker stops accepting:
+//!   further connections are *queued* in the kernel's listen backlog (their TCP handshake
+//!   completes, nothing is read) and served as soon as a slot frees; once the backlog is full
+//!   the kernel drops new SYNs. Queuing rather than refusing keeps short bursts lossless; the
+//!   header read timeout below bounds how long an idle or slow client holds a slot.
+//! - Request headers: at most `max_header_bytes` (hyper's read buffer; HTTP/1.1 answers 431
+//!   and closes, HTTP/2 answers 431 on the stream) and hyper's 100 header fields.
+//! - Slow-loris: a connection whose first request's headers are not complete within
+//!   `header_read_timeout` is closed (this also covers a client that sends nothing, and one
+//!   that dribbles an HTTP/2 preface, which hyper's own timer does not see); on HTTP/1.1 the
+//!   same timeout applies to every later request's headers, so an idle keep-alive connection is
+//!   closed after it too. Bytes trickling in do not restart the clock.
+//!
+//! On shutdown the listener closes, every connection is told to finish (HTTP/1.1: after the
 //! current response; HTTP/2: GOAWAY), and in-flight requests get `grace` to complete before the
 //! rest are dropped.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
@@ -24,13 +38,28 @@ use tokio_util::sync::CancellationToken;
 
 use crate::proxy::{Client, Gateway, handle};
 
+/// What one worker's listener admits.
+#[derive(Debug, Clone, Copy)]
+pub struct ConnLimits {
+    /// Client connections open at once on this worker; more wait in the listen backlog.
+    pub max_connections: usize,
+    /// Largest request head (request line and headers; HTTP/2: the header list), in bytes.
+    /// At least [`MIN_HEADER_BYTES`].
+    pub max_header_bytes: usize,
+    /// Time a client has to send a request's complete headers.
+    pub header_read_timeout: Duration,
+}
+
+/// The smallest `max_header_bytes` (hyper's smallest read buffer).
+pub const MIN_HEADER_BYTES: usize = 8192;
+
 /// Serves `listener` (over TLS with `tls`: the handshake runs on the connection's own task) until
 /// `shutdown`, then drains for at most `grace`.
 pub async fn serve(
     listener: TcpListener,
     tls: Option<Arc<service_kit::tls::rustls::ServerConfig>>,
     gw: Arc<Gateway>,
-    max_connections: usize,
+    limits: ConnLimits,
     grace: Duration,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
@@ -40,13 +69,17 @@ pub async fn serve(
         .http1()
         .keep_alive(true)
         .half_close(false)
-        .writev(false);
+        .writev(false)
+        .max_buf_size(limits.max_header_bytes.max(MIN_HEADER_BYTES))
+        .timer(TokioTimer::new())
+        .header_read_timeout(limits.header_read_timeout);
     builder
         .http2()
         .max_concurrent_streams(1024)
-        .adaptive_window(true);
+        .adaptive_window(true)
+        .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX));
     let graceful = GracefulShutdown::new();
-    let permits = Arc::new(Semaphore::new(max_connections));
+    let permits = Arc::new(Semaphore::new(limits.max_connections));
     loop {
         let permit = tokio::select! {
             _ = shutdown.cancelled() => break,
@@ -70,49 +103,78 @@ pub async fn serve(
         let _ = stream.set_nodelay(true);
         let gw = Arc::clone(&gw);
         let client = Arc::new(Client::new(peer));
-        let service = service_fn(move |req| handle(Arc::clone(&gw), Arc::clone(&client), req));
+        // Set by the first request: until then the connection is on the clock (see below).
+        let started = Arc::new(AtomicBool::new(false));
+        let seen = Arc::clone(&started);
+        let service = service_fn(move |req| {
+            if !seen.load(Ordering::Relaxed) {
+                seen.store(true, Ordering::Relaxed);
+            }
+            handle(Arc::clone(&gw), Arc::clone(&client), req)
+        });
         let builder = builder.clone();
         let watcher = graceful.watcher();
+        let first_request_deadline = limits.header_read_timeout;
         let acceptor = tls
             .clone()
             .map(service_kit::tls::tokio_rustls::TlsAcceptor::from);
         tokio::spawn(async move {
-            let result = match acceptor {
-                Some(acceptor) => {
-                    let handshake = tokio::time::timeout(
-                        service_kit::tls::HANDSHAKE_TIMEOUT,
-                        acceptor.accept(stream),
-                    )
-                    .await;
-                    match handshake {
-                        Ok(Ok(tls)) => {
-                            watcher
-                                .watch(
-                                    builder
-                                        .serve_connection_with_upgrades(TokioIo::new(tls), service),
-                                )
-                                .await
-                        }
-                        Ok(Err(e)) => {
-                            tracing::debug!(error = %e, client = %peer, "TLS handshake failed");
-                            Ok(())
-                        }
-                        Err(_) => {
-                            tracing::debug!(client = %peer, "TLS handshake timed out");
-                            Ok(())
-                        }
-                    }
-                }
-                None => {
-                    watcher
-                        .watch(
-                            builder.serve_connection_with_upgrades(TokioIo::new(stream), service),
-                        )
-                        .await
+            // The clock runs from accept, so a TLS handshake that never completes counts too.
+            // hyper's header timer starts only once it knows the protocol, which takes 24
+            // bytes of a dribbled HTTP/2 preface, or forever for a silent client: this one
+            // closes any connection without a first request in time.
+            let deadline = async {
+                tokio::time::sleep(first_request_deadline).await;
+                if started.load(Ordering::Relaxed) {
+                    std::future::pending::<()>().await;
                 }
             };
-            if let Err(e) = result {
-                tracing::debug!(error = %e, client = %peer, "client connection ended with an error");
+            let conn = async {
+                match acceptor {
+                    Some(acceptor) => {
+                        let handshake = tokio::time::timeout(
+                            service_kit::tls::HANDSHAKE_TIMEOUT,
+                            acceptor.accept(stream),
+                        )
+                        .await;
+                        match handshake {
+                            Ok(Ok(tls)) => {
+                                watcher
+                                    .watch(
+                                        builder.serve_connection_with_upgrades(
+                                            TokioIo::new(tls),
+                                            service,
+                                        ),
+                                    )
+                                    .await
+                            }
+                            Ok(Err(e)) => {
+                                tracing::debug!(error = %e, client = %peer, "TLS handshake failed");
+                                Ok(())
+                            }
+                            Err(_) => {
+                                tracing::debug!(client = %peer, "TLS handshake timed out");
+                                Ok(())
+                            }
+                        }
+                    }
+                    None => {
+                        watcher
+                            .watch(
+                                builder
+                                    .serve_connection_with_upgrades(TokioIo::new(stream), service),
+                            )
+                            .await
+                    }
+                }
+            };
+            tokio::select! {
+                ended = conn => if let Err(e) = ended {
+                    tracing::debug!(error = %e, client = %peer, "client connection ended with an error");
+                },
+                () = deadline => {
+                    tracing::debug!(client = %peer, timeout = ?first_request_deadline, "no request headers in time; closing");
+                }
             }
             drop(permit);
         });

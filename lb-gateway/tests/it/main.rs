@@ -12,6 +12,7 @@
 //!   WebSocket tunnels.
 //! - `identity`: with auth on in registry-svc, the gateway discovers with its own read-only
 //!   token and forwards the caller's `Authorization`, never its own.
+//! - `conn_limits`: the listener's limits (header read timeout, header size, connections).
 //! - `overrides`: routes replaced by versions of a config-svc item.
 //! - `dashboard`: the web dashboard's JSON API and its errors, and the page in headless
 //!   Chromium (`browser`: chromedriver as a child process, WebDriver over HTTP).
@@ -21,6 +22,7 @@ mod coord;
 
 mod binary;
 mod browser;
+mod conn_limits;
 mod dashboard;
 mod grpc;
 mod harness;
