@@ -86,6 +86,16 @@ pub struct Config {
     #[arg(long, env = "ETCD_MAX_WATCHERS_PER_STREAM", default_value_t = 4096)]
     pub max_watchers_per_stream: usize,
 
+    /// Most leases alive at once; grants beyond it are refused (etcd has no cap; this one
+    /// bounds the memory leases take).
+    #[arg(long, env = "ETCD_MAX_LEASES", default_value_t = 1_000_000)]
+    pub max_leases: usize,
+
+    /// Largest gRPC metadata (HTTP/2 header list) of one request, in bytes; a larger one is
+    /// answered HTTP 431 before it reaches a service.
+    #[arg(long, env = "ETCD_MAX_METADATA_BYTES", default_value_t = 16 * 1024)]
+    pub max_metadata_bytes: u32,
+
     /// Backend size at which the NOSPACE alarm is raised and writes refused (default 2 GiB).
     #[arg(long, env = "ETCD_QUOTA_BACKEND_BYTES", default_value_t = 2 * 1024 * 1024 * 1024)]
     pub quota_backend_bytes: u64,
@@ -271,6 +281,12 @@ impl Config {
         }
         if self.max_watchers_per_stream == 0 {
             return Err("--max-watchers-per-stream must be at least 1".into());
+        }
+        if self.max_leases == 0 {
+            return Err("--max-leases must be at least 1".into());
+        }
+        if self.max_metadata_bytes < 1024 {
+            return Err("--max-metadata-bytes must be at least 1024".into());
         }
         if self.auth_token_ttl == 0 {
             return Err("--auth-token-ttl must be at least 1 second".into());

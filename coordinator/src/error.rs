@@ -48,6 +48,12 @@ pub enum Error {
     /// The TTL asked for is above the maximum.
     #[error("etcdserver: too large lease TTL")]
     LeaseTtlTooLarge,
+    /// `--max-leases` leases are alive already.
+    #[error("etcdserver: too many leases (limit {limit})")]
+    TooManyLeases {
+        /// The configured limit.
+        limit: usize,
+    },
     /// The backend is over its quota; only reads and deletes are served until space is freed.
     #[error("etcdserver: mvcc: database space exceeded")]
     NoSpace,
@@ -176,7 +182,7 @@ impl Error {
             }
             Error::LeaseNotFound | Error::MemberNotFound => Code::NotFound,
             Error::LeaseExists => Code::FailedPrecondition,
-            Error::NoSpace => Code::ResourceExhausted,
+            Error::NoSpace | Error::TooManyLeases { .. } => Code::ResourceExhausted,
             Error::NoLeader | Error::Stopped | Error::Timeout => Code::Unavailable,
             Error::Unsupported(_) => Code::Unimplemented,
             Error::Corrupt(_) => Code::DataLoss,

@@ -405,6 +405,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
             max_request_bytes: config.max_request_bytes,
             max_txn_ops: config.max_txn_ops,
             max_watchers_per_stream: config.max_watchers_per_stream,
+            max_leases: config.max_leases,
             quota_backend_bytes: config.quota_backend_bytes,
         },
         nospace: Arc::new(AtomicBool::new(false)),
@@ -422,6 +423,8 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         let router = tonic::transport::Server::builder()
             .tcp_nodelay(true)
             .http2_keepalive_interval(Some(Duration::from_secs(30)))
+            // gRPC metadata: hyper answers a larger header list 431 on the stream.
+            .http2_max_header_list_size(config.max_metadata_bytes)
             // HTTP/1.1 too: the JSON gateway shares the port, as in etcd; the layer sends
             // non-gRPC requests to it.
             .accept_http1(true)

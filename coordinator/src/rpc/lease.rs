@@ -47,6 +47,13 @@ impl LeaseService {
         if r.id < 0 {
             return Err(Error::InvalidArgument("lease ID must be positive".into()));
         }
+        // Checked here, not in apply: members may run with different limits, and apply must
+        // decide the same on each. Concurrent grants may pass it together (by their number).
+        if self.ctx.state.read().leases().len() >= self.ctx.limits.max_leases {
+            return Err(Error::TooManyLeases {
+                limit: self.ctx.limits.max_leases,
+            });
+        }
         let ttl = r.ttl.max(MIN_TTL);
         let mut id = r.id;
         if id == 0 {

@@ -56,6 +56,8 @@ pub struct Limits {
     pub max_txn_ops: usize,
     /// Most watchers per watch stream.
     pub max_watchers_per_stream: usize,
+    /// Most leases alive at once (checked before proposing a grant).
+    pub max_leases: usize,
     /// Backend quota.
     pub quota_backend_bytes: u64,
 }

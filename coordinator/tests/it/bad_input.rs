@@ -680,3 +680,72 @@ async fn over_quota_writes_are_refused_with_nospace_while_reads_and_deletes_work
     .into_inner();
     assert_eq!(del.deleted, got.count);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lease_grants_beyond_max_leases_are_refused_until_one_is_revoked() {
+    let server = Server::start_with(&["--max-leases", "3"]).await;
+    let mut lease = server.lease().await;
+    let mut ids = Vec::new();
+    for _ in 0..3 {
+        let granted = within(
+            T,
+            "grant",
+            lease.lease_grant(LeaseGrantRequest { ttl: 60, id: 0 }),
+        )
+        .await
+        .expect("under the limit");
+        ids.push(granted.into_inner().id);
+    }
+    assert_status(
+        within(
+            T,
+            "grant",
+            lease.lease_grant(LeaseGrantRequest { ttl: 60, id: 0 }),
+        )
+        .await,
+        Code::ResourceExhausted,
+        "etcdserver: too many leases (limit 3)",
+    );
+    within(
+        T,
+        "revoke",
+        lease.lease_revoke(LeaseRevokeRequest { id: ids[0] }),
+    )
+    .await
+    .expect("revoke");
+    within(
+        T,
+        "grant",
+        lease.lease_grant(LeaseGrantRequest { ttl: 60, id: 0 }),
+    )
+    .await
+    .expect("room again after a revoke");
+    let mut kv = kv(&server).await;
+    assert_still_serving(&mut kv).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpc_metadata_above_max_metadata_bytes_is_refused_and_the_server_keeps_serving() {
+    let server = Server::start_with(&["--max-metadata-bytes", "4096"]).await;
+    let mut kv = kv(&server).await;
+    let range = |metadata_bytes: usize| {
+        let mut req = tonic::Request::new(RangeRequest {
+            key: b"k".to_vec(),
+            ..Default::default()
+        });
+        let value = "m".repeat(metadata_bytes).parse().expect("ASCII metadata");
+        req.metadata_mut().insert("x-padding", value);
+        req
+    };
+    within(T, "1 KiB of metadata", kv.range(range(1024)))
+        .await
+        .expect("under the limit");
+    let refused = within(T, "8 KiB of metadata", kv.range(range(8 * 1024))).await;
+    let status = refused.expect_err("over the limit");
+    // hyper answers the stream HTTP 431; tonic's client reports the HTTP status it saw.
+    assert!(
+        status.message().contains("431"),
+        "unexpected refusal: {status:?}"
+    );
+    assert_still_serving(&mut kv).await;
+}
