@@ -6,7 +6,49 @@
 //! order and reaches the same state; nothing here depends on the clock or on randomness, which is
 //! why lease IDs are chosen *before* a grant is proposed.
 
-use serde::{Deserialize, Serialize};
+use std::cell::Cell;
+
+use serde::{Deserialize, Deserializer, Serialize};
+
+/// Deepest nesting of transactions in transactions a request may have: refused above it before
+/// proposing (`state::validate`), so every command in the log decodes (see [`DECODE_NESTING`]).
+pub const MAX_NESTING: usize = 64;
+
+/// Deepest nesting of commands (`AsUser`) and transactions the decoder accepts: above it,
+/// decoding fails instead of recursing until the stack overflows (a log record or a peer
+/// message of a few kilobytes could otherwise crash a member). Leaves room above
+/// [`MAX_NESTING`] for the `AsUser` wrapper.
+pub const DECODE_NESTING: u32 = 2 * MAX_NESTING as u32;
+
+thread_local! {
+    /// How deep the decoder on this thread currently is (see [`nested`]).
+    static DECODE_DEPTH: Cell<u32> = const { Cell::new(0) };
+}
+
+/// Deserializes a nested command or transaction, counting its depth on this thread.
+fn nested<'de, D, T>(d: D) -> Result<T, D::Error>
+where
+    D: Deserializer<'de>,
+    T: Deserialize<'de>,
+{
+    struct Leave;
+    impl Drop for Leave {
+        fn drop(&mut self) {
+            DECODE_DEPTH.with(|c| c.set(c.get().saturating_sub(1)));
+        }
+    }
+    let depth = DECODE_DEPTH.with(|c| {
+        c.set(c.get() + 1);
+        c.get()
+    });
+    let _leave = Leave;
+    if depth > DECODE_NESTING {
+        return Err(serde::de::Error::custom(format!(
+            "commands nested deeper than {DECODE_NESTING} levels"
+        )));
+    }
+    T::deserialize(d)
+}
 
 /// A range of keys: `end` empty = just `key`; `end == [0]` = every key >= `key`; otherwise
 /// `[key, end)`.
@@ -156,7 +198,7 @@ pub enum Op {
     /// A delete.
     Delete(DeleteReq),
     /// A nested transaction.
-    Txn(TxnReq),
+    Txn(#[serde(deserialize_with = "nested")] TxnReq),
 }
 
 /// How a compare relates the key's field to the given value.
@@ -268,6 +310,7 @@ pub enum Command {
         /// User name.
         user: String,
         /// The command.
+        #[serde(deserialize_with = "nested")]
         cmd: Box<Command>,
     },
     /// Client commands gathered by the leader into one log entry (see `raft::batch`): applied
@@ -348,5 +391,63 @@ mod tests {
             end: vec![0],
         };
         assert!(all.overlaps(&r("zz", "")));
+    }
+
+    /// `AsUser` wrapped `levels` times around a `Noop`, as bincode writes it (variant index
+    /// u32, then the user name's u64 length).
+    fn as_user_nested(levels: usize) -> Vec<u8> {
+        let mut b = Vec::with_capacity(levels * 12 + 4);
+        for _ in 0..levels {
+            b.extend_from_slice(&9u32.to_le_bytes());
+            b.extend_from_slice(&0u64.to_le_bytes());
+        }
+        b.extend_from_slice(&6u32.to_le_bytes());
+        b
+    }
+
+    fn txn_nested(levels: usize) -> Command {
+        let mut t = TxnReq::default();
+        for _ in 1..levels {
+            t = TxnReq {
+                success: vec![Op::Txn(t)],
+                ..TxnReq::default()
+            };
+        }
+        Command::Txn(t)
+    }
+
+    #[test]
+    fn a_deeply_nested_command_is_refused_by_the_decoder_not_a_stack_overflow() {
+        // 1.2 MB, under the peer port's message limit: this used to recurse a million times.
+        let e = bincode::deserialize::<Command>(&as_user_nested(100_000)).expect_err("refused");
+        assert!(e.to_string().contains("nested deeper than"), "{e}");
+        let ok: Command =
+            bincode::deserialize(&as_user_nested(DECODE_NESTING as usize)).expect("at the limit");
+        assert_eq!(ok.unwrapped(), &Command::Noop);
+        bincode::deserialize::<Command>(&as_user_nested(DECODE_NESTING as usize + 1))
+            .expect_err("one above the limit");
+        // The counter is per decode: a refused one leaves none behind.
+        bincode::deserialize::<Command>(&as_user_nested(DECODE_NESTING as usize))
+            .expect("the depth count was reset");
+    }
+
+    #[test]
+    fn nested_txns_decode_up_to_the_limit_and_validation_stops_them_below_it() {
+        let deepest = txn_nested(MAX_NESTING);
+        let bytes = bincode::serialize(&deepest).expect("encode");
+        assert_eq!(
+            bincode::deserialize::<Command>(&bytes).expect("decode"),
+            deepest
+        );
+        crate::state::validate(&deepest, 128).expect("MAX_NESTING levels are accepted");
+        let e = crate::state::validate(&txn_nested(MAX_NESTING + 1), 128).expect_err("refused");
+        assert!(e.to_string().contains("nested too deeply"), "{e}");
+        // The decoder counts the nested ones: the outermost txn is the command itself.
+        let at_limit =
+            bincode::serialize(&txn_nested(DECODE_NESTING as usize + 1)).expect("encode");
+        bincode::deserialize::<Command>(&at_limit).expect("at the decoder's limit");
+        let too_deep =
+            bincode::serialize(&txn_nested(DECODE_NESTING as usize + 2)).expect("encode");
+        bincode::deserialize::<Command>(&too_deep).expect_err("refused by the decoder");
     }
 }

@@ -665,8 +665,19 @@ fn validate_put(p: &PutReq) -> Result<()> {
     Ok(())
 }
 
-/// Validate a txn: op counts per branch, keys, and no key written twice in one branch.
+/// Validate a txn: op counts per branch, keys, no key written twice in one branch, and
+/// nesting at most [`MAX_NESTING`](crate::command::MAX_NESTING) deep.
 pub fn validate_txn(t: &TxnReq, max_txn_ops: usize) -> Result<()> {
+    validate_txn_at(t, max_txn_ops, 1)
+}
+
+fn validate_txn_at(t: &TxnReq, max_txn_ops: usize, depth: usize) -> Result<()> {
+    if depth > crate::command::MAX_NESTING {
+        return Err(Error::InvalidArgument(format!(
+            "txn requests nested too deeply (at most {} levels)",
+            crate::command::MAX_NESTING
+        )));
+    }
     if t.compare.len() > max_txn_ops
         || t.success.len() > max_txn_ops
         || t.failure.len() > max_txn_ops
@@ -692,7 +703,7 @@ pub fn validate_txn(t: &TxnReq, max_txn_ops: usize) -> Result<()> {
                         return Err(Error::EmptyKey);
                     }
                 }
-                Op::Txn(inner) => validate_txn(inner, max_txn_ops)?,
+                Op::Txn(inner) => validate_txn_at(inner, max_txn_ops, depth + 1)?,
             }
         }
         let mut writes = Vec::new();

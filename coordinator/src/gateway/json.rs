@@ -251,9 +251,9 @@ pub fn delete_range_request(v: &Value) -> DResult<pb::DeleteRangeRequest> {
     })
 }
 
-/// How deep txns may nest in a JSON body (the service limits what it accepts; this only keeps
-/// a hostile body from exhausting the stack).
-const MAX_TXN_DEPTH: usize = 64;
+/// How deep txns may nest in a JSON body (as deep as a proposal may nest; this also keeps a
+/// hostile body from exhausting the stack).
+const MAX_TXN_DEPTH: usize = crate::command::MAX_NESTING;
 
 /// `etcdserverpb.TxnRequest`.
 pub fn txn_request(v: &Value) -> DResult<pb::TxnRequest> {
