@@ -691,10 +691,13 @@ impl Match {
         if let Some(want) = &self.host {
             let Some(host) = req.host else { return false };
             let ok = match want.strip_prefix("*.") {
+                // On bytes: a host cut at the suffix's length need not fall on a char
+                // boundary (slicing the str there panicked; found writing fuzz/routes_file).
                 Some(suffix) => {
-                    host.len() > suffix.len() + 1
-                        && host[host.len() - suffix.len()..].eq_ignore_ascii_case(suffix)
-                        && host.as_bytes()[host.len() - suffix.len() - 1] == b'.'
+                    let (h, s) = (host.as_bytes(), suffix.as_bytes());
+                    h.len() > s.len() + 1
+                        && h[h.len() - s.len()..].eq_ignore_ascii_case(s)
+                        && h[h.len() - s.len() - 1] == b'.'
                 }
                 None => host.eq_ignore_ascii_case(want),
             };
@@ -866,6 +869,30 @@ mod tests {
             path: "/pkg.EchoX/Say",
             grpc: true
         }));
+    }
+
+    #[test]
+    fn a_wildcard_host_never_panics_on_a_host_with_multibyte_characters() {
+        let f = parse(FULL).expect("valid");
+        let m = &f.routes[0].matcher;
+        // The suffix "example.com" is 11 bytes; each host is cut inside a character there.
+        for host in ["xéxxxxxxxxxx", "aa€bbbbbbbbbb", "€€€€€€€"] {
+            let view = RequestView {
+                host: Some(host),
+                path: "/orders",
+                grpc: false,
+            };
+            assert!(!m.matches(&view), "{host}");
+        }
+        let view = RequestView {
+            host: Some("é.example.com"),
+            path: "/orders",
+            grpc: false,
+        };
+        assert!(
+            m.matches(&view),
+            "a non-ASCII label before the suffix still matches"
+        );
     }
 
     #[test]
