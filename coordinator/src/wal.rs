@@ -81,64 +81,76 @@ fn sync_dir(dir: &Path) -> Result<()> {
 }
 
 /// What reading one segment found.
-struct Scan {
-    entries: Vec<(u64, Entry)>,
+#[derive(Debug)]
+pub struct Scan {
+    /// Every good record, with its byte offset.
+    pub entries: Vec<(u64, Entry)>,
     /// Byte offset after the last good record.
-    good_len: u64,
+    pub good_len: u64,
     /// Whether bytes after `good_len` failed to parse.
-    bad_tail: bool,
+    pub bad_tail: bool,
+}
+
+/// Appends `e` to `out` as one record (`[len][crc][index][term][data]`).
+pub fn encode_record(e: &Entry, out: &mut Vec<u8>) {
+    let len = (16 + e.data.len()) as u32;
+    let start = out.len();
+    out.extend_from_slice(&len.to_le_bytes());
+    out.extend_from_slice(&[0u8; 4]);
+    out.extend_from_slice(&e.index.to_le_bytes());
+    out.extend_from_slice(&e.term.to_le_bytes());
+    out.extend_from_slice(&e.data);
+    let crc = crc32fast::hash(&out[start + 8..]);
+    out[start + 4..start + 8].copy_from_slice(&crc.to_le_bytes());
 }
 
 fn scan_segment(path: &Path) -> Result<Scan> {
     let f = File::open(path)?;
     let total = f.metadata()?.len();
-    let mut r = BufReader::with_capacity(1 << 20, f);
+    Ok(scan_records(BufReader::with_capacity(1 << 20, f), total))
+}
+
+/// Reads the records of a segment of `total` bytes from `r`: every good one up to the first
+/// that is cut short, too long, or fails its CRC. Never reads a length it was not given, and
+/// allocates at most one record's body (bounded by `MAX_RECORD` and by `total`) at a time.
+pub fn scan_records(mut r: impl Read, total: u64) -> Scan {
     let mut entries = Vec::new();
     let mut pos = 0u64;
+    let bad = |entries, pos| Scan {
+        entries,
+        good_len: pos,
+        bad_tail: true,
+    };
     loop {
         if pos == total {
-            return Ok(Scan {
+            return Scan {
                 entries,
                 good_len: pos,
                 bad_tail: false,
-            });
+            };
         }
         let mut hdr = [0u8; 8];
         if total - pos < 8 || r.read_exact(&mut hdr).is_err() {
-            return Ok(Scan {
-                entries,
-                good_len: pos,
-                bad_tail: true,
-            });
+            return bad(entries, pos);
         }
         let len = u32::from_le_bytes([hdr[0], hdr[1], hdr[2], hdr[3]]);
         let crc = u32::from_le_bytes([hdr[4], hdr[5], hdr[6], hdr[7]]);
-        if len < 16 || len > MAX_RECORD || u64::from(len) > total - pos - 8 {
-            return Ok(Scan {
-                entries,
-                good_len: pos,
-                bad_tail: true,
-            });
+        if !(16..=MAX_RECORD).contains(&len) || u64::from(len) > total - pos - 8 {
+            return bad(entries, pos);
         }
         let mut body = vec![0u8; len as usize];
         if r.read_exact(&mut body).is_err() || crc32fast::hash(&body) != crc {
-            return Ok(Scan {
-                entries,
-                good_len: pos,
-                bad_tail: true,
-            });
+            return bad(entries, pos);
         }
-        let mut b8 = [0u8; 8];
-        b8.copy_from_slice(&body[0..8]);
-        let index = u64::from_le_bytes(b8);
-        b8.copy_from_slice(&body[8..16]);
-        let term = u64::from_le_bytes(b8);
+        let (head, data) = body.split_at(16);
+        let (index, term) = head.split_at(8);
+        let word = |b: &[u8]| u64::from_le_bytes(b.try_into().unwrap_or([0; 8]));
         entries.push((
             pos,
             Entry {
-                index,
-                term,
-                data: body[16..].to_vec(),
+                index: word(index),
+                term: word(term),
+                data: data.to_vec(),
             },
         ));
         pos += 8 + u64::from(len);
@@ -265,21 +277,13 @@ impl Wal {
                     e.index, self.last_index
                 )));
             }
-            let len = (16 + e.data.len()) as u32;
-            let start = self.buf.len();
             self.positions.push_back(Position {
                 index: e.index,
                 term: e.term,
                 segment_first: seg_first,
-                offset: self.file_len + start as u64,
+                offset: self.file_len + self.buf.len() as u64,
             });
-            self.buf.extend_from_slice(&len.to_le_bytes());
-            self.buf.extend_from_slice(&[0u8; 4]);
-            self.buf.extend_from_slice(&e.index.to_le_bytes());
-            self.buf.extend_from_slice(&e.term.to_le_bytes());
-            self.buf.extend_from_slice(&e.data);
-            let crc = crc32fast::hash(&self.buf[start + 8..]);
-            self.buf[start + 4..start + 8].copy_from_slice(&crc.to_le_bytes());
+            encode_record(e, &mut self.buf);
             self.last_index = e.index;
             self.last_term = e.term;
         }
