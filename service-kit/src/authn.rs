@@ -683,7 +683,10 @@ impl<E: From<AuthError> + Into<tonic::Status>> tonic::service::Interceptor for G
             None => "gRPC".to_owned(),
         };
         let header = req.metadata().get("authorization").map(|v| v.as_bytes());
-        match self.auth.authenticate(header, None, &peer) {
+        // The verified chain of a TLS connection (end-entity first); none over plain TCP.
+        let certs = req.peer_certs();
+        let cert = certs.as_deref().and_then(|c| c.first()).map(|c| c.as_ref());
+        match self.auth.authenticate(header, cert, &peer) {
             Ok(id) => {
                 req.extensions_mut().insert(id);
                 Ok(req)
@@ -772,7 +775,9 @@ where
         .headers()
         .get(http::header::AUTHORIZATION)
         .map(|v| v.as_bytes());
-    match auth.authenticate(header, None, &what) {
+    let certs = crate::tls::peer_certs_of(&req);
+    let cert = certs.as_deref().and_then(|c| c.first()).map(|c| c.as_ref());
+    match auth.authenticate(header, cert, &what) {
         Ok(id) => {
             req.extensions_mut().insert(id);
             next.run(req).await
