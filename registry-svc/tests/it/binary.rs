@@ -25,26 +25,8 @@ fn command() -> Command {
     command
 }
 
-/// Runs the binary to its end. One still running after 30 s (it should have refused its
-/// configuration at once) is killed, and the test fails instead of hanging.
 fn output(command: &mut Command) -> Output {
-    let child = command
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("run the binary");
-    let pid = child.id();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let _ = tx.send(child.wait_with_output());
-    });
-    match rx.recv_timeout(std::time::Duration::from_secs(30)) {
-        Ok(out) => out.expect("run the binary"),
-        Err(_) => {
-            let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
-            panic!("the binary was still running after 30 s (pid {pid}, now killed)");
-        }
-    }
+    crate::coord::run_to_end(command)
 }
 
 #[test]
