@@ -422,15 +422,8 @@ impl ClientCertVerifier for NameChecked {
         let verified = self
             .inner
             .verify_client_cert(end_entity, intermediates, now)?;
-        let names = cert_names(end_entity);
-        if (self.check)(&names) {
-            Ok(verified)
-        } else {
-            tracing::warn!(?names, "refused a peer certificate: no allowed name");
-            Err(rustls::Error::InvalidCertificate(
-                CertificateError::ApplicationVerificationFailure,
-            ))
-        }
+        check_names(&self.check, end_entity, "peer")?;
+        Ok(verified)
     }
 
     fn verify_tls12_signature(
@@ -454,6 +447,23 @@ impl ClientCertVerifier for NameChecked {
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
         self.inner.supported_verify_schemes()
     }
+}
+
+/// The name check both verifiers add after the usual CA checks: `end_entity` must carry a
+/// name `check` allows; a refusal is logged with the names the certificate had.
+fn check_names(
+    check: &NameCheck,
+    end_entity: &CertificateDer<'_>,
+    what: &str,
+) -> Result<(), rustls::Error> {
+    let names = cert_names(end_entity);
+    if check(&names) {
+        return Ok(());
+    }
+    tracing::warn!(?names, "refused a {what} certificate: no allowed name");
+    Err(rustls::Error::InvalidCertificate(
+        CertificateError::ApplicationVerificationFailure,
+    ))
 }
 
 /// A server verifier (the CA and the host name, as usual) that also checks the names.
@@ -484,15 +494,8 @@ impl rustls::client::danger::ServerCertVerifier for NameCheckedServer {
             ocsp_response,
             now,
         )?;
-        let names = cert_names(end_entity);
-        if (self.check)(&names) {
-            Ok(verified)
-        } else {
-            tracing::warn!(?names, "refused a server certificate: no allowed name");
-            Err(rustls::Error::InvalidCertificate(
-                CertificateError::ApplicationVerificationFailure,
-            ))
-        }
+        check_names(&self.check, end_entity, "server")?;
+        Ok(verified)
     }
 
     fn verify_tls12_signature(
