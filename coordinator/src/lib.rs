@@ -25,6 +25,8 @@
 //! - A write is acknowledged only after the log entry holding it was fsynced; after a crash
 //!   (`kill -9` or power loss) the state machine is rebuilt from sled plus the log.
 //! - Revisions, versions, compares, compaction and watch semantics follow etcd 3.4/3.5.
+//! - `Defragment` rewrites sled into a fresh directory and swaps it in; a crash at any point
+//!   leaves the old or the new database whole ([`mvcc::SledBackend`]).
 //!
 //! # Caveats
 //! - One member only: replication (Raft) is the next step; the `--initial-*` and peer flags are

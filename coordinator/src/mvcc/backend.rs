@@ -7,9 +7,9 @@
 
 use std::collections::BTreeMap;
 use std::ops::Bound;
-use std::path::Path;
-
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use parking_lot::{Condvar, Mutex, RwLock};
 
@@ -49,6 +49,23 @@ pub trait Backend: Send + Sync + 'static {
     fn size_on_disk(&self) -> u64;
     /// Make everything applied so far durable.
     fn flush(&self) -> Result<()>;
+    /// Rewrite the stored entries compactly and give the space of deleted ones back to the
+    /// file system (etcd's defragmentation). Reads and writes go on meanwhile, except for a
+    /// brief wait while the rewritten copy is swapped in. Memory has nothing to give back.
+    fn defragment(&self) -> Result<Defragmented> {
+        Ok(Defragmented::default())
+    }
+}
+
+/// What a [`Backend::defragment`] did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Defragmented {
+    /// Bytes on disk before.
+    pub before: u64,
+    /// Bytes on disk after.
+    pub after: u64,
+    /// Entries copied.
+    pub entries: u64,
 }
 
 /// In-memory backend for tests.
@@ -92,7 +109,7 @@ impl Backend for MemBackend {
     }
 }
 
-/// The sled engine, written back from memory.
+/// The sled engine, written back from memory, rewritten compactly on demand.
 ///
 /// Each `apply` lands in an in-memory overlay at once (readers see it immediately); a flusher
 /// thread moves the overlay into sled as one atomic sled batch every [`WRITE_BACK_EVERY`]. sled
@@ -102,11 +119,33 @@ impl Backend for MemBackend {
 /// command is in the fsynced log until a [`Backend::flush`] of this backend — which writes the
 /// overlay, flushes sled and `fsync`s its files itself (sled 0.34's own flush ends in
 /// `sync_file_range`, which does not survive a power loss) — has made it redundant.
+///
+/// # Defragmentation
+///
+/// sled never gives back the space of deleted and compacted records (its files only grow, as
+/// etcd's bolt file does). [`Backend::defragment`] does what etcd does to its bolt file: it
+/// writes the live entries into a fresh sled database beside the current one and swaps it in.
+///
+/// 1. *Freeze*: the write-back stops (writes keep landing in the overlay, reads merge it over
+///    sled as always), so the sled tree no longer changes; it is flushed once.
+/// 2. *Copy*, while the member serves: every entry of the frozen tree goes, in chunks, into a
+///    new database in `<dir>.defrag`, which is then flushed, its files and directory fsynced,
+///    and closed.
+/// 3. *Swap*, under this backend's lock (reads and writes wait, briefly): the old database is
+///    closed, the marker file `<dir>.defrag-done` is written and fsynced (the copy is whole),
+///    `<dir>` is renamed to `<dir>.replaced` and `<dir>.defrag` to `<dir>`, the parent
+///    directory fsynced, the marker removed; the new database is opened at `<dir>` and takes
+///    over the overlay (the writes made during the copy). Then `<dir>.replaced` is deleted.
+///
+/// Crash safety: [`SledBackend::open`] first finishes or undoes an interrupted swap
+/// ([`recover_interrupted_defrag`]): with the marker present the copy is complete and the swap
+/// is rolled forward; without it `<dir>` still holds the old database and a leftover
+/// `<dir>.defrag` is deleted. Either way one whole database opens, old or new, never a mix, and
+/// the log replays whatever it did not hold yet (the copy holds the tree as of the freeze,
+/// which is at least as new as the last flush the log was purged behind).
 pub struct SledBackend {
-    /// `Some` until the drop, which releases it (and so sled's `Db`) under [`SLED_WRITES`].
-    inner: Option<Arc<SledInner>>,
+    shared: Arc<SledShared>,
     flusher: Option<std::thread::JoinHandle<()>>,
-    stop: Arc<(Mutex<bool>, Condvar)>,
 }
 
 /// sled 0.34 guards every tree with one *process-wide* reader-writer lock: `apply_batch` takes
@@ -119,12 +158,29 @@ static SLED_WRITES: Mutex<()> = Mutex::new(());
 /// How often the overlay is written to sled.
 pub const WRITE_BACK_EVERY: std::time::Duration = std::time::Duration::from_millis(10);
 
+/// How many bytes of entries a defragmentation copies per sled batch.
+const DEFRAG_CHUNK_BYTES: usize = 4 << 20;
+
 type Overlay = BTreeMap<Vec<u8>, Option<Vec<u8>>>;
+
+/// What the backend handle, the flusher thread and a defragmentation share.
+struct SledShared {
+    /// The sled directory.
+    dir: PathBuf,
+    cache_bytes: u64,
+    /// The open database: `None` only while a defragmentation swaps it (under the write lock)
+    /// or after the drop began, or if reopening failed.
+    slot: RwLock<Option<SledInner>>,
+    /// Held by a defragmentation from start to end and by every explicit flush, so that a
+    /// flush never writes to a database that is being replaced (it waits, then flushes the new
+    /// one).
+    maintenance: Mutex<()>,
+    stop: (Mutex<bool>, Condvar),
+}
 
 struct SledInner {
     db: sled::Db,
     tree: sled::Tree,
-    dir: std::path::PathBuf,
     /// Writes not yet handed to sled.
     overlay: Mutex<Overlay>,
     /// Writes being handed to sled right now (still read from here until sled has them).
@@ -133,13 +189,44 @@ struct SledInner {
     write_lock: Mutex<()>,
     error: Mutex<Option<String>>,
     /// Nothing was written since the last explicit flush.
-    clean: std::sync::atomic::AtomicBool,
+    clean: AtomicBool,
+    /// A defragmentation is copying this database: nothing may be written to it any more.
+    frozen: AtomicBool,
+}
+
+fn open_db(dir: &Path, cache_bytes: u64) -> Result<(sled::Db, sled::Tree)> {
+    let db = sled::Config::new()
+        .path(dir)
+        .cache_capacity(cache_bytes)
+        .mode(sled::Mode::HighThroughput)
+        .flush_every_ms(None)
+        .open()?;
+    let tree = db.open_tree("kv")?;
+    Ok((db, tree))
 }
 
 impl SledInner {
+    fn new(db: sled::Db, tree: sled::Tree, overlay: Overlay) -> SledInner {
+        let clean = overlay.is_empty();
+        SledInner {
+            db,
+            tree,
+            overlay: Mutex::new(overlay),
+            flushing: RwLock::new(Arc::new(BTreeMap::new())),
+            write_lock: Mutex::new(()),
+            error: Mutex::new(None),
+            clean: AtomicBool::new(clean),
+            frozen: AtomicBool::new(false),
+        }
+    }
+
     /// Move the overlay into sled as one batch. Returns how many writes moved.
     fn write_back(&self) -> Result<usize> {
         let _w = self.write_lock.lock();
+        if self.frozen.load(Ordering::Acquire) {
+            // Being copied by a defragmentation: the overlay waits for the new database.
+            return Ok(0);
+        }
         // Take the overlay and publish it as `flushing` in one step under the overlay lock, so
         // a reader (which also looks at both under that lock) never misses these writes.
         let taken = {
@@ -176,36 +263,41 @@ impl SledInner {
         r?;
         Ok(n)
     }
+
+    /// Release sled's `Db` (its files and lock), which must have nothing left to write.
+    fn close_flushed(self) {
+        let _g = SLED_WRITES.lock();
+        drop(self);
+    }
+}
+
+/// The error of an operation on a backend whose database is gone (reopening it after a
+/// defragmentation failed; the member must be restarted).
+fn unavailable() -> crate::error::Error {
+    std::io::Error::other("the key space is unavailable: reopening sled after a defragmentation failed; restart the member").into()
 }
 
 impl SledBackend {
-    /// Open (or create) the database in `dir`.
+    /// Open (or create) the database in `dir`, after finishing or undoing a defragmentation
+    /// that a crash interrupted (see [`recover_interrupted_defrag`]).
     pub fn open(dir: &Path, cache_bytes: u64) -> Result<SledBackend> {
-        let db = sled::Config::new()
-            .path(dir)
-            .cache_capacity(cache_bytes)
-            .mode(sled::Mode::HighThroughput)
-            .flush_every_ms(None)
-            .open()?;
-        let tree = db.open_tree("kv")?;
-        let inner = Arc::new(SledInner {
-            db,
-            tree,
+        if let Some(what) = recover_interrupted_defrag(dir)? {
+            tracing::warn!(dir = %dir.display(), "{what}");
+        }
+        let (db, tree) = open_db(dir, cache_bytes)?;
+        let shared = Arc::new(SledShared {
             dir: dir.to_path_buf(),
-            overlay: Mutex::new(BTreeMap::new()),
-            flushing: RwLock::new(Arc::new(BTreeMap::new())),
-            write_lock: Mutex::new(()),
-            error: Mutex::new(None),
-            clean: std::sync::atomic::AtomicBool::new(true),
+            cache_bytes,
+            slot: RwLock::new(Some(SledInner::new(db, tree, BTreeMap::new()))),
+            maintenance: Mutex::new(()),
+            stop: (Mutex::new(false), Condvar::new()),
         });
-        let stop = Arc::new((Mutex::new(false), Condvar::new()));
         let flusher = {
-            let inner = inner.clone();
-            let stop = stop.clone();
+            let shared = shared.clone();
             std::thread::Builder::new()
                 .name("sled-writeback".into())
                 .spawn(move || {
-                    let (lock, cv) = &*stop;
+                    let (lock, cv) = &shared.stop;
                     loop {
                         {
                             let mut stopped = lock.lock();
@@ -217,50 +309,343 @@ impl SledBackend {
                                 return;
                             }
                         }
-                        if let Err(e) = inner.write_back() {
+                        let slot = shared.slot.read();
+                        if let Some(inner) = slot.as_ref()
+                            && let Err(e) = inner.write_back()
+                        {
                             tracing::error!(error = %e, "writing the key space to sled failed");
                         }
                     }
                 })?
         };
         Ok(SledBackend {
-            inner: Some(inner),
+            shared,
             flusher: Some(flusher),
-            stop,
         })
     }
 
-    fn fsync_files(&self) -> Result<()> {
-        fn sync_dir(p: &Path) -> std::io::Result<()> {
-            for entry in std::fs::read_dir(p)? {
-                let entry = entry?;
-                let ft = entry.file_type()?;
-                if ft.is_dir() {
-                    sync_dir(&entry.path())?;
-                } else if ft.is_file() {
-                    std::fs::File::open(entry.path())?.sync_all()?;
+    /// Runs `f` on the open database.
+    fn with<T>(&self, f: impl FnOnce(&SledInner) -> Result<T>) -> Result<T> {
+        let slot = self.shared.slot.read();
+        match slot.as_ref() {
+            Some(inner) => f(inner),
+            None => Err(unavailable()),
+        }
+    }
+
+    /// Freeze, copy, swap: see the type's docs.
+    fn defragment_now(&self) -> Result<Defragmented> {
+        let _m = self.shared.maintenance.lock();
+        let started = std::time::Instant::now();
+        let dir = &self.shared.dir;
+        let paths = DefragPaths::of(dir)?;
+        // Leftovers of an earlier attempt that failed without a crash.
+        remove_dir_if_exists(&paths.copy)?;
+        remove_dir_if_exists(&paths.replaced)?;
+        let before = dir_bytes(dir)?;
+
+        // 1 + 2: freeze the current tree, copy it into a fresh database.
+        let entries = {
+            let slot = self.shared.slot.read();
+            let inner = slot.as_ref().ok_or_else(unavailable)?;
+            {
+                let _w = inner.write_lock.lock();
+                inner.frozen.store(true, Ordering::Release);
+            }
+            let copied = {
+                let _g = SLED_WRITES.lock();
+                inner.db.flush().map_err(crate::error::Error::from)
+            }
+            .and_then(|_| copy_tree(&inner.tree, &paths.copy, self.shared.cache_bytes));
+            match copied {
+                Ok(n) => n,
+                Err(e) => {
+                    // Writing resumes into the old database; the partial copy goes.
+                    inner.frozen.store(false, Ordering::Release);
+                    let _ = remove_dir_if_exists(&paths.copy);
+                    return Err(e);
                 }
             }
-            std::fs::File::open(p)?.sync_all()
+        };
+
+        // 3: swap, with readers and writers waiting.
+        {
+            let mut slot = self.shared.slot.write();
+            let old = slot.take().ok_or_else(unavailable)?;
+            let mut overlay = std::mem::take(&mut *old.overlay.lock());
+            // The frozen database had nothing written since its flush: closing it writes nothing.
+            old.close_flushed();
+            let swapped = swap_in(dir, &paths);
+            if let Err(e) = &swapped {
+                tracing::error!(error = %e, "defragmentation: the swap failed; recovering");
+                // Roll forward if the marker was written, back otherwise; then reopen whichever
+                // database is at `dir`.
+                if let Err(e) = recover_interrupted_defrag(dir) {
+                    tracing::error!(error = %e, "defragmentation: recovering the swap failed");
+                }
+            }
+            match open_db(dir, self.shared.cache_bytes) {
+                Ok((db, tree)) => {
+                    *slot = Some(SledInner::new(db, tree, std::mem::take(&mut overlay)));
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "defragmentation: cannot reopen sled");
+                    return Err(e);
+                }
+            }
+            swapped?;
         }
-        sync_dir(&self.inner().dir)?;
-        Ok(())
+        if let Err(e) = remove_dir_if_exists(&paths.replaced) {
+            // Deleted at the next start, or by the next defragmentation.
+            tracing::warn!(error = %e, dir = %paths.replaced.display(), "cannot delete the replaced database");
+        }
+        let after = dir_bytes(dir)?;
+        let report = Defragmented {
+            before,
+            after,
+            entries,
+        };
+        tracing::info!(
+            before_bytes = before,
+            after_bytes = after,
+            entries,
+            ms = started.elapsed().as_millis() as u64,
+            "defragmented the key space"
+        );
+        Ok(report)
     }
 }
 
-impl SledBackend {
-    fn inner(&self) -> &Arc<SledInner> {
-        match &self.inner {
-            Some(i) => i,
-            None => unreachable!("the store is used after its drop began"),
+/// Copies every entry of `tree` into a new database at `to`, then flushes, fsyncs and closes
+/// it. Returns how many entries it copied.
+fn copy_tree(tree: &sled::Tree, to: &Path, cache_bytes: u64) -> Result<u64> {
+    let (db, new_tree) = open_db(to, cache_bytes)?;
+    let mut count = 0u64;
+    let mut from: Vec<u8> = Vec::new();
+    loop {
+        // A chunk under the sled mutex (an iterator must not see a batch queue up: see
+        // SLED_WRITES), written as one batch under it again.
+        let mut chunk = Vec::new();
+        let mut bytes = 0;
+        let mut done = true;
+        {
+            let _g = SLED_WRITES.lock();
+            for item in tree.range(from.as_slice()..) {
+                let (k, v) = item?;
+                bytes += k.len() + v.len();
+                chunk.push((k, v));
+                if bytes >= DEFRAG_CHUNK_BYTES {
+                    done = false;
+                    break;
+                }
+            }
+        }
+        if let Some((k, _)) = chunk.last() {
+            // The next chunk starts just after this one's last key.
+            from = k.to_vec();
+            from.push(0);
+        }
+        count += chunk.len() as u64;
+        let mut b = sled::Batch::default();
+        for (k, v) in chunk {
+            b.insert(k, v);
+        }
+        {
+            let _g = SLED_WRITES.lock();
+            new_tree.apply_batch(b)?;
+        }
+        if done {
+            break;
         }
     }
+    {
+        let _g = SLED_WRITES.lock();
+        db.flush()?;
+    }
+    drop(new_tree);
+    {
+        // Flushed: closing writes nothing.
+        let _g = SLED_WRITES.lock();
+        drop(db);
+    }
+    fsync_tree(to)?;
+    Ok(count)
+}
+
+/// The names a defragmentation uses beside the sled directory `dir`.
+struct DefragPaths {
+    /// `<dir>.defrag`: the copy being written.
+    copy: PathBuf,
+    /// `<dir>.defrag-done`: marker, written once the copy is whole; the swap rolls forward.
+    done: PathBuf,
+    /// `<dir>.replaced`: the old database, deleted once the swap is done.
+    replaced: PathBuf,
+    parent: PathBuf,
+}
+
+impl DefragPaths {
+    fn of(dir: &Path) -> std::io::Result<DefragPaths> {
+        let name = dir.file_name().ok_or_else(|| {
+            std::io::Error::other(format!("{} has no directory name", dir.display()))
+        })?;
+        let parent = match dir.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+            _ => PathBuf::from("."),
+        };
+        let beside = |suffix: &str| {
+            let mut n = name.to_os_string();
+            n.push(suffix);
+            parent.join(n)
+        };
+        Ok(DefragPaths {
+            copy: beside(".defrag"),
+            done: beside(".defrag-done"),
+            replaced: beside(".replaced"),
+            parent,
+        })
+    }
+}
+
+/// Puts the finished copy in place of `dir` (the old database closed): marker, two renames,
+/// directory fsyncs, marker removed.
+fn swap_in(dir: &Path, p: &DefragPaths) -> std::io::Result<()> {
+    crash_point("before-marker");
+    std::fs::File::create(&p.done)?.sync_all()?;
+    sync_dir(&p.parent)?;
+    crash_point("after-marker");
+    std::fs::rename(dir, &p.replaced)?;
+    crash_point("between-renames");
+    std::fs::rename(&p.copy, dir)?;
+    sync_dir(&p.parent)?;
+    crash_point("before-marker-removed");
+    std::fs::remove_file(&p.done)?;
+    sync_dir(&p.parent)
+}
+
+/// The environment variable naming a point of the swap where the process aborts, as a
+/// `kill -9` there would stop it (etcd's failpoints, for the crash tests): `before-marker`,
+/// `after-marker`, `between-renames` or `before-marker-removed`. Unset in production.
+pub const CRASH_POINT_ENV: &str = "COORDINATOR_DEFRAG_CRASH";
+
+fn crash_point(name: &str) {
+    static AT: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
+    if AT
+        .get_or_init(|| std::env::var(CRASH_POINT_ENV).ok())
+        .as_deref()
+        == Some(name)
+    {
+        eprintln!("{CRASH_POINT_ENV}={name}: aborting the process here");
+        std::process::abort();
+    }
+}
+
+/// Finishes or undoes a defragmentation of the sled directory `dir` that a crash (or a failed
+/// swap) interrupted, so that `dir` holds one whole database: with the marker
+/// `<dir>.defrag-done` present the copy `<dir>.defrag` is complete and replaces `dir`;
+/// without it a leftover copy is incomplete and is deleted. A leftover `<dir>.replaced` (the
+/// old database of a finished swap) is deleted. Returns what it did, if anything.
+pub fn recover_interrupted_defrag(dir: &Path) -> std::io::Result<Option<String>> {
+    let p = DefragPaths::of(dir)?;
+    let mut did = Vec::new();
+    if p.done.exists() {
+        if p.copy.exists() {
+            if dir.exists() {
+                // An older leftover would be in the way of the rename.
+                remove_dir_if_exists(&p.replaced)?;
+                std::fs::rename(dir, &p.replaced)?;
+            }
+            std::fs::rename(&p.copy, dir)?;
+            sync_dir(&p.parent)?;
+        }
+        std::fs::remove_file(&p.done)?;
+        sync_dir(&p.parent)?;
+        did.push(format!(
+            "finished an interrupted defragmentation: {} is the defragmented copy",
+            dir.display()
+        ));
+    } else if p.copy.exists() {
+        remove_dir_if_exists(&p.copy)?;
+        did.push(format!(
+            "removed the unfinished defragmentation copy {}; {} is unchanged",
+            p.copy.display(),
+            dir.display()
+        ));
+    }
+    if p.replaced.exists() {
+        remove_dir_if_exists(&p.replaced)?;
+        did.push(format!(
+            "removed {}, the database a defragmentation replaced",
+            p.replaced.display()
+        ));
+    }
+    Ok((!did.is_empty()).then(|| did.join("; ")))
+}
+
+fn remove_dir_if_exists(p: &Path) -> std::io::Result<()> {
+    match std::fs::remove_dir_all(p) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
+        _ => Ok(()),
+    }
+}
+
+fn sync_dir(p: &Path) -> std::io::Result<()> {
+    std::fs::File::open(p)?.sync_all()
+}
+
+/// `fsync`s every file and directory under `p`, and `p` itself. A file sled deletes meanwhile
+/// (an old blob or snapshot) has nothing left to sync.
+fn fsync_tree(p: &Path) -> std::io::Result<()> {
+    fn gone(r: std::io::Result<()>) -> std::io::Result<()> {
+        match r {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            r => r,
+        }
+    }
+    for entry in std::fs::read_dir(p)? {
+        let entry = entry?;
+        let ft = entry.file_type()?;
+        if ft.is_dir() {
+            gone(fsync_tree(&entry.path()))?;
+        } else if ft.is_file() {
+            gone(std::fs::File::open(entry.path()).and_then(|f| f.sync_all()))?;
+        }
+    }
+    sync_dir(p)
+}
+
+/// Bytes that the files under `p` occupy on disk (allocated blocks, as `du` counts them).
+pub fn dir_bytes(p: &Path) -> std::io::Result<u64> {
+    use std::os::unix::fs::MetadataExt;
+    let mut total = 0;
+    for entry in std::fs::read_dir(p)? {
+        let entry = match entry {
+            Ok(e) => e,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(e),
+        };
+        // sled deletes files of its own while we look (blobs, old snapshots).
+        let meta = match entry.metadata() {
+            Ok(m) => m,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(e),
+        };
+        if meta.is_dir() {
+            match dir_bytes(&entry.path()) {
+                Ok(n) => total += n,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(e),
+            }
+        } else {
+            total += meta.blocks() * 512;
+        }
+    }
+    Ok(total)
 }
 
 impl Drop for SledBackend {
     fn drop(&mut self) {
         {
-            let (lock, cv) = &*self.stop;
+            let (lock, cv) = &self.shared.stop;
             *lock.lock() = true;
             cv.notify_all();
         }
@@ -271,12 +656,12 @@ impl Drop for SledBackend {
         // was seen to wait forever (and, holding sled's global lock, to stall every other store
         // in the process). Nothing depends on it: the log holds every applied command, and an
         // orderly stop (`Node::stop`) flushes explicitly before the store is dropped.
-        if let Some(inner) = self.inner.take() {
-            if inner.clean.load(std::sync::atomic::Ordering::Acquire) {
+        let taken = self.shared.slot.write().take();
+        if let Some(inner) = taken {
+            if inner.clean.load(Ordering::Acquire) {
                 // Flushed by an orderly stop: dropping sled's `Db` has nothing left to write and
                 // releases its files and lock (so the data dir can be opened again).
-                let _g = SLED_WRITES.lock();
-                drop(inner);
+                inner.close_flushed();
             } else {
                 // Not stopped in order (a test dropping a server, a panic): dropping sled 0.34's
                 // `Db` then flushes, and that flush was seen to wait forever holding sled's
@@ -293,100 +678,118 @@ impl Drop for SledBackend {
 
 impl Backend for SledBackend {
     fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>> {
-        {
-            let o = self.inner().overlay.lock();
-            if let Some(v) = o.get(key) {
-                return Ok(v.clone());
+        self.with(|inner| {
+            {
+                let o = inner.overlay.lock();
+                if let Some(v) = o.get(key) {
+                    return Ok(v.clone());
+                }
+                if let Some(v) = inner.flushing.read().get(key) {
+                    return Ok(v.clone());
+                }
             }
-            if let Some(v) = self.inner().flushing.read().get(key) {
-                return Ok(v.clone());
-            }
-        }
-        Ok(self.inner().tree.get(key)?.map(|v| v.to_vec()))
+            Ok(inner.tree.get(key)?.map(|v| v.to_vec()))
+        })
     }
     fn apply(&self, batch: Batch) -> Result<()> {
-        self.inner()
-            .clean
-            .store(false, std::sync::atomic::Ordering::Release);
-        let mut o = self.inner().overlay.lock();
-        for (k, v) in batch.ops {
-            o.insert(k, v);
-        }
-        Ok(())
+        self.with(|inner| {
+            inner.clean.store(false, Ordering::Release);
+            let mut o = inner.overlay.lock();
+            for (k, v) in batch.ops {
+                o.insert(k, v);
+            }
+            Ok(())
+        })
     }
     fn scan(&self, from: &[u8], to: &[u8], f: &mut dyn FnMut(&[u8], &[u8]) -> bool) -> Result<()> {
-        // Pending writes in range (flushing first, the overlay over it), merged with sled.
-        // Both layers are read under the overlay lock, which the write-back also holds while it
-        // moves the overlay to `flushing`: the pair is always consistent.
-        let mut pending: Overlay = BTreeMap::new();
-        let range = (Bound::Included(from), Bound::Excluded(to));
-        {
-            let o = self.inner().overlay.lock();
-            for (k, v) in self.inner().flushing.read().range::<[u8], _>(range) {
-                pending.insert(k.clone(), v.clone());
+        self.with(|inner| scan_inner(inner, from, to, f))
+    }
+    fn size_on_disk(&self) -> u64 {
+        // Under the read lock: never in the middle of a swap.
+        let _slot = self.shared.slot.read();
+        dir_bytes(&self.shared.dir).unwrap_or(0)
+    }
+    fn flush(&self) -> Result<()> {
+        // Waits for a defragmentation in progress, then flushes the database it swapped in.
+        let _m = self.shared.maintenance.lock();
+        self.with(|inner| {
+            inner.write_back()?;
+            {
+                let _g = SLED_WRITES.lock();
+                inner.db.flush()?;
             }
-            for (k, v) in o.range::<[u8], _>(range) {
-                pending.insert(k.clone(), v.clone());
+            fsync_tree(&self.shared.dir)?;
+            if inner.overlay.lock().is_empty() {
+                inner.clean.store(true, Ordering::Release);
             }
+            Ok(())
+        })
+    }
+    fn defragment(&self) -> Result<Defragmented> {
+        self.defragment_now()
+    }
+}
+
+fn scan_inner(
+    inner: &SledInner,
+    from: &[u8],
+    to: &[u8],
+    f: &mut dyn FnMut(&[u8], &[u8]) -> bool,
+) -> Result<()> {
+    // Pending writes in range (flushing first, the overlay over it), merged with sled.
+    // Both layers are read under the overlay lock, which the write-back also holds while it
+    // moves the overlay to `flushing`: the pair is always consistent.
+    let mut pending: Overlay = BTreeMap::new();
+    let range = (Bound::Included(from), Bound::Excluded(to));
+    {
+        let o = inner.overlay.lock();
+        for (k, v) in inner.flushing.read().range::<[u8], _>(range) {
+            pending.insert(k.clone(), v.clone());
         }
-        let mut pend = pending.into_iter().peekable();
-        // A sled iterator takes sled's global read lock again while it runs; with a batch queued
-        // for the write lock in between, that second read waits forever. Iterating under the
-        // same mutex as batches means no batch can queue meanwhile. (`f` must not call back
-        // into this backend; none of our scans do.)
-        let _g = SLED_WRITES.lock();
-        for item in self.inner().tree.range(from..to) {
-            let (k, v) = item?;
-            // Emit pending keys that sort before this one.
-            while let Some((pk, _)) = pend.peek() {
-                if pk.as_slice() >= k.as_ref() {
-                    break;
-                }
-                if let Some((pk, Some(pv))) = pend.next() {
-                    if !f(&pk, &pv) {
-                        return Ok(());
-                    }
-                }
-            }
-            let overridden = match pend.peek() {
-                Some((pk, _)) if pk.as_slice() == k.as_ref() => pend.next().map(|(_, v)| v),
-                _ => None,
-            };
-            let keep_going = match overridden {
-                Some(Some(pv)) => f(&k, &pv),
-                Some(None) => true,
-                None => f(&k, &v),
-            };
-            if !keep_going {
-                return Ok(());
-            }
+        for (k, v) in o.range::<[u8], _>(range) {
+            pending.insert(k.clone(), v.clone());
         }
-        for (pk, pv) in pend {
-            if let Some(pv) = pv {
+    }
+    let mut pend = pending.into_iter().peekable();
+    // A sled iterator takes sled's global read lock again while it runs; with a batch queued
+    // for the write lock in between, that second read waits forever. Iterating under the
+    // same mutex as batches means no batch can queue meanwhile. (`f` must not call back
+    // into this backend; none of our scans do.)
+    let _g = SLED_WRITES.lock();
+    for item in inner.tree.range(from..to) {
+        let (k, v) = item?;
+        // Emit pending keys that sort before this one.
+        while let Some((pk, _)) = pend.peek() {
+            if pk.as_slice() >= k.as_ref() {
+                break;
+            }
+            if let Some((pk, Some(pv))) = pend.next() {
                 if !f(&pk, &pv) {
                     return Ok(());
                 }
             }
         }
-        Ok(())
-    }
-    fn size_on_disk(&self) -> u64 {
-        self.inner().db.size_on_disk().unwrap_or(0)
-    }
-    fn flush(&self) -> Result<()> {
-        self.inner().write_back()?;
-        {
-            let _g = SLED_WRITES.lock();
-            self.inner().db.flush()?;
+        let overridden = match pend.peek() {
+            Some((pk, _)) if pk.as_slice() == k.as_ref() => pend.next().map(|(_, v)| v),
+            _ => None,
+        };
+        let keep_going = match overridden {
+            Some(Some(pv)) => f(&k, &pv),
+            Some(None) => true,
+            None => f(&k, &v),
+        };
+        if !keep_going {
+            return Ok(());
         }
-        self.fsync_files()?;
-        if self.inner().overlay.lock().is_empty() {
-            self.inner()
-                .clean
-                .store(true, std::sync::atomic::Ordering::Release);
-        }
-        Ok(())
     }
+    for (pk, pv) in pend {
+        if let Some(pv) = pv {
+            if !f(&pk, &pv) {
+                return Ok(());
+            }
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -401,6 +804,170 @@ mod tests {
         })
         .expect("scan");
         out
+    }
+
+    fn put_all(b: &dyn Backend, entries: &[(Vec<u8>, Vec<u8>)]) {
+        let mut batch = Batch::default();
+        for (k, v) in entries {
+            batch.put(k.clone(), v.clone());
+        }
+        b.apply(batch).expect("apply");
+    }
+
+    /// A value of `len` bytes that differs per `seed` (so nothing dedups or compresses).
+    fn value(seed: u64, len: usize) -> Vec<u8> {
+        let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+        (0..len)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8
+            })
+            .collect()
+    }
+
+    #[test]
+    fn defragment_gives_space_back_and_keeps_every_entry_and_later_writes() {
+        let tmp = tempfile::tempdir().expect("tmp");
+        let dir = tmp.path().join("db");
+        let b = SledBackend::open(&dir, 1 << 20).expect("open");
+        // 24 MB of values, then all but a few deleted.
+        for round in 0..6u64 {
+            let entries: Vec<_> = (0..40u64)
+                .map(|i| {
+                    (
+                        format!("big/{round}/{i:03}").into_bytes(),
+                        value(round * 100 + i, 100_000),
+                    )
+                })
+                .collect();
+            put_all(&b, &entries);
+            b.flush().expect("flush");
+        }
+        let mut batch = Batch::default();
+        for round in 0..6u64 {
+            for i in 0..40u64 {
+                if !(round == 2 && i < 3) {
+                    batch.delete(format!("big/{round}/{i:03}").into_bytes());
+                }
+            }
+        }
+        b.apply(batch).expect("delete");
+        b.flush().expect("flush");
+        let want = collect(&b, b"", b"\xff");
+        assert_eq!(want.len(), 3);
+        let before = b.size_on_disk();
+
+        let d = b.defragment().expect("defragment");
+        let after = b.size_on_disk();
+        assert_eq!(d.entries, 3);
+        assert!(d.after < d.before, "{d:?}");
+        assert!(
+            after < before / 2,
+            "defragmentation shrank {before} bytes only to {after}"
+        );
+        assert_eq!(collect(&b, b"", b"\xff"), want, "the same entries after");
+        assert!(!tmp.path().join("db.defrag").exists());
+        assert!(!tmp.path().join("db.replaced").exists());
+        assert!(!tmp.path().join("db.defrag-done").exists());
+
+        // Writes go on into the new database, and everything survives a reopen.
+        put_all(&b, &[(b"after".to_vec(), b"1".to_vec())]);
+        b.flush().expect("flush");
+        drop(b);
+        let b = SledBackend::open(&dir, 1 << 20).expect("reopen");
+        let mut all = want.clone();
+        all.insert(0, (b"after".to_vec(), b"1".to_vec()));
+        assert_eq!(collect(&b, b"", b"\xff"), all);
+    }
+
+    #[test]
+    fn writes_made_while_a_defragmentation_copies_are_kept() {
+        let tmp = tempfile::tempdir().expect("tmp");
+        let dir = tmp.path().join("db");
+        let b = Arc::new(SledBackend::open(&dir, 1 << 20).expect("open"));
+        let entries: Vec<_> = (0..200u64)
+            .map(|i| (format!("k{i:04}").into_bytes(), value(i, 20_000)))
+            .collect();
+        put_all(&*b, &entries);
+        b.flush().expect("flush");
+        let writer = {
+            let b = b.clone();
+            std::thread::spawn(move || {
+                for i in 0..300u64 {
+                    put_all(&*b, &[(format!("w{i:04}").into_bytes(), value(i, 100))]);
+                }
+            })
+        };
+        b.defragment().expect("defragment");
+        writer.join().expect("writer");
+        let got = collect(&*b, b"", b"\xff");
+        assert_eq!(got.len(), 500, "every entry, old and written meanwhile");
+        b.flush().expect("flush");
+        let b = Arc::into_inner(b).expect("one handle");
+        drop(b);
+        let b = SledBackend::open(&dir, 1 << 20).expect("reopen");
+        assert_eq!(collect(&b, b"", b"\xff").len(), 500);
+    }
+
+    /// A closed database at `dir` holding `entries`.
+    fn db_with(dir: &Path, entries: &[(Vec<u8>, Vec<u8>)]) {
+        let b = SledBackend::open(dir, 1 << 20).expect("open");
+        put_all(&b, entries);
+        b.flush().expect("flush");
+    }
+
+    #[test]
+    fn open_finishes_or_undoes_an_interrupted_swap() {
+        let old = vec![(b"k".to_vec(), b"old".to_vec())];
+        let new = vec![(b"k".to_vec(), b"new".to_vec())];
+        let open = |dir: &Path| {
+            let b = SledBackend::open(dir, 1 << 20).expect("open");
+            let got = collect(&b, b"", b"\xff");
+            for leftover in ["db.defrag", "db.defrag-done", "db.replaced"] {
+                let p = dir.with_file_name(leftover);
+                assert!(!p.exists(), "{} left behind", p.display());
+            }
+            got
+        };
+
+        // A copy without the marker was not finished: it goes, the old database stays.
+        let tmp = tempfile::tempdir().expect("tmp");
+        let dir = tmp.path().join("db");
+        db_with(&dir, &old);
+        db_with(&tmp.path().join("db.defrag"), &new);
+        assert_eq!(open(&dir), old);
+        // Even a copy that is only a few files.
+        std::fs::create_dir_all(tmp.path().join("db.defrag")).expect("mkdir");
+        std::fs::write(tmp.path().join("db.defrag").join("db"), b"torn").expect("write");
+        assert_eq!(open(&dir), old);
+
+        // Marker written, nothing renamed yet: the copy is whole and replaces the old one.
+        let tmp = tempfile::tempdir().expect("tmp");
+        let dir = tmp.path().join("db");
+        db_with(&dir, &old);
+        db_with(&tmp.path().join("db.defrag"), &new);
+        std::fs::write(tmp.path().join("db.defrag-done"), b"").expect("marker");
+        assert_eq!(open(&dir), new);
+
+        // Between the renames: no `db` at all.
+        let tmp = tempfile::tempdir().expect("tmp");
+        let dir = tmp.path().join("db");
+        db_with(&tmp.path().join("db.replaced"), &old);
+        db_with(&tmp.path().join("db.defrag"), &new);
+        std::fs::write(tmp.path().join("db.defrag-done"), b"").expect("marker");
+        assert_eq!(open(&dir), new);
+
+        // Both renamed, the marker not yet removed; and the old database not yet deleted.
+        let tmp = tempfile::tempdir().expect("tmp");
+        let dir = tmp.path().join("db");
+        db_with(&tmp.path().join("db.replaced"), &old);
+        db_with(&dir, &new);
+        std::fs::write(tmp.path().join("db.defrag-done"), b"").expect("marker");
+        assert_eq!(open(&dir), new);
+        db_with(&tmp.path().join("db.replaced"), &old);
+        assert_eq!(open(&dir), new);
     }
 
     #[test]

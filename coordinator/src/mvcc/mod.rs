@@ -11,6 +11,6 @@ pub mod backend;
 pub mod keys;
 pub mod store;
 
-pub use backend::{Backend, Batch, MemBackend, SledBackend};
+pub use backend::{Backend, Batch, Defragmented, MemBackend, SledBackend};
 pub use keys::Revision;
 pub use store::{MvccStore, RangeResult};
