@@ -535,15 +535,25 @@ impl Process {
     /// Starts the binary on `data_dir` with free ports, retrying with new ports if the process
     /// exits (e.g. because a port was taken in the meantime). Waits until it answers Range.
     pub async fn start(data_dir: &Path, log_dir: &Path) -> Process {
-        Self::launch(data_dir, log_dir, false).await
+        Self::launch(data_dir, log_dir, false, &[]).await
     }
 
     /// Like [`Process::start`], but configured only through `ETCD_*` environment variables.
     pub async fn start_from_env(data_dir: &Path, log_dir: &Path) -> Process {
-        Self::launch(data_dir, log_dir, true).await
+        Self::launch(data_dir, log_dir, true, &[]).await
     }
 
-    async fn launch(data_dir: &Path, log_dir: &Path, from_env: bool) -> Process {
+    /// Like [`Process::start`], with extra environment variables.
+    pub async fn start_with_env(data_dir: &Path, log_dir: &Path, env: &[(&str, &str)]) -> Process {
+        Self::launch(data_dir, log_dir, false, env).await
+    }
+
+    async fn launch(
+        data_dir: &Path,
+        log_dir: &Path,
+        from_env: bool,
+        env: &[(&str, &str)],
+    ) -> Process {
         let mut last_log = String::new();
         for attempt in 0..4 {
             let port = free_port();
@@ -566,6 +576,7 @@ impl Process {
                     .args(["--listen-metrics-urls", &metrics_url]);
             }
             let child = cmd
+                .envs(env.iter().copied())
                 .stdin(Stdio::null())
                 .stdout(log_file.try_clone().expect("clone log file"))
                 .stderr(log_file)
@@ -622,6 +633,28 @@ impl Process {
 
     pub fn log(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// `127.0.0.1:PORT`, the form `etcdctl --endpoints` takes.
+    pub fn endpoint(&self) -> String {
+        self.client_addr.to_string()
+    }
+
+    /// Waits until the process exits by itself (reaping it); panics after `timeout`.
+    pub async fn wait_exit(&mut self, timeout: Duration) -> ExitStatus {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.child.try_wait().expect("try_wait") {
+                return status;
+            }
+            if Instant::now() >= deadline {
+                panic!(
+                    "the coordinator did not exit within {timeout:?}; log:\n{}",
+                    self.log()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
 
     /// SIGKILL, then reap.

@@ -17,6 +17,8 @@
 //!   into one member and into a fresh 3-member cluster (the disaster drill); damaged files.
 //! - [`backup`]: scheduled backups (`--backup-dir`): files written and pruned, each one
 //!   checked and restored into a member that serves the keys; a failing backup directory.
+//! - [`defrag`]: `etcdctl defrag` gives space back and keeps every key; the NOSPACE alarm's
+//!   way out (delete, compact, defrag, disarm); a crash at each step of the swap.
 //! - [`json_gateway`]: etcd's JSON gateway (`POST /v3/...`) over raw HTTP/1.1 on the client port.
 //!
 //! - [`tls`]: TLS on the client port (plaintext, missing and foreign client certificates
@@ -34,6 +36,7 @@ mod auth_etcdctl;
 mod backup;
 mod bad_input;
 mod cluster;
+mod defrag;
 mod etcd_client;
 mod etcdctl;
 mod json_gateway;
