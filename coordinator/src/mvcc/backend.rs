@@ -763,10 +763,10 @@ fn scan_inner(
             if pk.as_slice() >= k.as_ref() {
                 break;
             }
-            if let Some((pk, Some(pv))) = pend.next() {
-                if !f(&pk, &pv) {
-                    return Ok(());
-                }
+            if let Some((pk, Some(pv))) = pend.next()
+                && !f(&pk, &pv)
+            {
+                return Ok(());
             }
         }
         let overridden = match pend.peek() {
@@ -783,10 +783,10 @@ fn scan_inner(
         }
     }
     for (pk, pv) in pend {
-        if let Some(pv) = pv {
-            if !f(&pk, &pv) {
-                return Ok(());
-            }
+        if let Some(pv) = pv
+            && !f(&pk, &pv)
+        {
+            return Ok(());
         }
     }
     Ok(())
