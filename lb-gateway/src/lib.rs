@@ -217,7 +217,8 @@ pub struct Config {
     pub shutdown_grace: Duration,
 
     /// Coordinator endpoints whose members the dashboard (`/ui/`) shows, comma-separated
-    /// (`http://host:port`). Without them the dashboard's cluster panel says so.
+    /// (`http://host:port`, or `https://host:port`: TLS with the `--client-*` files). Without
+    /// them the dashboard's cluster panel says so.
     #[arg(
         long,
         env = "LB_GATEWAY_DASHBOARD_COORDINATOR_ENDPOINTS",
@@ -227,7 +228,8 @@ pub struct Config {
     pub dashboard_coordinator_endpoints: Vec<String>,
 
     /// Base URLs of config-svc's REST API for the dashboard's config panel, comma-separated
-    /// (`http://host:port`; the next is tried when one cannot be reached).
+    /// (`http://host:port`, or `https://host:port`: TLS with the `--client-*` files; the next is
+    /// tried when one cannot be reached). It sends the `--config-token-file` token.
     #[arg(
         long,
         env = "LB_GATEWAY_DASHBOARD_CONFIG_URL",
@@ -245,6 +247,16 @@ pub struct Config {
         value_name = "NAMES"
     )]
     pub dashboard_config_namespaces: Vec<String>,
+
+    /// File holding the token the dashboard sends the coordinator (gRPC metadata `token`) when
+    /// its auth is on; read once at start. With `--client-cert-auth` on the coordinator, the
+    /// `--client-cert` CN names the user instead and no token is needed.
+    #[arg(
+        long,
+        env = "LB_GATEWAY_DASHBOARD_COORDINATOR_TOKEN_FILE",
+        value_name = "FILE"
+    )]
+    pub dashboard_coordinator_token_file: Option<PathBuf>,
 
     /// Format of the log lines written to stdout.
     #[arg(long, env = "LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
@@ -268,6 +280,7 @@ impl Config {
         }
         read_token_file(self.registry_token_file.as_deref())?;
         read_token_file(self.config_token_file.as_deref())?;
+        read_token_file(self.dashboard_coordinator_token_file.as_deref())?;
         if self.worker_threads == Some(0) {
             return Err("--worker-threads must be at least 1".into());
         }
@@ -419,6 +432,7 @@ pub async fn run_with_listeners(
         dashboard_coordinator_endpoints,
         dashboard_config_url,
         dashboard_config_namespaces,
+        dashboard_coordinator_token_file,
         log_format: _,
         tls,
         client_tls,
@@ -481,6 +495,11 @@ pub async fn run_with_listeners(
             coordinator_endpoints: dashboard_coordinator_endpoints,
             config_urls: dashboard_config_url,
             config_namespaces: dashboard_config_namespaces,
+            tls: client_tls.clone(),
+            coordinator_token: read_token_file(dashboard_coordinator_token_file.as_deref())
+                .map_err(|e| anyhow::anyhow!(e))?,
+            config_token: read_token_file(config_token_file.as_deref())
+                .map_err(|e| anyhow::anyhow!(e))?,
         },
     )
     .map_err(|e| anyhow::anyhow!(e))?;

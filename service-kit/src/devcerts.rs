@@ -115,3 +115,49 @@ fn write(dir: &Path, name: &str, text: &str) -> anyhow::Result<PathBuf> {
     std::fs::write(&path, text).with_context(|| format!("cannot write {}", path.display()))?;
     Ok(path)
 }
+
+/// The pairs of the compose stack, as `(file stem, CN, SANs)`: `coordinator-1..3` (CN = member
+/// name, as the peer name check wants), `registry-svc`, `config-svc`, `lb-gateway`, `demo-svc`
+/// (each naming the compose host names of its replicas) and `client` (CN `root`: etcdctl with
+/// `--cert`/`--key` acts as root when the coordinator runs `--client-cert-auth` with auth
+/// enabled). Every one also names `localhost` and `127.0.0.1`, for clients on the host.
+pub fn stack_certs() -> Vec<(&'static str, &'static str, Vec<&'static str>)> {
+    let with = |names: &[&'static str]| -> Vec<&'static str> {
+        names
+            .iter()
+            .copied()
+            .chain(["localhost", "127.0.0.1"])
+            .collect()
+    };
+    vec![
+        ("coordinator-1", "coordinator-1", with(&["coordinator-1"])),
+        ("coordinator-2", "coordinator-2", with(&["coordinator-2"])),
+        ("coordinator-3", "coordinator-3", with(&["coordinator-3"])),
+        (
+            "registry-svc",
+            "registry-svc",
+            with(&["registry-svc", "registry-svc-1", "registry-svc-2"]),
+        ),
+        (
+            "config-svc",
+            "config-svc",
+            with(&["config-svc", "config-svc-1", "config-svc-2"]),
+        ),
+        ("lb-gateway", "lb-gateway", with(&["lb-gateway"])),
+        (
+            "demo-svc",
+            "demo-svc",
+            with(&["demo-svc", "demo-1", "demo-2", "demo-3"]),
+        ),
+        ("client", "root", with(&[])),
+    ]
+}
+
+/// Writes a new development CA (`ca.pem`) and every pair of [`stack_certs`] into `dir` (what
+/// `compose/docker-compose.tls.yml` mounts); how many pairs.
+pub fn write_stack(dir: &Path) -> anyhow::Result<usize> {
+    let certs = stack_certs();
+    let ca = DevCa::new("platform development CA")?;
+    ca.write_all(dir, &certs)?;
+    Ok(certs.len())
+}

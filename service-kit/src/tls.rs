@@ -21,6 +21,9 @@
 //! - [`ClientTlsFiles::client_config`] and [`TlsConnector`] / [`lazy_channel`]: tonic channels
 //!   over TLS, verifying the server's certificate against the trusted CA for the host of the URL
 //!   dialled, presenting a client certificate when configured.
+//! - [`HttpsConnector`]: hyper's HTTP/1.1 client dialling `http://` plain and `https://` over
+//!   TLS with the same client configuration (REST and admin clients: platformctl, the gateway's
+//!   dashboard).
 //! - [`cert_names`] / [`cert_common_name`]: the names a certificate carries (CN, DNS and IP
 //!   SANs), for name checks and for etcd's "client certificate CN is the user".
 //!
@@ -913,6 +916,158 @@ pub fn plain_scheme(url: &str) -> String {
     match url.split_once("://") {
         Some((scheme, rest)) if scheme.eq_ignore_ascii_case("https") => format!("http://{rest}"),
         _ => url.to_owned(),
+    }
+}
+
+/// A TCP connection to an HTTP server, over TLS or not: what [`HttpsConnector`] yields.
+pub enum MaybeTlsStream {
+    /// An `http://` URL: plain TCP.
+    Plain(TcpStream),
+    /// An `https://` URL: TLS, the server's certificate verified.
+    Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
+}
+
+impl hyper_util::client::legacy::connect::Connection for MaybeTlsStream {
+    fn connected(&self) -> hyper_util::client::legacy::connect::Connected {
+        let tcp = match self {
+            MaybeTlsStream::Plain(tcp) => tcp,
+            MaybeTlsStream::Tls(tls) => tls.get_ref().0,
+        };
+        let connected = hyper_util::client::legacy::connect::Connection::connected(tcp);
+        match self {
+            MaybeTlsStream::Tls(tls) if tls.get_ref().1.alpn_protocol() == Some(&b"h2"[..]) => {
+                connected.negotiated_h2()
+            }
+            _ => connected,
+        }
+    }
+}
+
+impl tokio::io::AsyncRead for MaybeTlsStream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            MaybeTlsStream::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            MaybeTlsStream::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+        }
+    }
+}
+
+impl tokio::io::AsyncWrite for MaybeTlsStream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        match self.get_mut() {
+            MaybeTlsStream::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            MaybeTlsStream::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            MaybeTlsStream::Plain(s) => Pin::new(s).poll_flush(cx),
+            MaybeTlsStream::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            MaybeTlsStream::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            MaybeTlsStream::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+        }
+    }
+}
+
+/// A connector for hyper's HTTP/1.1 client (`hyper_util::client::legacy::Client`) that dials
+/// `http://` URLs over plain TCP and `https://` URLs over TLS, checking the server's certificate
+/// for the URL's host against the configured CA and presenting the client certificate when one
+/// is configured (ALPN offers `http/1.1` only). An `https://` URL without a TLS configuration
+/// fails to connect, saying so; so does any connection not made within the connect timeout.
+#[derive(Clone)]
+pub struct HttpsConnector {
+    tls: Option<tokio_rustls::TlsConnector>,
+    connect_timeout: Duration,
+}
+
+impl HttpsConnector {
+    /// A connector using `tls` (from [`ClientTlsFiles::client_config`]) for `https://` URLs;
+    /// each connection (TCP and handshake) must be made within `connect_timeout`.
+    pub fn new(tls: Option<Arc<ClientConfig>>, connect_timeout: Duration) -> HttpsConnector {
+        let tls = tls.map(|config| {
+            let mut config = (*config).clone();
+            config.alpn_protocols = vec![b"http/1.1".to_vec()];
+            tokio_rustls::TlsConnector::from(Arc::new(config))
+        });
+        HttpsConnector {
+            tls,
+            connect_timeout,
+        }
+    }
+}
+
+impl tower::Service<http::Uri> for HttpsConnector {
+    type Response = hyper_util::rt::TokioIo<MaybeTlsStream>;
+    type Error = std::io::Error;
+    type Future = Pin<Box<dyn Future<Output = std::io::Result<Self::Response>> + Send>>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, uri: http::Uri) -> Self::Future {
+        let this = self.clone();
+        Box::pin(async move {
+            let invalid = |m: String| std::io::Error::new(std::io::ErrorKind::InvalidInput, m);
+            let https = match uri.scheme_str() {
+                Some("https") => true,
+                Some("http") => false,
+                other => return Err(invalid(format!("{uri}: unsupported scheme {other:?}"))),
+            };
+            let tls = match (https, &this.tls) {
+                (true, None) => {
+                    return Err(invalid(format!(
+                        "{uri} is https:// but no CA to check its certificate against was given"
+                    )));
+                }
+                (true, Some(tls)) => Some(tls.clone()),
+                (false, _) => None,
+            };
+            let host = uri
+                .host()
+                .ok_or_else(|| invalid(format!("{uri} has no host")))?
+                .trim_start_matches('[')
+                .trim_end_matches(']')
+                .to_owned();
+            let port = uri.port_u16().unwrap_or(if https { 443 } else { 80 });
+            let connect = async {
+                let tcp = TcpStream::connect((host.as_str(), port)).await?;
+                let _ = tcp.set_nodelay(true);
+                match tls {
+                    None => Ok(MaybeTlsStream::Plain(tcp)),
+                    Some(tls) => {
+                        let name = ServerName::try_from(host.clone())
+                            .map_err(|e| invalid(format!("{host:?} is not a server name: {e}")))?;
+                        let stream = tls.connect(name, tcp).await?;
+                        Ok(MaybeTlsStream::Tls(Box::new(stream)))
+                    }
+                }
+            };
+            match tokio::time::timeout(this.connect_timeout, connect).await {
+                Ok(stream) => stream.map(hyper_util::rt::TokioIo::new),
+                Err(_) => Err(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    format!(
+                        "no connection to {host}:{port} within {:?}",
+                        this.connect_timeout
+                    ),
+                )),
+            }
+        })
     }
 }
 

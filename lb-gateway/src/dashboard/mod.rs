@@ -48,8 +48,14 @@
 //!   endpoint answers, the panel says so even while other members run: list them all.
 //! - Config namespaces are not listed by config-svc: the page shows those of
 //!   `--dashboard-config-namespaces`, or else the registry's namespaces.
-//! - Only plain `http://` upstreams; the admin port has no authentication, so it should stay on
-//!   a trusted network (compose publishes it on 127.0.0.1 only).
+//! - Upstreams over TLS: `https://` coordinator endpoints and config-svc URLs are dialled with the
+//!   gateway's `--client-cacert|cert|key` (the CA, and the client certificate a server with
+//!   `--client-cert-auth` requires); with auth on, the coordinator gets the token of
+//!   `--dashboard-coordinator-token-file` (gRPC metadata `token`; with `--client-cert-auth` the
+//!   certificate's CN names the user instead) and config-svc the bearer token of
+//!   `--config-token-file`.
+//! - The admin port itself is plain HTTP without authentication, so it should stay on a trusted
+//!   network (compose publishes it on 127.0.0.1 only).
 
 pub mod sources;
 
@@ -89,6 +95,14 @@ pub struct DashboardConfig {
     pub config_urls: Vec<String>,
     /// config-svc namespaces to list; empty: the registry's namespaces.
     pub config_namespaces: Vec<String>,
+    /// TLS for `https://` coordinator endpoints and config-svc URLs (the gateway's
+    /// `--client-cacert|cert|key`): the CA their certificates are checked against and the
+    /// client certificate they may require.
+    pub tls: Option<Arc<service_kit::tls::rustls::ClientConfig>>,
+    /// Token sent to the coordinator (gRPC metadata `token`) when its auth is on; empty: none.
+    pub coordinator_token: String,
+    /// Bearer token sent to config-svc when its auth is on; empty: none.
+    pub config_token: String,
 }
 
 /// Why a dashboard API call failed; each maps to one HTTP status in [`IntoResponse`].
@@ -183,13 +197,17 @@ impl Dashboard {
         let cluster = if cluster.is_empty() {
             None
         } else {
-            Some(Cluster::new(&cluster)?)
+            Some(Cluster::new(
+                &cluster,
+                config.tls.clone(),
+                &config.coordinator_token,
+            )?)
         };
         let urls = non_empty(config.config_urls);
         let rest = if urls.is_empty() {
             None
         } else {
-            Some(ConfigRest::new(urls)?)
+            Some(ConfigRest::new(urls, config.tls, &config.config_token)?)
         };
         Ok(Dashboard {
             inner: Arc::new(Inner {
@@ -210,7 +228,7 @@ fn non_empty(list: Vec<String>) -> Vec<String> {
         .collect()
 }
 
-/// Checks `--dashboard-config-url` values: plain `http://host:port` base URLs.
+/// Checks `--dashboard-config-url` values: `http://host:port` or `https://host:port` base URLs.
 pub fn validate_config_url(url: &str) -> Result<(), String> {
     sources::base_url(url).map(|_| ())
 }

@@ -5,13 +5,13 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use bytes::Bytes;
 use http::{StatusCode, Uri};
 use http_body_util::{BodyExt as _, Empty};
 use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 use parking_lot::Mutex;
 use proto::etcdserverpb as etcd;
@@ -20,7 +20,10 @@ use proto::etcdserverpb::maintenance_client::MaintenanceClient;
 use proto::registry_v1 as pb;
 use registry_svc::client::RegistryClient;
 use serde_json::{Value, json};
+use service_kit::tls::HttpsConnector;
+use service_kit::tls::rustls::ClientConfig;
 use tokio::task::JoinSet;
+use tonic::metadata::{AsciiMetadataValue, MetadataValue};
 use tonic::transport::{Channel, Endpoint};
 
 use super::{CALL_TIMEOUT, DashboardError};
@@ -69,17 +72,43 @@ fn from_status(source_name: &'static str, status: &tonic::Status) -> DashboardEr
     }
 }
 
-fn lazy_channel(url: &str) -> Result<Channel, String> {
+/// Whether `url` asks for TLS (`https://`).
+fn is_https(url: &str) -> bool {
+    url.split_once("://")
+        .is_some_and(|(scheme, _)| scheme.eq_ignore_ascii_case("https"))
+}
+
+/// A lazy channel to a coordinator endpoint: over TLS (`tls`, the gateway's `--client-*`
+/// files) for an `https://` URL, plain TCP otherwise.
+fn lazy_channel(url: &str, tls: Option<&Arc<ClientConfig>>) -> Result<Channel, String> {
     let url = if url.contains("://") {
         url.to_owned()
     } else {
         format!("http://{url}")
     };
-    Endpoint::from_shared(url.clone())
+    let tls = if is_https(&url) {
+        Some(tls.ok_or_else(|| {
+            format!(
+                "coordinator endpoint {url:?} is https:// but no --client-cacert was given to check its certificate"
+            )
+        })?)
+    } else {
+        None
+    };
+    Endpoint::from_shared(service_kit::tls::plain_scheme(&url))
         // No per-request timeout here: `bounded` answers 504 when a call takes too long; a
         // connection that cannot even be opened is "unreachable" (502) sooner.
-        .map(|e| e.connect_timeout(CONNECT_TIMEOUT).connect_lazy())
+        .map(|e| service_kit::tls::lazy_channel(e.connect_timeout(CONNECT_TIMEOUT), tls))
         .map_err(|e| format!("coordinator endpoint {url:?}: {e}"))
+}
+
+/// `req` carrying the coordinator token (gRPC metadata `token`, as etcd's clients send it).
+fn with_token<T>(req: T, token: Option<&AsciiMetadataValue>) -> tonic::Request<T> {
+    let mut req = tonic::Request::new(req);
+    if let Some(token) = token {
+        req.metadata_mut().insert("token", token.clone());
+    }
+    req
 }
 
 // ---- coordinator ----------------------------------------------------------------------------
@@ -90,15 +119,19 @@ pub struct Cluster {
     endpoints: Vec<(String, Channel)>,
     /// Channels to members' advertised client URLs, opened on first use.
     by_url: Mutex<HashMap<String, Channel>>,
+    /// TLS for `https://` endpoints (the gateway's `--client-*` files).
+    tls: Option<Arc<ClientConfig>>,
+    /// The coordinator token sent with every call, when its auth is on.
+    token: Option<AsciiMetadataValue>,
 }
 
 /// What `Maintenance.Status` of one member said, or why it did not answer.
 type StatusResult = Result<etcd::StatusResponse, DashboardError>;
 
-async fn status_of(channel: Channel) -> StatusResult {
+async fn status_of(channel: Channel, token: Option<AsciiMetadataValue>) -> StatusResult {
     bounded(COORDINATOR, async move {
         MaintenanceClient::new(channel)
-            .status(etcd::StatusRequest {})
+            .status(with_token(etcd::StatusRequest {}, token.as_ref()))
             .await
             .map(tonic::Response::into_inner)
             .map_err(|s| from_status(COORDINATOR, &s))
@@ -111,15 +144,30 @@ fn hex(id: u64) -> String {
 }
 
 impl Cluster {
-    /// Lazy channels to `endpoints`.
-    pub fn new(endpoints: &[String]) -> Result<Cluster, String> {
+    /// Lazy channels to `endpoints` (`https://` ones over `tls`), calling with `token` (empty:
+    /// none).
+    pub fn new(
+        endpoints: &[String],
+        tls: Option<Arc<ClientConfig>>,
+        token: &str,
+    ) -> Result<Cluster, String> {
         let endpoints = endpoints
             .iter()
-            .map(|e| Ok((e.clone(), lazy_channel(e)?)))
+            .map(|e| Ok((e.clone(), lazy_channel(e, tls.as_ref())?)))
             .collect::<Result<_, String>>()?;
+        let token = if token.is_empty() {
+            None
+        } else {
+            Some(
+                MetadataValue::try_from(token)
+                    .map_err(|_| "the coordinator token is not a valid header value".to_owned())?,
+            )
+        };
         Ok(Cluster {
             endpoints,
             by_url: Mutex::new(HashMap::new()),
+            tls,
+            token,
         })
     }
 
@@ -128,7 +176,7 @@ impl Cluster {
         if let Some(c) = cached.get(url) {
             return Ok(c.clone());
         }
-        let channel = lazy_channel(url)?;
+        let channel = lazy_channel(url, self.tls.as_ref())?;
         cached.insert(url.to_owned(), channel.clone());
         Ok(channel)
     }
@@ -139,8 +187,8 @@ impl Cluster {
     pub async fn view(&self) -> Result<Value, DashboardError> {
         let mut asks = JoinSet::new();
         for (i, (_, channel)) in self.endpoints.iter().enumerate() {
-            let channel = channel.clone();
-            asks.spawn(async move { (i, status_of(channel).await) });
+            let (channel, token) = (channel.clone(), self.token.clone());
+            asks.spawn(async move { (i, status_of(channel, token).await) });
         }
         let mut by_endpoint: Vec<Option<StatusResult>> =
             (0..self.endpoints.len()).map(|_| None).collect();
@@ -187,7 +235,8 @@ impl Cluster {
         for (id, url) in missing {
             match self.channel_for(&url) {
                 Ok(channel) => {
-                    asks.spawn(async move { (id, url, status_of(channel).await) });
+                    let token = self.token.clone();
+                    asks.spawn(async move { (id, url, status_of(channel, token).await) });
                 }
                 Err(e) => {
                     errors.insert(id, e);
@@ -269,9 +318,13 @@ impl Cluster {
         let mut last = DashboardError::NotConfigured("no coordinator endpoints".into());
         for (_, channel) in &self.endpoints {
             let channel = channel.clone();
+            let token = self.token.clone();
             let answer = bounded(COORDINATOR, async move {
                 ClusterClient::new(channel)
-                    .member_list(etcd::MemberListRequest::default())
+                    .member_list(with_token(
+                        etcd::MemberListRequest::default(),
+                        token.as_ref(),
+                    ))
                     .await
                     .map(tonic::Response::into_inner)
                     .map_err(|s| from_status(COORDINATOR, &s))
@@ -431,16 +484,16 @@ pub async fn services(
 
 // ---- config-svc -----------------------------------------------------------------------------
 
-/// Checks a config-svc base URL (`http://host:port`, no path) and returns it without a
-/// trailing slash.
+/// Checks a config-svc base URL (`http://host:port` or `https://host:port`, no path) and
+/// returns it without a trailing slash.
 pub fn base_url(url: &str) -> Result<String, String> {
     let trimmed = url.trim().trim_end_matches('/');
     let uri: Uri = trimmed
         .parse()
         .map_err(|e| format!("config-svc URL {url:?}: {e}"))?;
-    if uri.scheme_str() != Some("http") || uri.authority().is_none() {
+    if !matches!(uri.scheme_str(), Some("http" | "https")) || uri.authority().is_none() {
         return Err(format!(
-            "config-svc URL {url:?} must look like http://host:port"
+            "config-svc URL {url:?} must look like http://host:port or https://host:port"
         ));
     }
     if !matches!(uri.path(), "" | "/") || uri.query().is_some() {
@@ -453,7 +506,9 @@ pub fn base_url(url: &str) -> Result<String, String> {
 pub struct ConfigRest {
     urls: Vec<String>,
     current: AtomicUsize,
-    client: Client<HttpConnector, Empty<Bytes>>,
+    client: Client<HttpsConnector, Empty<Bytes>>,
+    /// `Bearer <token>` for config-svc's auth, when it is on.
+    authorization: Option<http::HeaderValue>,
 }
 
 /// The message of a config-svc error body (`{"error": {"message": ...}}`), or its text.
@@ -470,19 +525,38 @@ fn error_message(body: &[u8]) -> String {
 }
 
 impl ConfigRest {
-    /// A client of `urls` (checked with [`base_url`]).
-    pub fn new(urls: Vec<String>) -> Result<ConfigRest, String> {
+    /// A client of `urls` (checked with [`base_url`]; `https://` ones over `tls`, the
+    /// gateway's `--client-*` files), sending `token` as a bearer token (empty: none).
+    pub fn new(
+        urls: Vec<String>,
+        tls: Option<Arc<ClientConfig>>,
+        token: &str,
+    ) -> Result<ConfigRest, String> {
         let urls = urls
             .iter()
             .map(|u| base_url(u))
             .collect::<Result<Vec<_>, _>>()?;
-        let mut connector = HttpConnector::new();
-        connector.set_connect_timeout(Some(CONNECT_TIMEOUT));
-        connector.set_nodelay(true);
+        if tls.is_none()
+            && let Some(url) = urls.iter().find(|u| is_https(u))
+        {
+            return Err(format!(
+                "config-svc URL {url:?} is https:// but no --client-cacert was given to check its certificate"
+            ));
+        }
+        let authorization = if token.is_empty() {
+            None
+        } else {
+            Some(
+                http::HeaderValue::try_from(format!("Bearer {token}"))
+                    .map_err(|_| "the config-svc token is not a valid header value".to_owned())?,
+            )
+        };
         Ok(ConfigRest {
             urls,
             current: AtomicUsize::new(0),
-            client: Client::builder(TokioExecutor::new()).build(connector),
+            client: Client::builder(TokioExecutor::new())
+                .build(HttpsConnector::new(tls, CONNECT_TIMEOUT)),
+            authorization,
         })
     }
 
@@ -516,11 +590,23 @@ impl ConfigRest {
         let uri: Uri = url
             .parse()
             .map_err(|e| DashboardError::BadRequest(format!("bad config-svc URL {url:?}: {e}")))?;
-        let answer = self
-            .client
-            .get(uri)
-            .await
-            .map_err(|e| unreachable(format!("{url}: {e}")))?;
+        let mut request = http::Request::get(uri);
+        if let Some(auth) = &self.authorization {
+            request = request.header(http::header::AUTHORIZATION, auth.clone());
+        }
+        let request = request
+            .body(Empty::new())
+            .map_err(|e| DashboardError::BadRequest(format!("config-svc request {url:?}: {e}")))?;
+        let answer = self.client.request(request).await.map_err(|e| {
+            // The innermost cause says it best (a refused connection, a certificate problem).
+            let mut detail = e.to_string();
+            let mut source = std::error::Error::source(&e);
+            while let Some(inner) = source {
+                detail = inner.to_string();
+                source = inner.source();
+            }
+            unreachable(format!("{url}: {detail}"))
+        })?;
         let status = answer.status();
         let body = answer
             .into_body()
@@ -584,12 +670,16 @@ mod tests {
     use super::*;
 
     #[test]
-    fn config_urls_must_be_plain_http_base_urls() {
+    fn config_urls_must_be_http_or_https_base_urls() {
         assert_eq!(
             base_url("http://127.0.0.1:9301/").as_deref(),
             Ok("http://127.0.0.1:9301")
         );
-        assert!(base_url("https://config:9301").is_err());
+        assert_eq!(
+            base_url("https://config:9301").as_deref(),
+            Ok("https://config:9301")
+        );
+        assert!(base_url("ftp://config:9301").is_err());
         assert!(base_url("config:9301").is_err());
         assert!(base_url("http://config:9301/v1").is_err());
         assert!(base_url("http://config:9301?x=1").is_err());
