@@ -106,9 +106,41 @@ pub struct Global {
         global = true,
         env = "PLATFORM_TOKEN",
         hide_env_values = true,
-        value_name = "TOKEN"
+        value_name = "TOKEN",
+        conflicts_with = "token_file"
     )]
     pub token: Option<String>,
+
+    /// File whose first line is the bearer token (instead of `--token`, which other users of
+    /// the machine can see in the process list).
+    #[arg(long, global = true, env = "PLATFORM_TOKEN_FILE", value_name = "FILE")]
+    pub token_file: Option<std::path::PathBuf>,
+
+    /// CA bundle (PEM) the services' certificates are checked against. With it, the
+    /// coordinator, registry-svc and config-svc are dialled over TLS (as etcdctl's `--cacert`);
+    /// admin addresses written `https://host:port` use it too.
+    #[arg(long, global = true, env = "PLATFORM_CACERT", value_name = "FILE")]
+    pub cacert: Option<std::path::PathBuf>,
+
+    /// Client certificate (PEM) for services that require one (`--client-cert-auth`).
+    #[arg(
+        id = "tls_cert",
+        long = "cert",
+        global = true,
+        env = "PLATFORM_CERT",
+        value_name = "FILE"
+    )]
+    pub cert: Option<std::path::PathBuf>,
+
+    /// Private key (PEM) of `--cert`. (Its id is `tls_key`: `ring` has a positional `key`.)
+    #[arg(
+        id = "tls_key",
+        long = "key",
+        global = true,
+        env = "PLATFORM_KEY",
+        value_name = "FILE"
+    )]
+    pub key: Option<std::path::PathBuf>,
 
     /// Namespace of services and configuration items.
     #[arg(

@@ -61,6 +61,7 @@ fn coordinator_client(ctx: &Ctx, endpoints: Vec<String>) -> Result<Client> {
         .min(std::time::Duration::from_secs(2));
     // Every endpoint is tried at once on a failure; a few seconds tell a dead cluster.
     config.retry_deadline = ctx.global.timeout.min(std::time::Duration::from_secs(3));
+    config.tls = ctx.tls.clone();
     Client::new(config).map_err(|e| CtlError::Usage(format!("--coordinator: {e}")))
 }
 
@@ -170,7 +171,10 @@ async fn members(ctx: &Ctx) -> Result<Vec<MemberRow>> {
 }
 
 async fn probes(ctx: &Ctx) -> Vec<Probe> {
-    let http = Http::new(ctx.global.timeout.min(std::time::Duration::from_secs(3)));
+    let http = Http::new(
+        ctx.global.timeout.min(std::time::Duration::from_secs(3)),
+        ctx.tls.clone(),
+    );
     let g = &ctx.global;
     let mut targets: Vec<(&'static str, String)> = Vec::new();
     for a in &g.coordinator_admin {

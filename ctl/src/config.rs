@@ -23,6 +23,7 @@ fn client(ctx: &Ctx) -> Result<ConfigClient> {
     ConfigClient::builder(ctx.global.config.iter().map(|e| e.trim().to_owned()))
         .timeout(ctx.global.timeout)
         .token(ctx.global.token.clone().unwrap_or_default())
+        .tls(ctx.tls.clone())
         .build()
         .map_err(|s| CtlError::Usage(format!("--config or --token: {}", s.message())))
 }

@@ -1,21 +1,23 @@
 //! A small HTTP/1.1 GET client (hyper) for admin servers: lb-gateway's JSON API and every
-//! service's `/healthz` and `/readyz`.
+//! service's `/healthz` and `/readyz`. `https://` addresses are dialled over TLS with
+//! `--cacert` (and `--cert`/`--key`), through `service_kit::tls::HttpsConnector`.
 
 use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::{BodyExt as _, Empty};
 use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 use serde_json::Value;
+use service_kit::tls::HttpsConnector;
+use service_kit::tls::rustls::ClientConfig;
 
 use crate::error::{CtlError, io_words};
 
 /// An HTTP client for one command's requests.
 #[derive(Clone)]
 pub struct Http {
-    client: Client<HttpConnector, Empty<Bytes>>,
+    client: Client<HttpsConnector, Empty<Bytes>>,
     timeout: Duration,
 }
 
@@ -46,13 +48,11 @@ pub fn base_url(addr: &str) -> String {
 }
 
 impl Http {
-    /// A client whose requests each take at most `timeout`.
-    pub fn new(timeout: Duration) -> Http {
-        let mut connector = HttpConnector::new();
-        connector.set_connect_timeout(Some(timeout));
-        connector.set_nodelay(true);
+    /// A client whose requests each take at most `timeout`, dialling `https://` addresses
+    /// with `tls` (an `https://` address without it fails, saying so).
+    pub fn new(timeout: Duration, tls: Option<std::sync::Arc<ClientConfig>>) -> Http {
         Http {
-            client: Client::builder(TokioExecutor::new()).build(connector),
+            client: Client::builder(TokioExecutor::new()).build(HttpsConnector::new(tls, timeout)),
             timeout,
         }
     }

@@ -16,6 +16,10 @@
 //! # Behaviour every command shares
 //! - Tables by default, `-o json` for scripts (streams print one JSON document per line).
 //! - Every call is bounded by `--timeout`; an unreachable service is named with its address.
+//! - TLS as etcdctl: `--cacert` (and `--cert`/`--key` for services that require a client
+//!   certificate) dials the coordinator, registry-svc and config-svc over TLS; admin addresses
+//!   written `https://` use the same files. `--token` or `--token-file`: the bearer token for
+//!   registry-svc and config-svc.
 //! - Exit codes: 0 success, 1 error, 2 usage, 3 `cluster status` found something unhealthy.
 //! - Streams (`watch`, `config watch`) run until Ctrl-C, or until `--count` events.
 
@@ -38,8 +42,30 @@ use crate::error::{CtlError, Result};
 
 /// What every command needs: the global flags, and how to bound and describe calls.
 pub struct Ctx {
-    /// The global flags.
+    /// The global flags (`token` holds the token of `--token-file` when that was given).
     pub global: Global,
+    /// TLS from `--cacert`, `--cert`, `--key`; `None`: plain TCP.
+    pub tls: Option<std::sync::Arc<service_kit::tls::rustls::ClientConfig>>,
+}
+
+/// The context of `global`: the token file read, the TLS files loaded. A file that cannot be
+/// read, or flags that do not fit together, are a usage error naming them.
+fn context(mut global: Global) -> Result<Ctx> {
+    if let Some(path) = &global.token_file {
+        let token = service_kit::authn::read_token_file(Some(path))
+            .map_err(|e| CtlError::Usage(format!("--token-file: {e}")))?;
+        global.token = Some(token);
+    }
+    let files = service_kit::tls::ClientTlsFiles {
+        ca_file: global.cacert.clone(),
+        cert_file: global.cert.clone(),
+        key_file: global.key.clone(),
+    };
+    files.validate("--").map_err(CtlError::Usage)?;
+    let tls = files
+        .client_config()
+        .map_err(|e| CtlError::Usage(format!("TLS files: {e}")))?;
+    Ok(Ctx { global, tls })
 }
 
 impl Ctx {
@@ -70,7 +96,7 @@ pub enum Done {
 }
 
 async fn run(cli: Cli) -> Result<Done> {
-    let ctx = Ctx { global: cli.global };
+    let ctx = context(cli.global)?;
     match cli.command {
         Command::Services => registry::services(&ctx).await,
         Command::Instances {

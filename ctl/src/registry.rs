@@ -19,8 +19,11 @@ fn addr(ctx: &Ctx) -> String {
 }
 
 fn client(ctx: &Ctx) -> Result<RegistryClient> {
-    let client = RegistryClient::connect(ctx.global.registry.iter().map(|e| e.trim().to_owned()))
-        .map_err(|s| CtlError::Usage(format!("--registry: {}", s.message())))?;
+    let client = RegistryClient::connect_tls(
+        ctx.global.registry.iter().map(|e| e.trim().to_owned()),
+        ctx.tls.clone(),
+    )
+    .map_err(|s| CtlError::Usage(format!("--registry: {}", s.message())))?;
     match &ctx.global.token {
         Some(token) => client
             .with_token(token)

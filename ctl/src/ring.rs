@@ -45,7 +45,7 @@ fn encode(v: &str) -> String {
 
 /// Dispatches on how much was given.
 pub async fn run(ctx: &Ctx, route: Option<String>, key: Option<String>) -> Result<Done> {
-    let http = Http::new(ctx.global.timeout);
+    let http = Http::new(ctx.global.timeout, ctx.tls.clone());
     let admin = ctx.global.gateway_admin.clone();
     match (route, key) {
         (None, _) => routes(ctx, &http, &admin).await,

@@ -8,6 +8,7 @@
 //! - `ring`: where a key goes, the ring, the routes.
 //! - `cluster`: cluster status.
 //! - `errors`: unreachable services, bad usage, completions.
+//! - `tls`: `--cacert`, `--cert`, `--key`, `--token-file` against services requiring them.
 
 /// Bounded waits, shared with coord-client's tests.
 #[path = "../../../coord-client/tests/it/harness.rs"]
@@ -19,3 +20,4 @@ mod errors;
 mod harness;
 mod registry;
 mod ring;
+mod tls;
