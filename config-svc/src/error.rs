@@ -64,6 +64,18 @@ pub enum Error {
 /// Shorthand for this crate's results.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
+impl From<config_formats::Error> for Error {
+    /// The same variant, with the same text.
+    fn from(e: config_formats::Error) -> Error {
+        match e {
+            config_formats::Error::InvalidArgument(m) => Error::InvalidArgument(m),
+            config_formats::Error::Invalid { message, problems } => {
+                Error::Invalid { message, problems }
+            }
+        }
+    }
+}
+
 impl Error {
     /// An `InvalidArgument` error.
     pub fn invalid(message: impl Into<String>) -> Error {

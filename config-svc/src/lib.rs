@@ -12,7 +12,8 @@
 //! # Layout
 //! - [`model`]: items, versions, pointers, rollouts; which version a client gets
 //!   (label selectors, stable percentage hashing), released versions, retention. Pure.
-//! - [`validate`]: parsing each format with line/column errors, JSON Schema. Pure.
+//! - [`validate`] (from `config-formats`): parsing each format with line/column errors, JSON
+//!   Schema. Pure.
 //! - [`diff`]: line diff and key-path diff. Pure.
 //! - [`keys`]: the key layout in the coordinator (documented there, and only there).
 //! - [`store`]: the operations (publish, get, list, history, diff, rollback, delete, purge,
@@ -55,7 +56,9 @@ pub mod metrics;
 pub mod model;
 pub mod rest;
 pub mod store;
-pub mod validate;
+// Parsing and validation are pure and live in `config-formats`, so the fuzz targets can build
+// them without the service; re-exported here under the old path.
+pub use config_formats::validate;
 pub mod watch;
 
 use std::net::SocketAddr;

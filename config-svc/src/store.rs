@@ -361,7 +361,7 @@ fn compile_schema(schema: Option<&str>) -> Result<Option<Schema>> {
             "schema is {} bytes long; at most {MAX_SCHEMA_BYTES} are allowed",
             s.len()
         ))),
-        Some(s) => Schema::compile(s).map(Some),
+        Some(s) => Ok(Some(Schema::compile(s)?)),
     }
 }
 
@@ -1124,7 +1124,7 @@ impl Store {
                 if let Some(v) = self.read_version(item, n).await?
                     && v.header.format.is_structured()
                 {
-                    validate::validate(v.header.format, &v.content, Some(schema)).map_err(|e| match e {
+                    validate::validate(v.header.format, &v.content, Some(schema)).map_err(|e| match Error::from(e) {
                         Error::Invalid { message, problems } => Error::Invalid {
                             message: format!("version {n} (in use) does not satisfy the new schema: {message}"),
                             problems,

@@ -231,6 +231,21 @@ impl From<Error> for Status {
     }
 }
 
+impl From<coord_log::validate::Invalid> for Error {
+    /// The variant of the same name and text (`TooDeep` is an `InvalidArgument`).
+    fn from(e: coord_log::validate::Invalid) -> Error {
+        use coord_log::validate::Invalid;
+        match e {
+            Invalid::EmptyKey => Error::EmptyKey,
+            Invalid::ValueProvided => Error::ValueProvided,
+            Invalid::LeaseProvided => Error::LeaseProvided,
+            Invalid::TooManyOps => Error::TooManyOps,
+            Invalid::DuplicateKey => Error::DuplicateKey,
+            Invalid::TooDeep(m) => Error::InvalidArgument(m),
+        }
+    }
+}
+
 impl From<bincode::Error> for Error {
     fn from(e: bincode::Error) -> Error {
         Error::Corrupt(format!("undecodable record: {e}"))

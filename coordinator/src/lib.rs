@@ -3,7 +3,8 @@
 //!
 //! # Layout
 //! - [`config`]: etcd-style flags and environment variables.
-//! - [`command`]: the replicated command — the log's format, separate from the wire API.
+//! - [`command`] (from `coord-log`, with the rest of the log format): the replicated command —
+//!   the log's format, separate from the wire API.
 //! - [`state`]: `apply`, the only code that changes the key space; leases as state.
 //! - [`mvcc`]: revisions, ranges, compaction over sled ([`mvcc::backend`]).
 //! - [`wal`]: the fsynced write-ahead log (CRC per record, torn tails truncated).
@@ -41,7 +42,9 @@
 
 pub mod auth;
 pub mod backup;
-pub mod command;
+// The replicated command (the log's content) lives in `coord-log`, so the fuzz targets can
+// build the log format without the server; re-exported here under its old path.
+pub use coord_log::command;
 pub mod config;
 pub mod error;
 pub mod gateway;

@@ -29,6 +29,9 @@ use crate::mvcc::keys;
 use crate::mvcc::store::WriteTxn;
 use crate::mvcc::{Backend, MvccStore};
 
+// The wire form of outcomes is part of the log format and lives in `coord-log`; re-exported here.
+pub use coord_log::raft::{ErrorWire, OutcomeWire, ResponseWire};
+
 /// Meta prefix of published member attributes (`m` + "member/" + id BE).
 const MEMBER_ATTRS: &[u8] = b"mmember/";
 
@@ -633,128 +636,16 @@ fn exec_txn(
 }
 
 /// Refuse, before proposing, what can be refused without the state: empty keys, too many ops,
-/// duplicate writes in one txn branch, bad ignore_* combinations.
+/// duplicate writes in one txn branch, bad ignore_* combinations (see
+/// [`coord_log::validate`], where the checks live so that the fuzz targets reach them).
 pub fn validate(cmd: &Command, max_txn_ops: usize) -> Result<()> {
-    match cmd {
-        Command::Put(p) => validate_put(p),
-        Command::Delete(d) => {
-            if d.range.key.is_empty() {
-                return Err(Error::EmptyKey);
-            }
-            Ok(())
-        }
-        Command::Txn(t) => {
-            validate_txn(t, max_txn_ops)?;
-            Ok(())
-        }
-        Command::AsUser { cmd, .. } => validate(cmd, max_txn_ops),
-        _ => Ok(()),
-    }
-}
-
-fn validate_put(p: &PutReq) -> Result<()> {
-    if p.key.is_empty() {
-        return Err(Error::EmptyKey);
-    }
-    if p.ignore_value && !p.value.is_empty() {
-        return Err(Error::ValueProvided);
-    }
-    if p.ignore_lease && p.lease != 0 {
-        return Err(Error::LeaseProvided);
-    }
-    Ok(())
+    coord_log::validate::validate(cmd, max_txn_ops).map_err(Error::from)
 }
 
 /// Validate a txn: op counts per branch, keys, no key written twice in one branch, and
 /// nesting at most [`MAX_NESTING`](crate::command::MAX_NESTING) deep.
 pub fn validate_txn(t: &TxnReq, max_txn_ops: usize) -> Result<()> {
-    validate_txn_at(t, max_txn_ops, 1)
-}
-
-fn validate_txn_at(t: &TxnReq, max_txn_ops: usize, depth: usize) -> Result<()> {
-    if depth > crate::command::MAX_NESTING {
-        return Err(Error::InvalidArgument(format!(
-            "txn requests nested too deeply (at most {} levels)",
-            crate::command::MAX_NESTING
-        )));
-    }
-    if t.compare.len() > max_txn_ops
-        || t.success.len() > max_txn_ops
-        || t.failure.len() > max_txn_ops
-    {
-        return Err(Error::TooManyOps);
-    }
-    for c in &t.compare {
-        if c.range.key.is_empty() {
-            return Err(Error::EmptyKey);
-        }
-    }
-    for branch in [&t.success, &t.failure] {
-        for op in branch.iter() {
-            match op {
-                Op::Range(r) => {
-                    if r.range.key.is_empty() {
-                        return Err(Error::EmptyKey);
-                    }
-                }
-                Op::Put(p) => validate_put(p)?,
-                Op::Delete(d) => {
-                    if d.range.key.is_empty() {
-                        return Err(Error::EmptyKey);
-                    }
-                }
-                Op::Txn(inner) => validate_txn_at(inner, max_txn_ops, depth + 1)?,
-            }
-        }
-        let mut writes = Vec::new();
-        collect_writes(branch, &mut writes);
-        check_no_overlap(&writes)?;
-    }
-    Ok(())
-}
-
-/// Every range written by a branch; nested txns contribute both of their branches (either may
-/// run), as etcd counts them.
-fn collect_writes(ops: &[Op], out: &mut Vec<(KeyRange, bool)>) {
-    for op in ops {
-        match op {
-            Op::Put(p) => out.push((KeyRange::single(p.key.clone()), true)),
-            Op::Delete(d) => out.push((d.range.clone(), false)),
-            Op::Txn(inner) => {
-                // Each nested branch is checked on its own; across the outer branch, a nested
-                // branch's writes must not collide with the outer ones.
-                let mut s = Vec::new();
-                collect_writes(&inner.success, &mut s);
-                let mut f = Vec::new();
-                collect_writes(&inner.failure, &mut f);
-                out.extend(dedup_union(s, f));
-            }
-            Op::Range(_) => {}
-        }
-    }
-}
-
-fn dedup_union(a: Vec<(KeyRange, bool)>, b: Vec<(KeyRange, bool)>) -> Vec<(KeyRange, bool)> {
-    let mut out = a;
-    for r in b {
-        if !out.iter().any(|x| x.0 == r.0) {
-            out.push(r);
-        }
-    }
-    out
-}
-
-fn check_no_overlap(writes: &[(KeyRange, bool)]) -> Result<()> {
-    for (i, (a, a_put)) in writes.iter().enumerate() {
-        for (b, b_put) in &writes[i + 1..] {
-            // Two puts of one key, or a put inside a deleted range, are duplicates. Two deletes
-            // may overlap (etcd allows it).
-            if (*a_put || *b_put) && a.overlaps(b) {
-                return Err(Error::DuplicateKey);
-            }
-        }
-    }
-    Ok(())
+    coord_log::validate::validate_txn(t, max_txn_ops).map_err(Error::from)
 }
 
 /// Convert a state-machine response for one op into the wire form used by `pb::ResponseOp`.
@@ -1427,60 +1318,17 @@ mod tests {
     }
 }
 
-/// The outcome of one applied command in a form that crosses the network (a forwarded write's
-/// answer) and can sit in openraft's response type: responses as their protobuf encoding, errors
-/// as the gRPC code and etcd's text that the client will see.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct OutcomeWire {
-    /// Store revision after the command.
-    pub revision: i64,
-    /// The response, or the refused command's error.
-    pub result: Result<ResponseWire, ErrorWire>,
-}
-
-/// [`Response`] on the wire.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub enum ResponseWire {
-    /// Encoded `PutResponse`.
-    Put(Vec<u8>),
-    /// Encoded `DeleteRangeResponse`.
-    Delete(Vec<u8>),
-    /// Encoded `TxnResponse`.
-    Txn(Vec<u8>),
-    /// Compact.
-    Compact,
-    /// LeaseGrant.
-    LeaseGrant {
-        /// Lease ID.
-        id: i64,
-        /// TTL.
-        ttl: i64,
-    },
-    /// LeaseRevoke.
-    LeaseRevoke,
-    /// Noop.
-    Noop,
-    /// An auth change.
-    Auth {
-        /// Auth revision after it.
-        revision: u64,
-    },
-}
-
-/// [`Error`] on the wire.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct ErrorWire {
-    /// gRPC code.
-    pub code: i32,
-    /// Message (etcd's text).
-    pub message: String,
-    /// Compacted revision, for `Compacted`.
-    pub compact_revision: i64,
-}
-
-impl OutcomeWire {
+/// Between [`OutcomeWire`] (a plain type of the log format, in `coord-log`) and the in-process
+/// result it carries.
+pub trait OutcomeWireExt: Sized {
     /// Encode an in-process result.
-    pub fn from_result(revision: i64, result: &Result<Response>) -> OutcomeWire {
+    fn from_result(revision: i64, result: &Result<Response>) -> Self;
+    /// Decode into the in-process form.
+    fn into_result(self) -> (i64, Result<Response>);
+}
+
+impl OutcomeWireExt for OutcomeWire {
+    fn from_result(revision: i64, result: &Result<Response>) -> OutcomeWire {
         use prost::Message;
         let result = match result {
             Ok(Response::Put(r)) => Ok(ResponseWire::Put(r.encode_to_vec())),
@@ -1507,8 +1355,7 @@ impl OutcomeWire {
         OutcomeWire { revision, result }
     }
 
-    /// Decode into the in-process form.
-    pub fn into_result(self) -> (i64, Result<Response>) {
+    fn into_result(self) -> (i64, Result<Response>) {
         use prost::Message;
         let decode_err =
             |e: prost::DecodeError| Error::Corrupt(format!("undecodable response: {e}"));

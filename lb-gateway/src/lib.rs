@@ -8,10 +8,11 @@
 //!
 //! # Layout
 //!
-//! - [`hash`]: the pure core. [`hash::ring`] (ketama-like, weighted virtual nodes),
-//!   [`hash::maglev`] (weighted Maglev), [`hash::select`] (bounded loads, power of two
+//! - [`hash`] (from `lb-core`): the pure core. [`hash::ring`] (ketama-like, weighted virtual
+//!   nodes), [`hash::maglev`] (weighted Maglev), [`hash::select`] (bounded loads, power of two
 //!   choices). No I/O; property-tested.
-//! - [`routes`]: the routes file (model, checks, matching, hash keys, rewrites).
+//! - [`routes`] (from `lb-core`): the routes file (model, checks, matching, hash keys,
+//!   rewrites).
 //! - [`pool`]: a route's live backend set behind an `ArcSwap`, rebuilt and swapped on every
 //!   registry change; backends' loads, outlier state and connections; draining.
 //! - [`discovery`]: one registry watch per routed service, feeding the pools; keeps the last
@@ -52,13 +53,15 @@ pub mod admin;
 pub mod dashboard;
 pub mod discovery;
 pub mod h1;
-pub mod hash;
+// The pure parts (the hash tables, the routes file) live in `lb-core`, so the fuzz targets can
+// build them without the proxy; re-exported here under their old paths.
+pub use lb_core::hash;
 pub mod metrics;
 pub mod overrides;
 pub mod pool;
 pub mod proxy;
 pub mod resilience;
-pub mod routes;
+pub use lb_core::routes;
 pub mod server;
 pub mod trace;
 pub mod upstream;

@@ -44,6 +44,13 @@ pub enum Error {
 /// Shorthand for this crate's results.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
+impl From<registry_model::Invalid> for Error {
+    /// A request that does not validate (see `registry_model`) is `InvalidArgument`.
+    fn from(e: registry_model::Invalid) -> Error {
+        Error::InvalidArgument(e.0)
+    }
+}
+
 impl Error {
     /// An `InvalidArgument` error.
     pub fn invalid(message: impl Into<String>) -> Error {

@@ -6,9 +6,10 @@
 //! side by side, and restarting one loses nothing.
 //!
 //! # Layout
-//! - [`model`]: instances, health check specs, service options, validation, discovery filters
-//!   and the protect threshold. Pure.
-//! - [`keys`]: the key layout in the coordinator (documented there, and only there).
+//! - [`model`] (from `registry-model`): instances, health check specs, service options,
+//!   validation, discovery filters and the protect threshold. Pure.
+//! - [`keys`] (from `registry-model`): the key layout in the coordinator (documented there, and
+//!   only there).
 //! - [`registry`]: the operations (register, heartbeat, deregister, list, discover, watch,
 //!   options) over the coordinator. Both faces call these and nothing else.
 //! - [`grpc`]: the `registry.v1.Registry` gRPC face; [`rest`]: the same over REST/JSON
@@ -45,9 +46,11 @@ pub mod client;
 pub mod error;
 pub mod grpc;
 pub mod health;
-pub mod keys;
+// `model` and `keys` are pure and live in `registry-model`, so the fuzz targets can build them
+// without the service; re-exported here under their old paths.
+pub use registry_model::keys;
 pub mod metrics;
-pub mod model;
+pub use registry_model::model;
 pub mod registry;
 pub mod rest;
 

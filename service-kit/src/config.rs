@@ -26,6 +26,7 @@ pub fn exit_bad_config(err: impl std::fmt::Display) -> ! {
 ///
 /// `--help` and `--version` print and exit 0 as usual; any other parse
 /// error goes through [`exit_bad_config`] and exits 64.
+#[cfg(feature = "runtime")]
 pub fn parse_args_or_exit<T: clap::Parser>() -> T {
     match T::try_parse() {
         Ok(parsed) => parsed,
@@ -33,6 +34,7 @@ pub fn parse_args_or_exit<T: clap::Parser>() -> T {
     }
 }
 
+#[cfg(feature = "runtime")]
 fn exit_on_parse_error(err: clap::Error) -> ! {
     use clap::error::ErrorKind;
     match err.kind() {

@@ -50,13 +50,26 @@
 //!   requested, but at most [`admin::SHUTDOWN_GRACE`].
 //! - `/healthz` answers 200 for as long as the process can answer at all; it
 //!   says nothing about dependencies. Readiness is whatever the service sets.
+//!
+//! # Features
+//! - `runtime` (default): everything above. Without it, only the pure parsers of [`config`]
+//!   are built, with no dependency: `lb-core` uses them for the routes file, and so the fuzz
+//!   targets do not compile the telemetry, TLS and HTTP stacks.
 
+#[cfg(feature = "runtime")]
 pub mod admin;
+#[cfg(feature = "runtime")]
 pub mod authn;
 pub mod config;
+#[cfg(feature = "runtime")]
 pub mod devcerts;
+#[cfg(feature = "runtime")]
 pub mod probe;
+#[cfg(feature = "runtime")]
 pub mod shutdown;
+#[cfg(feature = "runtime")]
 pub mod telemetry;
+#[cfg(feature = "runtime")]
 pub mod time;
+#[cfg(feature = "runtime")]
 pub mod tls;

@@ -7,42 +7,10 @@
 //! search: a requested range is allowed when one merged interval covers all of it. A range that
 //! is only partly covered is denied, as in etcd, even if the uncovered keys do not exist.
 
+pub use coord_log::auth::{Perm, PermKind};
+
 use crate::command::{Command, KeyRange, Op, PutReq, TxnReq};
 use crate::error::{Error, Result};
-
-/// What a permission allows.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub enum PermKind {
-    /// Range, watch, compare, `prev_kv`.
-    Read,
-    /// Put, delete, lease revoke.
-    Write,
-    /// Both.
-    ReadWrite,
-}
-
-impl PermKind {
-    /// Whether reads are allowed.
-    pub fn reads(self) -> bool {
-        matches!(self, PermKind::Read | PermKind::ReadWrite)
-    }
-
-    /// Whether writes are allowed.
-    pub fn writes(self) -> bool {
-        matches!(self, PermKind::Write | PermKind::ReadWrite)
-    }
-}
-
-/// One key permission of a role (replicated state).
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct Perm {
-    /// READ, WRITE or READWRITE.
-    pub kind: PermKind,
-    /// First key.
-    pub key: Vec<u8>,
-    /// End of the range with etcd's conventions (empty = just `key`, `"\0"` = no end).
-    pub end: Vec<u8>,
-}
 
 /// A half-open interval `[lo, hi)`; `hi = None` is unbounded.
 type Interval = (Vec<u8>, Option<Vec<u8>>);

@@ -31,7 +31,6 @@ pub mod network;
 pub mod sm;
 
 use std::collections::{BTreeMap, HashMap};
-use std::io::Cursor;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -55,38 +54,16 @@ use crate::command::Command;
 use crate::error::{Error, Result};
 use crate::lease::Lessor;
 use crate::metrics::CoordinatorMetrics;
-use crate::state::{OutcomeWire, StateMachine};
+use crate::state::{OutcomeWire, OutcomeWireExt, StateMachine};
 use crate::watch::WatchHub;
 use batch::WriteFailed;
 
 /// How long a write waits for a leader before `etcdserver: no leader`.
 pub const PROPOSE_WAIT: Duration = Duration::from_secs(5);
 
-/// A member as the membership knows it.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct MemberNode {
-    /// Member name.
-    pub name: String,
-    /// Peer URL (`http://host:port`).
-    pub peer_url: String,
-}
-
-openraft::declare_raft_types!(
-    /// openraft's types for the coordinator.
-    pub TypeConfig:
-        D = Command,
-        R = EntryOutcome,
-        NodeId = u64,
-        Node = MemberNode,
-        Entry = openraft::Entry<TypeConfig>,
-        SnapshotData = Cursor<Vec<u8>>,
-        AsyncRuntime = openraft::TokioRuntime,
-);
-
-/// What applying one log entry gave: one outcome per command it holds (several for a
-/// [`Command::Batch`], in order).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct EntryOutcome(pub Vec<OutcomeWire>);
+// The types of the log format (what an entry holds, what applying it answers) live in
+// `coord-log`, so the fuzz targets can build them without the server; re-exported here.
+pub use coord_log::raft::{EntryOutcome, MemberNode, TypeConfig};
 
 /// A pre-vote request: the candidate and its last log id.
 #[derive(Debug, Clone, Serialize, Deserialize)]

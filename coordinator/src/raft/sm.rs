@@ -29,7 +29,7 @@ use crate::command::Command;
 use crate::lease::Lessor;
 use crate::metrics::CoordinatorMetrics;
 use crate::mvcc::{Backend, Batch};
-use crate::state::{OutcomeWire, Response, StateMachine};
+use crate::state::{OutcomeWire, OutcomeWireExt, Response, StateMachine};
 use crate::watch::WatchHub;
 
 type NodeId = u64;

@@ -9,7 +9,7 @@ use std::net::IpAddr;
 
 use serde::{Deserialize, Serialize};
 
-use crate::error::Error;
+use crate::Invalid;
 
 /// Lease TTL used when a registration asks for none, in seconds.
 pub const DEFAULT_TTL_SECONDS: u32 = 10;
@@ -169,7 +169,7 @@ pub struct InstanceRef {
 
 impl InstanceRef {
     /// Checks every part.
-    pub fn validate(&self) -> Result<(), Error> {
+    pub fn validate(&self) -> Result<(), Invalid> {
         validate_name("namespace", &self.namespace)?;
         validate_name("service", &self.service)?;
         validate_instance_id(&self.instance_id)
@@ -197,7 +197,7 @@ impl Instance {
 
     /// Validates a registration and fills in defaults (ID, weight, TTL, check timings). The
     /// health fields are reset: a new registration starts healthy.
-    pub fn normalize_for_registration(mut self) -> Result<Instance, Error> {
+    pub fn normalize_for_registration(mut self) -> Result<Instance, Invalid> {
         validate_name("namespace", &self.namespace)?;
         validate_name("service", &self.service)?;
         if self.instance_id.is_empty() {
@@ -206,7 +206,7 @@ impl Instance {
         validate_instance_id(&self.instance_id)?;
         validate_address(&self.address)?;
         if self.port == 0 || self.port > 65535 {
-            return Err(Error::invalid(format!(
+            return Err(Invalid::new(format!(
                 "port {} is out of range: expected 1 to 65535",
                 self.port
             )));
@@ -215,7 +215,7 @@ impl Instance {
             self.weight = DEFAULT_WEIGHT;
         }
         if self.weight > MAX_WEIGHT {
-            return Err(Error::invalid(format!(
+            return Err(Invalid::new(format!(
                 "weight {} is out of range: expected 1 to {MAX_WEIGHT}",
                 self.weight
             )));
@@ -224,7 +224,7 @@ impl Instance {
             validate_name("zone", &self.zone)?;
         }
         if self.tags.len() > MAX_TAGS {
-            return Err(Error::invalid(format!(
+            return Err(Invalid::new(format!(
                 "{} tags given; at most {MAX_TAGS} are allowed",
                 self.tags.len()
             )));
@@ -233,7 +233,7 @@ impl Instance {
             validate_tag(tag)?;
         }
         if self.metadata.len() > MAX_METADATA {
-            return Err(Error::invalid(format!(
+            return Err(Invalid::new(format!(
                 "{} metadata entries given; at most {MAX_METADATA} are allowed",
                 self.metadata.len()
             )));
@@ -245,7 +245,7 @@ impl Instance {
             self.ttl_seconds = DEFAULT_TTL_SECONDS;
         }
         if !(MIN_TTL_SECONDS..=MAX_TTL_SECONDS).contains(&self.ttl_seconds) {
-            return Err(Error::invalid(format!(
+            return Err(Invalid::new(format!(
                 "ttl_seconds {} is out of range: expected {MIN_TTL_SECONDS} to {MAX_TTL_SECONDS} (0 for the default {DEFAULT_TTL_SECONDS})",
                 self.ttl_seconds
             )));
@@ -273,13 +273,13 @@ impl Instance {
 
 impl HealthCheckSpec {
     /// Validates and fills in defaults.
-    pub fn normalize(mut self) -> Result<HealthCheckSpec, Error> {
+    pub fn normalize(mut self) -> Result<HealthCheckSpec, Invalid> {
         if let CheckKind::Http { path } = &self.kind
             && (!path.starts_with('/')
                 || path.len() > 1024
                 || path.chars().any(|c| c.is_control() || c == ' '))
         {
-            return Err(Error::invalid(format!(
+            return Err(Invalid::new(format!(
                 "health_check.path {path:?} must start with '/' and hold no spaces or control characters"
             )));
         }
@@ -296,13 +296,13 @@ impl HealthCheckSpec {
             self.unhealthy_threshold = 3;
         }
         if !(100..=3_600_000).contains(&self.interval_ms) {
-            return Err(Error::invalid(format!(
+            return Err(Invalid::new(format!(
                 "health_check.interval_ms {} is out of range: expected 100 to 3600000",
                 self.interval_ms
             )));
         }
         if self.timeout_ms < 10 || self.timeout_ms > self.interval_ms {
-            return Err(Error::invalid(format!(
+            return Err(Invalid::new(format!(
                 "health_check.timeout_ms {} is out of range: expected 10 to interval_ms ({})",
                 self.timeout_ms, self.interval_ms
             )));
@@ -312,7 +312,7 @@ impl HealthCheckSpec {
             ("unhealthy_threshold", self.unhealthy_threshold),
         ] {
             if v > 100 {
-                return Err(Error::invalid(format!(
+                return Err(Invalid::new(format!(
                     "health_check.{name} {v} is out of range: expected 1 to 100"
                 )));
             }
@@ -323,11 +323,11 @@ impl HealthCheckSpec {
 
 impl ServiceOptions {
     /// Validates the names and the threshold.
-    pub fn validate(&self) -> Result<(), Error> {
+    pub fn validate(&self) -> Result<(), Invalid> {
         validate_name("namespace", &self.namespace)?;
         validate_name("service", &self.service)?;
         if !(0.0..=1.0).contains(&self.protect_threshold) {
-            return Err(Error::invalid(format!(
+            return Err(Invalid::new(format!(
                 "protect_threshold {} is out of range: expected 0.0 to 1.0",
                 self.protect_threshold
             )));
@@ -391,12 +391,12 @@ pub fn new_instance_id() -> String {
 
 /// Namespaces, services and zones: 1 to 63 characters of `a-z 0-9 . _ -`, starting with a
 /// letter or digit (they become parts of coordinator keys, so no `/`).
-pub fn validate_name(what: &str, name: &str) -> Result<(), Error> {
+pub fn validate_name(what: &str, name: &str) -> Result<(), Invalid> {
     if name.is_empty() {
-        return Err(Error::invalid(format!("{what} is empty")));
+        return Err(Invalid::new(format!("{what} is empty")));
     }
     if name.len() > 63 {
-        return Err(Error::invalid(format!(
+        return Err(Invalid::new(format!(
             "{what} {name:?} is longer than 63 characters"
         )));
     }
@@ -408,7 +408,7 @@ pub fn validate_name(what: &str, name: &str) -> Result<(), Error> {
         .chars()
         .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, '.' | '_' | '-'));
     if !first_ok || !rest_ok {
-        return Err(Error::invalid(format!(
+        return Err(Invalid::new(format!(
             "{what} {name:?} is invalid: use lowercase letters, digits, '.', '_' and '-', starting with a letter or digit"
         )));
     }
@@ -416,16 +416,16 @@ pub fn validate_name(what: &str, name: &str) -> Result<(), Error> {
 }
 
 /// Instance IDs: 1 to 128 characters of `A-Z a-z 0-9 . _ : -`.
-pub fn validate_instance_id(id: &str) -> Result<(), Error> {
+pub fn validate_instance_id(id: &str) -> Result<(), Invalid> {
     if id.is_empty() {
-        return Err(Error::invalid("instance_id is empty"));
+        return Err(Invalid::new("instance_id is empty"));
     }
     if id.len() > 128
         || !id
             .chars()
             .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | ':' | '-'))
     {
-        return Err(Error::invalid(format!(
+        return Err(Invalid::new(format!(
             "instance_id {id:?} is invalid: 1 to 128 characters of letters, digits, '.', '_', ':' and '-'"
         )));
     }
@@ -433,9 +433,9 @@ pub fn validate_instance_id(id: &str) -> Result<(), Error> {
 }
 
 /// An IP address, or a DNS name (labels of letters, digits and `-`, separated by dots).
-pub fn validate_address(address: &str) -> Result<(), Error> {
+pub fn validate_address(address: &str) -> Result<(), Invalid> {
     if address.is_empty() {
-        return Err(Error::invalid("address is empty"));
+        return Err(Invalid::new("address is empty"));
     }
     if address.parse::<IpAddr>().is_ok() {
         return Ok(());
@@ -449,36 +449,36 @@ pub fn validate_address(address: &str) -> Result<(), Error> {
                 && label.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
         });
     if !valid_name {
-        return Err(Error::invalid(format!(
+        return Err(Invalid::new(format!(
             "address {address:?} is neither an IP address nor a host name (give the host only: no scheme, port or path)"
         )));
     }
     Ok(())
 }
 
-fn validate_tag(tag: &str) -> Result<(), Error> {
+fn validate_tag(tag: &str) -> Result<(), Invalid> {
     if tag.is_empty() || tag.len() > 128 || tag.chars().any(|c| c.is_control() || c.is_whitespace())
     {
-        return Err(Error::invalid(format!(
+        return Err(Invalid::new(format!(
             "tag {tag:?} is invalid: 1 to 128 characters, no spaces or control characters"
         )));
     }
     Ok(())
 }
 
-fn validate_metadata(key: &str, value: &str) -> Result<(), Error> {
+fn validate_metadata(key: &str, value: &str) -> Result<(), Invalid> {
     if key.is_empty()
         || key.len() > 128
         || !key
             .chars()
             .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-' | '/'))
     {
-        return Err(Error::invalid(format!(
+        return Err(Invalid::new(format!(
             "metadata key {key:?} is invalid: 1 to 128 characters of letters, digits, '.', '_', '-' and '/'"
         )));
     }
     if value.len() > 1024 {
-        return Err(Error::invalid(format!(
+        return Err(Invalid::new(format!(
             "metadata value of {key:?} is longer than 1024 bytes"
         )));
     }
@@ -509,7 +509,7 @@ mod tests {
         }
     }
 
-    fn err_text(r: Result<Instance, Error>) -> String {
+    fn err_text(r: Result<Instance, Invalid>) -> String {
         r.expect_err("must be rejected").to_string()
     }
 

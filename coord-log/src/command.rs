@@ -11,7 +11,7 @@ use std::cell::Cell;
 use serde::{Deserialize, Deserializer, Serialize};
 
 /// Deepest nesting of transactions in transactions a request may have: refused above it before
-/// proposing (`state::validate`), so every command in the log decodes (see [`DECODE_NESTING`]).
+/// proposing ([`crate::validate`]), so every command in the log decodes (see [`DECODE_NESTING`]).
 pub const MAX_NESTING: usize = 64;
 
 /// Deepest nesting of commands (`AsUser`) and transactions the decoder accepts: above it,
@@ -439,8 +439,8 @@ mod tests {
             bincode::deserialize::<Command>(&bytes).expect("decode"),
             deepest
         );
-        crate::state::validate(&deepest, 128).expect("MAX_NESTING levels are accepted");
-        let e = crate::state::validate(&txn_nested(MAX_NESTING + 1), 128).expect_err("refused");
+        crate::validate::validate(&deepest, 128).expect("MAX_NESTING levels are accepted");
+        let e = crate::validate::validate(&txn_nested(MAX_NESTING + 1), 128).expect_err("refused");
         assert!(e.to_string().contains("nested too deeply"), "{e}");
         // The decoder counts the nested ones: the outermost txn is the command itself.
         let at_limit =

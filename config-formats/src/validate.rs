@@ -10,8 +10,8 @@
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use crate::error::{Error, Result};
-use crate::model::Format;
+use crate::Format;
+use crate::{Error, Result};
 
 /// One thing wrong with some content.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
