@@ -1,5 +1,5 @@
-//! config-svc's content parsers and validation: json, yaml, toml, properties and text, with or
-//! without a JSON Schema.
+//! config-svc's content parsers and validation (crate `config-formats`): json, yaml, toml,
+//! properties and text, with or without a JSON Schema.
 //!
 //! Input: one selector byte (low bits: the format; high bit: the rest is `schema NUL content`),
 //! then UTF-8 text. Properties checked:
@@ -10,8 +10,8 @@
 
 #![no_main]
 
-use config_svc::model::Format;
-use config_svc::validate::{self, Schema};
+use config_formats::Format;
+use config_formats::validate::{self, Schema};
 use libfuzzer_sys::fuzz_target;
 
 const FORMATS: [Format; 5] = [

@@ -1,15 +1,15 @@
-//! The coordinator's replicated command (`command.rs`) and the Raft log entry around it, as
-//! decoded from log records and from peers (bincode).
+//! The coordinator's replicated command (`coord-log`'s `command.rs`) and the Raft log entry
+//! around it, as decoded from log records and from peers (bincode).
 //!
 //! Input: bytes, decoded as a `Command` and as an openraft `Entry`. Properties checked:
 //! - decoding never panics, overflows the stack or allocates without bound;
 //! - whatever decodes encodes back and decodes to the same value;
-//! - the checks run before proposing (`state::validate`) never panic on a decoded command.
+//! - the checks run before proposing (`validate`) never panic on a decoded command.
 
 #![no_main]
 
-use coordinator::command::Command;
-use coordinator::raft::TypeConfig;
+use coord_log::command::Command;
+use coord_log::raft::TypeConfig;
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
@@ -17,7 +17,7 @@ fuzz_target!(|data: &[u8]| {
         let bytes = bincode::serialize(&cmd).expect("a decoded command encodes");
         let back: Command = bincode::deserialize(&bytes).expect("an encoded command decodes");
         assert_eq!(back, cmd, "command does not round-trip");
-        let _ = coordinator::state::validate(&cmd, 128);
+        let _ = coord_log::validate::validate(&cmd, 128);
         let _ = cmd.kind();
     }
     if let Ok(entry) = bincode::deserialize::<openraft::Entry<TypeConfig>>(data) {

@@ -1,5 +1,5 @@
-//! registry-svc's inputs: instance registrations (the JSON the REST face reads and the
-//! coordinator stores) and the coordinator keys it parses back.
+//! registry-svc's inputs (crate `registry-model`): instance registrations (the JSON the REST
+//! face reads and the coordinator stores) and the coordinator keys it parses back.
 //!
 //! Input: bytes read as an `Instance` JSON document and as a key. Properties checked:
 //! - decoding and validating never panic;
@@ -11,8 +11,8 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use registry_svc::keys;
-use registry_svc::model::Instance;
+use registry_model::keys;
+use registry_model::model::Instance;
 
 fuzz_target!(|data: &[u8]| {
     if let Some((ns, svc, id)) = keys::parse_instance(data) {

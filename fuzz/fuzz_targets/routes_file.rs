@@ -1,4 +1,5 @@
-//! lb-gateway's routes file (TOML) and the pure functions a route applies to a request.
+//! lb-gateway's routes file (TOML, crate `lb-core`) and the pure functions a route applies to a
+//! request.
 //!
 //! Input: UTF-8 text, read as a routes file; then, for every route it accepts, the same bytes
 //! split into a host and a path to match, hash and rewrite. Properties checked:
@@ -9,7 +10,7 @@
 
 #![no_main]
 
-use lb_gateway::routes::{self, HashOn, RequestView};
+use lb_core::routes::{self, HashOn, RequestView};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {

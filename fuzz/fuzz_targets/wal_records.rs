@@ -1,5 +1,6 @@
-//! The coordinator's log record framing (`wal.rs`: `[len][crc32][index][term][data]`), which
-//! both the single-member WAL and the Raft log store read back at start-up.
+//! The coordinator's log record framing (`coord-log`'s `record.rs`:
+//! `[len][crc32][index][term][data]`), which both the single-member WAL and the Raft log store
+//! read back at start-up.
 //!
 //! Input: bytes, used twice. Properties checked:
 //! - as a segment file: scanning never panics; it accepts a prefix of the bytes that is exactly
@@ -10,7 +11,7 @@
 
 #![no_main]
 
-use coordinator::wal::{Entry, encode_record, scan_records};
+use coord_log::record::{Entry, encode_record, scan_records};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
