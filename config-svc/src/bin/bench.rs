@@ -17,6 +17,26 @@
 //!    time: each is sent, and the next follows once every watcher received it (plus
 //!    `--pause`). Latency is per (publish, watcher) pair, from sending the Publish call to that
 //!    watcher receiving the version: rounds × watchers samples.
+//!
+//! # Scale (`--scale N`)
+//!
+//! How many items one config-svc and its coordinator hold, against a running config-svc
+//! (`--config`) and coordinator (`--count-endpoint`, used only to count keys), each a process
+//! of its own whose RSS and CPU time the bench reads from `/proc` (`--pid name=PID`):
+//!
+//! ```sh
+//! target/release/coordinator --data-dir /tmp/scale.etcd --listen-client-urls http://127.0.0.1:23790 &
+//! target/release/config-svc --coordinator-endpoints http://127.0.0.1:23790 --grpc-listen 127.0.0.1:23796 \
+//!     --http-listen 127.0.0.1:23797 --admin-listen 127.0.0.1:23798 &
+//! target/release/config-bench --config http://127.0.0.1:23796 --count-endpoint http://127.0.0.1:23790 \
+//!     --scale 10000 --versions 5 --pid coordinator=$(pgrep -n coordinator) --pid config=$(pgrep -n config-svc)
+//! ```
+//!
+//! Phases, all bounded by `--max-seconds`: publish `--versions` versions of each of N JSON
+//! items (`--concurrency` in flight, version v of every item before v + 1 of any); then, one
+//! call at a time, Gets of the current and of the first version of random items, History
+//! pages of random items, and a List of every item of the namespace page by page. It prints
+//! one table row per phase.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -62,6 +82,35 @@ struct Args {
     /// gRPC connections the watchers share.
     #[arg(long, default_value_t = 8)]
     connections: usize,
+    /// Scale mode: publish this many items and measure holding and reading them (needs
+    /// --config and --count-endpoint).
+    #[arg(long)]
+    scale: Option<usize>,
+    /// Scale mode: versions published of each item.
+    #[arg(long, default_value_t = 5)]
+    versions: usize,
+    /// Scale mode: calls of each read phase.
+    #[arg(long, default_value_t = 1000)]
+    reads: usize,
+    /// Scale mode: a coordinator client URL, to count the keys the items take.
+    #[arg(long)]
+    count_endpoint: Option<String>,
+    /// Scale mode: `name=PID` of a process whose RSS and CPU time to report (repeatable).
+    #[arg(long = "pid", value_parser = parse_pid)]
+    pids: Vec<(String, u32)>,
+    /// Scale mode: the bound on the whole run, in seconds (phases left are skipped).
+    #[arg(long, default_value_t = 900)]
+    max_seconds: u64,
+}
+
+fn parse_pid(s: &str) -> Result<(String, u32), String> {
+    let (name, pid) = s
+        .split_once('=')
+        .ok_or_else(|| format!("--pid takes name=PID, not {s:?}"))?;
+    let pid = pid
+        .parse()
+        .map_err(|_| format!("--pid {s:?}: {pid:?} is not a process id"))?;
+    Ok((name.to_owned(), pid))
 }
 
 fn main() -> anyhow::Result<()> {
@@ -101,6 +150,9 @@ fn ms(us: u64) -> f64 {
 }
 
 async fn run(args: Args) -> anyhow::Result<()> {
+    if let Some(n) = args.scale {
+        return scale::run(&args, n).await;
+    }
     let shutdown = CancellationToken::new();
     let (url, service) = match (&args.config, args.coordinator.is_empty()) {
         (Some(url), _) => (url.clone(), None),
@@ -316,4 +368,301 @@ async fn run(args: Args) -> anyhow::Result<()> {
         let _ = tokio::time::timeout(Duration::from_secs(10), task).await;
     }
     Ok(())
+}
+
+/// `--scale`: many items in one config-svc.
+mod scale {
+    use super::*;
+
+    /// RSS (current and peak, KiB) and CPU time (user + system, seconds) of a process.
+    #[derive(Clone, Copy, Default)]
+    struct Usage {
+        rss_kib: u64,
+        hwm_kib: u64,
+        cpu_s: f64,
+    }
+
+    fn usage(pid: u32) -> anyhow::Result<Usage> {
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
+            .with_context(|| format!("process {pid} (is it running?)"))?;
+        let field = |name: &str| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix(name))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+                .unwrap_or(0)
+        };
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+        // After the command name: utime and stime are fields 14 and 15 (USER_HZ = 100).
+        let after = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+        let f: Vec<&str> = after.split_whitespace().collect();
+        let tick = |i: usize| f.get(i).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+        Ok(Usage {
+            rss_kib: field("VmRSS:"),
+            hwm_kib: field("VmHWM:"),
+            cpu_s: (tick(11) + tick(12)) as f64 / 100.0,
+        })
+    }
+
+    fn usages(pids: &[(String, u32)]) -> anyhow::Result<Vec<Usage>> {
+        pids.iter().map(|(_, p)| usage(*p)).collect()
+    }
+
+    fn rss(pids: &[(String, u32)], u: &[Usage]) -> String {
+        pids.iter()
+            .zip(u)
+            .map(|((name, _), u)| {
+                format!(
+                    "{name} {:.0} (peak {:.0})",
+                    u.rss_kib as f64 / 1024.0,
+                    u.hwm_kib as f64 / 1024.0
+                )
+            })
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+
+    fn cpu(pids: &[(String, u32)], a: &[Usage], b: &[Usage]) -> String {
+        pids.iter()
+            .zip(a.iter().zip(b))
+            .map(|((name, _), (a, b))| format!("{name} {:.1}", b.cpu_s - a.cpu_s))
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+
+    fn load() -> String {
+        std::fs::read_to_string("/proc/loadavg")
+            .map(|l| l.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+            .unwrap_or_default()
+    }
+
+    async fn count(
+        kv: &mut proto::etcdserverpb::kv_client::KvClient<Channel>,
+        prefix: &str,
+    ) -> anyhow::Result<i64> {
+        let mut end = prefix.as_bytes().to_vec();
+        if let Some(last) = end.last_mut() {
+            *last += 1;
+        }
+        Ok(kv
+            .range(proto::etcdserverpb::RangeRequest {
+                key: prefix.as_bytes().to_vec(),
+                range_end: end,
+                count_only: true,
+                ..Default::default()
+            })
+            .await?
+            .into_inner()
+            .count)
+    }
+
+    fn key(i: usize) -> String {
+        format!("item-{i:06}.json")
+    }
+
+    /// A small random-looking pick of 0..n (no need for quality: spread over the items).
+    fn pick(i: usize, n: usize) -> usize {
+        (i.wrapping_mul(2_654_435_761) >> 3) % n.max(1)
+    }
+
+    fn summary(h: &Histogram<u64>, took: Duration) -> String {
+        format!(
+            "{} calls in {:.1} s: p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms",
+            h.len(),
+            took.as_secs_f64(),
+            ms(h.value_at_quantile(0.5)),
+            ms(h.value_at_quantile(0.99)),
+            ms(h.max())
+        )
+    }
+
+    pub async fn run(args: &Args, n: usize) -> anyhow::Result<()> {
+        let (Some(url), Some(count_url)) = (&args.config, &args.count_endpoint) else {
+            bail!(
+                "--scale needs --config (a running config-svc) and --count-endpoint (its coordinator)"
+            );
+        };
+        for (name, pid) in &args.pids {
+            usage(*pid).with_context(|| format!("--pid {name}={pid}"))?;
+        }
+        let deadline = Instant::now() + Duration::from_secs(args.max_seconds);
+        let pids = args.pids.clone();
+        let ch = channel(url).await?;
+        let g = ConfigClient::new(ch).max_decoding_message_size(1 << 30);
+        let mut kv = proto::etcdserverpb::kv_client::KvClient::new(channel(count_url).await?);
+        let ns = format!("scale-{:08x}", rand::random::<u32>());
+        let versions = args.versions.max(1);
+        println!(
+            "config scale: {n} items x {versions} versions, {} in flight, bound {} s; load average at start {}",
+            args.concurrency,
+            args.max_seconds,
+            load()
+        );
+        println!("start RSS (MiB): {}", rss(&pids, &usages(&pids)?));
+        println!();
+        println!("| phase | result | CPU s (per process) | RSS after (MiB) |");
+        println!("|---|---|---|---|");
+        let row = |phase: &str, result: String, cpu: String, u: &[Usage]| {
+            println!("| {phase} | {result} | {cpu} | {} |", rss(&pids, u));
+        };
+
+        // 1. Publish: version v of every item before version v + 1 of any.
+        let u0 = usages(&pids)?;
+        let total = n * versions;
+        let next = Arc::new(AtomicUsize::new(0));
+        let done = Arc::new(AtomicUsize::new(0));
+        let hist = Arc::new(parking_lot::Mutex::new(Histogram::<u64>::new_with_bounds(
+            1,
+            600_000_000,
+            3,
+        )?));
+        let started = Instant::now();
+        let mut workers = Vec::new();
+        for _ in 0..args.concurrency.max(1) {
+            let (mut g, next, done, hist, ns) = (
+                g.clone(),
+                next.clone(),
+                done.clone(),
+                hist.clone(),
+                ns.clone(),
+            );
+            workers.push(tokio::spawn(async move {
+                loop {
+                    let j = next.fetch_add(1, Ordering::SeqCst);
+                    if j >= total || Instant::now() > deadline {
+                        return Ok::<_, anyhow::Error>(());
+                    }
+                    let (i, v) = (j % n, j / n);
+                    let t0 = Instant::now();
+                    g.publish(pb::PublishRequest {
+                        item: Some(item(&ns, &key(i))),
+                        format: pb::Format::Json as i32,
+                        content: format!(
+                            "{{\"item\": {i}, \"version\": {v}, \"pool\": {{\"size\": 16, \"timeout_ms\": 500}}, \"hosts\": [\"db-{}.internal\", \"db-{}.internal\"]}}",
+                            i % 7,
+                            (i + v) % 7
+                        ),
+                        author: "bench".into(),
+                        message: format!("v{v}"),
+                        ..Default::default()
+                    })
+                    .await
+                    .with_context(|| format!("publish {} v{v}", key(i)))?;
+                    hist.lock().record((t0.elapsed().as_micros() as u64).max(1))?;
+                    done.fetch_add(1, Ordering::SeqCst);
+                }
+            }));
+        }
+        for w in workers {
+            w.await??;
+        }
+        let took = started.elapsed();
+        let published = done.load(Ordering::SeqCst);
+        let h = hist.lock().clone();
+        let u1 = usages(&pids)?;
+        let keys = count(&mut kv, &format!("{}{ns}/", config_svc::keys::ITEMS)).await?
+            + count(&mut kv, &format!("{}{ns}/", config_svc::keys::VERSIONS)).await?;
+        row(
+            "publish",
+            format!(
+                "{published} of {total} in {:.1} s: {:.0}/s, call p50 {:.1} ms p99 {:.1} ms; {keys} coordinator keys",
+                took.as_secs_f64(),
+                published as f64 / took.as_secs_f64(),
+                ms(h.value_at_quantile(0.5)),
+                ms(h.value_at_quantile(0.99))
+            ),
+            cpu(&pids, &u0, &u1),
+            &u1,
+        );
+        if published < total {
+            println!("stopped at the time bound after {published} of {total} publishes");
+        }
+        let items = n.min(published.max(1));
+
+        // 2. Reads, one call at a time.
+        let mut before = u1;
+        for phase in ["Get current", "Get version 1", "History (page of 100)"] {
+            let mut h = Histogram::<u64>::new_with_bounds(1, 600_000_000, 3)?;
+            let started = Instant::now();
+            let mut g = g.clone();
+            for r in 0..args.reads {
+                if Instant::now() > deadline {
+                    break;
+                }
+                let it = item(&ns, &key(pick(r, items)));
+                let t0 = Instant::now();
+                match phase {
+                    "History (page of 100)" => {
+                        let resp = g
+                            .history(pb::HistoryRequest {
+                                item: Some(it),
+                                page_size: 100,
+                                ..Default::default()
+                            })
+                            .await?
+                            .into_inner();
+                        if resp.versions.is_empty() {
+                            bail!("an empty history");
+                        }
+                    }
+                    _ => {
+                        let version = if phase == "Get version 1" { 1 } else { 0 };
+                        g.get(pb::GetRequest {
+                            item: Some(it),
+                            version,
+                            client: None,
+                        })
+                        .await?;
+                    }
+                }
+                h.record((t0.elapsed().as_micros() as u64).max(1))?;
+            }
+            let u = usages(&pids)?;
+            row(
+                phase,
+                summary(&h, started.elapsed()),
+                cpu(&pids, &before, &u),
+                &u,
+            );
+            before = u;
+        }
+
+        // 3. List every item of the namespace, page by page.
+        let started = Instant::now();
+        let (mut listed, mut pages, mut token) = (0usize, 0usize, String::new());
+        let mut g2 = g.clone();
+        loop {
+            if Instant::now() > deadline {
+                break;
+            }
+            let r = g2
+                .list(pb::ListRequest {
+                    namespace: ns.clone(),
+                    page_size: 1000,
+                    page_token: token.clone(),
+                    ..Default::default()
+                })
+                .await?
+                .into_inner();
+            listed += r.items.len();
+            pages += 1;
+            if r.next_page_token.is_empty() {
+                break;
+            }
+            token = r.next_page_token;
+        }
+        let u = usages(&pids)?;
+        row(
+            "List (pages of 1000)",
+            format!(
+                "{listed} items in {pages} pages, {:.2} s",
+                started.elapsed().as_secs_f64()
+            ),
+            cpu(&pids, &before, &u),
+            &u,
+        );
+        println!();
+        println!("load average at the end: {}", load());
+        Ok(())
+    }
 }

@@ -13,6 +13,28 @@
 //! instances with `--concurrency` calls in flight. Latency is measured per (instance, watcher)
 //! pair from the moment the Register call was sent to the moment that watcher received the
 //! instance's `ADDED` change; the figures cover every pair (instances × watchers samples).
+//!
+//! # Scale (`--scale N`)
+//!
+//! How many instances one registry holds, against a running registry-svc (`--registry`) and
+//! coordinator (`--count-endpoint`, used only to count the instance keys), each a process of
+//! its own whose RSS and CPU time the bench reads from `/proc` (`--pid coordinator=PID
+//! --pid registry=PID`):
+//!
+//! ```sh
+//! target/release/coordinator --data-dir /tmp/scale.etcd --listen-client-urls http://127.0.0.1:23790 &
+//! target/release/registry-svc --coordinator-endpoints http://127.0.0.1:23790 --grpc-listen 127.0.0.1:23791 \
+//!     --http-listen 127.0.0.1:23792 --admin-listen 127.0.0.1:23793 &
+//! target/release/registry-bench --registry http://127.0.0.1:23791 --count-endpoint http://127.0.0.1:23790 \
+//!     --scale 10000 --ttl 60 --pid coordinator=$(pgrep -n coordinator) --pid registry=$(pgrep -n registry-svc)
+//! ```
+//!
+//! Phases, each bounded by `--max-seconds` in all: register N instances of one service
+//! (`--concurrency` in flight, TTL `--ttl`); Discover of the whole service (5 calls); one
+//! heartbeat of every instance (the CPU it costs the coordinator and the registry, and from
+//! that the cores needed to renew N instances every TTL/3, the client library's pace); then no
+//! more heartbeats: how long after their TTL the coordinator's expiry takes to remove them all.
+//! It prints one table row per phase.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -52,6 +74,32 @@ struct Args {
     /// gRPC connections the watchers share (HTTP/2 streams are multiplexed over them).
     #[arg(long, default_value_t = 4)]
     connections: usize,
+    /// Scale mode: register this many instances and measure holding, listing, renewing and
+    /// expiring them (needs --registry and --count-endpoint).
+    #[arg(long)]
+    scale: Option<usize>,
+    /// Scale mode: the instances' TTL in seconds.
+    #[arg(long, default_value_t = 60)]
+    ttl: u32,
+    /// Scale mode: a coordinator client URL, to count the instance keys while they expire.
+    #[arg(long)]
+    count_endpoint: Option<String>,
+    /// Scale mode: `name=PID` of a process whose RSS and CPU time to report (repeatable).
+    #[arg(long = "pid", value_parser = parse_pid)]
+    pids: Vec<(String, u32)>,
+    /// Scale mode: the bound on the whole run, in seconds (phases left are skipped).
+    #[arg(long, default_value_t = 900)]
+    max_seconds: u64,
+}
+
+fn parse_pid(s: &str) -> Result<(String, u32), String> {
+    let (name, pid) = s
+        .split_once('=')
+        .ok_or_else(|| format!("--pid takes name=PID, not {s:?}"))?;
+    let pid = pid
+        .parse()
+        .map_err(|_| format!("--pid {s:?}: {pid:?} is not a process id"))?;
+    Ok((name.to_owned(), pid))
 }
 
 fn main() -> anyhow::Result<()> {
@@ -69,6 +117,9 @@ async fn channel(url: &str) -> anyhow::Result<Channel> {
 }
 
 async fn run(args: Args) -> anyhow::Result<()> {
+    if let Some(n) = args.scale {
+        return scale::run(&args, n).await;
+    }
     let shutdown = CancellationToken::new();
     let (url, service) = match (&args.registry, args.coordinator.is_empty()) {
         (Some(url), _) => (url.clone(), None),
@@ -269,4 +320,358 @@ async fn run(args: Args) -> anyhow::Result<()> {
         let _ = tokio::time::timeout(Duration::from_secs(10), task).await;
     }
     Ok(())
+}
+
+/// `--scale`: many instances in one registry.
+mod scale {
+    use super::*;
+
+    /// RSS (current and peak, KiB) and CPU time (user + system, seconds) of a process.
+    #[derive(Clone, Copy, Default)]
+    struct Usage {
+        rss_kib: u64,
+        hwm_kib: u64,
+        cpu_s: f64,
+    }
+
+    fn usage(pid: u32) -> anyhow::Result<Usage> {
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
+            .with_context(|| format!("process {pid} (is it running?)"))?;
+        let field = |name: &str| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix(name))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+                .unwrap_or(0)
+        };
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+        // Fields after the command name (which may hold spaces) start at state (field 3):
+        // utime and stime are fields 14 and 15, in clock ticks (USER_HZ, 100 on Linux).
+        let after = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+        let f: Vec<&str> = after.split_whitespace().collect();
+        let tick = |i: usize| f.get(i).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+        Ok(Usage {
+            rss_kib: field("VmRSS:"),
+            hwm_kib: field("VmHWM:"),
+            cpu_s: (tick(11) + tick(12)) as f64 / 100.0,
+        })
+    }
+
+    fn usages(pids: &[(String, u32)]) -> anyhow::Result<Vec<Usage>> {
+        pids.iter().map(|(_, p)| usage(*p)).collect()
+    }
+
+    fn mib(kib: u64) -> String {
+        format!("{:.0}", kib as f64 / 1024.0)
+    }
+
+    /// "coordinator 812 MiB (peak 840), registry 95 MiB (peak 120)".
+    fn rss(pids: &[(String, u32)], u: &[Usage]) -> String {
+        pids.iter()
+            .zip(u)
+            .map(|((name, _), u)| {
+                format!("{name} {} MiB (peak {})", mib(u.rss_kib), mib(u.hwm_kib))
+            })
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+
+    /// "coordinator 12.3 s, registry 4.1 s" of CPU between two samples.
+    fn cpu(pids: &[(String, u32)], a: &[Usage], b: &[Usage]) -> Vec<(String, f64)> {
+        pids.iter()
+            .zip(a.iter().zip(b))
+            .map(|((name, _), (a, b))| (name.clone(), b.cpu_s - a.cpu_s))
+            .collect()
+    }
+
+    fn load() -> String {
+        std::fs::read_to_string("/proc/loadavg")
+            .map(|l| l.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+            .unwrap_or_default()
+    }
+
+    async fn count(
+        kv: &mut proto::etcdserverpb::kv_client::KvClient<Channel>,
+        prefix: &str,
+    ) -> anyhow::Result<i64> {
+        let mut end = prefix.as_bytes().to_vec();
+        if let Some(last) = end.last_mut() {
+            *last += 1;
+        }
+        Ok(kv
+            .range(proto::etcdserverpb::RangeRequest {
+                key: prefix.as_bytes().to_vec(),
+                range_end: end,
+                count_only: true,
+                ..Default::default()
+            })
+            .await?
+            .into_inner()
+            .count)
+    }
+
+    /// Runs `f(i)` for every i in 0..n with `concurrency` in flight, until `deadline`;
+    /// returns how many were done, the time taken, and the call latency histogram (µs).
+    async fn each<F, Fut>(
+        n: usize,
+        concurrency: usize,
+        deadline: Instant,
+        f: F,
+    ) -> anyhow::Result<(usize, Duration, Histogram<u64>)>
+    where
+        F: Fn(usize) -> Fut + Send + Sync + 'static,
+        Fut: std::future::Future<Output = anyhow::Result<()>> + Send,
+    {
+        let f = Arc::new(f);
+        let next = Arc::new(AtomicUsize::new(0));
+        let done = Arc::new(AtomicUsize::new(0));
+        let hist = Arc::new(parking_lot::Mutex::new(Histogram::<u64>::new_with_bounds(
+            1,
+            600_000_000,
+            3,
+        )?));
+        let started = Instant::now();
+        let mut workers = Vec::new();
+        for _ in 0..concurrency.max(1) {
+            let (f, next, done, hist) = (f.clone(), next.clone(), done.clone(), hist.clone());
+            workers.push(tokio::spawn(async move {
+                loop {
+                    let i = next.fetch_add(1, Ordering::SeqCst);
+                    if i >= n || Instant::now() > deadline {
+                        return Ok::<_, anyhow::Error>(());
+                    }
+                    let t0 = Instant::now();
+                    f(i).await?;
+                    hist.lock()
+                        .record((t0.elapsed().as_micros() as u64).max(1))?;
+                    done.fetch_add(1, Ordering::SeqCst);
+                }
+            }));
+        }
+        for w in workers {
+            w.await??;
+        }
+        let h = hist.lock().clone();
+        Ok((done.load(Ordering::SeqCst), started.elapsed(), h))
+    }
+
+    pub async fn run(args: &Args, n: usize) -> anyhow::Result<()> {
+        let (Some(url), Some(count_url)) = (&args.registry, &args.count_endpoint) else {
+            bail!(
+                "--scale needs --registry (a running registry-svc) and --count-endpoint (its coordinator)"
+            );
+        };
+        if args.ttl < 2 {
+            bail!("--ttl must be at least 2 seconds");
+        }
+        for (name, pid) in &args.pids {
+            usage(*pid).with_context(|| format!("--pid {name}={pid}"))?;
+        }
+        let deadline = Instant::now() + Duration::from_secs(args.max_seconds);
+        let pids = args.pids.clone();
+        let ch = channel(url).await?;
+        let g = RegistryClient::new(ch.clone()).max_decoding_message_size(1 << 30);
+        let mut kv = proto::etcdserverpb::kv_client::KvClient::new(channel(count_url).await?);
+        let ns = format!("scale-{:08x}", rand::random::<u32>());
+        let prefix = format!("{}{ns}/big/", registry_svc::keys::INSTANCES);
+        let ttl = args.ttl;
+        println!(
+            "registry scale: {n} instances, TTL {ttl} s, {} in flight, bound {} s; load average at start {}",
+            args.concurrency,
+            args.max_seconds,
+            load()
+        );
+        println!("start: {}", rss(&pids, &usages(&pids)?));
+        println!();
+        println!("| phase | result | CPU s (per process) | RSS after (MiB) |");
+        println!("|---|---|---|---|");
+        let row = |phase: &str, result: String, cpu: &[(String, f64)], u: &[Usage]| {
+            let cpu = cpu
+                .iter()
+                .map(|(n, c)| format!("{n} {c:.1}"))
+                .collect::<Vec<_>>()
+                .join(", ");
+            println!("| {phase} | {result} | {cpu} | {} |", rss(&pids, u));
+        };
+
+        // 1. Register.
+        let u0 = usages(&pids)?;
+        let (g2, ns2) = (g.clone(), ns.clone());
+        let (registered, took, h) = each(n, args.concurrency, deadline, move |i| {
+            let (mut g, ns) = (g2.clone(), ns2.clone());
+            async move {
+                g.register(pb::RegisterRequest {
+                    instance: Some(pb::Instance {
+                        namespace: ns,
+                        service: "big".into(),
+                        instance_id: format!("i{i:06}"),
+                        address: format!("10.{}.{}.{}", i >> 16 & 255, i >> 8 & 255, i & 255),
+                        port: 8080,
+                        ttl_seconds: ttl,
+                        zone: format!("zone-{}", i % 3),
+                        ..Default::default()
+                    }),
+                })
+                .await
+                .with_context(|| format!("register i{i:06}"))?;
+                Ok(())
+            }
+        })
+        .await?;
+        let u1 = usages(&pids)?;
+        row(
+            "register",
+            format!(
+                "{registered} in {:.1} s: {:.0}/s, call p50 {:.1} ms p99 {:.1} ms",
+                took.as_secs_f64(),
+                registered as f64 / took.as_secs_f64(),
+                ms(h.value_at_quantile(0.5)),
+                ms(h.value_at_quantile(0.99))
+            ),
+            &cpu(&pids, &u0, &u1),
+            &u1,
+        );
+        let registered_at = Instant::now();
+        if registered < n {
+            println!("stopped at the time bound after {registered} of {n} registrations");
+        }
+
+        // 2. Discover the whole service.
+        let mut times = Vec::new();
+        let mut outcome = String::new();
+        for _ in 0..5 {
+            if Instant::now() > deadline {
+                break;
+            }
+            let t0 = Instant::now();
+            let mut g = g.clone();
+            match g
+                .discover(pb::DiscoverRequest {
+                    namespace: ns.clone(),
+                    service: "big".into(),
+                    ..Default::default()
+                })
+                .await
+            {
+                Ok(r) => {
+                    let r = r.into_inner();
+                    times.push(t0.elapsed().as_secs_f64() * 1000.0);
+                    outcome = format!("{} instances", r.instances.len());
+                }
+                Err(e) => {
+                    outcome = format!("failed: {} ({:?})", e.message(), e.code());
+                    break;
+                }
+            }
+        }
+        let u2 = usages(&pids)?;
+        times.sort_by(f64::total_cmp);
+        let result = if times.is_empty() {
+            outcome
+        } else {
+            format!(
+                "{outcome}; {} calls, median {:.0} ms, max {:.0} ms",
+                times.len(),
+                times[times.len() / 2],
+                times[times.len() - 1]
+            )
+        };
+        row("Discover (all)", result, &cpu(&pids, &u1, &u2), &u2);
+
+        // 3. One heartbeat of every instance.
+        let (g3, ns3) = (g.clone(), ns.clone());
+        let (beats, took, h) = each(registered, args.concurrency, deadline, move |i| {
+            let (mut g, ns) = (g3.clone(), ns3.clone());
+            async move {
+                g.heartbeat(pb::HeartbeatRequest {
+                    instance: Some(pb::InstanceRef {
+                        namespace: ns,
+                        service: "big".into(),
+                        instance_id: format!("i{i:06}"),
+                    }),
+                })
+                .await
+                .with_context(|| format!("heartbeat i{i:06}"))?;
+                Ok(())
+            }
+        })
+        .await?;
+        let renewed_at = Instant::now();
+        let u3 = usages(&pids)?;
+        let spent = cpu(&pids, &u2, &u3);
+        let total: f64 = spent.iter().map(|(_, c)| c).sum();
+        // The client library renews every TTL/3: N / (TTL/3) heartbeats per second.
+        let rate_needed = registered as f64 / (f64::from(ttl) / 3.0);
+        row(
+            "heartbeat each once",
+            format!(
+                "{beats} in {:.1} s: {:.0}/s, call p50 {:.1} ms p99 {:.1} ms; {:.0} µs CPU each (all processes); renewing every TTL/3 = {:.0}/s would take {:.2} cores",
+                took.as_secs_f64(),
+                beats as f64 / took.as_secs_f64(),
+                ms(h.value_at_quantile(0.5)),
+                ms(h.value_at_quantile(0.99)),
+                total / beats.max(1) as f64 * 1e6,
+                rate_needed,
+                total / beats.max(1) as f64 * rate_needed
+            ),
+            &spent,
+            &u3,
+        );
+
+        // 4. Idle: nothing renews; CPU until the first expiry is due.
+        let quiet = (renewed_at.max(registered_at) + Duration::from_secs(u64::from(ttl)))
+            .saturating_duration_since(Instant::now())
+            .min(deadline.saturating_duration_since(Instant::now()));
+        let first_due = Instant::now() + quiet;
+        tokio::time::sleep(quiet.saturating_sub(Duration::from_secs(1))).await;
+        let u4 = usages(&pids)?;
+        row(
+            "idle (no heartbeats)",
+            format!("{:.0} s", quiet.as_secs_f64()),
+            &cpu(&pids, &u3, &u4),
+            &u4,
+        );
+
+        // 5. Expiry. The last renewal of instance i was during phase 3 (or its registration):
+        // all are due by `renewed_at + TTL`; measure when the keys are gone.
+        let all_due = renewed_at + Duration::from_secs(u64::from(ttl));
+        let mut first_gone = None;
+        let left = loop {
+            let left = count(&mut kv, &prefix).await?;
+            if first_gone.is_none() && (left as usize) < registered {
+                first_gone = Some(Instant::now());
+            }
+            if left == 0 || Instant::now() > deadline {
+                break left;
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        };
+        let end = Instant::now();
+        let u5 = usages(&pids)?;
+        let after = |t: Instant| {
+            if t >= all_due {
+                format!("+{:.1} s", (t - all_due).as_secs_f64())
+            } else {
+                format!("-{:.1} s", (all_due - t).as_secs_f64())
+            }
+        };
+        let result = match (left, first_gone) {
+            (0, Some(first)) => format!(
+                "first removal {} and the last {} after the last one was due (first due {}); {:.0} removals/s",
+                after(first),
+                after(end),
+                after(first_due),
+                registered as f64 / (end - first).as_secs_f64().max(0.001)
+            ),
+            (left, _) => format!("{left} of {registered} still there at the time bound"),
+        };
+        row("expiry", result, &cpu(&pids, &u4, &u5), &u5);
+        println!();
+        println!("load average at the end: {}", load());
+        Ok(())
+    }
+
+    fn ms(us: u64) -> f64 {
+        us as f64 / 1000.0
+    }
 }
