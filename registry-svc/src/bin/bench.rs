@@ -34,7 +34,8 @@
 //! heartbeat of every instance (the CPU it costs the coordinator and the registry, and from
 //! that the cores needed to renew N instances every TTL/3, the client library's pace); then no
 //! more heartbeats: how long after their TTL the coordinator's expiry takes to remove them all.
-//! It prints one table row per phase.
+//! It prints one table row per phase. `--ttl` must exceed the time registration takes (the
+//! heartbeat phase stops at the first instance that expired before its renewal).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
