@@ -101,6 +101,17 @@ pub fn ensure_images() {
 
 /// The compose file made for one project: ephemeral host ports, no restarts.
 pub fn test_compose_file(original: &str) -> String {
+    let (out, rewritten_ports) = rewrite_compose_file(original);
+    assert!(
+        rewritten_ports > 0,
+        "no published port found to rewrite in the compose file"
+    );
+    out
+}
+
+/// [`test_compose_file`] of a file that may publish nothing (an overlay that only sets
+/// environment and volumes); how many published ports it rewrote.
+pub fn rewrite_compose_file(original: &str) -> (String, usize) {
     let mut out = String::with_capacity(original.len());
     let mut rewritten_ports = 0;
     for line in original.lines() {
@@ -121,11 +132,7 @@ pub fn test_compose_file(original: &str) -> String {
         out.push_str(line);
         out.push('\n');
     }
-    assert!(
-        rewritten_ports > 0,
-        "no published port found to rewrite in the compose file"
-    );
-    out
+    (out, rewritten_ports)
 }
 
 /// The compose projects of one test binary run one at a time: two stacks at once on a small
@@ -168,7 +175,12 @@ impl Project {
             let original = std::fs::read_to_string(root.join("compose").join(file))
                 .unwrap_or_else(|e| panic!("read compose/{file}: {e}"));
             let path = dir.join(file);
-            std::fs::write(&path, test_compose_file(&original))
+            let made = if files.is_empty() {
+                test_compose_file(&original)
+            } else {
+                rewrite_compose_file(&original).0
+            };
+            std::fs::write(&path, made)
                 .unwrap_or_else(|e| panic!("write the project's {file}: {e}"));
             files.push(path.to_str().expect("a UTF-8 path").to_string());
         }
@@ -183,6 +195,12 @@ impl Project {
             program: compose_program(),
             files,
         }
+    }
+
+    /// The project's folder (where its compose files are, so their relative paths, such as
+    /// the TLS overlay's `./certs`, are taken from here); removed when the project is dropped.
+    pub fn dir(&self) -> &Path {
+        &self.dir
     }
 
     fn compose(&self, args: &[&str]) -> Output {

@@ -25,6 +25,8 @@
 //! - `gateway`: HTTP load through lb-gateway, and its metrics.
 //! - `scaling`: scaling out and in, coordinator members added and removed, a rolling restart
 //!   (a second stack, after this one: see its docs).
+//! - `tls`: the stack with TLS on every hop (`compose/docker-compose.tls.yml`), checked from the
+//!   host with etcdctl and TLS clients (a third stack, one at a time like the others).
 //! - `k8s`: the Kubernetes manifests (`deploy/k8s`) rendered and validated offline.
 
 mod docker;
@@ -32,6 +34,7 @@ mod gateway;
 mod k8s;
 mod kv;
 mod scaling;
+mod tls;
 
 use std::fmt::Write as _;
 use std::net::SocketAddr;
