@@ -254,3 +254,139 @@ pub fn run_to_end(command: &mut std::process::Command) -> std::process::Output {
         }
     }
 }
+
+/// Coordinator members in this process forming one Raft group, each on its own data dir and
+/// ephemeral ports. The callers' crates cannot rely on the coordinator binary being built, so
+/// the members run in process; "destroyed" means every member stopped and every data dir
+/// deleted ([`Members::destroy`]).
+pub struct Members {
+    running: Vec<coordinator::Running>,
+    dir: tempfile::TempDir,
+}
+
+/// Peer ports for `names`, and the `--initial-cluster` value naming them.
+fn initial_cluster(names: &[&str]) -> (Vec<String>, String) {
+    let peers: Vec<String> = names
+        .iter()
+        .map(|_| {
+            let addr = std::net::TcpListener::bind("127.0.0.1:0")
+                .and_then(|l| l.local_addr())
+                .expect("bind");
+            format!("http://{addr}")
+        })
+        .collect();
+    let initial = names
+        .iter()
+        .zip(&peers)
+        .map(|(n, p)| format!("{n}={p}"))
+        .collect::<Vec<_>>()
+        .join(",");
+    (peers, initial)
+}
+
+impl Members {
+    /// `names.len()` fresh members of a new cluster with `token`.
+    pub async fn start(names: &[&str], token: &str) -> Members {
+        Members::start_prepared(names, token, |_, _, _, _| {}).await
+    }
+
+    /// A new cluster whose members' data dirs are first written by `prepare(name, data_dir,
+    /// initial_cluster, peer_url)` (a snapshot restore, say), then started on them.
+    pub async fn start_prepared(
+        names: &[&str],
+        token: &str,
+        mut prepare: impl FnMut(&str, &std::path::Path, &str, &str),
+    ) -> Members {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let (peers, initial) = initial_cluster(names);
+        let mut configs = Vec::new();
+        for (name, peer) in names.iter().zip(&peers) {
+            let data = dir.path().join(name);
+            prepare(name, &data, &initial, peer);
+            let data = data.display().to_string();
+            configs.push(coordinator::Config::parse_from([
+                "coordinator",
+                "--name",
+                name,
+                "--data-dir",
+                &data,
+                "--listen-client-urls",
+                "http://127.0.0.1:0",
+                "--listen-metrics-urls",
+                "http://127.0.0.1:0",
+                "--listen-peer-urls",
+                peer,
+                "--initial-advertise-peer-urls",
+                peer,
+                "--initial-cluster",
+                &initial,
+                "--initial-cluster-token",
+                token,
+            ]));
+        }
+        let mut running = Vec::new();
+        for config in configs {
+            running.push(
+                within(START, "member start", coordinator::start(config))
+                    .await
+                    .expect("coordinator::start"),
+            );
+        }
+        Members { running, dir }
+    }
+
+    /// `http://127.0.0.1:PORT` of member `i`'s client port.
+    pub fn url(&self, i: usize) -> String {
+        format!("http://{}", self.running[i].client_addr())
+    }
+
+    /// Every member's client URL, comma-separated: what `--coordinator-endpoints` takes.
+    pub fn endpoints(&self) -> String {
+        (0..self.running.len())
+            .map(|i| self.url(i))
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    /// Index of the member every member names as leader, once they all agree.
+    pub async fn leader(&self) -> usize {
+        use proto::etcdserverpb::StatusRequest;
+        use proto::etcdserverpb::maintenance_client::MaintenanceClient;
+        let deadline = Instant::now() + START;
+        loop {
+            let mut seen = Vec::new();
+            for i in 0..self.running.len() {
+                let url = self.url(i);
+                let status = async move {
+                    let mut m = MaintenanceClient::connect(url).await.ok()?;
+                    m.status(StatusRequest {})
+                        .await
+                        .ok()
+                        .map(|r| r.into_inner())
+                };
+                if let Ok(Some(s)) = tokio::time::timeout(Duration::from_secs(2), status).await {
+                    seen.push((i, s.header.map(|h| h.member_id).unwrap_or(0), s.leader));
+                }
+            }
+            if seen.len() == self.running.len()
+                && seen[0].2 != 0
+                && seen.iter().all(|s| s.2 == seen[0].2)
+                && let Some(l) = seen.iter().find(|s| s.1 == seen[0].2)
+            {
+                return l.0;
+            }
+            assert!(Instant::now() < deadline, "no agreed leader: {seen:?}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Stops every member and deletes every data dir: nothing of this cluster is left.
+    pub async fn destroy(self) {
+        let path = self.dir.path().to_path_buf();
+        for running in self.running {
+            within(START, "member shutdown", running.shutdown()).await;
+        }
+        drop(self.dir);
+        assert!(!path.exists(), "{path:?} is still there");
+    }
+}

@@ -9,6 +9,8 @@
 //! - `cluster`: cluster status.
 //! - `errors`: unreachable services, bad usage, completions.
 //! - `tls`: `--cacert`, `--cert`, `--key`, `--token-file` against services requiring them.
+//! - `disaster_drill`: registrations and config versions through snapshot save, the loss of
+//!   every member, and a restore into a fresh three-member cluster.
 
 /// Bounded waits, shared with coord-client's tests.
 #[path = "../../../coord-client/tests/it/harness.rs"]
@@ -16,6 +18,7 @@ mod coord;
 
 mod cluster;
 mod config;
+mod disaster_drill;
 mod errors;
 mod harness;
 mod registry;
