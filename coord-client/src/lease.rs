@@ -31,7 +31,7 @@ impl Client {
             attempts += 1;
             let retry = attempts > 1;
             async move {
-                match LeaseClient::new(ch)
+                match LeaseClient::new(ch).max_decoding_message_size(crate::MAX_RESPONSE_BYTES)
                     .lease_grant(LeaseGrantRequest { ttl, id })
                     .await
                 {
@@ -55,7 +55,7 @@ impl Client {
     pub async fn lease_revoke(&self, id: i64) -> Result<()> {
         let res = self
             .call("LeaseRevoke", Idempotence::Safe, |ch| async move {
-                LeaseClient::new(ch)
+                LeaseClient::new(ch).max_decoding_message_size(crate::MAX_RESPONSE_BYTES)
                     .lease_revoke(LeaseRevokeRequest { id })
                     .await
                     .map(|_| ())
@@ -70,7 +70,7 @@ impl Client {
     /// Renews a lease once; returns its TTL, or 0 if it does not exist any more.
     pub async fn lease_keep_alive_once(&self, id: i64) -> Result<i64> {
         self.call("LeaseKeepAlive", Idempotence::Safe, |ch| async move {
-            let mut stream = LeaseClient::new(ch)
+            let mut stream = LeaseClient::new(ch).max_decoding_message_size(crate::MAX_RESPONSE_BYTES)
                 .lease_keep_alive(tokio_stream::once(LeaseKeepAliveRequest { id }))
                 .await?
                 .into_inner();
@@ -87,7 +87,7 @@ impl Client {
     /// The remaining TTL of a lease in seconds (`-1` if it does not exist).
     pub async fn lease_time_to_live(&self, id: i64) -> Result<i64> {
         self.call("LeaseTimeToLive", Idempotence::Safe, |ch| async move {
-            LeaseClient::new(ch)
+            LeaseClient::new(ch).max_decoding_message_size(crate::MAX_RESPONSE_BYTES)
                 .lease_time_to_live(LeaseTimeToLiveRequest { id, keys: false })
                 .await
                 .map(|r| r.get_ref().ttl)

@@ -32,6 +32,9 @@
 //! # Caveats
 //! - With several endpoints the client does not learn the cluster's members by itself; it uses
 //!   the list it was given.
+//! - Answers may be as large as etcd's clients accept ([`MAX_RESPONSE_BYTES`], 2 GiB - 1, etcd's
+//!   `MaxCallRecvMsgSize` default), not tonic's 4 MiB: a Range over a big prefix (a registry
+//!   service of 50,000 instances is about 15 MB) must not fail in the client.
 //! - A watch reconnect is invisible to its reader except for a log line; if the history it needs
 //!   was compacted meanwhile, the reader gets [`watch::WatchEvent::Compacted`] and must read a
 //!   fresh snapshot.
@@ -41,6 +44,10 @@ pub mod kv;
 pub mod lease;
 pub mod maintenance;
 pub mod watch;
+
+
+/// The largest answer the client decodes: etcd's client default (`math.MaxInt32`).
+pub const MAX_RESPONSE_BYTES: usize = i32::MAX as usize;
 
 use std::future::Future;
 use std::sync::Arc;

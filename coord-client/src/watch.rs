@@ -186,6 +186,7 @@ async fn one_watch(
         return Ended::Broken;
     }
     let mut stream = match WatchClient::new(channel)
+        .max_decoding_message_size(crate::MAX_RESPONSE_BYTES)
         .watch(ReceiverStream::new(req_rx))
         .await
     {

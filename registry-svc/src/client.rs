@@ -116,7 +116,10 @@ impl RegistryClient {
     /// The generated gRPC client on the current endpoint.
     pub fn grpc(&self) -> Grpc<AuthChannel> {
         let i = self.inner.current.load(Ordering::Relaxed) % self.inner.channels.len();
+        // A Discover or watch snapshot of a big service exceeds tonic's 4 MiB default (about
+        // 310 bytes per instance): accept what the coordinator client accepts.
         Grpc::with_interceptor(self.inner.channels[i].clone(), self.inner.token.clone())
+            .max_decoding_message_size(coord_client::MAX_RESPONSE_BYTES)
     }
 
     /// Moves to the next endpoint (after a failure).

@@ -31,6 +31,23 @@ async fn put_get_prefix_and_delete_round_trip_with_revisions() {
 }
 
 #[tokio::test]
+async fn a_prefix_read_larger_than_tonics_4_mib_default_is_answered_whole() {
+    let c = Coordinator::start().await;
+    let client = Client::connect([c.url()]).expect("client");
+    // 6 values of 1 MiB: one Range answer of about 6 MiB, above tonic's default 4 MiB limit.
+    let value = vec![b'v'; 1024 * 1024];
+    for i in 0..6 {
+        client
+            .put(format!("/big/{i}"), value.clone(), 0)
+            .await
+            .expect("put 1 MiB");
+    }
+    let all = client.get_prefix("/big/").await.expect("a 6 MiB range answer");
+    assert_eq!(all.kvs.len(), 6);
+    assert!(all.kvs.iter().all(|kv| kv.value == value));
+}
+
+#[tokio::test]
 async fn guarded_txn_creates_a_key_only_once() {
     let c = Coordinator::start().await;
     let client = Client::connect([c.url()]).expect("client");
