@@ -250,6 +250,63 @@ async fn run_all(project: &Project) -> (String, Vec<Scenario>) {
     (header, scenarios)
 }
 
+/// Why an instance is missing from the gateway's answers: the gateway's own view of its
+/// backends (registry health, ejection), and what the registry and the demo instances logged.
+async fn missing_instance_diagnostics(env: &Env<'_>, s: &mut Scenario) {
+    let (status, _, body) = gateway::get(env.gateway_admin, "/admin/backends").await;
+    let view = serde_json::from_str::<serde_json::Value>(&body)
+        .ok()
+        .and_then(|v| {
+            let routes = v.get("routes")?.as_array()?.clone();
+            Some(
+                routes
+                    .iter()
+                    .map(|r| {
+                        let backends: Vec<String> = r["backends"]
+                            .as_array()
+                            .map(|b| {
+                                b.iter()
+                                    .map(|b| {
+                                        format!(
+                                            "{} {} {} ejected={}",
+                                            b["instance_id"], b["id"], b["registry_health"], b["ejected"]
+                                        )
+                                    })
+                                    .collect()
+                            })
+                            .unwrap_or_default();
+                        format!(
+                            "route {} registry={} revision={}: [{}]",
+                            r["route"],
+                            r["registry"],
+                            r["revision"],
+                            backends.join(", ")
+                        )
+                    })
+                    .collect::<Vec<_>>()
+                    .join("\n        "),
+            )
+        })
+        .unwrap_or_else(|| format!("HTTP {status}: {body}"));
+    s.line(format!("gateway backends:\n        {view}"));
+    for service in ["registry-svc-1", "registry-svc", "demo-1", "demo-2", "demo-3"] {
+        let log = blocking(|| env.project.logs(service, 400));
+        let lines: Vec<&str> = log
+            .lines()
+            .filter(|l| {
+                l.contains("WARN")
+                    || l.contains("ERROR")
+                    || l.contains("health changed")
+                    || l.contains("registered")
+            })
+            .collect();
+        s.line(format!(
+            "{service} log (health changes, registrations, warnings):\n        {}",
+            lines[lines.len().saturating_sub(8)..].join("\n        ")
+        ));
+    }
+}
+
 /// The gateway answers, spreads keys over the instances, and keeps a key on one instance.
 async fn baseline(env: &Env<'_>, s: &mut Scenario) {
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -273,6 +330,9 @@ async fn baseline(env: &Env<'_>, s: &mut Scenario) {
         seen.len() == 3,
         format!("all three demo instances answer through the gateway (saw {seen:?})"),
     );
+    if seen.len() < 3 {
+        missing_instance_diagnostics(env, s).await;
+    }
     let mut answers = std::collections::BTreeSet::new();
     for _ in 0..10 {
         let (status, instance, body) = gateway::get(env.gateway, "/users/alice").await;
