@@ -44,7 +44,13 @@ impl Client {
     pub async fn range(&self, req: RangeRequest) -> Result<RangeResponse> {
         self.call("Range", Idempotence::Safe, |ch| {
             let req = req.clone();
-            async move { KvClient::new(ch).max_decoding_message_size(crate::MAX_RESPONSE_BYTES).range(req).await.map(|r| r.into_inner()) }
+            async move {
+                KvClient::new(ch)
+                    .max_decoding_message_size(crate::MAX_RESPONSE_BYTES)
+                    .range(req)
+                    .await
+                    .map(|r| r.into_inner())
+            }
         })
         .await
     }
@@ -113,7 +119,8 @@ impl Client {
         self.call("Put", Idempotence::Unsafe, |ch| {
             let req = req.clone();
             async move {
-                KvClient::new(ch).max_decoding_message_size(crate::MAX_RESPONSE_BYTES)
+                KvClient::new(ch)
+                    .max_decoding_message_size(crate::MAX_RESPONSE_BYTES)
                     .put(req)
                     .await
                     .map(|r| revision_of(r.get_ref().header.as_ref()))
@@ -143,10 +150,14 @@ impl Client {
         self.call("DeleteRange", Idempotence::Safe, |ch| {
             let req = req.clone();
             async move {
-                KvClient::new(ch).max_decoding_message_size(crate::MAX_RESPONSE_BYTES).delete_range(req).await.map(|r| {
-                    let r = r.into_inner();
-                    (r.deleted, revision_of(r.header.as_ref()))
-                })
+                KvClient::new(ch)
+                    .max_decoding_message_size(crate::MAX_RESPONSE_BYTES)
+                    .delete_range(req)
+                    .await
+                    .map(|r| {
+                        let r = r.into_inner();
+                        (r.deleted, revision_of(r.header.as_ref()))
+                    })
             }
         })
         .await
@@ -169,7 +180,13 @@ impl Client {
     async fn txn_with(&self, req: TxnRequest, idempotence: Idempotence) -> Result<TxnResponse> {
         self.call("Txn", idempotence, |ch| {
             let req = req.clone();
-            async move { KvClient::new(ch).max_decoding_message_size(crate::MAX_RESPONSE_BYTES).txn(req).await.map(|r| r.into_inner()) }
+            async move {
+                KvClient::new(ch)
+                    .max_decoding_message_size(crate::MAX_RESPONSE_BYTES)
+                    .txn(req)
+                    .await
+                    .map(|r| r.into_inner())
+            }
         })
         .await
     }
@@ -182,7 +199,11 @@ impl Client {
             physical: true,
         };
         self.call("Compact", Idempotence::Safe, |ch| async move {
-            KvClient::new(ch).max_decoding_message_size(crate::MAX_RESPONSE_BYTES).compact(req).await.map(|_| ())
+            KvClient::new(ch)
+                .max_decoding_message_size(crate::MAX_RESPONSE_BYTES)
+                .compact(req)
+                .await
+                .map(|_| ())
         })
         .await
     }

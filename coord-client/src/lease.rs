@@ -31,7 +31,8 @@ impl Client {
             attempts += 1;
             let retry = attempts > 1;
             async move {
-                match LeaseClient::new(ch).max_decoding_message_size(crate::MAX_RESPONSE_BYTES)
+                match LeaseClient::new(ch)
+                    .max_decoding_message_size(crate::MAX_RESPONSE_BYTES)
                     .lease_grant(LeaseGrantRequest { ttl, id })
                     .await
                 {
@@ -55,7 +56,8 @@ impl Client {
     pub async fn lease_revoke(&self, id: i64) -> Result<()> {
         let res = self
             .call("LeaseRevoke", Idempotence::Safe, |ch| async move {
-                LeaseClient::new(ch).max_decoding_message_size(crate::MAX_RESPONSE_BYTES)
+                LeaseClient::new(ch)
+                    .max_decoding_message_size(crate::MAX_RESPONSE_BYTES)
                     .lease_revoke(LeaseRevokeRequest { id })
                     .await
                     .map(|_| ())
@@ -70,7 +72,8 @@ impl Client {
     /// Renews a lease once; returns its TTL, or 0 if it does not exist any more.
     pub async fn lease_keep_alive_once(&self, id: i64) -> Result<i64> {
         self.call("LeaseKeepAlive", Idempotence::Safe, |ch| async move {
-            let mut stream = LeaseClient::new(ch).max_decoding_message_size(crate::MAX_RESPONSE_BYTES)
+            let mut stream = LeaseClient::new(ch)
+                .max_decoding_message_size(crate::MAX_RESPONSE_BYTES)
                 .lease_keep_alive(tokio_stream::once(LeaseKeepAliveRequest { id }))
                 .await?
                 .into_inner();
@@ -87,7 +90,8 @@ impl Client {
     /// The remaining TTL of a lease in seconds (`-1` if it does not exist).
     pub async fn lease_time_to_live(&self, id: i64) -> Result<i64> {
         self.call("LeaseTimeToLive", Idempotence::Safe, |ch| async move {
-            LeaseClient::new(ch).max_decoding_message_size(crate::MAX_RESPONSE_BYTES)
+            LeaseClient::new(ch)
+                .max_decoding_message_size(crate::MAX_RESPONSE_BYTES)
                 .lease_time_to_live(LeaseTimeToLiveRequest { id, keys: false })
                 .await
                 .map(|r| r.get_ref().ttl)

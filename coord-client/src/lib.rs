@@ -45,7 +45,6 @@ pub mod lease;
 pub mod maintenance;
 pub mod watch;
 
-
 /// The largest answer the client decodes: etcd's client default (`math.MaxInt32`).
 pub const MAX_RESPONSE_BYTES: usize = i32::MAX as usize;
 

@@ -25,7 +25,8 @@ impl Client {
     /// The cluster's members (retried: it is a read).
     pub async fn member_list(&self) -> Result<Vec<Member>> {
         self.call("MemberList", Idempotence::Safe, |ch| async move {
-            ClusterClient::new(ch).max_decoding_message_size(crate::MAX_RESPONSE_BYTES)
+            ClusterClient::new(ch)
+                .max_decoding_message_size(crate::MAX_RESPONSE_BYTES)
                 .member_list(MemberListRequest {
                     linearizable: false,
                 })
@@ -46,7 +47,8 @@ impl Client {
             .map(|m| {
                 let channel = m.channel.clone();
                 tokio::spawn(async move {
-                    let mut client = MaintenanceClient::new(channel).max_decoding_message_size(crate::MAX_RESPONSE_BYTES);
+                    let mut client = MaintenanceClient::new(channel)
+                        .max_decoding_message_size(crate::MAX_RESPONSE_BYTES);
                     let call = client.status(StatusRequest {});
                     match tokio::time::timeout(timeout, call).await {
                         Ok(Ok(r)) => Ok(r.into_inner()),

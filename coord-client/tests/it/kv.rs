@@ -42,7 +42,10 @@ async fn a_prefix_read_larger_than_tonics_4_mib_default_is_answered_whole() {
             .await
             .expect("put 1 MiB");
     }
-    let all = client.get_prefix("/big/").await.expect("a 6 MiB range answer");
+    let all = client
+        .get_prefix("/big/")
+        .await
+        .expect("a 6 MiB range answer");
     assert_eq!(all.kvs.len(), 6);
     assert!(all.kvs.iter().all(|kv| kv.value == value));
 }

@@ -269,7 +269,10 @@ async fn missing_instance_diagnostics(env: &Env<'_>, s: &mut Scenario) {
                                     .map(|b| {
                                         format!(
                                             "{} {} {} ejected={}",
-                                            b["instance_id"], b["id"], b["registry_health"], b["ejected"]
+                                            b["instance_id"],
+                                            b["id"],
+                                            b["registry_health"],
+                                            b["ejected"]
                                         )
                                     })
                                     .collect()
@@ -289,7 +292,13 @@ async fn missing_instance_diagnostics(env: &Env<'_>, s: &mut Scenario) {
         })
         .unwrap_or_else(|| format!("HTTP {status}: {body}"));
     s.line(format!("gateway backends:\n        {view}"));
-    for service in ["registry-svc-1", "registry-svc", "demo-1", "demo-2", "demo-3"] {
+    for service in [
+        "registry-svc-1",
+        "registry-svc",
+        "demo-1",
+        "demo-2",
+        "demo-3",
+    ] {
         let log = blocking(|| env.project.logs(service, 400));
         let lines: Vec<&str> = log
             .lines()
