@@ -28,8 +28,10 @@
 #   BENCH_DURATION [10s]  BENCH_REPS [3]  BENCH_CONNECTIONS [64]  BENCH_WRK_THREADS [1]
 #   BENCH_PROXY_THREADS [1]  BENCH_BACKENDS [4]  BENCH_SKIP_BUILD [0]  BENCH_MAX_TIME [900]
 #   BENCH_PROFILE [unset]  a file: `perf record -g` the gateway for 3 s of its first run into it
-#   BENCH_GATEWAY_HYPER [0]  1: also run a second gateway with `--http1-client hyper` (hyper's
-#                         HTTP/1.1 client instead of the gateway's own) as target lb-gateway-hyper
+#   BENCH_GATEWAY_HYPER [0]  1 or `client`: also run a second gateway with `--http1-client hyper`
+#                         (hyper's HTTP/1.1 client instead of the gateway's own) as target
+#                         lb-gateway-hyper; `server`: the second gateway with `--http1-server hyper`
+#                         (hyper's HTTP/1.1 server instead of the listener's fast path)
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -178,14 +180,21 @@ start gateway "$GATEWAY_BIN" --listen "127.0.0.1:$GPORT" --admin-listen "127.0.0
 GATEWAY_PID=$LAST_PID
 wait_http "http://127.0.0.1:$GADMIN/readyz" "lb-gateway"
 TARGETS=(direct lb-gateway nginx haproxy)
-if [[ ${BENCH_GATEWAY_HYPER:-0} == 1 ]]; then
+HYPER_PART=
+case ${BENCH_GATEWAY_HYPER:-0} in
+0) ;;
+1 | client) HYPER_PART=client ;;
+server) HYPER_PART=server ;;
+*) die "BENCH_GATEWAY_HYPER must be 0, 1, client or server" ;;
+esac
+if [[ -n $HYPER_PART ]]; then
     G2PORT=$(free_port)
     G2ADMIN=$(free_port)
     start gateway-hyper "$GATEWAY_BIN" --listen "127.0.0.1:$G2PORT" --admin-listen "127.0.0.1:$G2ADMIN" \
         --routes "$TMP/routes.toml" --registry-endpoints "http://127.0.0.1:$RGRPC" \
-        --worker-threads "$PROXY_THREADS" --access-log false --http1-client hyper
+        --worker-threads "$PROXY_THREADS" --access-log false "--http1-$HYPER_PART" hyper
     GATEWAY2_PID=$LAST_PID
-    wait_http "http://127.0.0.1:$G2ADMIN/readyz" "lb-gateway (hyper client)"
+    wait_http "http://127.0.0.1:$G2ADMIN/readyz" "lb-gateway (hyper $HYPER_PART)"
     TARGETS+=(lb-gateway-hyper)
 fi
 for ((i = 0; i < 100; i++)); do
@@ -290,6 +299,7 @@ run() {
     echo "$name $rps $p99 $cpu $ROUND" >>"$TMP/results"
 }
 
+log "load average before: $(cut -d' ' -f1-3 /proc/loadavg)"
 log "measuring: $REPS rounds × 4 targets × $DURATION, $CONNS connections, wrk -t$WRK_THREADS, proxies with $PROXY_THREADS worker(s)"
 for ((ROUND = 1; ROUND <= REPS; ROUND++)); do
     run direct "${BACKEND_PORTS[0]}" 0
@@ -300,6 +310,8 @@ for ((ROUND = 1; ROUND <= REPS; ROUND++)); do
         run lb-gateway-hyper "$G2PORT" "$GATEWAY2_PID"
     fi
 done
+
+log "load average after: $(cut -d' ' -f1-3 /proc/loadavg)"
 
 # Spread check: how the proxies spread the 1000 paths over the backends is not measured
 # here; the gateway's own spread is in its admin API (/admin/table?route=web).
@@ -317,8 +329,8 @@ echo
 # Within each round the four targets ran back to back, so the gateway's ratio to the better of
 # nginx and HAProxy in the same round is less disturbed by other work on the machine than
 # the medians above; its median over the rounds:
-python3 - "$TMP/results" <<'EOF'
-import statistics, sys
+HYPER_PART=$HYPER_PART python3 - "$TMP/results" <<'EOF'
+import os, statistics, sys
 runs = {}
 for line in open(sys.argv[1]):
     name, rps, p99, cpu, rnd = line.split()
@@ -330,12 +342,14 @@ for r in rounds:
     t.append(gw[0] / max(ng[0], hp[0]))
     l.append(gw[1] / min(ng[1], hp[1]))
     c.append(gw[2] / min(ng[2], hp[2]))
+    print(f"round {r}: throughput {t[-1]:.2f}x, p99 {l[-1]:.2f}x, CPU per request {c[-1]:.2f}x")
 print(f"lb-gateway vs the better of nginx and HAProxy in the same round (median of {len(rounds)} rounds): "
       f"throughput {statistics.median(t):.2f}x, p99 {statistics.median(l):.2f}x, CPU per request {statistics.median(c):.2f}x")
 if all((r, "lb-gateway-hyper") in runs for r in rounds):
     own = [runs[(r, "lb-gateway")] for r in rounds]
     hyp = [runs[(r, "lb-gateway-hyper")] for r in rounds]
-    print(f"lb-gateway's own HTTP/1.1 client vs hyper's, same rounds (median): "
+    part = os.environ.get("HYPER_PART") or "client"
+    print(f"lb-gateway's own HTTP/1.1 {part} vs hyper's, same rounds (median): "
           f"throughput {statistics.median(o[0] / h[0] for o, h in zip(own, hyp)):.2f}x, "
           f"CPU per request {statistics.median(o[2] / h[2] for o, h in zip(own, hyp)):.2f}x")
 EOF

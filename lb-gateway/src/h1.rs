@@ -178,15 +178,29 @@ fn parse_head(buf: &mut BytesMut, method: &Method) -> Result<Option<Head>, Excha
     let status = StatusCode::from_u16(code)
         .map_err(|_| ExchangeError::Malformed(format!("status {code}")))?;
     let http11 = resp.version == Some(1);
-    let mut headers = HeaderMap::with_capacity(resp.headers.len());
+    // The fields' places in the head: their values become slices of it, not copies.
+    let count = resp.headers.len();
+    let mut places = [[0usize; 4]; MAX_HEADERS];
+    for (place, h) in places.iter_mut().zip(resp.headers.iter()) {
+        let base = buf.as_ptr() as usize;
+        let name = h.name.as_ptr() as usize - base;
+        let value = h.value.as_ptr() as usize - base;
+        *place = [name, name + h.name.len(), value, value + h.value.len()];
+    }
+    let head = buf.split_to(len).freeze();
+    let mut headers = HeaderMap::with_capacity(count);
     let mut close = !http11;
     let mut chunked = false;
     let mut coded = false;
     let mut length: Option<u64> = None;
-    for h in resp.headers.iter() {
-        let name = HeaderName::from_bytes(h.name.as_bytes())
-            .map_err(|_| ExchangeError::Malformed(format!("header name {:?}", h.name)))?;
-        let value = HeaderValue::from_bytes(h.value)
+    for &[n0, n1, v0, v1] in &places[..count] {
+        let name = HeaderName::from_bytes(&head[n0..n1]).map_err(|_| {
+            ExchangeError::Malformed(format!(
+                "header name {:?}",
+                String::from_utf8_lossy(&head[n0..n1])
+            ))
+        })?;
+        let value = HeaderValue::from_maybe_shared(head.slice(v0..v1))
             .map_err(|_| ExchangeError::Malformed(format!("value of {name}")))?;
         if name == header::CONNECTION {
             for t in value.to_str().unwrap_or("").split(',') {
@@ -207,7 +221,7 @@ fn parse_head(buf: &mut BytesMut, method: &Method) -> Result<Option<Head>, Excha
                 .and_then(|s| s.rsplit(',').next())
                 .is_some_and(|last| last.trim().eq_ignore_ascii_case("chunked"));
         } else if name == header::CONTENT_LENGTH {
-            let n: u64 = std::str::from_utf8(h.value)
+            let n: u64 = std::str::from_utf8(value.as_bytes())
                 .ok()
                 .and_then(|s| s.trim().parse().ok())
                 .ok_or_else(|| ExchangeError::Malformed("invalid Content-Length".into()))?;
@@ -220,7 +234,6 @@ fn parse_head(buf: &mut BytesMut, method: &Method) -> Result<Option<Head>, Excha
         }
         headers.append(name, value);
     }
-    buf.advance(len);
     let framing = if *method == Method::HEAD
         || status.is_informational()
         || status == StatusCode::NO_CONTENT

@@ -52,6 +52,7 @@
 pub mod admin;
 pub mod dashboard;
 pub mod discovery;
+pub mod fast;
 pub mod h1;
 // The pure parts (the hash tables, the routes file) live in `lb-core`, so the fuzz targets can
 // build them without the proxy; re-exported here under their old paths.
@@ -208,6 +209,13 @@ pub struct Config {
     #[arg(long, env = "LB_GATEWAY_HTTP1_CLIENT", default_value = "own", value_name = "own|hyper",
           value_parser = ["own", "hyper"])]
     pub http1_client: String,
+
+    /// The HTTP/1.1 server for requests without a body: `own` (the listener's fast path, see
+    /// `fast`; hyper still serves HTTP/2, upgrades, requests with bodies and TLS) or `hyper`
+    /// (hyper's server for everything). For comparing the two; `own` is faster.
+    #[arg(long, env = "LB_GATEWAY_HTTP1_SERVER", default_value = "own", value_name = "own|hyper",
+          value_parser = ["own", "hyper"])]
+    pub http1_server: String,
 
     /// How long in-flight requests may take to finish after shutdown is asked, e.g. "10s".
     #[arg(
@@ -431,6 +439,7 @@ pub async fn run_with_listeners(
         header_read_timeout,
         access_log,
         http1_client,
+        http1_server,
         shutdown_grace,
         dashboard_coordinator_endpoints,
         dashboard_config_url,
@@ -473,6 +482,7 @@ pub async fn run_with_listeners(
         in_flight: Arc::new(AtomicU64::new(0)),
         access_log,
         own_http1: http1_client == "own",
+        own_http1_server: http1_server == "own",
         export_spans: std::env::var_os(service_kit::telemetry::OTLP_ENDPOINT_ENV)
             .is_some_and(|v| !v.is_empty()),
         unrouted: gm.route("-"),

@@ -54,6 +54,8 @@ pub struct Gateway {
     pub access_log: bool,
     /// Whether requests without a body go through the gateway's own HTTP/1.1 client.
     pub own_http1: bool,
+    /// Whether the listener serves bodyless HTTP/1.1 requests itself (`fast`), not hyper.
+    pub own_http1_server: bool,
     /// Whether spans are exported (OpenTelemetry): request spans are INFO then, DEBUG otherwise.
     pub export_spans: bool,
     /// Metrics of requests that match no route (route label `-`).
@@ -410,15 +412,30 @@ impl Client {
 pub async fn handle(
     gw: Arc<Gateway>,
     client: Arc<Client>,
-    req: Request<Incoming>,
+    mut req: Request<Incoming>,
 ) -> Result<Response<ProxyBody>, Infallible> {
+    let upgrade = is_upgrade(req.headers()).then(|| hyper::upgrade::on(&mut req));
+    let (parts, body) = req.into_parts();
+    Ok(serve_request(&gw, &client, parts, Some(body), upgrade).await)
+}
+
+/// Serves one request given as its head, its body (`None`: none) and, for an upgrade the
+/// gateway tunnels, the client side of the upgrade. The listener's own HTTP/1.1 fast path
+/// (`fast`) calls this directly for bodyless requests; hyper's service function for the rest.
+pub async fn serve_request(
+    gw: &Arc<Gateway>,
+    client: &Arc<Client>,
+    req: http::request::Parts,
+    body: Option<Incoming>,
+    client_upgrade: Option<hyper::upgrade::OnUpgrade>,
+) -> Response<ProxyBody> {
     let start = Instant::now();
-    let grpc = is_grpc(req.headers());
+    let grpc = is_grpc(&req.headers);
     let table = gw.table.load();
     let route = {
         let view = RequestView {
-            host: host_of(req.headers(), req.uri()),
-            path: req.uri().path(),
+            host: host_of(&req.headers, &req.uri),
+            path: req.uri.path(),
             grpc,
         };
         table.find(&view).cloned()
@@ -426,8 +443,8 @@ pub async fn handle(
     let Some(route) = route else {
         gw.unrouted.rejected(Refusal::NoRoute.code());
         gw.unrouted.answered(404);
-        let msg = format!("no route matches {} {}", req.method(), req.uri().path());
-        return Ok(refuse(Refusal::NoRoute, &msg, grpc, None));
+        let msg = format!("no route matches {} {}", req.method, req.uri.path());
+        return refuse(Refusal::NoRoute, &msg, grpc, None);
     };
     // A span per request: at INFO when spans are exported (OpenTelemetry), else at DEBUG, so
     // that a gateway without a collector does not pay for spans nobody reads.
@@ -436,19 +453,19 @@ pub async fn handle(
             "proxy",
             otel.kind = "server",
             route = %route.route.name,
-            method = %req.method(),
+            method = %req.method,
             trace_id = tracing::field::Empty,
         )
     } else {
         tracing::debug_span!(
             "proxy",
             route = %route.route.name,
-            method = %req.method(),
+            method = %req.method,
             trace_id = tracing::field::Empty,
         )
     };
     let hop = trace::hop(
-        req.headers().get(TRACEPARENT).map(HeaderValue::as_bytes),
+        req.headers.get(TRACEPARENT).map(HeaderValue::as_bytes),
         &span,
     );
     if !span.is_disabled() {
@@ -456,23 +473,23 @@ pub async fn handle(
     }
     let access = gw.access_log.then(|| {
         (
-            req.method().clone(),
-            req.uri().path().to_owned(),
+            req.method.clone(),
+            req.uri.path().to_owned(),
             hop.ours.trace_id_hex(),
         )
     });
-    let admitted = table.admit(&gw, &route, client.addr.ip(), ns_at(start));
+    let admitted = table.admit(gw, &route, client.addr.ip(), ns_at(start));
     drop(table);
     let result = match admitted {
         Ok(admitted) => {
             // Boxed: the proxy's state machine is large, and hyper moves the request's future.
             let call = Call {
-                client: &client,
+                client,
                 grpc,
                 hop: &hop,
                 start,
             };
-            Box::pin(proxy(&gw, &route, admitted, req, call))
+            Box::pin(proxy(gw, &route, admitted, req, body, client_upgrade, call))
                 .instrument(span.clone())
                 .await
         }
@@ -511,7 +528,7 @@ pub async fn handle(
             "access"
         );
     }
-    Ok(resp)
+    resp
 }
 
 type Failure = (Refusal, String, Option<Duration>, u32);
@@ -529,7 +546,9 @@ async fn proxy(
     gw: &Arc<Gateway>,
     route: &Arc<RouteState>,
     mut admitted: Admitted,
-    mut req: Request<Incoming>,
+    mut parts: http::request::Parts,
+    body: Option<Incoming>,
+    client_upgrade: Option<hyper::upgrade::OnUpgrade>,
     call: Call<'_>,
 ) -> Result<(Response<ProxyBody>, Option<String>, u32), Failure> {
     let Call {
@@ -542,8 +561,7 @@ async fn proxy(
     route.budget.deposit();
 
     let r = &route.route;
-    let client_upgrade = is_upgrade(req.headers()).then(|| hyper::upgrade::on(&mut req));
-    let (mut parts, body) = req.into_parts();
+    let body_done = body.as_ref().is_none_or(|b| b.is_end_stream());
     let key = r.hash.key_hash(&parts, client_ip);
 
     // The request as it goes out, minus what depends on the wire.
@@ -576,7 +594,7 @@ async fn proxy(
     let retryable = attempts_allowed > 1
         && client_upgrade.is_none()
         && idempotent(&parts.method)
-        && body.is_end_stream();
+        && body_done;
     // What a retry rebuilds the request from (only kept when it may be needed).
     let template = retryable.then(|| {
         (
@@ -586,8 +604,12 @@ async fn proxy(
         )
     });
     // No body and no upgrade: the gateway's own HTTP/1.1 client takes it (see `h1`).
-    let bodyless = gw.own_http1 && client_upgrade.is_none() && body.is_end_stream();
-    let mut pending: Option<(http::request::Parts, UpBody)> = Some((parts, UpBody::Incoming(body)));
+    let bodyless = gw.own_http1 && client_upgrade.is_none() && body_done;
+    let body = match body {
+        Some(b) => UpBody::Incoming(b),
+        None => UpBody::Empty,
+    };
+    let mut pending: Option<(http::request::Parts, UpBody)> = Some((parts, body));
 
     let pool = route.pool.load_full();
     let deadline = start + r.timeouts.overall;

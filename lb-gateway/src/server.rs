@@ -1,5 +1,7 @@
 //! The proxy's listener: HTTP/1.1 and HTTP/2 with prior knowledge (h2c) on one port, told
-//! apart by the connection preface; HTTP/1.1 upgrades (WebSocket) allowed.
+//! apart by the connection preface; HTTP/1.1 upgrades (WebSocket) allowed. Bodyless HTTP/1.1
+//! requests on plain TCP are served by the listener's own fast path (`fast`); hyper serves the
+//! rest, and the rest of a connection once the fast path hands it over.
 //!
 //! Each proxy worker runs this loop on its own single-threaded runtime, accepting from its clone
 //! of the one listening socket (see `run_with_listeners`): a client connection stays on the
@@ -35,7 +37,9 @@ use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
+use crate::fast;
 use crate::proxy::{Client, Gateway, handle};
 
 /// What one worker's listener admits.
@@ -80,6 +84,8 @@ pub async fn serve(
         .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX));
     let graceful = GracefulShutdown::new();
     let permits = Arc::new(Semaphore::new(limits.max_connections));
+    // Every connection's task, hyper's or the fast path's: the drain waits for them all.
+    let tracker = TaskTracker::new();
     loop {
         let permit = tokio::select! {
             _ = shutdown.cancelled() => break,
@@ -103,6 +109,8 @@ pub async fn serve(
         let _ = stream.set_nodelay(true);
         let gw = Arc::clone(&gw);
         let client = Arc::new(Client::new(peer));
+        let fast = (gw.own_http1_server && tls.is_none())
+            .then(|| (Arc::clone(&gw), Arc::clone(&client), shutdown.clone()));
         // Set by the first request: until then the connection is on the clock (see below).
         let started = Arc::new(AtomicBool::new(false));
         let seen = Arc::clone(&started);
@@ -118,7 +126,7 @@ pub async fn serve(
         let acceptor = tls
             .clone()
             .map(service_kit::tls::tokio_rustls::TlsAcceptor::from);
-        tokio::spawn(async move {
+        tracker.spawn(async move {
             // The clock runs from accept, so a TLS handshake that never completes counts too.
             // hyper's header timer starts only once it knows the protocol, which takes 24
             // bytes of a dribbled HTTP/2 preface, or forever for a silent client: this one
@@ -158,14 +166,35 @@ pub async fn serve(
                             }
                         }
                     }
-                    None => {
-                        watcher
-                            .watch(
-                                builder
-                                    .serve_connection_with_upgrades(TokioIo::new(stream), service),
-                            )
-                            .await
-                    }
+                    None => match fast {
+                        Some((gw, client, shutdown)) => {
+                            let mut stream = stream;
+                            let ended =
+                                fast::serve(&mut stream, &gw, &client, limits, &started, &shutdown)
+                                    .await;
+                            match ended {
+                                fast::Ended::Closed => Ok(()),
+                                fast::Ended::Fallback(read) => {
+                                    watcher
+                                        .watch(builder.serve_connection_with_upgrades(
+                                            TokioIo::new(fast::Rewind::new(stream, read)),
+                                            service,
+                                        ))
+                                        .await
+                                }
+                            }
+                        }
+                        None => {
+                            watcher
+                                .watch(
+                                    builder.serve_connection_with_upgrades(
+                                        TokioIo::new(stream),
+                                        service,
+                                    ),
+                                )
+                                .await
+                        }
+                    },
                 }
             };
             tokio::select! {
@@ -180,14 +209,18 @@ pub async fn serve(
         });
     }
     drop(listener);
+    tracker.close();
     tracing::info!(
-        connections = graceful.count(),
+        connections = tracker.len(),
         ?grace,
         "draining client connections"
     );
-    if tokio::time::timeout(grace, graceful.shutdown())
-        .await
-        .is_err()
+    // hyper's connections are told to finish; the fast path's see `shutdown` themselves.
+    let drained = async {
+        graceful.shutdown().await;
+        tracker.wait().await;
+    };
+    if tokio::time::timeout(grace, drained).await.is_err()
     {
         tracing::warn!(
             ?grace,

@@ -13,6 +13,8 @@
 //! - `identity`: with auth on in registry-svc, the gateway discovers with its own read-only
 //!   token and forwards the caller's `Authorization`, never its own.
 //! - `conn_limits`: the listener's limits (header read timeout, header size, connections).
+//! - `fast_path`: the listener's own HTTP/1.1 path (pipelining, split heads, 431, chunked,
+//!   HEAD, 204/304, HTTP/1.0) and its hand-over to hyper.
 //! - `overrides`: routes replaced by versions of a config-svc item.
 //! - `dashboard`: the web dashboard's JSON API and its errors, and the page in headless
 //!   Chromium (`browser`: chromedriver as a child process, WebDriver over HTTP).
@@ -24,6 +26,7 @@ mod binary;
 mod browser;
 mod conn_limits;
 mod dashboard;
+mod fast_path;
 mod grpc;
 mod harness;
 mod identity;
