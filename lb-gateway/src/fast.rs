@@ -175,9 +175,7 @@ pub async fn serve(
     started: &AtomicBool,
     shutdown: &CancellationToken,
 ) -> Ended {
-    let max_head = limits
-        .max_header_bytes
-        .max(crate::server::MIN_HEADER_BYTES);
+    let max_head = limits.max_header_bytes.max(crate::server::MIN_HEADER_BYTES);
     let mut buf = BytesMut::with_capacity(READ);
     let mut out: Vec<u8> = Vec::with_capacity(READ);
     let mut fields: Vec<[usize; 4]> = Vec::with_capacity(16);
@@ -612,8 +610,8 @@ mod date {
     pub fn format(secs: u64) -> [u8; 29] {
         const DAYS: [&[u8; 3]; 7] = [b"Thu", b"Fri", b"Sat", b"Sun", b"Mon", b"Tue", b"Wed"];
         const MONTHS: [&[u8; 3]; 12] = [
-            b"Jan", b"Feb", b"Mar", b"Apr", b"May", b"Jun", b"Jul", b"Aug", b"Sep", b"Oct",
-            b"Nov", b"Dec",
+            b"Jan", b"Feb", b"Mar", b"Apr", b"May", b"Jun", b"Jul", b"Aug", b"Sep", b"Oct", b"Nov",
+            b"Dec",
         ];
         let days = secs / 86_400;
         let rem = secs % 86_400;
@@ -648,9 +646,15 @@ mod date {
     mod tests {
         #[test]
         fn dates_are_imf_fixdate() {
-            assert_eq!(&super::format(784_111_777), b"Sun, 06 Nov 1994 08:49:37 GMT");
+            assert_eq!(
+                &super::format(784_111_777),
+                b"Sun, 06 Nov 1994 08:49:37 GMT"
+            );
             assert_eq!(&super::format(0), b"Thu, 01 Jan 1970 00:00:00 GMT");
-            assert_eq!(&super::format(951_782_400), b"Tue, 29 Feb 2000 00:00:00 GMT");
+            assert_eq!(
+                &super::format(951_782_400),
+                b"Tue, 29 Feb 2000 00:00:00 GMT"
+            );
         }
     }
 }
@@ -665,15 +669,20 @@ mod tests {
 
     #[test]
     fn bodyless_heads_take_the_fast_path_and_the_rest_goes_to_hyper() {
-        let Parse::Head(p) = parsed(b"GET /a?b=1 HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\nGET")
+        let Parse::Head(p) =
+            parsed(b"GET /a?b=1 HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\nGET")
         else {
             panic!("fast path expected");
         };
-        let raw = Bytes::from_static(b"GET /a?b=1 HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n");
+        let raw =
+            Bytes::from_static(b"GET /a?b=1 HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n");
         assert_eq!(p.len, raw.len());
         let (parts, keep) = to_parts(&raw, &p).expect("parts");
         assert_eq!(parts.method, Method::GET);
-        assert_eq!(parts.uri.path_and_query().map(|p| p.as_str()), Some("/a?b=1"));
+        assert_eq!(
+            parts.uri.path_and_query().map(|p| p.as_str()),
+            Some("/a?b=1")
+        );
         assert_eq!(parts.headers["host"], "x");
         assert!(keep);
         for hyper_s in [
@@ -691,8 +700,14 @@ mod tests {
                 String::from_utf8_lossy(hyper_s)
             );
         }
-        assert!(matches!(parsed(b"GET / HTTP/1.1\r\nHost: x\r\n"), Parse::Partial));
-        let many = format!("GET / HTTP/1.1\r\n{}\r\n", "x: y\r\n".repeat(MAX_HEADERS + 1));
+        assert!(matches!(
+            parsed(b"GET / HTTP/1.1\r\nHost: x\r\n"),
+            Parse::Partial
+        ));
+        let many = format!(
+            "GET / HTTP/1.1\r\n{}\r\n",
+            "x: y\r\n".repeat(MAX_HEADERS + 1)
+        );
         assert!(matches!(parsed(many.as_bytes()), Parse::TooManyFields));
     }
 
@@ -709,7 +724,10 @@ mod tests {
             };
             let (parts, k) = to_parts(&Bytes::copy_from_slice(raw), &p).expect("parts");
             assert_eq!(k, keep, "{}", String::from_utf8_lossy(raw));
-            assert_eq!(parts.version == Version::HTTP_10, raw.starts_with(b"GET / HTTP/1.0"));
+            assert_eq!(
+                parts.version == Version::HTTP_10,
+                raw.starts_with(b"GET / HTTP/1.0")
+            );
         }
     }
 

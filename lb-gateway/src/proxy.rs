@@ -591,10 +591,8 @@ async fn proxy(
     let original_pq: Option<http::uri::PathAndQuery> = parts.uri.path_and_query().cloned();
 
     let attempts_allowed = r.retries.attempts;
-    let retryable = attempts_allowed > 1
-        && client_upgrade.is_none()
-        && idempotent(&parts.method)
-        && body_done;
+    let retryable =
+        attempts_allowed > 1 && client_upgrade.is_none() && idempotent(&parts.method) && body_done;
     // What a retry rebuilds the request from (only kept when it may be needed).
     let template = retryable.then(|| {
         (

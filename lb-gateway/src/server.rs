@@ -220,8 +220,7 @@ pub async fn serve(
         graceful.shutdown().await;
         tracker.wait().await;
     };
-    if tokio::time::timeout(grace, drained).await.is_err()
-    {
+    if tokio::time::timeout(grace, drained).await.is_err() {
         tracing::warn!(
             ?grace,
             "requests still in flight after the grace period; dropping them"
