@@ -176,7 +176,7 @@ circuit_breaker = { max_requests = 100000 }
 EOF
 start gateway "$GATEWAY_BIN" --listen "127.0.0.1:$GPORT" --admin-listen "127.0.0.1:$GADMIN" \
     --routes "$TMP/routes.toml" --registry-endpoints "http://127.0.0.1:$RGRPC" \
-    --worker-threads "$PROXY_THREADS" --access-log false
+    --worker-threads "$PROXY_THREADS" --access-log false --http1-server own
 GATEWAY_PID=$LAST_PID
 wait_http "http://127.0.0.1:$GADMIN/readyz" "lb-gateway"
 TARGETS=(direct lb-gateway nginx haproxy)

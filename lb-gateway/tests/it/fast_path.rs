@@ -124,7 +124,12 @@ async fn gateway(flags: &[&str]) -> (Stack, Registration, RawBackend, Gateway) {
     let routes = format!(
         "[[routes]]\nname = \"raw\"\nbackend = {{ namespace = \"{NS}\", service = \"raw\" }}\n"
     );
-    let gw = Gateway::start_with(&stack.registry.url(), &routes, flags).await;
+    // The fast path is off by default: these tests turn it on unless they choose a server.
+    let mut flags = flags.to_vec();
+    if !flags.contains(&"--http1-server") {
+        flags.extend(["--http1-server", "own"]);
+    }
+    let gw = Gateway::start_with(&stack.registry.url(), &routes, &flags).await;
     gw.wait_backends("raw", 1).await;
     (stack, r, b, gw)
 }
