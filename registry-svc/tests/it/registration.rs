@@ -432,3 +432,55 @@ async fn grpc_health_serves_and_metrics_count_calls() {
     assert_eq!(r.metric("registry_live_replicas ").await, 1.0);
     r.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_service_larger_than_tonics_4_mib_default_is_discovered_and_watched_whole() {
+    // 100 instances with 60 KB of metadata each: one Discover answer and one watch snapshot of
+    // about 6 MB, above tonic's default 4 MiB receive limit (in registry-svc's coordinator
+    // client and in the registry client).
+    let c = Coordinator::start().await;
+    let r = Registry::start(&c.url()).await;
+    let mut g = r.grpc().await;
+    for n in 0..100u32 {
+        let mut i = instance("big", "wide", &format!("i{n:03}"), 9000 + n);
+        for m in 0..60 {
+            i.metadata.insert(format!("k{m:02}"), "x".repeat(1000));
+        }
+        register(&mut g, i).await;
+    }
+    let client = r.client();
+    let d = within(
+        T,
+        "Discover of a 6 MB service",
+        client.discover(pb::DiscoverRequest {
+            namespace: "big".into(),
+            service: "wide".into(),
+            ..Default::default()
+        }),
+    )
+    .await
+    .expect("a 6 MB Discover answer");
+    assert_eq!(d.instances.len(), 100);
+    assert!(d.instances.iter().all(|i| i.metadata.len() == 60));
+
+    let mut stream = within(
+        T,
+        "Watch of a 6 MB service",
+        client.watch(pb::WatchRequest {
+            namespace: "big".into(),
+            service: "wide".into(),
+            ..Default::default()
+        }),
+    )
+    .await
+    .expect("watch opens");
+    let first = within(T, "the watch snapshot", stream.message())
+        .await
+        .expect("a 6 MB snapshot")
+        .expect("the stream is open");
+    match first.event {
+        Some(pb::watch_response::Event::Snapshot(s)) => assert_eq!(s.instances.len(), 100),
+        other => panic!("expected a snapshot first, got {other:?}"),
+    }
+    r.stop().await;
+}
