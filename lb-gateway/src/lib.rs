@@ -213,9 +213,8 @@ pub struct Config {
     /// The HTTP/1.1 server for requests without a body: `own` (the listener's fast path, see
     /// `fast`; hyper still serves HTTP/2, upgrades, requests with bodies and TLS) or `hyper`
     /// (hyper's server for everything). `own` spent 0.86-0.89x hyper's CPU per request in
-    /// `scripts/bench-gateway.sh`; it stays off by default until it has also run the compose
-    /// fault tests (it passes the gateway's own test suite).
-    #[arg(long, env = "LB_GATEWAY_HTTP1_SERVER", default_value = "hyper", value_name = "own|hyper",
+    /// `scripts/bench-gateway.sh`.
+    #[arg(long, env = "LB_GATEWAY_HTTP1_SERVER", default_value = "own", value_name = "own|hyper",
           value_parser = ["own", "hyper"])]
     pub http1_server: String,
 

@@ -124,7 +124,7 @@ async fn gateway(flags: &[&str]) -> (Stack, Registration, RawBackend, Gateway) {
     let routes = format!(
         "[[routes]]\nname = \"raw\"\nbackend = {{ namespace = \"{NS}\", service = \"raw\" }}\n"
     );
-    // The fast path is off by default: these tests turn it on unless they choose a server.
+    // These tests run the fast path (the default) explicitly unless they choose a server.
     let mut flags = flags.to_vec();
     if !flags.contains(&"--http1-server") {
         flags.extend(["--http1-server", "own"]);
