@@ -73,7 +73,7 @@ struct PreVoteRequest {
 }
 
 /// A pre-vote answer.
-#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 enum PreVoteAnswer {
     Granted,
     Refused,
@@ -81,6 +81,7 @@ enum PreVoteAnswer {
     NotAMember,
 }
 
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum PreVoteOutcome {
     Go,
     Lost,
@@ -170,6 +171,8 @@ struct Inner {
     connect: network::Connector,
     rng: Mutex<StdRng>,
     last_heartbeat: Mutex<Instant>,
+    /// Where this member's own campaign stands; pre-vote answers read it to break ties.
+    campaign: Mutex<Campaign>,
     election_timeout: Duration,
     stop: CancellationToken,
     token: String,
@@ -179,6 +182,47 @@ struct Inner {
     /// The leader id openraft restored this member to at start-up, until an entry proposed by
     /// this process under it committed (see [`RaftMember::leader_read_index`]).
     restored_leader: Mutex<Option<openraft::LeaderId<u64>>>,
+}
+
+/// This member's own campaign, as far as other members' pre-votes care.
+///
+/// Two survivors whose timers fire within one round trip both win their pre-votes (each grants
+/// the other before its own answer came back), both call `elect` at the same term and split the
+/// vote; under CI load that repeated and pushed an election past 3 s. So while a pre-vote is in
+/// flight, a peer with an equal log is granted only if its id is lower (and then we step back),
+/// and for a short while after our own `elect` every pre-vote is refused.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Campaign {
+    Idle,
+    /// Our pre-vote is out; `yielded` once we granted another candidate's.
+    PreVoting { yielded: bool },
+    /// We called `elect` at this instant.
+    Electing { at: Instant },
+}
+
+impl Campaign {
+    /// The answer to a pre-vote from a candidate whose log is at least as long as ours (so it
+    /// would be granted but for our own campaign). Ties between two campaigns: the longer log
+    /// wins, then the lower id; for `electing_window` after our own `elect`, every pre-vote is
+    /// refused (our vote requests are on their way).
+    fn answer(
+        &mut self,
+        their_log_longer: bool,
+        their_id_lower: bool,
+        electing_window: Duration,
+    ) -> PreVoteAnswer {
+        match *self {
+            Campaign::Electing { at } if at.elapsed() < electing_window => PreVoteAnswer::Refused,
+            Campaign::PreVoting { .. } if !their_log_longer && !their_id_lower => {
+                PreVoteAnswer::Refused
+            }
+            Campaign::PreVoting { .. } => {
+                *self = Campaign::PreVoting { yielded: true };
+                PreVoteAnswer::Granted
+            }
+            Campaign::Idle | Campaign::Electing { .. } => PreVoteAnswer::Granted,
+        }
+    }
 }
 
 #[derive(Default)]
@@ -262,6 +306,7 @@ impl RaftMember {
                 connect: p.io.connect,
                 rng: Mutex::new(rng),
                 last_heartbeat: Mutex::new(Instant::now()),
+                campaign: Mutex::new(Campaign::Idle),
                 election_timeout: p.election_timeout,
                 stop,
                 token: p.token,
@@ -809,7 +854,25 @@ impl RaftMember {
                 .iter()
                 .any(|(id, _, learner)| *id == self.inner.id && !learner);
             if voter {
-                match self.pre_vote().await {
+                *self.inner.campaign.lock() = Campaign::PreVoting { yielded: false };
+                let mut outcome = self.pre_vote().await;
+                {
+                    let mut campaign = self.inner.campaign.lock();
+                    if outcome == PreVoteOutcome::Go
+                        && *campaign == (Campaign::PreVoting { yielded: true })
+                    {
+                        tracing::debug!(
+                            member = self.inner.id,
+                            "pre-vote won, but another candidate's was granted meanwhile; stepping back"
+                        );
+                        outcome = PreVoteOutcome::Lost;
+                    }
+                    *campaign = match outcome {
+                        PreVoteOutcome::Go => Campaign::Electing { at: Instant::now() },
+                        _ => Campaign::Idle,
+                    };
+                }
+                match outcome {
                     PreVoteOutcome::Go => {
                         tracing::info!(
                             member = self.inner.id,
@@ -917,11 +980,15 @@ impl RaftMember {
         }
         // openraft's own order, as its vote handler compares: (term, leader node, index). A
         // leader is identified by (term, node id), so the term alone is not enough.
-        if req.last_log >= self.inner.log.last_log_id() {
-            PreVoteAnswer::Granted
-        } else {
-            PreVoteAnswer::Refused
+        let mine = self.inner.log.last_log_id();
+        if req.last_log < mine {
+            return PreVoteAnswer::Refused;
         }
+        self.inner.campaign.lock().answer(
+            req.last_log > mine,
+            req.candidate < self.inner.id,
+            self.inner.election_timeout / 4,
+        )
     }
 
     async fn leadership_watch(self) {
@@ -1132,5 +1199,49 @@ impl Peer for PeerService {
             Err(PeerError::NotLeader(None))
         };
         blob(&res)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const WINDOW: Duration = Duration::from_millis(250);
+
+    #[test]
+    fn an_idle_member_grants_every_pre_vote_it_gets_this_far() {
+        let mut c = Campaign::Idle;
+        assert_eq!(c.answer(false, false, WINDOW), PreVoteAnswer::Granted);
+        assert_eq!(c, Campaign::Idle);
+    }
+
+    #[test]
+    fn two_simultaneous_campaigns_with_equal_logs_leave_exactly_one_candidate() {
+        // Members 1 and 2 both have their pre-vote out, and each gets the other's request.
+        let mut one = Campaign::PreVoting { yielded: false };
+        let mut two = Campaign::PreVoting { yielded: false };
+        // 1 answers 2 (2's id is not lower): refused, 1 keeps campaigning.
+        assert_eq!(one.answer(false, false, WINDOW), PreVoteAnswer::Refused);
+        // 2 answers 1 (1's id is lower): granted, and 2 steps back.
+        assert_eq!(two.answer(false, true, WINDOW), PreVoteAnswer::Granted);
+        assert_eq!(one, Campaign::PreVoting { yielded: false });
+        assert_eq!(two, Campaign::PreVoting { yielded: true });
+    }
+
+    #[test]
+    fn a_longer_log_wins_a_tie_whatever_the_ids() {
+        let mut c = Campaign::PreVoting { yielded: false };
+        assert_eq!(c.answer(true, false, WINDOW), PreVoteAnswer::Granted);
+        assert_eq!(c, Campaign::PreVoting { yielded: true });
+    }
+
+    #[test]
+    fn pre_votes_are_refused_right_after_our_own_elect_and_granted_after_the_window() {
+        let mut c = Campaign::Electing { at: Instant::now() };
+        assert_eq!(c.answer(true, true, WINDOW), PreVoteAnswer::Refused);
+        let mut old = Campaign::Electing {
+            at: Instant::now() - 2 * WINDOW,
+        };
+        assert_eq!(old.answer(false, false, WINDOW), PreVoteAnswer::Granted);
     }
 }
