@@ -195,9 +195,13 @@ struct Inner {
 enum Campaign {
     Idle,
     /// Our pre-vote is out; `yielded` once we granted another candidate's.
-    PreVoting { yielded: bool },
+    PreVoting {
+        yielded: bool,
+    },
     /// We called `elect` at this instant.
-    Electing { at: Instant },
+    Electing {
+        at: Instant,
+    },
 }
 
 impl Campaign {
