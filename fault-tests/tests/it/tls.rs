@@ -423,6 +423,38 @@ async fn services_over_tls(project: &Project, certs: &Certs) {
             _ => tokio::time::sleep(Duration::from_millis(500)).await,
         }
     }
+    // The gateway's dashboard (plain admin port) reads the coordinators and config-svc over
+    // mTLS: the cluster panel sees three healthy members and a leader, the config panel the item
+    // published above.
+    let admin = project.port("lb-gateway", 9103);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let cluster = plain_get(admin, "/ui/api/cluster").await;
+        let members = cluster.as_ref().ok().and_then(|a| {
+            let v: serde_json::Value = serde_json::from_str(body_of(a)).ok()?;
+            let leader = v.get("leader")?.as_str()?.to_owned();
+            let started = v
+                .get("members")?
+                .as_array()?
+                .iter()
+                .filter(|m| m.get("health").and_then(serde_json::Value::as_str) == Some("healthy"))
+                .count();
+            Some((leader, started))
+        });
+        match members {
+            Some((leader, 3)) if !leader.is_empty() => break,
+            _ if Instant::now() > deadline => panic!(
+                "the dashboard's cluster panel over mTLS: three members and a leader within 30 s: {cluster:?}"
+            ),
+            _ => tokio::time::sleep(Duration::from_millis(500)).await,
+        }
+    }
+    let items = plain_get(admin, "/ui/api/config")
+        .await
+        .expect("dashboard config panel");
+    assert!(items.starts_with("HTTP/1.1 200"), "{items}");
+    assert!(body_of(&items).contains("tls-check"), "{items}");
+
     let plain = plain_get(gateway, "/users/alice").await;
     assert!(
         plain
