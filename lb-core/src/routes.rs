@@ -10,6 +10,11 @@
 //! name = "orders"                    # unique; used in metrics, logs and the admin API
 //! match = { host = "api.example.com", path_prefix = "/orders" }   # or grpc_service = "pkg.Svc"
 //! backend = { namespace = "prod", service = "orders", tags = ["v2"], zone = "eu-1" }
+//!                                    # more backend keys: protocol = "auto" | "http1" | "http2";
+//!                                    # tls = true (dial the instances over TLS: needs the
+//!                                    # gateway's --backend-cacert); tls_server_name =
+//!                                    # "orders.internal" (the name their certificates must
+//!                                    # carry, sent as SNI; default: each registered address)
 //! rewrite_prefix = "/v2/orders"      # replaces the matched path_prefix
 //! hash = "header:x-user-id"          # none | path | uri | client_ip | header:N | cookie:N | query:N
 //! algorithm = "maglev"               # ring (default) | maglev
@@ -28,9 +33,19 @@
 //! `Host` header (or `:authority`) without its port, exactly or as `*.suffix`. `grpc_service`
 //! matches gRPC requests (content type `application/grpc…`) to `/pkg.Service/…`.
 //!
+//! `backend.tls = true` makes the gateway dial the route's instances over TLS (Envoy's per-cluster
+//! upstream TLS): the certificate each instance presents must chain to the gateway's
+//! `--backend-cacert` and name `backend.tls_server_name`, or else the instance's registered
+//! address (an IP address or DNS name); that name is also sent as SNI when it is a DNS name. The
+//! gateway presents its `--backend-cert` to backends that ask for a client certificate. A
+//! handshake that fails is a failed connect (the next choice, or 502), never a plaintext request.
+//! A route with `tls` on is refused (at start, or when a routes version arrives) if the gateway
+//! has no `--backend-cacert`.
+//!
 //! Every field is checked at load: unknown keys, bad durations, an empty or duplicate name, a
-//! Maglev size that is not a prime, a rewrite without a prefix; the error names the route and
-//! the field, and `main` exits 64 with it.
+//! Maglev size that is not a prime, a rewrite without a prefix, a `tls_server_name` without
+//! `tls` or that is neither a DNS name nor an IP address; the error names the route and the
+//! field, and `main` exits 64 with it.
 
 use std::collections::HashSet;
 use std::net::IpAddr;
@@ -236,6 +251,16 @@ pub struct BackendRef {
     /// How to talk to the instances.
     #[serde(default)]
     pub protocol: BackendProtocol,
+    /// Dial the instances over TLS (as an Envoy cluster's upstream TLS context): their
+    /// certificates are checked against the gateway's `--backend-cacert`, and the gateway
+    /// presents `--backend-cert` when it has one. ALPN offers `h2` to HTTP/2 backends and
+    /// `http/1.1` to HTTP/1.1 ones.
+    #[serde(default)]
+    pub tls: bool,
+    /// The name the instances' certificates must carry, also sent as SNI (a DNS name or an IP
+    /// address). Default: each instance's registered address. Only with `tls = true`.
+    #[serde(default)]
+    pub tls_server_name: Option<String>,
 }
 
 /// How the gateway talks to a route's instances.
@@ -256,7 +281,7 @@ pub enum BackendProtocol {
 #[derive(Debug, Clone, Copy, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Timeouts {
-    /// Establishing a TCP connection to an instance.
+    /// Establishing a connection to an instance: TCP, and the TLS handshake for TLS backends.
     #[serde(default = "d_connect", with = "duration")]
     pub connect: Duration,
     /// One try: from sending the request to the response's headers.
@@ -605,6 +630,16 @@ fn validate(file: &RoutesFile) -> Result<(), String> {
         if r.backend.namespace.is_empty() || r.backend.service.is_empty() {
             return fail("backend.namespace and backend.service are required".into());
         }
+        if let Some(name) = &r.backend.tls_server_name {
+            if !r.backend.tls {
+                return fail("backend.tls_server_name needs backend.tls = true".into());
+            }
+            if !is_server_name(name) {
+                return fail(format!(
+                    "backend.tls_server_name {name:?} must be a DNS name or an IP address"
+                ));
+            }
+        }
         if let Some(p) = &r.matcher.path_prefix
             && !p.starts_with('/')
         {
@@ -672,6 +707,31 @@ fn validate(file: &RoutesFile) -> Result<(), String> {
         )?;
     }
     Ok(())
+}
+
+/// Whether `name` can be checked against a certificate: an IP address, or a DNS name (labels
+/// of letters, digits, `-` and `_`, none empty or starting or ending with `-`, at most 253
+/// characters, not all digits at the end, which would read as an IP address).
+pub fn is_server_name(name: &str) -> bool {
+    if name.parse::<IpAddr>().is_ok() {
+        return true;
+    }
+    let name = name.strip_suffix('.').unwrap_or(name);
+    let labels_ok = !name.is_empty()
+        && name.len() <= 253
+        && name.split('.').all(|l| {
+            !l.is_empty()
+                && l.len() <= 63
+                && !l.starts_with('-')
+                && !l.ends_with('-')
+                && l.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        });
+    labels_ok
+        && name
+            .rsplit('.')
+            .next()
+            .is_some_and(|last| !last.bytes().all(|b| b.is_ascii_digit()))
 }
 
 /// What a route is matched against.
@@ -837,6 +897,85 @@ mod tests {
             "{}",
             err(&dup)
         );
+    }
+
+    #[test]
+    fn backend_tls_and_its_server_name_are_read_and_checked() {
+        let base = "[[routes]]\nname = \"a\"\n";
+        let f = parse(&format!(
+            "{base}backend = {{ namespace = \"n\", service = \"s\", tls = true, tls_server_name = \"orders.internal\" }}"
+        ))
+        .expect("valid");
+        assert!(f.routes[0].backend.tls);
+        assert_eq!(
+            f.routes[0].backend.tls_server_name.as_deref(),
+            Some("orders.internal")
+        );
+        let plain = parse(&format!(
+            "{base}backend = {{ namespace = \"n\", service = \"s\" }}"
+        ))
+        .expect("valid");
+        assert!(!plain.routes[0].backend.tls, "TLS is off by default");
+        assert_eq!(plain.routes[0].backend.tls_server_name, None);
+        let ip = parse(&format!(
+            "{base}backend = {{ namespace = \"n\", service = \"s\", tls = true, tls_server_name = \"10.0.0.7\" }}"
+        ))
+        .expect("an IP address is a server name");
+        assert_eq!(
+            ip.routes[0].backend.tls_server_name.as_deref(),
+            Some("10.0.0.7")
+        );
+        let cases = [
+            (
+                "tls_server_name = \"x.internal\"",
+                "backend.tls_server_name needs backend.tls = true",
+            ),
+            (
+                "tls = true, tls_server_name = \"bad name\"",
+                "must be a DNS name or an IP address",
+            ),
+            (
+                "tls = true, tls_server_name = \"\"",
+                "must be a DNS name or an IP address",
+            ),
+            (
+                "tls = true, tls_server_name = \"https://x\"",
+                "must be a DNS name or an IP address",
+            ),
+            ("tls = \"yes\"", "invalid type"),
+            ("tsl = true", "tsl"),
+        ];
+        for (extra, want) in cases {
+            let e = err(&format!(
+                "{base}backend = {{ namespace = \"n\", service = \"s\", {extra} }}"
+            ));
+            assert!(e.contains(want), "{extra}: {e}");
+        }
+    }
+
+    #[test]
+    fn server_names_are_dns_names_or_ip_addresses() {
+        for ok in [
+            "a",
+            "orders.internal",
+            "x-1.y_z.example.",
+            "127.0.0.1",
+            "::1",
+        ] {
+            assert!(is_server_name(ok), "{ok}");
+        }
+        for bad in [
+            "",
+            ".",
+            "a..b",
+            "-a.b",
+            "a b",
+            "1.2.3",
+            "a/b",
+            &"a".repeat(64),
+        ] {
+            assert!(!is_server_name(bad), "{bad}");
+        }
     }
 
     #[test]
