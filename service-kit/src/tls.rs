@@ -23,7 +23,8 @@
 //!   dialled, presenting a client certificate when configured.
 //! - [`HttpsConnector`]: hyper's HTTP/1.1 client dialling `http://` plain and `https://` over
 //!   TLS with the same client configuration (REST and admin clients: platformctl, the gateway's
-//!   dashboard).
+//!   dashboard). Its connection type, [`MaybeTlsStream`], is also what the gateway dials its
+//!   backends with.
 //! - [`cert_names`] / [`cert_common_name`]: the names a certificate carries (CN, DNS and IP
 //!   SANs), for name checks and for etcd's "client certificate CN is the user".
 //!
@@ -919,21 +920,44 @@ pub fn plain_scheme(url: &str) -> String {
     }
 }
 
-/// A TCP connection to an HTTP server, over TLS or not: what [`HttpsConnector`] yields.
+/// A client's TCP connection to a server, over TLS or not: what [`HttpsConnector`] yields
+/// (`http://` plain, `https://` TLS), and the gateway's connections to its backends (plain, or
+/// TLS for routes with `backend.tls`). Plain connections stay unboxed and reads and writes go
+/// straight to the socket (vectored writes included), so the plain path costs one branch.
+#[derive(Debug)]
 pub enum MaybeTlsStream {
-    /// An `http://` URL: plain TCP.
+    /// Plain TCP.
     Plain(TcpStream),
-    /// An `https://` URL: TLS, the server's certificate verified.
+    /// TLS, the server's certificate verified (boxed: the session state is large).
     Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
+}
+
+impl MaybeTlsStream {
+    /// The TCP connection underneath.
+    pub fn tcp(&self) -> &TcpStream {
+        match self {
+            MaybeTlsStream::Plain(tcp) => tcp,
+            MaybeTlsStream::Tls(tls) => tls.get_ref().0,
+        }
+    }
+
+    /// The application protocol the TLS handshake agreed on (ALPN), if any.
+    pub fn alpn_protocol(&self) -> Option<&[u8]> {
+        match self {
+            MaybeTlsStream::Plain(_) => None,
+            MaybeTlsStream::Tls(tls) => tls.get_ref().1.alpn_protocol(),
+        }
+    }
+
+    /// Whether the connection is TLS.
+    pub fn is_tls(&self) -> bool {
+        matches!(self, MaybeTlsStream::Tls(_))
+    }
 }
 
 impl hyper_util::client::legacy::connect::Connection for MaybeTlsStream {
     fn connected(&self) -> hyper_util::client::legacy::connect::Connected {
-        let tcp = match self {
-            MaybeTlsStream::Plain(tcp) => tcp,
-            MaybeTlsStream::Tls(tls) => tls.get_ref().0,
-        };
-        let connected = hyper_util::client::legacy::connect::Connection::connected(tcp);
+        let connected = hyper_util::client::legacy::connect::Connection::connected(self.tcp());
         match self {
             MaybeTlsStream::Tls(tls) if tls.get_ref().1.alpn_protocol() == Some(&b"h2"[..]) => {
                 connected.negotiated_h2()
@@ -979,6 +1003,24 @@ impl tokio::io::AsyncWrite for MaybeTlsStream {
         match self.get_mut() {
             MaybeTlsStream::Plain(s) => Pin::new(s).poll_shutdown(cx),
             MaybeTlsStream::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+        }
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        match self.get_mut() {
+            MaybeTlsStream::Plain(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+            MaybeTlsStream::Tls(s) => Pin::new(s.as_mut()).poll_write_vectored(cx, bufs),
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        match self {
+            MaybeTlsStream::Plain(s) => s.is_write_vectored(),
+            MaybeTlsStream::Tls(s) => s.is_write_vectored(),
         }
     }
 }
