@@ -103,6 +103,7 @@ pub fn route_view(r: &RouteState, pool: &Pool, now: u64) -> Value {
                 "in_flight": b.in_flight(),
                 "requests": b.metrics.total(),
                 "idle_connections": b.conns.idle(),
+                "tls_server_name": b.conns.tls_server_name(),
                 "share": shares.get(i).copied().unwrap_or(0.0),
             })
         })

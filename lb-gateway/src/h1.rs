@@ -11,18 +11,23 @@
 //! final transfer coding (trailers are passed on); else `Content-Length`; else until close. A
 //! connection goes back to its pool only after its body was read to the end and neither side
 //! asked to close.
+//!
+//! The connection is plain TCP or TLS ([`MaybeTlsStream`], for routes with `backend.tls`); the
+//! code is the same for both, except the idle check ([`RawConn::looks_open`]): TLS must let
+//! rustls read what arrived while idle (TLS 1.3 session tickets arrive after the handshake and
+//! are not a sign of a dead connection).
 
 use std::io;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll, ready};
+use std::task::{Context, Poll, Waker, ready};
 
 use bytes::{Buf, Bytes, BytesMut};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, StatusCode};
 use http_body::Frame;
-use tokio::io::AsyncWriteExt;
-use tokio::net::TcpStream;
+use service_kit::tls::MaybeTlsStream;
+use tokio::io::{AsyncRead, AsyncWriteExt, ReadBuf};
 
 /// Largest response head (status line and headers) accepted.
 pub const MAX_HEAD: usize = 64 * 1024;
@@ -36,7 +41,7 @@ const READ: usize = 16 * 1024;
 /// One HTTP/1.1 connection to a backend.
 #[derive(Debug)]
 pub struct RawConn {
-    io: TcpStream,
+    io: MaybeTlsStream,
     /// Bytes read and not yet consumed.
     buf: BytesMut,
     /// It served a request before (so a close before any answer means it went stale).
@@ -86,7 +91,7 @@ pub struct Head {
 
 impl RawConn {
     /// A fresh connection.
-    pub fn new(io: TcpStream) -> RawConn {
+    pub fn new(io: MaybeTlsStream) -> RawConn {
         RawConn {
             io,
             buf: BytesMut::with_capacity(READ),
@@ -96,21 +101,38 @@ impl RawConn {
 
     /// Whether it may still be usable: not closed by the backend while idle (no unread bytes,
     /// no EOF pending). Checked without blocking.
-    pub fn looks_open(&self) -> bool {
+    pub fn looks_open(&mut self) -> bool {
         if !self.buf.is_empty() {
             return false;
         }
         let mut probe = [0u8; 1];
-        match self.io.try_read(&mut probe) {
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => true,
-            // EOF, an unsolicited byte, or an error: unusable.
-            _ => false,
+        match &mut self.io {
+            MaybeTlsStream::Plain(tcp) => match tcp.try_read(&mut probe) {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => true,
+                // EOF, an unsolicited byte, or an error: unusable.
+                _ => false,
+            },
+            // rustls reads what arrived (session tickets are consumed, a close_notify or EOF
+            // ends the stream); only "nothing to read" means open. The no-op waker is replaced
+            // by the request's own at its first real read.
+            MaybeTlsStream::Tls(tls) => {
+                let mut buf = ReadBuf::new(&mut probe);
+                let mut cx = Context::from_waker(Waker::noop());
+                Pin::new(tls.as_mut())
+                    .poll_read(&mut cx, &mut buf)
+                    .is_pending()
+            }
         }
     }
 
     /// Writes `head` (a complete request without a body) and reads the response head.
     pub async fn exchange(&mut self, head: &[u8], method: &Method) -> Result<Head, ExchangeError> {
-        if let Err(e) = self.io.write_all(head).await {
+        // TLS buffers what it could not write yet: flush (a no-op on plain TCP).
+        let written = match self.io.write_all(head).await {
+            Ok(()) => self.io.flush().await,
+            Err(e) => Err(e),
+        };
+        if let Err(e) = written {
             return Err(if self.reused {
                 ExchangeError::Stale
             } else {
@@ -584,7 +606,7 @@ mod tests {
     use http_body_util::BodyExt;
     use parking_lot::Mutex;
     use tokio::io::AsyncReadExt;
-    use tokio::net::TcpListener;
+    use tokio::net::{TcpListener, TcpStream};
 
     #[derive(Default)]
     struct Pool(Mutex<Vec<RawConn>>);
@@ -651,7 +673,9 @@ mod tests {
         )
         .await;
         let pool = Arc::new(Pool::default());
-        let conn = RawConn::new(TcpStream::connect(addr).await.unwrap());
+        let conn = RawConn::new(MaybeTlsStream::Plain(
+            TcpStream::connect(addr).await.unwrap(),
+        ));
         let (head, body, _) = get(conn, Method::GET, &pool).await;
         assert_eq!((head.status, &body[..]), (StatusCode::OK, &b"hello"[..]));
         let conn = pool.0.lock().pop().expect("reused after a length body");
@@ -673,7 +697,9 @@ mod tests {
     async fn a_body_until_close_is_read_and_the_connection_not_kept() {
         let addr = backend(vec![b"HTTP/1.1 200 OK\r\n\r\nall of it"], true).await;
         let pool = Arc::new(Pool::default());
-        let conn = RawConn::new(TcpStream::connect(addr).await.unwrap());
+        let conn = RawConn::new(MaybeTlsStream::Plain(
+            TcpStream::connect(addr).await.unwrap(),
+        ));
         let (head, body, _) = get(conn, Method::GET, &pool).await;
         assert_eq!(head.framing, Framing::UntilClose);
         assert_eq!(&body[..], b"all of it");
@@ -688,7 +714,9 @@ mod tests {
         ] {
             let addr = backend(vec![answer], false).await;
             let pool = Arc::new(Pool::default());
-            let conn = RawConn::new(TcpStream::connect(addr).await.unwrap());
+            let conn = RawConn::new(MaybeTlsStream::Plain(
+                TcpStream::connect(addr).await.unwrap(),
+            ));
             let (_, body, _) = get(conn, Method::GET, &pool).await;
             assert_eq!(&body[..], b"ok");
             assert!(pool.0.lock().is_empty());
@@ -704,7 +732,9 @@ mod tests {
             &b"HTTP/1.1 101 Switching Protocols\r\n\r\n"[..],
         ] {
             let addr = backend(vec![answer], false).await;
-            let mut conn = RawConn::new(TcpStream::connect(addr).await.unwrap());
+            let mut conn = RawConn::new(MaybeTlsStream::Plain(
+                TcpStream::connect(addr).await.unwrap(),
+            ));
             let mut req = Vec::new();
             encode_head(&Method::GET, "/", &HeaderMap::new(), &mut req);
             let e = conn.exchange(&req, &Method::GET).await.unwrap_err();
@@ -715,7 +745,9 @@ mod tests {
             true,
         )
         .await;
-        let mut conn = RawConn::new(TcpStream::connect(addr).await.unwrap());
+        let mut conn = RawConn::new(MaybeTlsStream::Plain(
+            TcpStream::connect(addr).await.unwrap(),
+        ));
         let mut req = Vec::new();
         encode_head(&Method::GET, "/", &HeaderMap::new(), &mut req);
         let head = conn.exchange(&req, &Method::GET).await.unwrap();
@@ -733,7 +765,9 @@ mod tests {
         // Answers one request, then closes.
         let addr = backend(vec![b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n"], true).await;
         let pool = Arc::new(Pool::default());
-        let conn = RawConn::new(TcpStream::connect(addr).await.unwrap());
+        let conn = RawConn::new(MaybeTlsStream::Plain(
+            TcpStream::connect(addr).await.unwrap(),
+        ));
         let _ = get(conn, Method::GET, &pool).await;
         let mut conn = pool.0.lock().pop().expect("kept");
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
@@ -742,6 +776,86 @@ mod tests {
         encode_head(&Method::GET, "/", &HeaderMap::new(), &mut req);
         let e = conn.exchange(&req, &Method::GET).await.unwrap_err();
         assert!(matches!(e, ExchangeError::Stale), "{e}");
+    }
+
+    #[tokio::test]
+    async fn a_tls_connection_is_read_reused_and_seen_closed_after_close_notify() {
+        use service_kit::tls::{ClientTlsFiles, ServerTlsFiles, rustls, tokio_rustls};
+        let dir = tempfile::tempdir().expect("temp dir");
+        let ca = service_kit::devcerts::DevCa::new("test CA").expect("CA");
+        let ca_file = ca.write_ca(dir.path()).expect("CA file");
+        let (cert, key) = ca
+            .write_pair(dir.path(), "backend", "backend", &["127.0.0.1"])
+            .expect("pair");
+        let server = ServerTlsFiles {
+            cert_file: Some(cert),
+            key_file: Some(key),
+            ..Default::default()
+        }
+        .server_config()
+        .expect("server config")
+        .expect("TLS on");
+        let client = ClientTlsFiles {
+            ca_file: Some(ca_file),
+            ..Default::default()
+        }
+        .client_config()
+        .expect("client config")
+        .expect("TLS on");
+        let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = l.local_addr().expect("addr");
+        let (close_tx, close_rx) = tokio::sync::oneshot::channel::<()>();
+        tokio::spawn(async move {
+            let (tcp, _) = l.accept().await.expect("accept");
+            let mut s = tokio_rustls::TlsAcceptor::from(server)
+                .accept(tcp)
+                .await
+                .expect("handshake");
+            for _ in 0..2 {
+                let mut got = Vec::new();
+                while !got.windows(4).any(|w| w == b"\r\n\r\n") {
+                    let mut b = [0u8; 1024];
+                    let n = s.read(&mut b).await.expect("read");
+                    assert!(n > 0, "the client closed");
+                    got.extend_from_slice(&b[..n]);
+                }
+                s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+                    .await
+                    .expect("write");
+            }
+            let _ = close_rx.await;
+            // close_notify, then FIN.
+            let _ = s.shutdown().await;
+        });
+        let tcp = TcpStream::connect(addr).await.expect("connect");
+        let name = rustls::pki_types::ServerName::try_from("127.0.0.1").expect("name");
+        let tls = tokio_rustls::TlsConnector::from(client)
+            .connect(name, tcp)
+            .await
+            .expect("handshake");
+        let pool = Arc::new(Pool::default());
+        let (head, body, _) = get(
+            RawConn::new(MaybeTlsStream::Tls(Box::new(tls))),
+            Method::GET,
+            &pool,
+        )
+        .await;
+        assert_eq!((head.status, &body[..]), (StatusCode::OK, &b"ok"[..]));
+        let mut conn = pool.0.lock().pop().expect("kept");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        assert!(conn.looks_open(), "an idle TLS connection looks open");
+        let (_, body, _) = get(conn, Method::GET, &pool).await;
+        assert_eq!(&body[..], b"ok", "and serves the next request");
+        let mut conn = pool.0.lock().pop().expect("kept again");
+        close_tx.send(()).expect("server waiting");
+        let closed = async {
+            while conn.looks_open() {
+                tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+            }
+        };
+        tokio::time::timeout(std::time::Duration::from_secs(5), closed)
+            .await
+            .expect("the close_notify is seen while idle");
     }
 
     #[test]

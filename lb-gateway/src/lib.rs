@@ -20,6 +20,8 @@
 //! - [`proxy`]: the request path (admit, pick, forward, retry, answer); [`upstream`]: per-backend
 //!   connection pools and the bodies; [`server`]: the listener (h1 + h2c, upgrades, graceful
 //!   drain).
+//! - [`backend_tls`]: TLS to the backends of routes with `backend.tls` (`--backend-cacert`,
+//!   `--backend-cert`, `--backend-key`; ALPN per wire; handshake failures as connect failures).
 //! - [`resilience`]: rate limits (GCRA), retry budget, outlier ejection.
 //! - [`overrides`]: routes replaced at run time by versions of a config-svc item.
 //! - [`trace`]: W3C `traceparent`; [`metrics`]: Prometheus families; [`admin`]: the JSON API.
@@ -50,6 +52,7 @@
 //!   item replaces them whole (see [`overrides`]). Editing the file needs a restart.
 
 pub mod admin;
+pub mod backend_tls;
 pub mod dashboard;
 pub mod discovery;
 pub mod fast;
@@ -282,6 +285,11 @@ pub struct Config {
     /// TLS to registry-svc and config-svc (`--client-cacert`, `--client-cert`, `--client-key`).
     #[command(flatten)]
     pub client_tls: service_kit::tls::ServiceClientTlsArgs,
+
+    /// TLS to the backends of routes with `backend.tls = true` (`--backend-cacert`,
+    /// `--backend-cert`, `--backend-key`).
+    #[command(flatten)]
+    pub backend_tls: backend_tls::BackendTlsArgs,
 }
 
 impl Config {
@@ -313,6 +321,7 @@ impl Config {
         }
         self.tls.files().validate("")?;
         self.client_tls.files().validate("--client-")?;
+        self.backend_tls.validate()?;
         if self.max_header_bytes < server::MIN_HEADER_BYTES
             || u32::try_from(self.max_header_bytes).is_err()
         {
@@ -335,33 +344,39 @@ impl Config {
             None => routes::parse(""),
         }
     }
+
+    /// Checks `file` against the flags: a route with `backend.tls` needs `--backend-cacert`.
+    pub fn check_routes(&self, file: &routes::RoutesFile) -> Result<(), String> {
+        backend_tls::check_routes(file, self.backend_tls.configured())
+    }
 }
 
-/// Builds the route table of `file`. Routes of `previous` that keep their name and backend
-/// hand their live backend sets over (see [`RouteState::adopt`]).
+/// Builds the route table of `file`, dialling the backends of routes with `backend.tls` with
+/// `tls`. Routes of `previous` that keep their name and backend (TLS settings included) hand
+/// their live backend sets over (see [`RouteState::adopt`]). Fails, naming the route, when a
+/// route has `backend.tls` on and `tls` is `None` (no `--backend-cacert`).
 pub fn build_table(
     metrics: &GatewayMetrics,
     file: &RoutesFile,
     previous: Option<&RouteTable>,
     source: String,
-) -> RouteTable {
-    let routes = file
-        .routes
-        .iter()
-        .map(|r| {
-            let state = RouteState::new(r.clone(), metrics.route(&r.name));
-            if let Some(old) = previous.and_then(|p| {
-                p.routes
-                    .iter()
-                    .find(|o| o.route.name == r.name && o.route.backend == r.backend)
-            }) {
-                state.adopt(old);
-            }
-            Arc::new(state)
-        })
-        .collect();
+    tls: Option<&Arc<backend_tls::BackendTls>>,
+) -> Result<RouteTable, String> {
+    let mut routes = Vec::with_capacity(file.routes.len());
+    for r in &file.routes {
+        let route_tls = backend_tls::RouteTls::of(r, tls)?;
+        let state = RouteState::new(r.clone(), metrics.route(&r.name), route_tls);
+        if let Some(old) = previous.and_then(|p| {
+            p.routes
+                .iter()
+                .find(|o| o.route.name == r.name && o.route.backend == r.backend)
+        }) {
+            state.adopt(old);
+        }
+        routes.push(Arc::new(state));
+    }
     let settings = file.gateway.clone();
-    RouteTable {
+    Ok(RouteTable {
         routes,
         global_limit: settings.rate_limit.global.as_ref().map(GlobalLimit::new),
         ip_limit: settings
@@ -371,7 +386,7 @@ pub fn build_table(
             .map(KeyedLimit::new),
         settings,
         source,
-    }
+    })
 }
 
 /// The listeners the service serves on, bound by the caller.
@@ -449,6 +464,7 @@ pub async fn run_with_listeners(
         log_format: _,
         tls,
         client_tls,
+        backend_tls,
     } = config;
     // Certificates are read now, so that a bad file fails the start with a clear message.
     let server_tls = tls
@@ -458,7 +474,10 @@ pub async fn run_with_listeners(
     let client_tls = client_tls.client_config().context(
         "TLS to registry-svc and config-svc (--client-cacert, --client-cert, --client-key)",
     )?;
-    if server_tls.is_some() || client_tls.is_some() {
+    let backend_tls = backend_tls
+        .load()
+        .context("TLS to the backends (--backend-cacert, --backend-cert, --backend-key)")?;
+    if server_tls.is_some() || client_tls.is_some() || backend_tls.is_some() {
         service_kit::tls::reload_on_sighup();
     }
     let proxy_addr = listeners
@@ -477,7 +496,8 @@ pub async fn run_with_listeners(
         Some(p) => format!("file {}", p.display()),
         None => "none".to_owned(),
     };
-    let table = build_table(&gm, &file, None, source);
+    let table = build_table(&gm, &file, None, source, backend_tls.as_ref())
+        .map_err(|e| anyhow::anyhow!("routes file: {e}"))?;
     let gw = Arc::new(Gateway {
         table: arc_swap::ArcSwap::from_pointee(table),
         in_flight: Arc::new(AtomicU64::new(0)),
@@ -546,6 +566,7 @@ pub async fn run_with_listeners(
                 Arc::clone(&gw),
                 Arc::clone(&discovery),
                 gm.clone(),
+                backend_tls.clone(),
                 shutdown.clone(),
             ));
             Some((subscription, applier))
@@ -653,6 +674,7 @@ async fn apply_reloads(
     gw: Arc<Gateway>,
     discovery: Arc<Discovery>,
     metrics: GatewayMetrics,
+    backend_tls: Option<Arc<backend_tls::BackendTls>>,
     shutdown: CancellationToken,
 ) {
     loop {
@@ -663,14 +685,19 @@ async fn apply_reloads(
                 None => return,
             },
         };
-        match routes::parse(&update.text) {
-            Ok(file) => {
-                let table = build_table(
+        let table = routes::parse(&update.text)
+            .map_err(|e| e.to_string())
+            .and_then(|file| {
+                build_table(
                     &metrics,
                     &file,
                     Some(&gw.table.load()),
                     update.source.clone(),
-                );
+                    backend_tls.as_ref(),
+                )
+            });
+        match table {
+            Ok(table) => {
                 discovery.apply(&table.routes);
                 let n = table.routes.len();
                 gw.table.store(Arc::new(table));

@@ -59,6 +59,9 @@ fn serve(config: Config) -> ExitCode {
         Ok(routes) => routes,
         Err(err) => exit_bad_config(err),
     };
+    if let Err(err) = config.check_routes(&routes) {
+        exit_bad_config(format!("routes file: {err}"));
+    }
     // The first worker's runtime: single-threaded, scheduling without cross-thread
     // synchronisation (as an nginx worker); `run` starts the other workers on threads of
     // their own.
@@ -85,6 +88,8 @@ fn serve(config: Config) -> ExitCode {
             routes = routes.routes.len(),
             registry_endpoints = %config.registry_endpoints.join(","),
             registry_token = config.registry_token_file.is_some(),
+            backend_tls = config.backend_tls.configured(),
+            backend_cert = config.backend_tls.backend_cert.is_some(),
             worker_threads = config.worker_threads.unwrap_or(0),
             max_connections = config.max_connections,
             max_header_bytes = config.max_header_bytes,

@@ -16,6 +16,7 @@
 //! | `lb_gateway_backend_in_flight` | route, backend | requests in flight at the backend |
 //! | `lb_gateway_backend_ejections_total` | route, backend | outlier ejections |
 //! | `lb_gateway_backend_connect_failures_total` | route, backend | failed connects and tries with no answer |
+//! | `lb_gateway_backend_tls_failures_total` | route, backend, reason | failed TLS handshakes with backends (`unknown_issuer`, `name_mismatch`, `not_tls`, … see `backend_tls::failure_reason`) |
 //! | `lb_gateway_route_reloads_total` | result | routes versions from config-svc `applied` or `rejected` |
 //!
 //! Handles per route and per backend are resolved once (when the route or the backend appears),
@@ -57,6 +58,7 @@ pub struct GatewayMetrics {
     backend_in_flight: Family<BackendLabels, Gauge>,
     backend_ejections: Family<BackendLabels, Counter>,
     backend_connect_failures: Family<BackendLabels, Counter>,
+    backend_tls_failures: Family<BackendClassLabels, Counter>,
     reloads: Family<RouteLabels, Counter>,
 }
 
@@ -85,6 +87,7 @@ impl GatewayMetrics {
             backend_in_flight: Family::default(),
             backend_ejections: Family::default(),
             backend_connect_failures: Family::default(),
+            backend_tls_failures: Family::default(),
             reloads: Family::default(),
         };
         let mut r = metrics.registry();
@@ -150,6 +153,11 @@ impl GatewayMetrics {
             "backend_connect_failures",
             "Failed connects and tries without an answer, per backend",
             m.backend_connect_failures.clone(),
+        );
+        r.register(
+            "backend_tls_failures",
+            "Failed TLS handshakes with each backend, by reason",
+            m.backend_tls_failures.clone(),
         );
         r.register(
             "route_reloads",
@@ -278,9 +286,24 @@ impl BackendMetrics {
         self.requests.iter().map(Counter::get).sum()
     }
 
+    /// Counts a failed TLS handshake with the backend, for `reason` (a
+    /// [`crate::backend_tls::failure_reason`]).
+    pub fn tls_failed(&self, reason: &str) {
+        let [route, backend] = self.labels.clone();
+        self.families
+            .backend_tls_failures
+            .get_or_create(&[route, backend, ("reason", reason.to_owned())])
+            .inc();
+    }
+
     /// Removes this backend's series (it left the set and drained).
     pub fn remove(&self) {
         let f = &self.families;
+        for reason in crate::backend_tls::FAILURE_REASONS {
+            let [route, backend] = self.labels.clone();
+            f.backend_tls_failures
+                .remove(&[route, backend, ("reason", reason.to_owned())]);
+        }
         f.backend_duration.remove(&self.labels);
         f.backend_in_flight.remove(&self.labels);
         f.backend_ejections.remove(&self.labels);

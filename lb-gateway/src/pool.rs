@@ -17,6 +17,7 @@ use parking_lot::Mutex;
 use proto::registry_v1 as pb;
 use serde::Serialize;
 
+use crate::backend_tls::RouteTls;
 use crate::hash::select::{Choice, Loads, pick_keyed, pick_p2c};
 use crate::hash::{Node, Table, moved_fraction};
 use crate::metrics::{BackendMetrics, RouteMetrics};
@@ -133,6 +134,8 @@ pub struct SyncState {
 pub struct RouteState {
     /// The route as configured.
     pub route: Route,
+    /// TLS to its instances (`backend.tls`).
+    pub tls: Option<RouteTls>,
     /// The current backend set.
     pub pool: ArcSwap<Pool>,
     /// Backends that left the set with requests still on them.
@@ -154,9 +157,10 @@ pub struct RouteState {
 }
 
 impl RouteState {
-    /// A route with no backends yet.
-    pub fn new(route: Route, metrics: RouteMetrics) -> RouteState {
+    /// A route with no backends yet, dialling its instances over TLS with `tls` when given.
+    pub fn new(route: Route, metrics: RouteMetrics, tls: Option<RouteTls>) -> RouteState {
         RouteState {
+            tls,
             pool: ArcSwap::from_pointee(Pool::empty(&route)),
             draining: Mutex::new(Vec::new()),
             budget: RetryBudget::new(&route.retries),
@@ -222,11 +226,18 @@ impl RouteState {
             if members.iter().any(|m| m.backend.id == id) {
                 continue;
             }
+            let tls = match self.tls.as_ref().map(|t| t.for_target(&addr)).transpose() {
+                Ok(tls) => tls,
+                Err(e) => {
+                    tracing::warn!(route = %self.route.name, instance = %i.instance_id, error = %e, "instance skipped: its TLS server name is unusable (set backend.tls_server_name)");
+                    continue;
+                }
+            };
             let backend = match known.get(id.as_str()) {
                 Some(b) => Arc::clone(b),
                 None => Arc::new(Backend {
                     metrics: self.metrics.backend(&id),
-                    conns: ConnPool::new(addr.clone()),
+                    conns: ConnPool::new(addr.clone(), tls),
                     outlier: OutlierState::default(),
                     registered_grpc: i.protocol == pb::Protocol::Grpc as i32,
                     addr,

@@ -42,7 +42,7 @@ use crate::pool::{Backend, LiveLoads, RouteState, Wire};
 use crate::resilience::{GlobalLimit, KeyedLimit, Outcome, now_ns, ns_at};
 use crate::routes::{GatewaySettings, RequestView, rewrite};
 use crate::trace::{self, TRACEPARENT};
-use crate::upstream::{Finish, ProxyBody, UpBody};
+use crate::upstream::{ConnectError, Finish, ProxyBody, UpBody};
 
 /// Everything the request path needs; shared by every connection.
 pub struct Gateway {
@@ -686,6 +686,16 @@ async fn proxy(
             Ok(s) => s,
             Err(e) => {
                 backend.metrics.connect_failures.inc();
+                if let ConnectError::Tls {
+                    server_name,
+                    source,
+                    ..
+                } = &e
+                {
+                    let reason = crate::backend_tls::failure_reason(source);
+                    backend.metrics.tls_failed(reason);
+                    tracing::warn!(route = %r.name, backend = %backend.id, server_name = %server_name, reason, error = %source, "TLS handshake with the backend failed; nothing was sent");
+                }
                 record(route, &pool, &backend, Outcome::ConnectFailure);
                 tried.push(choice.member);
                 drop(load);

@@ -6,6 +6,12 @@
 //! An HTTP/1.1 connection goes back to the stack only after its response body was read to the
 //! end; one whose body was abandoned is closed. The pool belongs to the backend, so when a
 //! backend leaves the set and its last request finishes, its connections close with it.
+//!
+//! A backend of a route with `backend.tls` dials TLS ([`PeerTls`]): the handshake runs inside
+//! the connect timeout, offers ALPN `http/1.1` or `h2` for the wire about to be used, and a
+//! handshake that fails is a [`ConnectError::Tls`], like a refused TCP connect (nothing of the
+//! request was sent). Every connection is a [`MaybeTlsStream`]: plain ones are the bare socket,
+//! so the plain path allocates nothing more than before.
 
 use std::fmt;
 use std::net::{IpAddr, SocketAddr};
@@ -20,8 +26,10 @@ use hyper::body::Incoming;
 use hyper::client::conn::{http1, http2};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use parking_lot::Mutex;
+use service_kit::tls::MaybeTlsStream;
 use tokio::net::TcpStream;
 
+use crate::backend_tls::{Alpn, PeerTls};
 use crate::h1::{RawBody, RawConn};
 
 /// Most idle HTTP/1.1 connections kept per backend and worker.
@@ -152,13 +160,25 @@ pub enum ConnectError {
         #[source]
         source: std::io::Error,
     },
-    /// TCP connect did not finish in time.
+    /// TCP connect (and the TLS handshake, for a TLS backend) did not finish in time.
     #[error("connect to {addr} timed out after {timeout:?}")]
     Timeout {
         /// The backend.
         addr: Target,
         /// The connect timeout.
         timeout: Duration,
+    },
+    /// The TLS handshake failed: the backend's certificate was refused (another CA, another
+    /// name, expired), the backend refused ours, or it does not speak TLS.
+    #[error("TLS handshake with {addr} (as {server_name}): {source}")]
+    Tls {
+        /// The backend.
+        addr: Target,
+        /// The name its certificate was checked for.
+        server_name: String,
+        /// Why (a rustls error inside).
+        #[source]
+        source: std::io::Error,
     },
     /// The HTTP handshake failed.
     #[error("HTTP handshake with {addr}: {source}")]
@@ -175,6 +195,8 @@ pub enum ConnectError {
 #[derive(Debug)]
 pub struct ConnPool {
     addr: Target,
+    /// TLS to this backend, for routes with `backend.tls`.
+    tls: Option<PeerTls>,
     /// Idle HTTP/1.1 connections, one stack per worker (see [`STACKS`]).
     idle: Vec<Mutex<Vec<http1::SendRequest<UpBody>>>>,
     /// Idle connections of the gateway's own HTTP/1.1 client ([`crate::h1`]), per worker.
@@ -184,10 +206,11 @@ pub struct ConnPool {
 }
 
 impl ConnPool {
-    /// An empty pool for `addr`.
-    pub fn new(addr: Target) -> ConnPool {
+    /// An empty pool for `addr`, dialling TLS with `tls` when given.
+    pub fn new(addr: Target, tls: Option<PeerTls>) -> ConnPool {
         ConnPool {
             addr,
+            tls,
             idle: (0..STACKS).map(|_| Mutex::new(Vec::new())).collect(),
             raw_idle: (0..STACKS).map(|_| Mutex::new(Vec::new())).collect(),
             h2: Mutex::new(None),
@@ -200,6 +223,13 @@ impl ConnPool {
         &self.addr
     }
 
+    /// The name the backend's certificate is checked for, when it is dialled over TLS.
+    pub fn tls_server_name(&self) -> Option<String> {
+        self.tls
+            .as_ref()
+            .map(|t| t.server_name().to_str().into_owned())
+    }
+
     /// Idle HTTP/1.1 connections.
     pub fn idle(&self) -> usize {
         self.idle.iter().map(|s| s.lock().len()).sum::<usize>()
@@ -210,14 +240,14 @@ impl ConnPool {
     /// open, or a new one.
     pub async fn raw(&self, timeout: Duration) -> Result<RawConn, ConnectError> {
         loop {
-            let Some(conn) = self.raw_idle[stack()].lock().pop() else {
+            let Some(mut conn) = self.raw_idle[stack()].lock().pop() else {
                 break;
             };
             if conn.looks_open() {
                 return Ok(conn);
             }
         }
-        Ok(RawConn::new(self.tcp(timeout).await?))
+        Ok(RawConn::new(self.connect(timeout, Alpn::Http1).await?))
     }
 
     /// Keeps a connection whose response was read to the end.
@@ -228,26 +258,42 @@ impl ConnPool {
         }
     }
 
-    async fn tcp(&self, timeout: Duration) -> Result<TcpStream, ConnectError> {
+    /// A new connection: TCP, then the TLS handshake offering `alpn` for a TLS backend, both
+    /// within `timeout`.
+    async fn connect(&self, timeout: Duration, alpn: Alpn) -> Result<MaybeTlsStream, ConnectError> {
         let connect = async {
-            match &self.addr {
+            let tcp = match &self.addr {
                 Target::Ip(a) => TcpStream::connect(*a).await,
                 // Resolves, then tries each address in turn.
                 Target::Name { host, port } => TcpStream::connect((host.as_str(), *port)).await,
             }
+            .map_err(|source| ConnectError::Io {
+                addr: self.addr.clone(),
+                source,
+            })?;
+            let _ = tcp.set_nodelay(true);
+            let Some(tls) = &self.tls else {
+                return Ok(MaybeTlsStream::Plain(tcp));
+            };
+            match tls
+                .connector(alpn)
+                .connect(tls.server_name().clone(), tcp)
+                .await
+            {
+                Ok(stream) => Ok(MaybeTlsStream::Tls(Box::new(stream))),
+                Err(source) => Err(ConnectError::Tls {
+                    addr: self.addr.clone(),
+                    server_name: tls.server_name().to_str().into_owned(),
+                    source,
+                }),
+            }
         };
-        let stream = tokio::time::timeout(timeout, connect)
+        tokio::time::timeout(timeout, connect)
             .await
             .map_err(|_| ConnectError::Timeout {
                 addr: self.addr.clone(),
                 timeout,
             })?
-            .map_err(|source| ConnectError::Io {
-                addr: self.addr.clone(),
-                source,
-            })?;
-        let _ = stream.set_nodelay(true);
-        Ok(stream)
     }
 
     /// An HTTP/1.1 connection ready for a request: an idle one, or a new one.
@@ -269,7 +315,7 @@ impl ConnPool {
                 return Ok(sender);
             }
         }
-        let stream = self.tcp(timeout).await?;
+        let stream = self.connect(timeout, Alpn::Http1).await?;
         let (sender, conn) = http1::Builder::new()
             .writev(false)
             .handshake(TokioIo::new(stream))
@@ -309,7 +355,7 @@ impl ConnPool {
         {
             return Ok(s.clone());
         }
-        let stream = self.tcp(timeout).await?;
+        let stream = self.connect(timeout, Alpn::Http2).await?;
         let (sender, conn) = http2::Builder::new(TokioExecutor::new())
             .adaptive_window(true)
             .handshake(TokioIo::new(stream))

@@ -13,6 +13,9 @@ fn command() -> Command {
         "LB_GATEWAY_REGISTRY_ENDPOINTS",
         "LB_GATEWAY_WORKER_THREADS",
         "LB_GATEWAY_ACCESS_LOG",
+        "LB_GATEWAY_BACKEND_CACERT",
+        "LB_GATEWAY_BACKEND_CERT",
+        "LB_GATEWAY_BACKEND_KEY",
         "LOG_FORMAT",
         "RUST_LOG",
         "OTEL_EXPORTER_OTLP_ENDPOINT",
@@ -93,6 +96,23 @@ fn a_bad_routes_file_exits_64_naming_the_route_and_the_field() {
     );
     assert!(
         stderr.contains("route 1 (\"orders\")") && stderr.contains("table_size 1000"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn a_tls_route_without_backend_cacert_exits_64_naming_the_route_and_the_flag() {
+    let file = tempfile::NamedTempFile::new().expect("temp file");
+    std::fs::write(
+        file.path(),
+        "[[routes]]\nname = \"orders\"\nbackend = { namespace = \"prod\", service = \"orders\", tls = true }\n",
+    )
+    .expect("write");
+    let out = output(command().args(["--routes", &file.path().display().to_string()]));
+    assert_eq!(out.status.code(), Some(64), "{out:?}");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("route \"orders\"") && stderr.contains("--backend-cacert"),
         "{stderr}"
     );
 }

@@ -15,13 +15,17 @@
 //! - `conn_limits`: the listener's limits (header read timeout, header size, connections).
 //! - `fast_path`: the listener's own HTTP/1.1 path (pipelining, split heads, 431, chunked,
 //!   HEAD, 204/304, HTTP/1.0) and its hand-over to hyper.
-//! - `overrides`: routes replaced by versions of a config-svc item.
+//! - `overrides`: routes replaced by versions of a config-svc item (a bad one rejected).
+//! - `backend_tls`: routes with `backend.tls`: HTTP/1.1 and gRPC backends over TLS with the
+//!   gateway's client certificate, refused certificates (502, nothing sent), the start refused
+//!   without `--backend-cacert`.
 //! - `dashboard`: the web dashboard's JSON API and its errors, and the page in headless
 //!   Chromium (`browser`: chromedriver as a child process, WebDriver over HTTP).
 
 #[path = "../../../coord-client/tests/it/harness.rs"]
 mod coord;
 
+mod backend_tls;
 mod binary;
 mod browser;
 mod conn_limits;

@@ -67,6 +67,19 @@ async fn a_routes_version_in_config_svc_replaces_the_file_and_a_bad_one_is_rejec
             >= 1.0
     })
     .await;
+    // A route with backend.tls on, but this gateway has no --backend-cacert: rejected too.
+    let tls = format!(
+        "[[routes]]\nname = \"web\"\nbackend = {{ namespace = \"{NS}\", service = \"blue\", tls = true }}\n"
+    );
+    config
+        .publish("test", "lb-gateway", "routes.toml", &tls)
+        .await;
+    wait_until(T, "the tls version to be rejected", || async {
+        gw.metric("lb_gateway_route_reloads_total{result=\"rejected\"}")
+            .await
+            >= 2.0
+    })
+    .await;
     for _ in 0..5 {
         assert_eq!(gw.get("/", &[("x-user", "u")]).await.1["backend"], "green");
     }
