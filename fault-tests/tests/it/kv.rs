@@ -334,9 +334,22 @@ pub struct Counts {
     pub lease_violations: u64,
     /// The first few errors, for the report.
     pub errors: Vec<String>,
+    /// When each acknowledged write was answered (for how long writes stopped).
+    pub acked_at: Vec<Instant>,
 }
 
 impl Counts {
+    /// The longest stretch without an acknowledged write, and where it began: how long writes
+    /// stopped during a fault (the workload writes about 70 times a second, so a stretch
+    /// shorter than ~50 ms is the workload's own pace).
+    pub fn longest_write_pause(&self) -> Option<(Instant, Duration)> {
+        let mut at = self.acked_at.clone();
+        at.sort();
+        at.windows(2)
+            .map(|w| (w[0], w[1] - w[0]))
+            .max_by_key(|(_, d)| *d)
+    }
+
     fn merge(&mut self, o: Counts) {
         self.ops += o.ops;
         self.failed += o.failed;
@@ -344,6 +357,7 @@ impl Counts {
         self.lease_cycles += o.lease_cycles;
         self.lease_failed += o.lease_failed;
         self.lease_violations += o.lease_violations;
+        self.acked_at.extend(o.acked_at);
         for e in o.errors {
             if self.errors.len() < 5 && !self.errors.contains(&e) {
                 self.errors.push(e);
@@ -405,6 +419,7 @@ impl Workload {
                         Ok(r) => {
                             if r.is_mutation() {
                                 counts.acked_writes += 1;
+                                counts.acked_at.push(Instant::now());
                             }
                             if let hc::Response::Get { kv: got, .. } = r {
                                 seen.insert(key, got.map(|g| g.mod_revision).unwrap_or(0));

@@ -485,6 +485,13 @@ async fn finish(
         "kv        {} ops, {} failed or unknown, {} acknowledged writes; leases: {} cycles, {} failed, {} violations",
         counts.ops, counts.failed, counts.acked_writes, counts.lease_cycles, counts.lease_failed, counts.lease_violations
     ));
+    if let Some((from, pause)) = counts.longest_write_pause() {
+        s.line(format!(
+            "writes    stopped for at most {} (the longest stretch without an acknowledged write, from +{})",
+            secs(pause),
+            secs(from.saturating_duration_since(began))
+        ));
+    }
     if !counts.errors.is_empty() {
         s.line(format!("errors    {}", counts.errors.join(" | ")));
     }
