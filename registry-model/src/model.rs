@@ -52,13 +52,26 @@ pub enum HealthStatus {
 }
 
 /// How an instance is probed.
+///
+/// HTTP and gRPC checks can run over TLS (`tls`, as Consul's `tls_server_name` checks do):
+/// the checking registry-svc replica verifies the instance's certificate against its
+/// `--check-cacert` for `tls_server_name`, or for the registered address when that is empty,
+/// and presents `--check-cert` when it has one. `tls` and `tls_server_name` are written only
+/// when set, so a plain check is stored as it was before they existed.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "lowercase")]
 pub enum CheckKind {
-    /// `GET http://address:port{path}`; a 2xx answer is healthy.
+    /// `GET http://address:port{path}` (`https://` with `tls`); a 2xx answer is healthy.
     Http {
         /// Path starting with `/`.
         path: String,
+        /// Probe over TLS.
+        #[serde(default, skip_serializing_if = "is_false")]
+        tls: bool,
+        /// The name the instance's certificate must carry (a DNS name or an IP address; `""`:
+        /// the registered address). Only with `tls`.
+        #[serde(default, skip_serializing_if = "String::is_empty")]
+        tls_server_name: String,
     },
     /// A TCP connection is accepted.
     Tcp,
@@ -67,7 +80,63 @@ pub enum CheckKind {
         /// The service name to ask about (`""`: the whole server).
         #[serde(default)]
         service: String,
+        /// Probe over TLS.
+        #[serde(default, skip_serializing_if = "is_false")]
+        tls: bool,
+        /// As for HTTP checks.
+        #[serde(default, skip_serializing_if = "String::is_empty")]
+        tls_server_name: String,
     },
+}
+
+fn is_false(b: &bool) -> bool {
+    !*b
+}
+
+/// How a check reaches its instance over TLS: the name the certificate is checked for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CheckTls<'a> {
+    /// `tls_server_name`, or `None` for the registered address.
+    pub server_name: Option<&'a str>,
+}
+
+impl CheckKind {
+    /// An HTTP check of `path`, plain.
+    pub fn http(path: impl Into<String>) -> CheckKind {
+        CheckKind::Http {
+            path: path.into(),
+            tls: false,
+            tls_server_name: String::new(),
+        }
+    }
+
+    /// A gRPC check of `service`, plain.
+    pub fn grpc(service: impl Into<String>) -> CheckKind {
+        CheckKind::Grpc {
+            service: service.into(),
+            tls: false,
+            tls_server_name: String::new(),
+        }
+    }
+
+    /// `Some` when the check runs over TLS.
+    pub fn tls(&self) -> Option<CheckTls<'_>> {
+        match self {
+            CheckKind::Http {
+                tls: true,
+                tls_server_name,
+                ..
+            }
+            | CheckKind::Grpc {
+                tls: true,
+                tls_server_name,
+                ..
+            } => Some(CheckTls {
+                server_name: (!tls_server_name.is_empty()).then_some(tls_server_name.as_str()),
+            }),
+            _ => None,
+        }
+    }
 }
 
 /// An active health check.
@@ -274,7 +343,7 @@ impl Instance {
 impl HealthCheckSpec {
     /// Validates and fills in defaults.
     pub fn normalize(mut self) -> Result<HealthCheckSpec, Invalid> {
-        if let CheckKind::Http { path } = &self.kind
+        if let CheckKind::Http { path, .. } = &self.kind
             && (!path.starts_with('/')
                 || path.len() > 1024
                 || path.chars().any(|c| c.is_control() || c == ' '))
@@ -282,6 +351,29 @@ impl HealthCheckSpec {
             return Err(Invalid::new(format!(
                 "health_check.path {path:?} must start with '/' and hold no spaces or control characters"
             )));
+        }
+        if let CheckKind::Http {
+            tls,
+            tls_server_name,
+            ..
+        }
+        | CheckKind::Grpc {
+            tls,
+            tls_server_name,
+            ..
+        } = &self.kind
+            && !tls_server_name.is_empty()
+        {
+            if !tls {
+                return Err(Invalid::new(format!(
+                    "health_check.tls_server_name {tls_server_name:?} needs health_check.tls = true"
+                )));
+            }
+            if validate_address(tls_server_name).is_err() {
+                return Err(Invalid::new(format!(
+                    "health_check.tls_server_name {tls_server_name:?} must be a DNS name or an IP address"
+                )));
+            }
         }
         if self.interval_ms == 0 {
             self.interval_ms = 5000;
@@ -594,9 +686,7 @@ mod tests {
         };
         assert!(slow.normalize().is_err(), "timeout above interval");
         let bad_path = HealthCheckSpec {
-            kind: CheckKind::Http {
-                path: "healthz".into(),
-            },
+            kind: CheckKind::http("healthz"),
             ..spec
         };
         assert!(bad_path.normalize().is_err());
@@ -606,11 +696,70 @@ mod tests {
     fn check_spec_json_is_flat_with_a_type_tag() {
         let json = r#"{"type":"http","path":"/h","interval_ms":500}"#;
         let spec: HealthCheckSpec = serde_json::from_str(json).expect("parse");
-        assert_eq!(spec.kind, CheckKind::Http { path: "/h".into() });
+        assert_eq!(spec.kind, CheckKind::http("/h"));
         assert_eq!(spec.interval_ms, 500);
         let back = serde_json::to_value(&spec).expect("json");
         assert_eq!(back["type"], "http");
         assert_eq!(back["path"], "/h");
+        assert!(
+            back.get("tls").is_none() && back.get("tls_server_name").is_none(),
+            "a plain check is stored as before TLS checks existed: {back}"
+        );
+    }
+
+    #[test]
+    fn tls_checks_read_their_server_name_and_write_it_back() {
+        let json = r#"{"type":"http","path":"/h","tls":true,"tls_server_name":"demo-1"}"#;
+        let spec: HealthCheckSpec = serde_json::from_str(json).expect("parse");
+        assert_eq!(
+            spec.kind.tls(),
+            Some(CheckTls {
+                server_name: Some("demo-1")
+            })
+        );
+        let spec = spec.normalize().expect("valid");
+        let back = serde_json::to_value(&spec).expect("json");
+        assert_eq!(
+            (&back["tls"], &back["tls_server_name"]),
+            (&true.into(), &"demo-1".into())
+        );
+
+        let json = r#"{"type":"grpc","tls":true}"#;
+        let spec: HealthCheckSpec = serde_json::from_str(json).expect("parse");
+        assert_eq!(
+            spec.kind.tls(),
+            Some(CheckTls { server_name: None }),
+            "the registered address"
+        );
+        let ip = r#"{"type":"grpc","tls":true,"tls_server_name":"10.0.0.7"}"#;
+        let spec: HealthCheckSpec = serde_json::from_str(ip).expect("parse");
+        spec.normalize().expect("an IP address is a server name");
+        assert_eq!(CheckKind::http("/x").tls(), None);
+        assert_eq!(CheckKind::Tcp.tls(), None);
+    }
+
+    #[test]
+    fn a_bad_tls_server_name_is_refused_saying_why() {
+        let refused = |json: &str| {
+            serde_json::from_str::<HealthCheckSpec>(json)
+                .expect("parse")
+                .normalize()
+                .expect_err("must be refused")
+                .to_string()
+        };
+        let e = refused(r#"{"type":"http","path":"/h","tls_server_name":"demo-1"}"#);
+        assert!(e.contains("needs health_check.tls = true"), "{e}");
+        let e = refused(r#"{"type":"grpc","tls":false,"tls_server_name":"demo-1"}"#);
+        assert!(e.contains("needs health_check.tls = true"), "{e}");
+        for bad in ["https://demo-1", "demo 1", "demo-1:8500", "a..b"] {
+            let e = refused(&format!(
+                r#"{{"type":"http","path":"/h","tls":true,"tls_server_name":"{bad}"}}"#
+            ));
+            assert!(
+                e.contains("tls_server_name") && e.contains("must be a DNS name or an IP address"),
+                "{bad}: {e}"
+            );
+        }
     }
 
     fn with_health(id: &str, health: HealthStatus, zone: &str) -> Instance {

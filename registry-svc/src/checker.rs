@@ -7,6 +7,8 @@
 //! changes, stopped when the instance goes away or moves to another replica. A probe task
 //! writes only transitions, as a transaction guarded by the record's revision and bound to the
 //! instance's own lease, so a write can never resurrect an instance that expired meanwhile.
+//! TLS checks are probed with the replica's [`ProbeTls`] (`--check-cacert`, ...; see
+//! [`crate::health`]).
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
@@ -16,7 +18,7 @@ use coord_client::{EventKind, KeyValue, LeaseKeeper, Txn, WatchEvent, WatchOptio
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use crate::health::{CheckState, kind_label, owner, timed_probe};
+use crate::health::{CheckState, ProbeTls, Target, kind_label, owner, timed_probe};
 use crate::keys;
 use crate::model::{HealthCheckSpec, HealthStatus, Instance};
 use crate::registry::{Registry, decode};
@@ -60,6 +62,8 @@ pub async fn join(
 #[derive(Debug, Clone, PartialEq)]
 struct Fingerprint {
     lease: i64,
+    /// The registered address, and `host:port`.
+    host: String,
     addr: String,
     spec: HealthCheckSpec,
 }
@@ -107,8 +111,14 @@ impl View {
     }
 }
 
-/// Probes the instances this replica owns until `shutdown`.
-pub async fn run(registry: Arc<Registry>, replica_id: String, shutdown: CancellationToken) {
+/// Probes the instances this replica owns until `shutdown`; TLS checks with `tls` (`None`: they
+/// fail, saying that this replica has no `--check-cacert`).
+pub async fn run(
+    registry: Arc<Registry>,
+    replica_id: String,
+    tls: Option<ProbeTls>,
+    shutdown: CancellationToken,
+) {
     let mut probes: HashMap<String, Probe> = HashMap::new();
     let mut backoff = Duration::from_millis(100);
     while !shutdown.is_cancelled() {
@@ -129,7 +139,7 @@ pub async fn run(registry: Arc<Registry>, replica_id: String, shutdown: Cancella
         for kv in &snapshot.kvs {
             view.apply_put(kv);
         }
-        reconcile(&registry, &replica_id, &view, &mut probes);
+        reconcile(&registry, &replica_id, &view, tls.as_ref(), &mut probes);
         let mut stream = registry
             .client()
             .watch(WatchOptions::prefix(keys::ROOT, snapshot.revision + 1));
@@ -147,7 +157,7 @@ pub async fn run(registry: Arc<Registry>, replica_id: String, shutdown: Cancella
                             EventKind::Delete => view.apply_delete(&e.kv.key),
                         }
                     }
-                    reconcile(&registry, &replica_id, &view, &mut probes);
+                    reconcile(&registry, &replica_id, &view, tls.as_ref(), &mut probes);
                 }
                 Some(WatchEvent::Compacted { .. }) | None => break,
             }
@@ -157,7 +167,13 @@ pub async fn run(registry: Arc<Registry>, replica_id: String, shutdown: Cancella
     registry.metrics().probed_instances.set(0);
 }
 
-fn reconcile(registry: &Arc<Registry>, me: &str, view: &View, probes: &mut HashMap<String, Probe>) {
+fn reconcile(
+    registry: &Arc<Registry>,
+    me: &str,
+    view: &View,
+    tls: Option<&ProbeTls>,
+    probes: &mut HashMap<String, Probe>,
+) {
     let replicas: Vec<&str> = view.replicas.iter().map(String::as_str).collect();
     registry.metrics().live_replicas.set(replicas.len() as i64);
     let mut wanted: HashMap<&str, Fingerprint> = HashMap::new();
@@ -172,6 +188,7 @@ fn reconcile(registry: &Arc<Registry>, me: &str, view: &View, probes: &mut HashM
             key.as_str(),
             Fingerprint {
                 lease: *lease,
+                host: instance.address.clone(),
                 addr: instance.socket_addr(),
                 spec: spec.clone(),
             },
@@ -190,13 +207,20 @@ fn reconcile(registry: &Arc<Registry>, me: &str, view: &View, probes: &mut HashM
             key.to_owned(),
             fingerprint.clone(),
             instance.health,
+            tls.cloned(),
         ));
         probes.insert(key.to_owned(), Probe { fingerprint, task });
     }
     registry.metrics().probed_instances.set(probes.len() as i64);
 }
 
-async fn probe_loop(registry: Arc<Registry>, key: String, fp: Fingerprint, recorded: HealthStatus) {
+async fn probe_loop(
+    registry: Arc<Registry>,
+    key: String,
+    fp: Fingerprint,
+    recorded: HealthStatus,
+    tls: Option<ProbeTls>,
+) {
     let spec = &fp.spec;
     let kind = kind_label(&spec.kind);
     let mut state = CheckState::new(recorded);
@@ -206,7 +230,11 @@ async fn probe_loop(registry: Arc<Registry>, key: String, fp: Fingerprint, recor
     let mut detail = String::new();
     loop {
         tick.tick().await;
-        let (result, took) = timed_probe(&fp.addr, spec).await;
+        let target = Target {
+            host: &fp.host,
+            addr: &fp.addr,
+        };
+        let (result, took) = timed_probe(target, spec, tls.as_ref()).await;
         let m = registry.metrics();
         m.health_check_seconds
             .get_or_create(&[("kind", kind)])

@@ -70,9 +70,17 @@ pub fn instance_from_pb(i: pb::Instance) -> Result<Instance, Error> {
         None => None,
         Some(h) => {
             let kind = match h.kind {
-                Some(pb::health_check::Kind::Http(http)) => CheckKind::Http { path: http.path },
+                Some(pb::health_check::Kind::Http(http)) => CheckKind::Http {
+                    path: http.path,
+                    tls: http.tls,
+                    tls_server_name: http.tls_server_name,
+                },
                 Some(pb::health_check::Kind::Tcp(_)) => CheckKind::Tcp,
-                Some(pb::health_check::Kind::Grpc(g)) => CheckKind::Grpc { service: g.service },
+                Some(pb::health_check::Kind::Grpc(g)) => CheckKind::Grpc {
+                    service: g.service,
+                    tls: g.tls,
+                    tls_server_name: g.tls_server_name,
+                },
                 None => {
                     return Err(Error::invalid(
                         "health_check has no kind: set one of http, tcp, grpc",
@@ -116,9 +124,25 @@ pub fn instance_to_pb(i: Instance) -> pb::Instance {
     };
     let health_check = i.health_check.map(|h| pb::HealthCheck {
         kind: Some(match h.kind {
-            CheckKind::Http { path } => pb::health_check::Kind::Http(pb::HttpCheck { path }),
+            CheckKind::Http {
+                path,
+                tls,
+                tls_server_name,
+            } => pb::health_check::Kind::Http(pb::HttpCheck {
+                path,
+                tls,
+                tls_server_name,
+            }),
             CheckKind::Tcp => pb::health_check::Kind::Tcp(pb::TcpCheck {}),
-            CheckKind::Grpc { service } => pb::health_check::Kind::Grpc(pb::GrpcCheck { service }),
+            CheckKind::Grpc {
+                service,
+                tls,
+                tls_server_name,
+            } => pb::health_check::Kind::Grpc(pb::GrpcCheck {
+                service,
+                tls,
+                tls_server_name,
+            }),
         }),
         interval_ms: h.interval_ms,
         timeout_ms: h.timeout_ms,

@@ -13,17 +13,74 @@
 //! two replicas or by none, for at most one watch delay or one replica TTL respectively.
 //! FNV-1a and MurmurHash3's finaliser are used because they are fixed forever: replicas built by different compilers agree.
 //!
+//! # Probing over TLS
+//! HTTP and gRPC checks with `tls` on ([`CheckKind::tls`]) dial TLS with the replica's
+//! [`ProbeTls`] (`--check-cacert`, `--check-cert`, `--check-key`): the instance's certificate
+//! must chain to that CA and carry the check's `tls_server_name`, or else the registered
+//! address; HTTP offers ALPN `http/1.1`, gRPC `h2`. A failed handshake is a failed probe whose
+//! reason (unknown issuer, wrong name, not TLS at all...) becomes the record's `health_detail`
+//! like any other. A replica started without `--check-cacert` fails every TLS probe, saying
+//! so, rather than probing in plaintext or refusing registrations: the replica that accepts a
+//! registration is often not the one that probes it, and the fix (give that replica the CA)
+//! belongs to the operator, who sees the reason in the record.
+//!
 //! # The state machine
 //! A new registration starts healthy. `unhealthy_threshold` failed probes in a row make it
 //! unhealthy; `healthy_threshold` passing probes in a row make it healthy again. Only
 //! transitions are written to the coordinator.
 
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use service_kit::tls::rustls::ClientConfig;
+use service_kit::tls::rustls::pki_types::ServerName;
+use service_kit::tls::tokio_rustls::{self, client::TlsStream};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use crate::model::{CheckKind, HealthCheckSpec, HealthStatus};
+use crate::model::{CheckKind, CheckTls, HealthCheckSpec, HealthStatus};
+
+/// The TLS material a replica probes TLS checks with (`--check-cacert`, `--check-cert`,
+/// `--check-key`), as one connector per ALPN offer. Cheap to clone.
+#[derive(Clone)]
+pub struct ProbeTls {
+    http1: tokio_rustls::TlsConnector,
+    h2: tokio_rustls::TlsConnector,
+}
+
+impl std::fmt::Debug for ProbeTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ProbeTls").finish_non_exhaustive()
+    }
+}
+
+impl ProbeTls {
+    /// Connectors from a client configuration (`ClientTlsFiles::client_config`).
+    pub fn new(config: &Arc<ClientConfig>) -> ProbeTls {
+        let with_alpn = |alpn: &[u8]| {
+            let mut c = (**config).clone();
+            c.alpn_protocols = vec![alpn.to_vec()];
+            tokio_rustls::TlsConnector::from(Arc::new(c))
+        };
+        ProbeTls {
+            http1: with_alpn(b"http/1.1"),
+            h2: with_alpn(b"h2"),
+        }
+    }
+}
+
+/// Where a probe goes: `host` is the registered address (an IP address or a DNS name), `addr`
+/// the same with the port, for connecting.
+#[derive(Debug, Clone, Copy)]
+pub struct Target<'a> {
+    /// The registered address.
+    pub host: &'a str,
+    /// `host:port` (IPv6 in brackets).
+    pub addr: &'a str,
+}
 
 /// FNV-1a, 64 bits.
 pub fn fnv1a64(parts: &[&[u8]]) -> u64 {
@@ -105,18 +162,38 @@ pub fn kind_label(kind: &CheckKind) -> &'static str {
     }
 }
 
-/// Probes `addr` (`host:port`) once as `spec` says, within its timeout. `Ok(())` if healthy,
-/// otherwise why not.
-pub async fn probe(addr: &str, spec: &HealthCheckSpec) -> Result<(), String> {
+/// Probes `target` once as `spec` says, within its timeout; TLS checks with `tls`. `Ok(())`
+/// if healthy, otherwise why not.
+pub async fn probe(
+    target: Target<'_>,
+    spec: &HealthCheckSpec,
+    tls: Option<&ProbeTls>,
+) -> Result<(), String> {
     let timeout = Duration::from_millis(u64::from(spec.timeout_ms));
+    let addr = target.addr;
     let work = async {
+        let dial = match spec.kind.tls() {
+            None => None,
+            Some(check) => Some(TlsDial::new(target, check, tls)?),
+        };
         match &spec.kind {
             CheckKind::Tcp => TcpStream::connect(addr)
                 .await
                 .map(drop)
                 .map_err(|e| format!("tcp connect {addr}: {e}")),
-            CheckKind::Http { path } => http_get(addr, path).await,
-            CheckKind::Grpc { service } => grpc_check(addr, service, timeout).await,
+            CheckKind::Http { path, .. } => match dial {
+                None => {
+                    let stream = TcpStream::connect(addr)
+                        .await
+                        .map_err(|e| format!("http connect {addr}: {e}"))?;
+                    http_get(stream, addr, path).await
+                }
+                Some(dial) => {
+                    let stream = dial.connect(&dial.http1).await?;
+                    http_get(stream, addr, path).await
+                }
+            },
+            CheckKind::Grpc { service, .. } => grpc_check(addr, service, timeout, dial).await,
         }
     };
     match tokio::time::timeout(timeout, work).await {
@@ -125,11 +202,97 @@ pub async fn probe(addr: &str, spec: &HealthCheckSpec) -> Result<(), String> {
     }
 }
 
-/// `GET path` over HTTP/1.1; 2xx passes. Reads only the status line.
-async fn http_get(addr: &str, path: &str) -> Result<(), String> {
-    let mut stream = TcpStream::connect(addr)
-        .await
-        .map_err(|e| format!("http connect {addr}: {e}"))?;
+/// One TLS probe's dialling: the address, the name the certificate must carry, the connectors.
+#[derive(Clone)]
+struct TlsDial {
+    addr: String,
+    name: ServerName<'static>,
+    http1: tokio_rustls::TlsConnector,
+    h2: tokio_rustls::TlsConnector,
+}
+
+impl TlsDial {
+    fn new(
+        target: Target<'_>,
+        check: CheckTls<'_>,
+        tls: Option<&ProbeTls>,
+    ) -> Result<TlsDial, String> {
+        let Some(tls) = tls else {
+            return Err(
+                "a TLS check, but this registry-svc replica has no --check-cacert to verify \
+                 the instance's certificate with"
+                    .into(),
+            );
+        };
+        let name = check.server_name.unwrap_or(target.host);
+        let name = ServerName::try_from(name.to_owned())
+            .map_err(|e| format!("{name:?} cannot be checked against a certificate: {e}"))?;
+        Ok(TlsDial {
+            addr: target.addr.to_owned(),
+            name,
+            http1: tls.http1.clone(),
+            h2: tls.h2.clone(),
+        })
+    }
+
+    /// TCP, then the handshake with `connector`; errors name the address and the checked name.
+    async fn connect(
+        &self,
+        connector: &tokio_rustls::TlsConnector,
+    ) -> Result<TlsStream<TcpStream>, String> {
+        let addr = &self.addr;
+        let tcp = TcpStream::connect(addr)
+            .await
+            .map_err(|e| format!("tls connect {addr}: {e}"))?;
+        let _ = tcp.set_nodelay(true);
+        connector
+            .connect(self.name.clone(), tcp)
+            .await
+            .map_err(|e| {
+                format!(
+                    "TLS handshake with {addr} (certificate checked for {}): {e}",
+                    self.name.to_str()
+                )
+            })
+    }
+}
+
+/// tonic's connector for a gRPC probe over TLS: each call dials [`TlsDial`] with ALPN `h2`.
+#[derive(Clone)]
+struct GrpcTlsConnector(Arc<TlsDial>);
+
+type GrpcConnectFuture = Pin<
+    Box<
+        dyn Future<Output = Result<hyper_util::rt::TokioIo<TlsStream<TcpStream>>, std::io::Error>>
+            + Send,
+    >,
+>;
+
+impl tonic::codegen::Service<tonic::codegen::http::Uri> for GrpcTlsConnector {
+    type Response = hyper_util::rt::TokioIo<TlsStream<TcpStream>>;
+    type Error = std::io::Error;
+    type Future = GrpcConnectFuture;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, _uri: tonic::codegen::http::Uri) -> Self::Future {
+        let dial = self.0.clone();
+        Box::pin(async move {
+            dial.connect(&dial.h2)
+                .await
+                .map(hyper_util::rt::TokioIo::new)
+                .map_err(std::io::Error::other)
+        })
+    }
+}
+
+/// `GET path` over HTTP/1.1 on `stream` (plain or TLS); 2xx passes. Reads only the status line.
+async fn http_get<S>(mut stream: S, addr: &str, path: &str) -> Result<(), String>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
     let request = format!(
         "GET {path} HTTP/1.1\r\nHost: {addr}\r\nUser-Agent: registry-svc\r\nConnection: close\r\n\r\n"
     );
@@ -162,18 +325,30 @@ async fn http_get(addr: &str, path: &str) -> Result<(), String> {
     }
 }
 
-/// `grpc.health.v1.Health/Check`; `SERVING` passes.
-async fn grpc_check(addr: &str, service: &str, timeout: Duration) -> Result<(), String> {
+/// `grpc.health.v1.Health/Check` (over TLS with `dial`); `SERVING` passes.
+async fn grpc_check(
+    addr: &str,
+    service: &str,
+    timeout: Duration,
+    dial: Option<TlsDial>,
+) -> Result<(), String> {
     use tonic_health::pb::HealthCheckRequest;
     use tonic_health::pb::health_check_response::ServingStatus;
     use tonic_health::pb::health_client::HealthClient;
 
-    let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+    let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
         .map_err(|e| format!("grpc endpoint {addr}: {e}"))?
-        .connect_timeout(timeout)
-        .connect()
-        .await
-        .map_err(|e| format!("grpc connect {addr}: {e}"))?;
+        .connect_timeout(timeout);
+    let channel = match dial {
+        None => endpoint
+            .connect()
+            .await
+            .map_err(|e| format!("grpc connect {addr}: {e}"))?,
+        Some(dial) => endpoint
+            .connect_with_connector(GrpcTlsConnector(Arc::new(dial)))
+            .await
+            .map_err(|e| format!("grpc connect {addr}: {}", error_chain(&e)))?,
+    };
     let resp = HealthClient::new(channel)
         .check(HealthCheckRequest {
             service: service.to_owned(),
@@ -191,10 +366,30 @@ async fn grpc_check(addr: &str, service: &str, timeout: Duration) -> Result<(), 
     }
 }
 
+/// An error and its sources, `: `-separated (tonic's transport error alone says only
+/// "transport error"; the handshake's reason is underneath).
+fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        let next = s.to_string();
+        if !text.contains(&next) {
+            text.push_str(": ");
+            text.push_str(&next);
+        }
+        source = s.source();
+    }
+    text
+}
+
 /// Runs one probe and measures it.
-pub async fn timed_probe(addr: &str, spec: &HealthCheckSpec) -> (Result<(), String>, Duration) {
+pub async fn timed_probe(
+    target: Target<'_>,
+    spec: &HealthCheckSpec,
+    tls: Option<&ProbeTls>,
+) -> (Result<(), String>, Duration) {
     let started = Instant::now();
-    let result = probe(addr, spec).await;
+    let result = probe(target, spec, tls).await;
     (result, started.elapsed())
 }
 

@@ -35,6 +35,12 @@
 //! `service_kit::authn` for the flags and the policy format, [`registry`] for what each
 //! operation needs.
 //!
+//! # TLS
+//! `--cert-file`/`--key-file` (+ `--trusted-ca-file`, `--client-cert-auth`) put the gRPC and
+//! REST listeners on TLS; `--coordinator-cacert|cert|key` dial the coordinator over TLS;
+//! `--check-cacert|cert|key` ([`CheckTlsArgs`]) are what health checks with `tls` on verify the
+//! instances' certificates against and present to them (see [`health`]).
+//!
 //! # Caveats
 //! - Readiness is not withdrawn when the coordinator becomes unreachable later; calls then
 //!   answer `UNAVAILABLE` / 503.
@@ -63,7 +69,7 @@ use service_kit::admin::{self, Health, Metrics};
 use service_kit::authn::{Auth, AuthArgs};
 use service_kit::config::{parse_duration, parse_listen_url};
 use service_kit::telemetry::LogFormat;
-use service_kit::tls::{ClientTlsArgs, ServerTlsArgs};
+use service_kit::tls::{ClientTlsArgs, ClientTlsFiles, ServerTlsArgs};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
@@ -159,6 +165,51 @@ pub struct Config {
     /// `--coordinator-key`).
     #[command(flatten)]
     pub coordinator_tls: ClientTlsArgs,
+
+    /// TLS of the health checks that ask for it (`--check-cacert`, `--check-cert`,
+    /// `--check-key`).
+    #[command(flatten)]
+    pub check_tls: CheckTlsArgs,
+}
+
+/// `--check-cacert`, `--check-cert`, `--check-key`: how this replica probes instances whose
+/// HTTP or gRPC health check has `tls` on. Without `--check-cacert` such checks fail, the
+/// reason saying so (see [`health`]); plain checks do not need any of these.
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct CheckTlsArgs {
+    /// CA bundle (PEM) the certificates of instances with TLS health checks are verified
+    /// against.
+    #[arg(long, env = "REGISTRY_CHECK_CACERT", value_name = "FILE")]
+    pub check_cacert: Option<std::path::PathBuf>,
+    /// Client certificate (PEM) presented to instances that ask for one.
+    #[arg(long, env = "REGISTRY_CHECK_CERT", value_name = "FILE")]
+    pub check_cert: Option<std::path::PathBuf>,
+    /// Private key (PEM) of --check-cert.
+    #[arg(long, env = "REGISTRY_CHECK_KEY", value_name = "FILE")]
+    pub check_key: Option<std::path::PathBuf>,
+}
+
+impl CheckTlsArgs {
+    /// The files as a [`ClientTlsFiles`].
+    pub fn files(&self) -> ClientTlsFiles {
+        ClientTlsFiles {
+            ca_file: self.check_cacert.clone(),
+            cert_file: self.check_cert.clone(),
+            key_file: self.check_key.clone(),
+        }
+    }
+
+    /// Reads the files now (so that a bad one fails the start), or `None` without
+    /// `--check-cacert`.
+    pub fn load(&self) -> Result<Option<health::ProbeTls>, service_kit::tls::TlsError> {
+        let files = self.files();
+        files
+            .validate("--check-")
+            .map_err(service_kit::tls::TlsError::Flags)?;
+        Ok(files
+            .client_config()?
+            .map(|config| health::ProbeTls::new(&config)))
+    }
 }
 
 impl Config {
@@ -192,6 +243,7 @@ impl Config {
         }
         self.tls.files().validate("")?;
         self.coordinator_tls.files().validate("--coordinator-")?;
+        self.check_tls.files().validate("--check-")?;
         Ok(())
     }
 }
@@ -261,6 +313,7 @@ pub async fn run_with_listeners(
         auth,
         tls,
         coordinator_tls,
+        check_tls,
     } = config;
     let auth = Auth::from_args(&auth).map_err(|e| anyhow::anyhow!(e))?;
     // Certificates are read now, so that a bad file fails the start with a clear message.
@@ -270,7 +323,10 @@ pub async fn run_with_listeners(
     let client_tls = coordinator_tls.client_config().context(
         "TLS of the coordinator client (--coordinator-cacert, --coordinator-cert, --coordinator-key)",
     )?;
-    if server_tls.is_some() || client_tls.is_some() {
+    let probe_tls = check_tls
+        .load()
+        .context("TLS of the health checks (--check-cacert, --check-cert, --check-key)")?;
+    if server_tls.is_some() || client_tls.is_some() || probe_tls.is_some() {
         service_kit::tls::reload_on_sighup();
     }
     let replica_id = if replica_id.is_empty() {
@@ -352,7 +408,7 @@ pub async fn run_with_listeners(
                     .await;
                 tracing::info!("ready");
             }
-            checker::run(registry, replica_id, shutdown).await;
+            checker::run(registry, replica_id, probe_tls, shutdown).await;
             if let Some(keeper) = keeper {
                 // Leave the replica set at once so the others take over its checks.
                 let _ = tokio::time::timeout(Duration::from_secs(2), keeper.revoke()).await;

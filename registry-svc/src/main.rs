@@ -70,6 +70,7 @@ fn serve(config: Config) -> ExitCode {
             replica_ttl = ?config.replica_ttl,
             log_format = %config.log_format,
             auth_mode = %config.auth.modes(),
+            check_cacert = ?config.check_tls.check_cacert,
             "starting registry-svc"
         );
         match registry_svc::run(config, shutdown::token_on_signal()).await {

@@ -9,6 +9,7 @@ fn http_check(interval_ms: u32) -> pb::HealthCheck {
     pb::HealthCheck {
         kind: Some(pb::health_check::Kind::Http(pb::HttpCheck {
             path: "/health".into(),
+            ..Default::default()
         })),
         interval_ms,
         timeout_ms: 100,
@@ -110,6 +111,7 @@ async fn tcp_and_grpc_checks_follow_the_backend() {
     gi.health_check = Some(pb::HealthCheck {
         kind: Some(pb::health_check::Kind::Grpc(pb::GrpcCheck {
             service: String::new(),
+            ..Default::default()
         })),
         interval_ms: 150,
         timeout_ms: 140,

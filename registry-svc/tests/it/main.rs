@@ -15,6 +15,9 @@
 //! - `outages`: registry and coordinator restarts, the client library re-registering.
 //! - `failover`: a three-member Raft coordinator losing its leader under the registry.
 //! - `tls`: TLS on the registry's ports and mTLS to the coordinator.
+//! - `tls_checks`: HTTP and gRPC health checks over TLS (`--check-cacert|cert|key`): healthy
+//!   with the right CA and name, unhealthy with a foreign CA, a wrong name, a plaintext
+//!   instance, or no `--check-cacert`, the reason recorded.
 
 #[path = "../../../coord-client/tests/it/harness.rs"]
 mod coord;
@@ -29,4 +32,5 @@ mod outages;
 mod registration;
 mod run;
 mod tls;
+mod tls_checks;
 mod watch;
