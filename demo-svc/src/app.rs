@@ -22,6 +22,7 @@ use axum::routing::get;
 use parking_lot::RwLock;
 use proto::config_v1 as cpb;
 use serde_json::{Value, json};
+use service_kit::tls::rustls::ServerConfig;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument as _;
@@ -208,16 +209,17 @@ impl Demo for DemoGrpc {
     }
 }
 
-/// Serves [`router`] on `listener` (HTTP/1.1 and h2c) until `stop`, then lets in-flight
-/// requests finish for at most [`SHUTDOWN_GRACE`].
+/// Serves [`router`] on `listener` until `stop`, then lets in-flight requests finish for at
+/// most [`SHUTDOWN_GRACE`]: HTTP/1.1 and h2c, or with `tls` (service-kit's `TlsIncoming`)
+/// HTTP/1.1 and HTTP/2 over TLS as the client's ALPN asks.
 pub async fn serve(
     listener: TcpListener,
+    tls: Option<Arc<ServerConfig>>,
     state: State,
     stop: CancellationToken,
 ) -> std::io::Result<()> {
-    let server = axum::serve(listener, router(state))
-        .with_graceful_shutdown(stop.clone().cancelled_owned())
-        .into_future();
+    let server =
+        service_kit::tls::serve_axum(router(state), listener, tls, stop.clone().cancelled_owned());
     let grace_expired = async {
         stop.cancelled().await;
         tokio::time::sleep(SHUTDOWN_GRACE).await;

@@ -12,6 +12,11 @@
 //! - it **answers HTTP** on every path (`GET /anything` → JSON naming the instance, the path it
 //!   was asked for and the settings version in use) and **gRPC** on the same port
 //!   (`demo.v1.Demo/Hello`, plus `grpc.health.v1.Health`), HTTP/1.1 and h2c alike;
+//! - with `--cert-file`/`--key-file` (`TLS_CERT_FILE`, `TLS_KEY_FILE`; plus `--trusted-ca-file`
+//!   and `--client-cert-auth` to require client certificates) it **serves that port over TLS**,
+//!   HTTP/1.1 and HTTP/2 (so gRPC) chosen by ALPN, as registry-svc and config-svc serve theirs,
+//!   and its registered health check asks the registry to probe over TLS too (`tls` on, the
+//!   certificate checked for the advertised host name, see [`Config::check_tls_server_name`]);
 //! - it has the platform's admin server (`/healthz`, `/readyz`, `/metrics`) on `--admin-listen`,
 //!   logs through `tracing` and exports spans over OTLP when `OTEL_EXPORTER_OTLP_ENDPOINT` is set
 //!   (both from `service-kit`).
@@ -25,6 +30,7 @@
 //!   and drain.
 //!
 //! # Guarantees and caveats
+//! - The admin port stays plain HTTP (container health checks probe it), TLS or not.
 //! - Readiness (`/readyz`, and so the container's health) turns true once the instance is in
 //!   the registry; it turns false again as soon as shutdown starts, before deregistering.
 //! - A settings version that is not a JSON object with valid fields is refused: the last good
@@ -172,6 +178,11 @@ pub struct Config {
     /// TLS to registry-svc and config-svc (`--client-cacert`, `--client-cert`, `--client-key`).
     #[command(flatten)]
     pub client_tls: service_kit::tls::ServiceClientTlsArgs,
+
+    /// TLS of the HTTP + gRPC port (`--cert-file`, `--key-file`, `--trusted-ca-file`,
+    /// `--client-cert-auth`); the admin port stays plain HTTP.
+    #[command(flatten)]
+    pub tls: service_kit::tls::ServerTlsArgs,
 }
 
 /// Parses `namespace/group/key`.
@@ -197,6 +208,7 @@ impl Config {
             return Err("--registry-endpoints is empty".into());
         }
         self.client_tls.files().validate("--client-")?;
+        self.tls.files().validate("")?;
         if self.config_endpoints.iter().all(|e| e.trim().is_empty()) {
             return Err("--config-endpoints is empty".into());
         }
@@ -235,6 +247,17 @@ impl Config {
             return self.instance_id.trim().to_string();
         }
         host_name().unwrap_or_else(|| format!("demo-{port}"))
+    }
+
+    /// With TLS on, the name the registry's health check verifies this instance's certificate
+    /// for: the advertise address when it is a host name (it is registered as its IP address,
+    /// which a certificate seldom names), else `""` (the registered IP address itself).
+    pub fn check_tls_server_name(&self, advertise: &str) -> String {
+        if advertise.parse::<IpAddr>().is_ok() {
+            String::new()
+        } else {
+            advertise.to_string()
+        }
     }
 
     /// The address to register: the configured one, else the listen IP if specific, else the
@@ -309,7 +332,17 @@ pub async fn run_with_listeners(
     config.validate().map_err(anyhow::Error::msg)?;
     let local = listeners.app.local_addr().context("app listener address")?;
     let instance_id = config.effective_instance_id(local.port());
-    let address = resolve(&config.effective_advertise_address(local), local.port()).await?;
+    let advertise = config.effective_advertise_address(local);
+    let address = resolve(&advertise, local.port()).await?;
+    // Certificates are read now, so that a bad file fails the start with a clear message.
+    let server_tls = config
+        .tls
+        .files()
+        .server_config()
+        .context("TLS of the HTTP + gRPC port (--cert-file, --key-file, --trusted-ca-file)")?;
+    let check_tls = server_tls
+        .is_some()
+        .then(|| config.check_tls_server_name(&advertise));
 
     let health = Health::new();
     let registry_metrics = Metrics::new();
@@ -323,17 +356,19 @@ pub async fn run_with_listeners(
         kit_admin::router(health.clone(), registry_metrics.clone()),
         stop_serving.clone(),
     ));
+    let tls_on = server_tls.is_some();
     let app_task = tokio::spawn(app::serve(
         listeners.app,
+        server_tls,
         state.clone(),
         stop_serving.clone(),
     ));
-    tracing::info!(instance = %instance_id, %local, advertise = %address, "serving HTTP and gRPC");
+    tracing::info!(instance = %instance_id, %local, advertise = %address, tls = tls_on, "serving HTTP and gRPC");
 
     let client_tls = config.client_tls.client_config().context(
         "TLS to registry-svc and config-svc (--client-cacert, --client-cert, --client-key)",
     )?;
-    if client_tls.is_some() {
+    if client_tls.is_some() || tls_on {
         service_kit::tls::reload_on_sighup();
     }
 
@@ -375,7 +410,13 @@ pub async fn run_with_listeners(
     let registry = RegistryClient::connect_tls(config.registry_endpoints.clone(), client_tls)
         .and_then(|c| c.with_token(&registry_token))
         .map_err(|s| anyhow::anyhow!("invalid registry endpoint or token: {}", s.message()))?;
-    let instance = instance_record(&config, &instance_id, &address, local.port());
+    let instance = instance_record(
+        &config,
+        &instance_id,
+        &address,
+        local.port(),
+        check_tls.as_deref(),
+    );
     let registration = register_until_done(&registry, instance, &metrics, &shutdown).await;
     if let Some(reg) = &registration {
         let registered = reg.instance();
@@ -415,8 +456,15 @@ pub async fn run_with_listeners(
     Ok(())
 }
 
-/// The registry record of this instance.
-fn instance_record(config: &Config, id: &str, address: &str, port: u16) -> pb::Instance {
+/// The registry record of this instance; `check_tls`: the port serves TLS, and the health
+/// check verifies the certificate for this name (`""`: the registered address).
+fn instance_record(
+    config: &Config,
+    id: &str,
+    address: &str,
+    port: u16,
+    check_tls: Option<&str>,
+) -> pb::Instance {
     let interval_ms = u32::try_from(config.health_check_interval.as_millis()).unwrap_or(60_000);
     pb::Instance {
         namespace: config.namespace.clone(),
@@ -432,6 +480,8 @@ fn instance_record(config: &Config, id: &str, address: &str, port: u16) -> pb::I
         health_check: Some(pb::HealthCheck {
             kind: Some(pb::health_check::Kind::Http(pb::HttpCheck {
                 path: "/healthz".into(),
+                tls: check_tls.is_some(),
+                tls_server_name: check_tls.unwrap_or_default().to_string(),
             })),
             interval_ms,
             timeout_ms: (interval_ms / 2).max(100),

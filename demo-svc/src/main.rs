@@ -73,6 +73,8 @@ fn serve(config: Config) -> ExitCode {
             ttl = ?config.ttl,
             health_check_interval = ?config.health_check_interval,
             log_format = %config.log_format,
+            tls = config.tls.cert_file.is_some(),
+            client_cert_auth = config.tls.client_cert_auth,
             "starting demo-svc"
         );
         match demo_svc::run(config, shutdown::token_on_signal()).await {

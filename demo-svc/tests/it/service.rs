@@ -30,28 +30,36 @@ async fn bind() -> TcpListener {
 struct Stack {
     _coordinator: Coordinator,
     registry: SocketAddr,
+    registry_admin: SocketAddr,
     config: SocketAddr,
     stops: Vec<CancellationToken>,
 }
 
 impl Stack {
     async fn start() -> Stack {
+        Stack::start_with(&[]).await
+    }
+
+    /// With extra registry-svc flags.
+    async fn start_with(registry_flags: &[&str]) -> Stack {
         let coordinator = Coordinator::start().await;
         let url = coordinator.url();
-        let rconf = registry_svc::Config::try_parse_from([
+        let mut args = vec![
             "registry-svc",
             "--coordinator-endpoints",
             &url,
             "--replica-ttl",
             "2s",
-        ])
-        .expect("registry config");
+        ];
+        args.extend_from_slice(registry_flags);
+        let rconf = registry_svc::Config::try_parse_from(args).expect("registry config");
         let rl = registry_svc::Listeners {
             admin: bind().await,
             grpc: bind().await,
             http: bind().await,
         };
         let registry = rl.grpc.local_addr().expect("addr");
+        let registry_admin = rl.admin.local_addr().expect("addr");
         let rstop = CancellationToken::new();
         tokio::spawn(registry_svc::run_with_listeners(rconf, rl, rstop.clone()));
 
@@ -69,6 +77,7 @@ impl Stack {
         Stack {
             _coordinator: coordinator,
             registry,
+            registry_admin,
             config,
             stops: vec![rstop, cstop],
         }
@@ -139,20 +148,27 @@ struct Demo {
 
 impl Demo {
     async fn start(stack: &Stack, id: &str) -> Demo {
-        let config = demo_svc::Config::try_parse_from([
+        Demo::start_with(stack, id, &[]).await
+    }
+
+    /// With extra demo-svc flags.
+    async fn start_with(stack: &Stack, id: &str, flags: &[&str]) -> Demo {
+        let (registry, config) = (stack.registry_url(), stack.config_url());
+        let mut args = vec![
             "demo-svc",
             "--instance-id",
             id,
             "--registry-endpoints",
-            &stack.registry_url(),
+            &registry,
             "--config-endpoints",
-            &stack.config_url(),
+            &config,
             "--ttl",
             "4s",
             "--health-check-interval",
             "300ms",
-        ])
-        .expect("demo config");
+        ];
+        args.extend_from_slice(flags);
+        let config = demo_svc::Config::try_parse_from(args).expect("demo config");
         let listeners = demo_svc::Listeners {
             app: bind().await,
             admin: bind().await,
@@ -460,5 +476,210 @@ async fn a_host_name_is_registered_as_its_ip_address() {
     assert_eq!(
         demo_svc::resolve("localhost", 80).await.expect("localhost"),
         "127.0.0.1"
+    );
+}
+
+/// A GET over TLS to `addr` (checked as 127.0.0.1) with `tls`: the status and body, or the error.
+async fn get_tls(
+    addr: SocketAddr,
+    path: &str,
+    tls: std::sync::Arc<service_kit::tls::rustls::ClientConfig>,
+) -> Result<(u16, String), String> {
+    let connector = service_kit::tls::HttpsConnector::new(Some(tls), Duration::from_secs(5));
+    let client = Client::builder(TokioExecutor::new()).build::<_, Empty<Bytes>>(connector);
+    let uri: hyper::Uri = format!("https://127.0.0.1:{}{path}", addr.port())
+        .parse()
+        .expect("uri");
+    let resp = within(T, "an HTTPS answer", client.get(uri))
+        .await
+        .map_err(|e| format!("{e:?}"))?;
+    let status = resp.status().as_u16();
+    let body = resp
+        .into_body()
+        .collect()
+        .await
+        .map_err(|e| format!("{e:?}"))?
+        .to_bytes();
+    Ok((status, String::from_utf8_lossy(&body).into_owned()))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serves_http_and_grpc_over_tls_and_the_registry_checks_it_over_tls() {
+    use service_kit::devcerts::DevCa;
+    use service_kit::tls::ClientTlsFiles;
+
+    let dir = tempfile::tempdir().expect("temp dir");
+    let ca = DevCa::new("test CA").expect("CA");
+    let ca_file = ca.write_ca(dir.path()).expect("CA file");
+    let names = ["localhost", "127.0.0.1"];
+    let (demo_cert, demo_key) = ca
+        .write_pair(dir.path(), "demo", "demo-svc", &names)
+        .expect("demo pair");
+    let (reg_cert, reg_key) = ca
+        .write_pair(dir.path(), "registry", "registry-svc", &names)
+        .expect("registry pair");
+    let (client_cert, client_key) = ca
+        .write_pair(dir.path(), "client", "client", &names)
+        .expect("client pair");
+    let s = |p: &std::path::Path| p.display().to_string();
+
+    // The registry probes TLS checks with the CA and its own client certificate.
+    let stack = Stack::start_with(&[
+        "--check-cacert",
+        &s(&ca_file),
+        "--check-cert",
+        &s(&reg_cert),
+        "--check-key",
+        &s(&reg_key),
+    ])
+    .await;
+    // The demo serves TLS, requires client certificates, and advertises a host name (so the
+    // check must verify the certificate for "localhost", not for the registered IP).
+    let demo = Demo::start_with(
+        &stack,
+        "demo-tls",
+        &[
+            "--advertise-address",
+            "localhost",
+            "--cert-file",
+            &s(&demo_cert),
+            "--key-file",
+            &s(&demo_key),
+            "--trusted-ca-file",
+            &s(&ca_file),
+            "--client-cert-auth",
+        ],
+    )
+    .await;
+
+    wait_until(T, "the demo instance in the registry", || async {
+        stack
+            .instances()
+            .await
+            .iter()
+            .any(|i| i.instance_id == "demo-tls")
+    })
+    .await;
+    let me = stack
+        .instances()
+        .await
+        .into_iter()
+        .find(|i| i.instance_id == "demo-tls")
+        .expect("registered");
+    assert_eq!(
+        me.address, "127.0.0.1",
+        "the host name is registered as its IP"
+    );
+    let check = me.health_check.clone().expect("a health check");
+    assert!(
+        matches!(
+            check.kind,
+            Some(rpb::health_check::Kind::Http(ref h))
+                if h.path == "/healthz" && h.tls && h.tls_server_name == "localhost"
+        ),
+        "an HTTPS check of the advertised name: {check:?}"
+    );
+    // The registry's TLS probes pass (with its client certificate), and none failed.
+    wait_until(T, "the registry's TLS checks to pass", || async {
+        let (_, text) = get(stack.registry_admin, "/metrics").await;
+        text.lines().any(|l| {
+            l.starts_with("registry_health_checks_total{kind=\"http\",result=\"pass\"}")
+                && l.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok()) >= Some(2.0)
+        })
+    })
+    .await;
+    let (_, text) = get(stack.registry_admin, "/metrics").await;
+    assert!(
+        !text.contains("registry_health_checks_total{kind=\"http\",result=\"fail\"}"),
+        "{text}"
+    );
+    let me = stack
+        .instances()
+        .await
+        .into_iter()
+        .find(|i| i.instance_id == "demo-tls")
+        .expect("registered");
+    assert_eq!(me.health, rpb::HealthStatus::Healthy as i32, "{me:?}");
+
+    // HTTPS with a client certificate: the instance answers.
+    let with_cert = ClientTlsFiles {
+        ca_file: Some(ca_file.clone()),
+        cert_file: Some(client_cert.clone()),
+        key_file: Some(client_key.clone()),
+    }
+    .client_config()
+    .expect("client TLS")
+    .expect("TLS on");
+    let (status, body) = get_tls(demo.app, "/users/alice", with_cert.clone())
+        .await
+        .expect("an HTTPS answer");
+    assert_eq!(status, 200, "{body}");
+    let a: Value = serde_json::from_str(&body).expect("JSON");
+    assert_eq!(
+        (&a["instance"], &a["path"]),
+        (&"demo-tls".into(), &"/users/alice".into())
+    );
+
+    // gRPC over TLS (ALPN h2) on the same port.
+    let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{}", demo.app))
+        .expect("endpoint")
+        .connect_timeout(Duration::from_secs(5))
+        .timeout(Duration::from_secs(5));
+    let mut grpc = DemoClient::new(service_kit::tls::lazy_channel(endpoint, Some(&with_cert)));
+    let r = grpc
+        .hello(HelloRequest { key: "k1".into() })
+        .await
+        .expect("Hello over TLS")
+        .into_inner();
+    assert_eq!(r.instance_id, "demo-tls");
+
+    // Refused: no client certificate, and plaintext.
+    let anonymous = ClientTlsFiles {
+        ca_file: Some(ca_file.clone()),
+        ..Default::default()
+    }
+    .client_config()
+    .expect("client TLS")
+    .expect("TLS on");
+    let refused = get_tls(demo.app, "/x", anonymous).await;
+    assert!(
+        refused.is_err(),
+        "served a client without a certificate: {refused:?}"
+    );
+    let plain = Client::builder(TokioExecutor::new())
+        .build_http::<Empty<Bytes>>()
+        .get(format!("http://{}/x", demo.app).parse().expect("uri"));
+    let plain = within(T, "a plaintext attempt", plain).await;
+    assert!(
+        plain.as_ref().map_or(true, |r| r.status() != 200),
+        "served plaintext on the TLS port: {plain:?}"
+    );
+    // The admin port stays plain HTTP.
+    assert_eq!(get(demo.admin, "/readyz").await.0, 200);
+
+    demo.stop.cancel();
+    within(T, "demo-svc to stop", demo.task)
+        .await
+        .expect("task")
+        .expect("run returns Ok");
+}
+
+#[test]
+fn tls_flags_are_checked_and_the_check_names_the_advertised_host() {
+    let parse = |args: &[&str]| {
+        let mut all = vec!["demo-svc"];
+        all.extend_from_slice(args);
+        demo_svc::Config::try_parse_from(all).expect("parses")
+    };
+    let e = parse(&["--cert-file", "c.pem"])
+        .validate()
+        .expect_err("a certificate without its key");
+    assert!(e.contains("--key-file"), "{e}");
+    let c = parse(&[]);
+    assert_eq!(c.check_tls_server_name("demo-1"), "demo-1");
+    assert_eq!(
+        c.check_tls_server_name("10.0.0.7"),
+        "",
+        "an IP is checked as registered"
     );
 }
