@@ -900,6 +900,25 @@ mod tests {
     }
 
     #[test]
+    fn the_compose_routes_files_are_valid_and_the_tls_one_dials_every_route_over_tls() {
+        let compose = Path::new(env!("CARGO_MANIFEST_DIR")).join("../compose");
+        let plain = load(&compose.join("gateway-routes.toml")).expect("the plain routes file");
+        let tls = load(&compose.join("gateway-routes-tls.toml")).expect("the TLS routes file");
+        let names = |f: &RoutesFile| f.routes.iter().map(|r| r.name.clone()).collect::<Vec<_>>();
+        assert_eq!(names(&plain), names(&tls), "the same routes");
+        assert!(plain.routes.iter().all(|r| !r.backend.tls));
+        for r in &tls.routes {
+            assert!(r.backend.tls, "route {:?} dials over TLS", r.name);
+            assert_eq!(
+                r.backend.tls_server_name.as_deref(),
+                Some("demo-svc"),
+                "route {:?}: the name the demo pair carries",
+                r.name
+            );
+        }
+    }
+
+    #[test]
     fn backend_tls_and_its_server_name_are_read_and_checked() {
         let base = "[[routes]]\nname = \"a\"\n";
         let f = parse(&format!(

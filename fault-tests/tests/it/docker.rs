@@ -184,11 +184,11 @@ impl Project {
                 .unwrap_or_else(|e| panic!("write the project's {file}: {e}"));
             files.push(path.to_str().expect("a UTF-8 path").to_string());
         }
-        std::fs::copy(
-            root.join("compose/gateway-routes.toml"),
-            dir.join("gateway-routes.toml"),
-        )
-        .expect("copy the gateway's routes file");
+        // The gateway's routes files (the plain stack's, and the TLS overlay's).
+        for routes in ["gateway-routes.toml", "gateway-routes-tls.toml"] {
+            std::fs::copy(root.join("compose").join(routes), dir.join(routes))
+                .unwrap_or_else(|e| panic!("copy the gateway's routes file {routes}: {e}"));
+        }
         Project {
             name,
             dir,

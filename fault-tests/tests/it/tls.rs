@@ -13,7 +13,14 @@
 //!   refuse a client without one; the demo instances are registered (they reached the registry
 //!   over mTLS, and it reached the coordinator over mTLS);
 //! - lb-gateway serves TLS on its proxy port and forwards a request to a demo instance (found
-//!   through its mTLS registry client); plaintext there is refused.
+//!   through its mTLS registry client); plaintext there is refused;
+//! - the last hop is TLS too: the demo instances serve their HTTP + gRPC port over TLS with
+//!   client certificates required, the gateway dials them over mTLS (its `/admin/backends`
+//!   shows every demo backend of both routes with `tls_server_name` "demo-svc", and the
+//!   instance that answered has served requests), gRPC `demo.v1.Demo/Hello` through the
+//!   gateway over TLS is answered by a demo instance, and registry-svc health-checks the
+//!   instances over mTLS (their checks have `tls` on, named for their host names; the replicas
+//!   count passing HTTP probes and the three stay healthy).
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -397,9 +404,9 @@ async fn services_over_tls(project: &Project, certs: &Certs) {
     );
 
     // lb-gateway: TLS on the proxy port (no client certificate needed), forwarded to a demo
-    // instance it found through its mTLS registry client.
+    // instance it found through its mTLS registry client, which it reached over mTLS.
     let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
+    let answered_by = loop {
         let got = https(
             gateway,
             certs.config(false, b"http/1.1"),
@@ -415,14 +422,18 @@ async fn services_over_tls(project: &Project, certs: &Certs) {
                     lower.contains("x-demo-instance: demo-"),
                     "answered by a demo instance: {answer}"
                 );
-                break;
+                let body: Value = serde_json::from_str(body_of(&answer))
+                    .unwrap_or_else(|e| panic!("a JSON answer: {e}: {answer}"));
+                break body["instance"].as_str().unwrap_or_default().to_owned();
             }
             other if Instant::now() > deadline => {
                 panic!("GET /users/alice through the gateway over TLS within 60 s: {other:?}")
             }
             _ => tokio::time::sleep(Duration::from_millis(500)).await,
         }
-    }
+    };
+    demo_hop_over_tls(project, certs, &answered_by).await;
+
     // The gateway's dashboard (plain admin port) reads the coordinators and config-svc over
     // mTLS: the cluster panel sees three healthy members and a leader, the config panel the item
     // published above.
@@ -462,4 +473,146 @@ async fn services_over_tls(project: &Project, certs: &Certs) {
             .map_or(true, |a| !a.starts_with("HTTP/1.1 200")),
         "the gateway's TLS port answered plaintext: {plain:?}"
     );
+}
+
+/// The gateway → demo-svc hop and registry-svc's health checks of the demo instances are TLS:
+/// gRPC through the gateway over TLS reaches a demo instance (h2 over TLS on both hops); the
+/// gateway's `/admin/backends` (plain admin port) shows both routes' demo backends dialled over
+/// TLS for "demo-svc", the one that answered `GET /users/alice` (`answered_by`) with requests;
+/// the registry's records carry TLS checks named for each instance's host name, the replicas'
+/// passing HTTP probes add up, and all three instances are healthy.
+async fn demo_hop_over_tls(project: &Project, certs: &Certs, answered_by: &str) {
+    use demo_svc::pb_demo::HelloRequest;
+    use demo_svc::pb_demo::demo_client::DemoClient;
+
+    let gateway = project.port("lb-gateway", 8080);
+    let mut demo = DemoClient::new(grpc_channel(gateway, certs, false));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let hello = loop {
+        let mut request = tonic::Request::new(HelloRequest { key: "tls".into() });
+        request
+            .metadata_mut()
+            .insert("x-key", tonic::metadata::MetadataValue::from_static("tls"));
+        match demo.hello(request).await {
+            Ok(r) => break r.into_inner(),
+            Err(s) if Instant::now() > deadline => {
+                panic!("demo.v1.Demo/Hello through the gateway over TLS within 30 s: {s:?}")
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(500)).await,
+        }
+    };
+    assert!(
+        hello.instance_id.starts_with("demo-"),
+        "Hello answered by a demo instance: {hello:?}"
+    );
+
+    let admin = project.port("lb-gateway", 9103);
+    let answer = plain_get(admin, "/admin/backends")
+        .await
+        .expect("the gateway's /admin/backends");
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    let view: Value = serde_json::from_str(body_of(&answer))
+        .unwrap_or_else(|e| panic!("/admin/backends JSON: {e}: {answer}"));
+    let routes = view["routes"].as_array().cloned().unwrap_or_default();
+    let mut names: Vec<&str> = routes.iter().filter_map(|r| r["route"].as_str()).collect();
+    names.sort_unstable();
+    assert_eq!(
+        names,
+        ["demo", "demo-grpc"],
+        "the TLS routes file's routes: {view}"
+    );
+    for route in &routes {
+        let name = route["route"].as_str().unwrap_or_default();
+        let backends = route["backends"].as_array().cloned().unwrap_or_default();
+        let mut ids: Vec<&str> = backends
+            .iter()
+            .filter_map(|b| b["instance_id"].as_str())
+            .collect();
+        ids.sort_unstable();
+        assert_eq!(ids, ["demo-1", "demo-2", "demo-3"], "route {name}: {route}");
+        for b in &backends {
+            assert_eq!(
+                b["tls_server_name"], "demo-svc",
+                "route {name}: every demo backend is dialled over TLS for demo-svc: {b}"
+            );
+        }
+        let served = |id: &str| {
+            backends
+                .iter()
+                .find(|b| b["instance_id"] == id)
+                .and_then(|b| b["requests"].as_u64())
+                .unwrap_or(0)
+        };
+        let who = if name == "demo" {
+            answered_by
+        } else {
+            hello.instance_id.as_str()
+        };
+        assert!(
+            served(who) >= 1,
+            "route {name}: {who} answered through it over TLS, so it served requests: {route}"
+        );
+    }
+
+    // registry-svc checks the demo instances over mTLS: the records carry an HTTPS check named
+    // for the instance's host name, and the replicas' HTTP probes pass (a failing TLS probe
+    // would make the instance unhealthy within two seconds: unhealthy_threshold 2, every 1 s).
+    let registry_grpc = project.port("registry-svc-1", 9200);
+    let mut registry =
+        reg::registry_client::RegistryClient::new(grpc_channel(registry_grpc, certs, true));
+    let replicas = [
+        project.port("registry-svc-1", 9101),
+        project.port("registry-svc", 9101),
+    ];
+    let passes = || async {
+        let mut total = 0.0;
+        for admin in replicas {
+            let text = plain_get(admin, "/metrics").await.unwrap_or_default();
+            total += text
+                .lines()
+                .find(|l| {
+                    l.starts_with("registry_health_checks_total{kind=\"http\",result=\"pass\"}")
+                })
+                .and_then(|l| l.rsplit(' ').next())
+                .and_then(|v| v.parse::<f64>().ok())
+                .unwrap_or(0.0);
+        }
+        total
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while passes().await < 6.0 {
+        assert!(
+            Instant::now() < deadline,
+            "the registry replicas' TLS probes of the demo instances pass (2 rounds each) within 30 s"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let instances = registry
+        .discover(reg::DiscoverRequest {
+            namespace: "demo".into(),
+            service: "demo".into(),
+            ..Default::default()
+        })
+        .await
+        .expect("Discover over mTLS")
+        .into_inner()
+        .instances;
+    assert_eq!(instances.len(), 3, "{instances:?}");
+    for i in &instances {
+        assert!(
+            matches!(
+                i.health_check.as_ref().and_then(|h| h.kind.as_ref()),
+                Some(reg::health_check::Kind::Http(h))
+                    if h.tls && h.tls_server_name == i.instance_id
+            ),
+            "{}: an HTTPS check of its host name: {i:?}",
+            i.instance_id
+        );
+        assert_eq!(
+            i.health,
+            reg::HealthStatus::Healthy as i32,
+            "{} is healthy, checked over TLS: {i:?}",
+            i.instance_id
+        );
+    }
 }
