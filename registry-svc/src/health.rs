@@ -36,6 +36,7 @@ use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use service_kit::tls::rustls::ClientConfig;
+use service_kit::tls::rustls::client::Resumption;
 use service_kit::tls::rustls::pki_types::ServerName;
 use service_kit::tls::tokio_rustls::{self, client::TlsStream};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -44,7 +45,9 @@ use tokio::net::TcpStream;
 use crate::model::{CheckKind, CheckTls, HealthCheckSpec, HealthStatus};
 
 /// The TLS material a replica probes TLS checks with (`--check-cacert`, `--check-cert`,
-/// `--check-key`), as one connector per ALPN offer. Cheap to clone.
+/// `--check-key`), as one connector per ALPN offer. Cheap to clone. Session resumption is off:
+/// every probe is a full handshake, so every probe verifies the instance's certificate (a
+/// resumed session would keep passing after the instance's certificate expired or changed).
 #[derive(Clone)]
 pub struct ProbeTls {
     http1: tokio_rustls::TlsConnector,
@@ -63,6 +66,7 @@ impl ProbeTls {
         let with_alpn = |alpn: &[u8]| {
             let mut c = (**config).clone();
             c.alpn_protocols = vec![alpn.to_vec()];
+            c.resumption = Resumption::disabled();
             tokio_rustls::TlsConnector::from(Arc::new(c))
         };
         ProbeTls {

@@ -3,7 +3,9 @@
 //! certificate). A check is healthy only when the instance's certificate chains to that CA and
 //! carries the check's `tls_server_name` (or the registered address); a foreign CA, a wrong
 //! name, an instance answering in plaintext, or a replica with no `--check-cacert` make it
-//! unhealthy, and the reason is recorded in `health_detail` as for any failed check.
+//! unhealthy, and the reason is recorded in `health_detail` as for any failed check. Every probe
+//! is a full handshake: an instance whose certificate is replaced by a foreign one turns
+//! unhealthy (a resumed TLS session would not have shown it the new certificate).
 
 use std::path::{Path, PathBuf};
 
@@ -350,4 +352,47 @@ async fn bad_tls_check_specs_and_flags_are_refused_with_a_clear_message() {
     missing.validate().expect("the flags fit together");
     let e = missing.check_tls.load().expect_err("no such file");
     assert!(e.to_string().contains("/nonexistent/ca.pem"), "{e}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_probe_verifies_the_certificate_so_a_replaced_foreign_one_turns_the_instance_unhealthy()
+ {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let ca = DevCa::new("check CA").expect("CA");
+    let ca_path = ca.write_ca(dir.path()).expect("CA file");
+    let c = Coordinator::start().await;
+    let r = Registry::start_with(&c.url(), "127.0.0.1:0", &["--check-cacert", &s(&ca_path)]).await;
+    let mut g = r.grpc().await;
+    // The instance re-reads its pair when the files change (service-kit's CertReloader), keeping
+    // its TLS session cache: a probe resuming an earlier session would not see the new one.
+    let instance_pair = pair(&ca, dir.path(), "instance");
+    let server = TlsInstance::start(&instance_pair, None).await;
+    let mut i = instance("tls4", "web", "swapped", server.port);
+    i.health_check = Some(tls_http_check("localhost"));
+    register(&mut g, i).await;
+    wait_until(T, "a few passing TLS probes", || async {
+        r.metric("registry_health_checks_total{kind=\"http\",result=\"pass\"}")
+            .await
+            >= 3.0
+    })
+    .await;
+    assert_eq!(
+        record(&r, "tls4", "web", "swapped").await.health,
+        pb::HealthStatus::Healthy as i32
+    );
+
+    // The same files now hold a pair from another CA.
+    let foreign = DevCa::new("foreign CA").expect("CA");
+    foreign
+        .write_pair(
+            dir.path(),
+            "instance",
+            "instance",
+            &["localhost", "127.0.0.1"],
+        )
+        .expect("overwrite the pair");
+    wait_health(&r, "tls4", "web", "swapped", pb::HealthStatus::Unhealthy).await;
+    let d = record(&r, "tls4", "web", "swapped").await.health_detail;
+    assert!(d.contains("UnknownIssuer"), "{d}");
+    r.stop().await;
 }
