@@ -69,6 +69,16 @@ pub enum Error {
     /// The member named in a cluster request does not exist.
     #[error("etcdserver: member not found")]
     MemberNotFound,
+    /// A request only the leader serves (`MoveLeader`) reached a member that does not lead.
+    #[error("etcdserver: not leader")]
+    NotLeader,
+    /// `MoveLeader` to a member that does not exist or is a learner.
+    #[error("etcdserver: bad leader transferee")]
+    BadLeaderTransferee,
+    /// `MoveLeader` did not see the transferee lead in time; the old leader keeps (or regains)
+    /// leadership, unless the transferee's campaign still wins later.
+    #[error("etcdserver: request timed out, leader transfer took too long")]
+    LeaderTransferTimeout,
     /// A request the server understands but cannot serve in this mode.
     #[error("etcdserver: {0}")]
     Unsupported(String),
@@ -176,14 +186,18 @@ impl Error {
             | Error::RoleNotFound
             | Error::RoleNotGranted
             | Error::PermissionNotGranted
-            | Error::AuthLimit(_) => Code::FailedPrecondition,
+            | Error::AuthLimit(_)
+            | Error::NotLeader
+            | Error::BadLeaderTransferee => Code::FailedPrecondition,
             Error::Compacted { .. } | Error::FutureRevision | Error::LeaseTtlTooLarge => {
                 Code::OutOfRange
             }
             Error::LeaseNotFound | Error::MemberNotFound => Code::NotFound,
             Error::LeaseExists => Code::FailedPrecondition,
             Error::NoSpace | Error::TooManyLeases { .. } => Code::ResourceExhausted,
-            Error::NoLeader | Error::Stopped | Error::Timeout => Code::Unavailable,
+            Error::NoLeader | Error::Stopped | Error::Timeout | Error::LeaderTransferTimeout => {
+                Code::Unavailable
+            }
             Error::Unsupported(_) => Code::Unimplemented,
             Error::Corrupt(_) => Code::DataLoss,
             Error::Storage(_) | Error::Io(_) => Code::Internal,

@@ -15,6 +15,12 @@
 //! - answers each caller with its own command's outcome: `apply` gives one per command of a
 //!   batch, in order, each with its own revision and events, exactly as separate entries would.
 //!
+//! A leader transfer ([`super::RaftMember::move_leader`]) pauses the batcher: commands keep
+//! arriving and wait, none is proposed, and [`Batcher::pause`] returns once every entry already
+//! proposed was answered, so the leader's log stops growing. On [`Batcher::resume`] the waiting
+//! commands are proposed; if leadership moved meanwhile openraft refuses them as
+//! `ForwardToLeader` before they enter any log, and the caller sends them to the new leader.
+//!
 //! A batch succeeds or fails as one entry for Raft (appended, replicated and committed together,
 //! or not at all), while each command in it succeeds or is refused on its own at apply. A caller
 //! that stopped waiting before its command was proposed (its deadline passed) is left out, so a
@@ -74,6 +80,15 @@ type Answer = (
 #[derive(Clone)]
 pub struct Batcher {
     tx: mpsc::UnboundedSender<Waiting>,
+    ctl: mpsc::UnboundedSender<Control>,
+}
+
+/// Pausing and resuming the batcher (leader transfer).
+enum Control {
+    /// Stop proposing; answer once nothing proposed is waiting for its answer.
+    Pause(oneshot::Sender<()>),
+    /// Propose again.
+    Resume,
 }
 
 impl Batcher {
@@ -84,8 +99,24 @@ impl Batcher {
         stop: CancellationToken,
     ) -> Batcher {
         let (tx, rx) = mpsc::unbounded_channel();
-        tokio::spawn(run(raft, rx, metrics, stop));
-        Batcher { tx }
+        let (ctl, ctl_rx) = mpsc::unbounded_channel();
+        tokio::spawn(run(raft, rx, ctl_rx, metrics, stop));
+        Batcher { tx, ctl }
+    }
+
+    /// Stop proposing (commands wait, within their own deadline); returns once every entry
+    /// already proposed was answered. `false` if the batcher has stopped.
+    pub async fn pause(&self) -> bool {
+        let (ack, done) = oneshot::channel();
+        if self.ctl.send(Control::Pause(ack)).is_err() {
+            return false;
+        }
+        done.await.is_ok()
+    }
+
+    /// Propose again (what waited goes first). Synchronous, so a drop guard can call it.
+    pub fn resume(&self) {
+        let _ = self.ctl.send(Control::Resume);
     }
 
     /// Propose `cmd` (batched with others) and wait, at most [`PROPOSE_WAIT`], for its outcome.
@@ -107,15 +138,34 @@ impl Batcher {
 async fn run(
     raft: Raft<TypeConfig>,
     mut rx: mpsc::UnboundedReceiver<Waiting>,
+    mut ctl: mpsc::UnboundedReceiver<Control>,
     metrics: CoordinatorMetrics,
     stop: CancellationToken,
 ) {
     let mut in_flight: FuturesUnordered<BoxFuture<'static, Answer>> = FuturesUnordered::new();
+    let mut paused = false;
+    // Pausers waiting for the entries in flight to be answered.
+    let mut draining: Vec<oneshot::Sender<()>> = Vec::new();
     loop {
-        let room = in_flight.len() < MAX_IN_FLIGHT;
+        if paused && in_flight.is_empty() {
+            for d in draining.drain(..) {
+                let _ = d.send(());
+            }
+        }
+        let room = in_flight.len() < MAX_IN_FLIGHT && !paused;
         tokio::select! {
             biased;
             _ = stop.cancelled() => return,
+            Some(c) = ctl.recv() => match c {
+                Control::Pause(ack) => {
+                    paused = true;
+                    draining.push(ack);
+                }
+                Control::Resume => {
+                    paused = false;
+                    draining.clear();
+                }
+            },
             Some(answer) = in_flight.next(), if !in_flight.is_empty() => answer_all(answer),
             first = rx.recv(), if room => {
                 let Some(first) = first else { return };

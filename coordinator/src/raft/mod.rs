@@ -24,6 +24,35 @@
 //! a follower that has heard nothing from a leader (append-entries or a vote it granted) for a
 //! timeout drawn afresh in `[election, 2 × election)` before *every* campaign calls
 //! `trigger().elect()`.
+//!
+//! # Leader transfer (`etcdctl move-leader`)
+//! openraft 0.9 has no leader transfer, so [`RaftMember::move_leader`] builds Raft's
+//! TimeoutNow from what it offers. The leader stops everything that reaches followers: its
+//! batcher holds new writes and waits until the entries it proposed are answered, linearizable
+//! read rounds (which send heartbeats) wait, and openraft's heartbeats are switched off
+//! (`runtime_config().heartbeat(false)`). Once openraft's metrics show the transferee matched
+//! the leader's last log index, the leader sends it `TimeoutNow` over the peer service. The
+//! transferee skips pre-vote and calls `trigger().elect()` as soon as openraft's vote lease
+//! (`election_timeout_max`, ET/2: a follower refuses every vote request for that long after it
+//! last heard from the leader) has run out, counted from its own last contact with the leader
+//! plus one heartbeat interval of slack for members that heard a little later than it did.
+//! Its term goes up by one; the old leader, whose own lease ran out long ago (openraft renews a
+//! leader's only when it is elected), grants the vote with every member whose lease ran out,
+//! and steps down. The call returns when the old leader's metrics name the transferee as
+//! leader; after [`RaftMember::transfer_timeout`] it fails with etcd's
+//! `etcdserver: request timed out, leader transfer took too long`. Either way heartbeats, reads
+//! and the batcher resume (a drop guard, so a client that hangs up changes nothing): the held
+//! writes are proposed, and if leadership moved openraft refuses them before they enter any log
+//! and they are forwarded to the new leader, so none is lost or applied twice.
+//!
+//! Why no other member campaigns in between: our election timer fires no sooner than one
+//! election timeout (ET) after a member last heard from the leader, while the transferee
+//! campaigns ET/2 plus one heartbeat interval after it last did. The leader's last messages
+//! (heartbeats, commit notices) go to every member at once, so a member hears last at most
+//! about one heartbeat interval before the transferee; with ET ≥ 5 heartbeat intervals
+//! (checked at start-up) the transferee is first by at least half a heartbeat interval. And
+//! a pre-vote in that window needs a majority, but the leader refuses pre-votes while it leads,
+//! and the transferee refuses every pre-vote from TimeoutNow until its own campaign.
 
 pub mod batch;
 pub mod log_store;
@@ -86,6 +115,17 @@ enum PreVoteOutcome {
     Go,
     Lost,
     Removed,
+}
+
+/// The leader's request to the transferee of a leader transfer: campaign now.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct TimeoutNowRequest {
+    /// The leader asking.
+    leader: u64,
+    /// Its term: a transferee that has moved on to another term ignores the request.
+    term: u64,
+    /// The leader's last log id, which the transferee must hold.
+    last_log: Option<openraft::LogId<u64>>,
 }
 
 /// Why a forwarded request failed on the member it was sent to.
@@ -174,6 +214,16 @@ struct Inner {
     /// Where this member's own campaign stands; pre-vote answers read it to break ties.
     campaign: Mutex<Campaign>,
     election_timeout: Duration,
+    /// Heartbeat interval.
+    heartbeat: Duration,
+    /// openraft's vote lease (`election_timeout_max`): how long a follower refuses every vote
+    /// request after it last heard from the leader.
+    vote_lease: Duration,
+    /// Held by a leader transfer for its whole length, and by membership changes: one at a time.
+    transfer: tokio::sync::Mutex<()>,
+    /// Read-index rounds on the leader hold it shared; a leader transfer holds it exclusively, so
+    /// no round sends heartbeats while followers' vote leases run out.
+    read_gate: tokio::sync::RwLock<()>,
     stop: CancellationToken,
     token: String,
     hub: Arc<WatchHub>,
@@ -202,6 +252,8 @@ enum Campaign {
     Electing {
         at: Instant,
     },
+    /// The leader asked us to take over (TimeoutNow); we campaign once the vote lease ran out.
+    Transferee,
 }
 
 impl Campaign {
@@ -217,6 +269,9 @@ impl Campaign {
     ) -> PreVoteAnswer {
         match *self {
             Campaign::Electing { at } if at.elapsed() < electing_window => PreVoteAnswer::Refused,
+            // Our campaign is due any moment, with the leader's blessing: a second one would
+            // split the vote.
+            Campaign::Transferee => PreVoteAnswer::Refused,
             Campaign::PreVoting { .. } if !their_log_longer && !their_id_lower => {
                 PreVoteAnswer::Refused
             }
@@ -261,6 +316,7 @@ impl RaftMember {
             None => StdRng::from_os_rng(),
         };
         let et = p.election_timeout.as_millis() as u64;
+        let vote_lease_ms = (et / 2).max(p.heartbeat.as_millis() as u64 + 2);
         let config = openraft::Config {
             cluster_name: "coordinator".into(),
             heartbeat_interval: p.heartbeat.as_millis() as u64,
@@ -269,7 +325,7 @@ impl RaftMember {
             // draw (one election timeout), so heartbeat skew between followers never makes the
             // first campaign fail; pre-vote is what keeps disruptive candidates out.
             election_timeout_min: (et / 4).max(p.heartbeat.as_millis() as u64 + 1),
-            election_timeout_max: (et / 2).max(p.heartbeat.as_millis() as u64 + 2),
+            election_timeout_max: vote_lease_ms,
             enable_elect: false,
             install_snapshot_timeout: 10_000,
             max_payload_entries: 1024,
@@ -312,6 +368,10 @@ impl RaftMember {
                 last_heartbeat: Mutex::new(Instant::now()),
                 campaign: Mutex::new(Campaign::Idle),
                 election_timeout: p.election_timeout,
+                heartbeat: p.heartbeat,
+                vote_lease: Duration::from_millis(vote_lease_ms),
+                transfer: tokio::sync::Mutex::new(()),
+                read_gate: tokio::sync::RwLock::new(()),
                 stop,
                 token: p.token,
                 hub: p.hub.clone(),
@@ -640,6 +700,9 @@ impl RaftMember {
                 return None;
             }
         }
+        // Waits while a leader transfer runs (its round would renew followers' vote leases);
+        // if leadership moved, openraft refuses below and the caller asks the new leader.
+        let _gate = self.inner.read_gate.read().await;
         let (read, _applied) = self.inner.raft.get_read_log_id().await.ok()?;
         Some(read.map(|l| l.index).unwrap_or(0))
     }
@@ -737,6 +800,8 @@ impl RaftMember {
 
     /// Add a member (as a learner, then as a voter unless `learner`); returns its id.
     pub async fn add_member(&self, peer_url: &str, learner: bool) -> Result<u64> {
+        // Not during a leader transfer (it would append while the transferee catches up).
+        let _one = self.inner.transfer.lock().await;
         self.must_lead()?;
         let id = crate::rpc::member_id_for(peer_url, &self.inner.token);
         if self.members().iter().any(|(m, _, _)| *m == id) {
@@ -763,6 +828,8 @@ impl RaftMember {
 
     /// Promote a learner to a voter.
     pub async fn promote_member(&self, id: u64) -> Result<()> {
+        // Not during a leader transfer (it would append while the transferee catches up).
+        let _one = self.inner.transfer.lock().await;
         self.must_lead()?;
         if !self.members().iter().any(|(m, _, l)| *m == id && *l) {
             return Err(Error::Remote {
@@ -776,6 +843,8 @@ impl RaftMember {
 
     /// Remove a member (voter or learner).
     pub async fn remove_member(&self, id: u64) -> Result<()> {
+        // Not during a leader transfer (it would append while the transferee catches up).
+        let _one = self.inner.transfer.lock().await;
         self.must_lead()?;
         let Some((_, _, learner)) = self.members().into_iter().find(|(m, _, _)| *m == id) else {
             return Err(Error::MemberNotFound);
@@ -796,6 +865,233 @@ impl RaftMember {
             .await
             .map(|_| ())
             .map_err(|e| Error::Unsupported(e.to_string()))
+    }
+
+    /// How long [`Self::move_leader`] may take, from its start to the transferee leading: three
+    /// election timeouts (catching up, the vote lease of ET/2 running out, the campaign).
+    pub fn transfer_timeout(&self) -> Duration {
+        3 * self.inner.election_timeout
+    }
+
+    /// Make `target` the leader (`etcdctl move-leader`); see the module docs for how. Errors, as
+    /// etcd's: `NotLeader` on a member that does not lead, `BadLeaderTransferee` when `target`
+    /// is no voting member, `LeaderTransferTimeout` when it did not lead within
+    /// [`Self::transfer_timeout`]. Moving to this member itself is a no-op.
+    pub async fn move_leader(&self, target: u64) -> Result<()> {
+        if !self.is_leader() {
+            return Err(Error::NotLeader);
+        }
+        if !self
+            .members()
+            .iter()
+            .any(|(id, _, learner)| *id == target && !learner)
+        {
+            return Err(Error::BadLeaderTransferee);
+        }
+        if target == self.inner.id {
+            return Ok(());
+        }
+        let started = Instant::now();
+        let deadline = started + self.transfer_timeout();
+        let timed_out = |_| Error::LeaderTransferTimeout;
+        let _one = tokio::time::timeout_at(deadline, self.inner.transfer.lock())
+            .await
+            .map_err(timed_out)?;
+        if !self.is_leader() {
+            return Err(Error::NotLeader);
+        }
+        let term = self.term();
+        tracing::info!(
+            member = self.inner.id,
+            target,
+            term,
+            "leader transfer starting"
+        );
+
+        // Stop everything that reaches followers; `_quiet` undoes it however this ends.
+        let _reads = tokio::time::timeout_at(deadline, self.inner.read_gate.write())
+            .await
+            .map_err(timed_out)?;
+        let _quiet = Quiet(self);
+        self.inner.raft.runtime_config().heartbeat(false);
+        match tokio::time::timeout_at(deadline, self.inner.batcher.pause()).await {
+            Ok(true) => {}
+            Ok(false) => return Err(Error::Stopped),
+            Err(_) => return Err(self.transfer_failed(target, started, "entries in flight")),
+        }
+
+        // The transferee must hold the whole log.
+        let mut rx = self.inner.raft.metrics();
+        loop {
+            let (leading, caught_up) = {
+                let m = rx.borrow_and_update();
+                let matched = m
+                    .replication
+                    .as_ref()
+                    .and_then(|r| r.get(&target).copied().flatten())
+                    .map(|l| l.index);
+                (
+                    m.state == ServerState::Leader && m.current_leader == Some(self.inner.id),
+                    matched == m.last_log_index,
+                )
+            };
+            if !leading {
+                return Err(self.transfer_failed(target, started, "lost leadership"));
+            }
+            if caught_up {
+                break;
+            }
+            if tokio::time::timeout_at(deadline, rx.changed())
+                .await
+                .is_err()
+            {
+                return Err(self.transfer_failed(target, started, "transferee not caught up"));
+            }
+        }
+
+        // TimeoutNow.
+        let req = TimeoutNowRequest {
+            leader: self.inner.id,
+            term,
+            last_log: self.inner.log.last_log_id(),
+        };
+        let data = bincode::serialize(&req)
+            .map_err(|e| Error::InvalidArgument(format!("unencodable request: {e}")))?;
+        let mut c = self.peer(target)?;
+        let answer = match tokio::time::timeout_at(deadline, c.timeout_now(Blob { data })).await {
+            Ok(Ok(r)) => {
+                self.peer_answered(target);
+                bincode::deserialize::<std::result::Result<(), String>>(&r.into_inner().data)
+                    .map_err(|e| format!("undecodable answer: {e}"))
+                    .and_then(|a| a)
+            }
+            Ok(Err(status)) => Err(status.to_string()),
+            Err(_) => {
+                self.peer_timed_out(target);
+                Err("no answer".into())
+            }
+        };
+        if let Err(why) = answer {
+            return Err(self.transfer_failed(target, started, &format!("refused: {why}")));
+        }
+
+        // Done when this member sees the transferee lead.
+        loop {
+            let (leader, now_term) = {
+                let m = rx.borrow_and_update();
+                (m.current_leader, m.current_term)
+            };
+            if leader == Some(target) && now_term > term {
+                tracing::info!(
+                    member = self.inner.id,
+                    target,
+                    term = now_term,
+                    took_ms = started.elapsed().as_millis() as u64,
+                    "leader transfer finished"
+                );
+                return Ok(());
+            }
+            if let Some(other) = leader.filter(|l| *l != target && now_term > term) {
+                let why = format!("{other:x} was elected instead");
+                return Err(self.transfer_failed(target, started, &why));
+            }
+            if tokio::time::timeout_at(deadline, rx.changed())
+                .await
+                .is_err()
+            {
+                return Err(self.transfer_failed(target, started, "transferee not leading"));
+            }
+        }
+    }
+
+    fn transfer_failed(&self, target: u64, started: Instant, why: &str) -> Error {
+        tracing::warn!(
+            member = self.inner.id,
+            target,
+            took_ms = started.elapsed().as_millis() as u64,
+            why,
+            "leader transfer failed"
+        );
+        Error::LeaderTransferTimeout
+    }
+
+    /// The transferee's side of TimeoutNow: check the request, then campaign (in a task) once
+    /// the vote lease ran out.
+    fn answer_timeout_now(&self, req: &TimeoutNowRequest) -> std::result::Result<(), String> {
+        let (term, leader, voter) = {
+            let m = self.inner.raft.metrics();
+            let m = m.borrow();
+            let voter = m
+                .membership_config
+                .membership()
+                .voter_ids()
+                .any(|id| id == self.inner.id);
+            (m.current_term, m.current_leader, voter)
+        };
+        if !voter {
+            return Err("not a voter".into());
+        }
+        if term != req.term || leader != Some(req.leader) {
+            return Err(format!(
+                "at term {term} following {leader:?}, not {} at {}",
+                req.leader, req.term
+            ));
+        }
+        if self.inner.log.last_log_id() < req.last_log {
+            return Err("log behind the leader's".into());
+        }
+        {
+            let mut c = self.inner.campaign.lock();
+            if *c == Campaign::Transferee {
+                return Ok(());
+            }
+            *c = Campaign::Transferee;
+        }
+        tokio::spawn(self.clone().campaign_on_request(req.term));
+        Ok(())
+    }
+
+    /// Campaign at the leader's request as soon as every member that heard from it no later
+    /// than one heartbeat interval after us would grant a vote (their vote lease ran out);
+    /// given up after [`Self::transfer_timeout`] (the leader gave up, its heartbeats resumed).
+    async fn campaign_on_request(self, term: u64) {
+        let give_up = Instant::now() + self.transfer_timeout();
+        loop {
+            let at =
+                *self.inner.last_heartbeat.lock() + self.inner.vote_lease + self.inner.heartbeat;
+            let now = Instant::now();
+            if now >= at {
+                break;
+            }
+            if now >= give_up {
+                tracing::info!(
+                    member = self.inner.id,
+                    "leader transfer: the leader is still sending; not campaigning"
+                );
+                *self.inner.campaign.lock() = Campaign::Idle;
+                return;
+            }
+            tokio::select! {
+                _ = self.inner.stop.cancelled() => return,
+                _ = tokio::time::sleep_until(at.min(give_up)) => {}
+            }
+        }
+        let still = {
+            let m = self.inner.raft.metrics();
+            let m = m.borrow();
+            m.current_term == term && m.state != ServerState::Leader
+        };
+        if !still {
+            *self.inner.campaign.lock() = Campaign::Idle;
+            return;
+        }
+        *self.inner.campaign.lock() = Campaign::Electing { at: Instant::now() };
+        tracing::info!(
+            member = self.inner.id,
+            term = term + 1,
+            "leader transfer: campaigning at the leader's request"
+        );
+        let _ = self.inner.raft.trigger().elect().await;
     }
 
     /// Stop openraft and the background tasks; the log writer ends after what it holds.
@@ -851,6 +1147,10 @@ impl RaftMember {
             }
             let since = self.inner.last_heartbeat.lock().elapsed();
             if since < timeout || Instant::now() < next_try {
+                continue;
+            }
+            if *self.inner.campaign.lock() == Campaign::Transferee {
+                // A leader transfer's campaign is under way (see `campaign_on_request`).
                 continue;
             }
             let voter = self
@@ -1069,6 +1369,17 @@ impl RaftMember {
     }
 }
 
+/// Undoes a leader transfer's quiet (heartbeats off, batcher paused) however the transfer ends,
+/// the caller hanging up included.
+struct Quiet<'a>(&'a RaftMember);
+
+impl Drop for Quiet<'_> {
+    fn drop(&mut self) {
+        self.0.inner.raft.runtime_config().heartbeat(true);
+        self.0.inner.batcher.resume();
+    }
+}
+
 /// Whether a failed call never reached the peer (so retrying it elsewhere is safe).
 fn is_connect_error(s: &Status) -> bool {
     use std::error::Error as _;
@@ -1146,6 +1457,20 @@ impl Peer for PeerService {
     async fn pre_vote(&self, req: Request<Blob>) -> std::result::Result<Response<Blob>, Status> {
         let r: PreVoteRequest = decode(req.get_ref())?;
         blob(&self.member.answer_pre_vote(&r))
+    }
+
+    async fn timeout_now(&self, req: Request<Blob>) -> std::result::Result<Response<Blob>, Status> {
+        let r: TimeoutNowRequest = decode(req.get_ref())?;
+        let answer = self.member.answer_timeout_now(&r);
+        if let Err(why) = &answer {
+            tracing::info!(
+                member = self.member.inner.id,
+                leader = r.leader,
+                why,
+                "leader transfer refused"
+            );
+        }
+        blob(&answer)
     }
 
     async fn forward(&self, req: Request<Blob>) -> std::result::Result<Response<Blob>, Status> {
@@ -1237,6 +1562,14 @@ mod tests {
         let mut c = Campaign::PreVoting { yielded: false };
         assert_eq!(c.answer(true, false, WINDOW), PreVoteAnswer::Granted);
         assert_eq!(c, Campaign::PreVoting { yielded: true });
+    }
+
+    #[test]
+    fn a_transferee_refuses_every_pre_vote_until_its_own_campaign() {
+        let mut c = Campaign::Transferee;
+        assert_eq!(c.answer(true, true, WINDOW), PreVoteAnswer::Refused);
+        assert_eq!(c.answer(false, false, WINDOW), PreVoteAnswer::Refused);
+        assert_eq!(c, Campaign::Transferee);
     }
 
     #[test]

@@ -327,13 +327,17 @@ impl Maintenance for MaintenanceService {
     ) -> Result<Response<MoveLeaderResponse>, Status> {
         self.admin(&req, "MoveLeader")?;
         let r = req.into_inner();
-        if r.target_id != self.ctx.id.member_id {
-            return done(&self.ctx, "MoveLeader", Err(Error::MemberNotFound));
-        }
+        // As etcd: only the leader serves it (`etcdserver: not leader` elsewhere; etcdctl
+        // looks for the leader among its endpoints), the target must be a voting member.
+        let moved = match &self.ctx.member {
+            crate::member::Member::Single(_) if r.target_id == self.ctx.id.member_id => Ok(()),
+            crate::member::Member::Single(_) => Err(Error::BadLeaderTransferee),
+            crate::member::Member::Raft(m) => m.move_leader(r.target_id).await,
+        };
         done(
             &self.ctx,
             "MoveLeader",
-            Ok(MoveLeaderResponse {
+            moved.map(|()| MoveLeaderResponse {
                 header: self.ctx.header(self.rev()),
             }),
         )

@@ -2395,3 +2395,182 @@ async fn a_paused_leader_coming_back_does_not_expire_leases_the_new_leader_kept_
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let _ = keeper.await;
 }
+
+// ---------------------------------------------------------------------------------------------
+// Leader transfer: etcdctl move-leader
+// ---------------------------------------------------------------------------------------------
+
+/// `etcdctl move-leader ID` with every endpoint (it finds the leader itself); what it printed.
+async fn move_leader(c: &Cluster, target: usize) -> crate::harness::Output {
+    let all = Etcdctl::new((0..3).map(|i| c.endpoint(i)).collect::<Vec<_>>().join(","));
+    all.run(&["move-leader", &format!("{:x}", c.member_id(target))])
+        .await
+}
+
+/// Moves leadership from `from` to `to` with `etcdctl move-leader`, checks what etcdctl printed,
+/// that every member names `to` as leader at one term above `term`, and returns how long the
+/// command took.
+async fn move_and_check(c: &Cluster, from: usize, to: usize, term: u64) -> Duration {
+    let t = Instant::now();
+    let out = move_leader(c, to).await;
+    let took = t.elapsed();
+    let said = format!("{}{}", out.stdout, out.stderr);
+    out.ok("move-leader");
+    assert_eq!(
+        said.trim(),
+        format!(
+            "Leadership transferred from {:x} to {:x}",
+            c.member_id(from),
+            c.member_id(to)
+        ),
+        "what etcdctl printed"
+    );
+    assert_eq!(
+        wait_all_agree(c).await,
+        to,
+        "every member names the transferee"
+    );
+    let statuses = c.statuses().await;
+    for (i, s) in statuses.iter().enumerate() {
+        let s = s
+            .as_ref()
+            .unwrap_or_else(|| panic!("member {i} answers Status"));
+        assert_eq!(
+            s.term,
+            term + 1,
+            "member {i}: one election, won at once by the transferee: {statuses:?}"
+        );
+    }
+    // endpoint status (what an operator looks at) shows it too.
+    let all = Etcdctl::new((0..3).map(|i| c.endpoint(i)).collect::<Vec<_>>().join(","));
+    let status = all.json(&["endpoint", "status"]).await;
+    for s in status.as_array().expect("one status per endpoint") {
+        assert_eq!(s["Status"]["leader"].as_u64(), Some(c.member_id(to)), "{s}");
+    }
+    took
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn move_leader_hands_leadership_to_the_named_member_under_write_load_and_loses_no_acknowledged_write()
+ {
+    let c = Cluster::start(3).await;
+    let first = wait_in_sync(&c).await;
+    let term = c.term(first).await;
+    let load = Load::start(&c, "ml/", 4, &[0, 1, 2]);
+    wait_until(CONVERGE, "the writers to get going", || async {
+        load.acked() >= 100
+    })
+    .await;
+
+    // To a follower, then straight back (the new leader was elected a moment ago), both
+    // under the load.
+    let second = (first + 1) % 3;
+    let took = move_and_check(&c, first, second, term).await;
+    println!("move-leader {first} -> {second} took {} ms", ms(took));
+    let before = load.acked();
+    wait_until(CONVERGE, "writes to go on after the transfer", || async {
+        load.acked() >= before + 100
+    })
+    .await;
+    let took = move_and_check(&c, second, first, term + 1).await;
+    println!("move-leader {second} -> {first} took {} ms", ms(took));
+    let before = load.acked();
+    wait_until(
+        CONVERGE,
+        "writes to go on after the second transfer",
+        || async { load.acked() >= before + 100 },
+    )
+    .await;
+
+    let ops = load.finish().await;
+    let failed: Vec<&WriteOp> = ops.iter().filter(|o| o.result.is_err()).collect();
+    println!(
+        "{} writes, {} acknowledged, {} failed: {:?}",
+        ops.len(),
+        ops.len() - failed.len(),
+        failed.len(),
+        failed.iter().map(|o| &o.result).collect::<Vec<_>>()
+    );
+    check_write_history(&ops);
+    wait_in_sync(&c).await;
+    for i in 0..3 {
+        check_acked_present(&c, i, "ml/", &ops).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn move_leader_refuses_learners_unknown_ids_and_followers_with_etcds_errors_and_to_the_leader_is_a_no_op()
+ {
+    let c = Cluster::start(3).await;
+    let leader = wait_in_sync(&c).await;
+    let term = c.term(leader).await;
+    let follower = (leader + 1) % 3;
+
+    // An id that is no member's.
+    let all = Etcdctl::new((0..3).map(|i| c.endpoint(i)).collect::<Vec<_>>().join(","));
+    let out = all.run(&["move-leader", "1234abcd"]).await;
+    assert!(!out.status.success(), "move-leader to an unknown id fails");
+    assert!(
+        out.stderr.contains("etcdserver: bad leader transferee"),
+        "{}",
+        out.stderr
+    );
+
+    // A learner.
+    let port = crate::harness::free_port();
+    let added = c
+        .etcdctl(leader)
+        .ok(&[
+            "member",
+            "add",
+            "learner",
+            "--learner",
+            &format!("--peer-urls=http://127.0.0.1:{port}"),
+        ])
+        .await;
+    let learner = added
+        .split_whitespace()
+        .nth(1)
+        .expect("member add prints the id")
+        .to_string();
+    let out = all.run(&["move-leader", &learner]).await;
+    assert!(!out.status.success(), "move-leader to a learner fails");
+    assert!(
+        out.stderr.contains("etcdserver: bad leader transferee"),
+        "{}",
+        out.stderr
+    );
+    c.etcdctl(leader).ok(&["member", "remove", &learner]).await;
+
+    // Sent to a follower: etcd's answer, `etcdserver: not leader` (etcdctl itself looks for the
+    // leader among its endpoints and gives up before asking when none leads).
+    let mut m = c.maintenance(follower);
+    let err = m
+        .move_leader(proto::etcdserverpb::MoveLeaderRequest {
+            target_id: c.member_id(follower),
+        })
+        .await
+        .expect_err("a follower refuses MoveLeader");
+    assert_eq!(
+        (err.code(), err.message()),
+        (tonic::Code::FailedPrecondition, "etcdserver: not leader")
+    );
+    let out = c
+        .etcdctl(follower)
+        .run(&["move-leader", &format!("{:x}", c.member_id(leader))])
+        .await;
+    assert!(!out.status.success());
+    assert!(
+        out.stderr.contains("no leader endpoint given"),
+        "{}",
+        out.stderr
+    );
+
+    // To the leader itself: OK, nothing changes.
+    let out = move_leader(&c, leader).await;
+    let said = out.stdout.clone();
+    out.ok("move-leader to the leader itself");
+    assert!(said.contains("Leadership transferred"), "{said}");
+    assert_eq!(wait_all_agree(&c).await, leader);
+    assert_eq!(c.term(leader).await, term, "no election");
+}
