@@ -41,9 +41,14 @@
 //! and steps down. The call returns when the old leader's metrics name the transferee as
 //! leader; after [`RaftMember::transfer_timeout`] it fails with etcd's
 //! `etcdserver: request timed out, leader transfer took too long`. Either way heartbeats, reads
-//! and the batcher resume (a drop guard, so a client that hangs up changes nothing): the held
-//! writes are proposed, and if leadership moved openraft refuses them before they enter any log
-//! and they are forwarded to the new leader, so none is lost or applied twice.
+//! and the batcher resume (a drop guard, so also when the client hangs up mid-transfer): the
+//! held writes are proposed, and if leadership moved openraft refuses them before they enter
+//! any log and they are forwarded to the new leader, so none is lost or applied twice.
+//!
+//! A TimeoutNow read late (the transferee was paused or cut off while it waited in a socket,
+//! and the leader gave up long ago) must not start a campaign: the transferee waits at least
+//! one vote lease after reading it, by when the leader's resumed heartbeats have arrived and
+//! keep pushing its campaign back until it gives up.
 //!
 //! Why no other member campaigns in between: our election timer fires no sooner than one
 //! election timeout (ET) after a member last heard from the leader, while the transferee
@@ -949,7 +954,8 @@ impl RaftMember {
             }
         }
 
-        // TimeoutNow.
+        // TimeoutNow: answered once the transferee called `elect` (after the vote lease), or
+        // with why it will not; dropped at the deadline, which cancels its campaign.
         let req = TimeoutNowRequest {
             leader: self.inner.id,
             term,
@@ -1015,9 +1021,10 @@ impl RaftMember {
         Error::LeaderTransferTimeout
     }
 
-    /// The transferee's side of TimeoutNow: check the request, then campaign (in a task) once
-    /// the vote lease ran out.
-    fn answer_timeout_now(&self, req: &TimeoutNowRequest) -> std::result::Result<(), String> {
+    /// The transferee's side of TimeoutNow: check the request, wait until the vote lease ran
+    /// out, campaign; answered once `elect` was called (or why not), so the leader hears why a
+    /// transfer did not start.
+    async fn answer_timeout_now(&self, req: &TimeoutNowRequest) -> std::result::Result<(), String> {
         let (term, leader, voter) = {
             let m = self.inner.raft.metrics();
             let m = m.borrow();
@@ -1043,47 +1050,52 @@ impl RaftMember {
         {
             let mut c = self.inner.campaign.lock();
             if *c == Campaign::Transferee {
-                return Ok(());
+                return Err("a transfer to this member is already under way".into());
             }
             *c = Campaign::Transferee;
         }
-        tokio::spawn(self.clone().campaign_on_request(req.term));
-        Ok(())
+        let _reset = TransfereeReset(self);
+        self.campaign_on_request(req.term).await
     }
 
     /// Campaign at the leader's request as soon as every member that heard from it no later
     /// than one heartbeat interval after us would grant a vote (their vote lease ran out);
-    /// given up after [`Self::transfer_timeout`] (the leader gave up, its heartbeats resumed).
-    async fn campaign_on_request(self, term: u64) {
-        let give_up = Instant::now() + self.transfer_timeout();
+    /// given up after [`Self::transfer_timeout`] (the leader is still sending).
+    ///
+    /// Never sooner than one vote lease after the request arrived: a request read late (this
+    /// member was paused or cut off while it waited in a socket) finds a stale last contact and
+    /// would otherwise campaign at once and depose a leader that gave up on the transfer long
+    /// ago (a leader grants any up-to-date candidate's vote: openraft renews a leader's own
+    /// lease only when it is elected). Within that lease, five heartbeat intervals or more,
+    /// the leader's resumed heartbeats arrive and hold us back. (Found by the paused-member
+    /// test.) In a transfer that goes to plan this costs nothing: the last contact came just
+    /// before the request, so its lease ends later anyway.
+    async fn campaign_on_request(&self, term: u64) -> std::result::Result<(), String> {
+        let received = Instant::now();
+        let give_up = received + self.transfer_timeout();
         loop {
             let at =
-                *self.inner.last_heartbeat.lock() + self.inner.vote_lease + self.inner.heartbeat;
+                (*self.inner.last_heartbeat.lock() + self.inner.vote_lease + self.inner.heartbeat)
+                    .max(received + self.inner.vote_lease);
             let now = Instant::now();
             if now >= at {
                 break;
             }
             if now >= give_up {
-                tracing::info!(
-                    member = self.inner.id,
-                    "leader transfer: the leader is still sending; not campaigning"
-                );
-                *self.inner.campaign.lock() = Campaign::Idle;
-                return;
+                return Err("the leader is still sending".into());
             }
             tokio::select! {
-                _ = self.inner.stop.cancelled() => return,
+                _ = self.inner.stop.cancelled() => return Err("stopping".into()),
                 _ = tokio::time::sleep_until(at.min(give_up)) => {}
             }
         }
-        let still = {
+        let (now_term, state) = {
             let m = self.inner.raft.metrics();
             let m = m.borrow();
-            m.current_term == term && m.state != ServerState::Leader
+            (m.current_term, m.state)
         };
-        if !still {
-            *self.inner.campaign.lock() = Campaign::Idle;
-            return;
+        if now_term != term || state == ServerState::Leader {
+            return Err(format!("moved on to term {now_term} meanwhile"));
         }
         *self.inner.campaign.lock() = Campaign::Electing { at: Instant::now() };
         tracing::info!(
@@ -1091,7 +1103,12 @@ impl RaftMember {
             term = term + 1,
             "leader transfer: campaigning at the leader's request"
         );
-        let _ = self.inner.raft.trigger().elect().await;
+        self.inner
+            .raft
+            .trigger()
+            .elect()
+            .await
+            .map_err(|e| e.to_string())
     }
 
     /// Stop openraft and the background tasks; the log writer ends after what it holds.
@@ -1380,6 +1397,18 @@ impl Drop for Quiet<'_> {
     }
 }
 
+/// Ends a transferee's wait however its TimeoutNow call ends (cancelled included).
+struct TransfereeReset<'a>(&'a RaftMember);
+
+impl Drop for TransfereeReset<'_> {
+    fn drop(&mut self) {
+        let mut c = self.0.inner.campaign.lock();
+        if *c == Campaign::Transferee {
+            *c = Campaign::Idle;
+        }
+    }
+}
+
 /// Whether a failed call never reached the peer (so retrying it elsewhere is safe).
 fn is_connect_error(s: &Status) -> bool {
     use std::error::Error as _;
@@ -1461,7 +1490,7 @@ impl Peer for PeerService {
 
     async fn timeout_now(&self, req: Request<Blob>) -> std::result::Result<Response<Blob>, Status> {
         let r: TimeoutNowRequest = decode(req.get_ref())?;
-        let answer = self.member.answer_timeout_now(&r);
+        let answer = self.member.answer_timeout_now(&r).await;
         if let Err(why) = &answer {
             tracing::info!(
                 member = self.member.inner.id,

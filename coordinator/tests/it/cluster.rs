@@ -2574,3 +2574,67 @@ async fn move_leader_refuses_learners_unknown_ids_and_followers_with_etcds_error
     assert_eq!(wait_all_agree(&c).await, leader);
     assert_eq!(c.term(leader).await, term, "no election");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn move_leader_to_a_paused_member_fails_with_etcds_timeout_and_the_leader_keeps_leading() {
+    let mut c = Cluster::start(3).await;
+    let leader = wait_in_sync(&c).await;
+    let term = c.term(leader).await;
+    let target = (leader + 1) % 3;
+    let other = (leader + 2) % 3;
+    // The target holds the whole log, so the leader goes as far as sending it TimeoutNow,
+    // which waits in its socket.
+    c.pause(target);
+    let ctl = c.etcdctl(leader);
+    let hex = format!("{:x}", c.member_id(target));
+    let moving = tokio::spawn(async move { ctl.run(&["move-leader", &hex]).await });
+    // Writes arriving during the transfer wait for it and then succeed or fail, never vanish.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let load = Load::start(&c, "mt/", 2, &[leader, other]);
+    let out = moving.await.expect("etcdctl task");
+    assert!(!out.status.success(), "the transfer cannot succeed");
+    assert!(
+        out.stderr
+            .contains("etcdserver: request timed out, leader transfer took too long"),
+        "{}",
+        out.stderr
+    );
+    assert_eq!(
+        wait_all_agree(&c).await,
+        leader,
+        "the old leader keeps leading"
+    );
+    assert_eq!(c.term(leader).await, term, "no election");
+    let before = load.acked();
+    wait_until(
+        CONVERGE,
+        "writes to go on after the failed transfer",
+        || async { load.acked() >= before + 50 },
+    )
+    .await;
+
+    // The target wakes up to the stale TimeoutNow: the leader's heartbeats, resumed long ago,
+    // keep it from campaigning.
+    c.resume(target);
+    wait_in_sync(&c).await;
+    tokio::time::sleep(3 * ELECTION_TIMEOUT).await;
+    assert_eq!(
+        wait_all_agree(&c).await,
+        leader,
+        "the leader is still the leader"
+    );
+    for i in 0..3 {
+        assert_eq!(
+            c.term(i).await,
+            term,
+            "member {i}: no election after resuming"
+        );
+    }
+
+    let ops = load.finish().await;
+    check_write_history(&ops);
+    wait_in_sync(&c).await;
+    for i in 0..3 {
+        check_acked_present(&c, i, "mt/", &ops).await;
+    }
+}
