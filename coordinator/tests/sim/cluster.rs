@@ -102,6 +102,13 @@ pub struct Shared {
     pub verbose: bool,
     /// Those lines.
     pub events: Mutex<Vec<String>>,
+    /// A leader transfer the driver asks for (target member id), taken by whichever member
+    /// leads next (as `etcdctl move-leader` finds the leader).
+    pub transfer_to: Mutex<Option<u64>>,
+    /// Leader transfers to another member that succeeded.
+    pub transfers_ok: AtomicUsize,
+    /// Leader transfers that failed (timed out, leadership lost, target refused).
+    pub transfers_failed: AtomicUsize,
 }
 
 impl Shared {
@@ -134,6 +141,9 @@ impl Shared {
             next_value: AtomicU64::new(1),
             verbose: std::env::var_os("SIM_VERBOSE").is_some(),
             events: Mutex::new(Vec::new()),
+            transfer_to: Mutex::new(None),
+            transfers_ok: AtomicUsize::new(0),
+            transfers_failed: AtomicUsize::new(0),
         })
     }
 
@@ -244,6 +254,7 @@ pub async fn member_main(sh: Arc<Shared>, i: usize) -> turmoil::Result {
         state: state.clone(),
     });
     tokio::spawn(monitor(sh.clone(), id, member.clone()));
+    tokio::spawn(transfer_agent(sh.clone(), id, member.clone()));
     if !sh.stop_clients.load(Ordering::SeqCst) {
         for _ in 0..sh.shape.clients_per_member {
             let cid = sh.next_client.fetch_add(1, Ordering::SeqCst);
@@ -296,6 +307,28 @@ async fn monitor(sh: Arc<Shared>, id: u64, member: RaftMember) {
         if rx.changed().await.is_err() {
             return;
         }
+    }
+}
+
+/// Carries out the driver's leader transfers: the member that leads when one is asked for calls
+/// `move_leader` (what `MoveLeader` runs), while the clients and the nemesis go on.
+async fn transfer_agent(sh: Arc<Shared>, id: u64, member: RaftMember) {
+    loop {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        if !member.is_leader() {
+            continue;
+        }
+        let Some(target) = sh.transfer_to.lock().take() else {
+            continue;
+        };
+        let r = member.move_leader(target).await;
+        sh.note(|| format!("n{id} move-leader to n{target}: {r:?}"));
+        // Moving to itself is a no-op; not counted.
+        match r {
+            Ok(()) if target != id => sh.transfers_ok.fetch_add(1, Ordering::SeqCst),
+            Ok(()) => 0,
+            Err(_) => sh.transfers_failed.fetch_add(1, Ordering::SeqCst),
+        };
     }
 }
 

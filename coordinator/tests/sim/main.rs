@@ -11,7 +11,9 @@
 //!
 //! Clients on every member issue puts, linearizable gets, deletes and compare-and-sets while a
 //! nemesis partitions the network (both ways, one way, or holding messages), makes links
-//! lossy, changes latency, and crashes and restarts members. Then the faults heal, every key
+//! lossy, changes latency, and crashes and restarts members, and now and then the leader is
+//! asked to hand leadership to a random member (`move_leader`, what `etcdctl move-leader`
+//! runs; the draws come from a stream of their own). Then the faults heal, every key
 //! is read once more, and the run is judged:
 //! - Raft: one leader per term, terms never go back (across restarts too), one vote per term,
 //!   log matching, leader completeness, the same entry applied at each index, identical state
@@ -78,6 +80,8 @@ struct RunReport {
     /// Distinct leader ids seen.
     leaders: usize,
     crashes: usize,
+    /// Leader transfers (`move_leader`) that succeeded, and that failed.
+    transfers: (usize, usize),
     simulated: Duration,
     fingerprint: u64,
     trace: Vec<String>,
@@ -339,6 +343,10 @@ fn run_with(seed: u64, lying: bool) -> RunReport {
         terms,
         leaders,
         crashes: d.crashes,
+        transfers: (
+            sh.transfers_ok.load(Ordering::SeqCst),
+            sh.transfers_failed.load(Ordering::SeqCst),
+        ),
         simulated: d.sim.elapsed(),
         fingerprint: h.finish(),
         trace: d.trace,
@@ -349,14 +357,23 @@ fn run_with(seed: u64, lying: bool) -> RunReport {
 
 /// Faults, then healing, the final reads and convergence.
 fn drive(d: &mut Driver) -> Result<(), String> {
+    // Leader transfers draw from their own stream, so the faults are those the seed made
+    // before transfers existed.
+    let mut transfers = StdRng::seed_from_u64(mix(d.sh.seed, 3));
     let mut next = Duration::from_millis(d.rng.random_range(200..800));
     while d.sim.elapsed() < FAULTS {
         d.step()?;
         if d.sim.elapsed() >= next {
             d.nemesis();
+            if transfers.random_bool(0.3) {
+                let target = transfers.random_range(0..d.sh.shape.members);
+                *d.sh.transfer_to.lock() = Some(target as u64 + 1);
+                d.log(format!("move leader to {}", host(target)));
+            }
             next = d.sim.elapsed() + Duration::from_millis(d.rng.random_range(100..700));
         }
     }
+    *d.sh.transfer_to.lock() = None;
     d.heal_network();
     d.sim.set_max_message_latency(Duration::from_millis(10));
     for i in d.faults.crashed.clone() {
@@ -540,8 +557,9 @@ fn run_in_children(seeds: &[u64]) {
             .flat_map(|h| h.join().expect("a child runner panicked"))
             .collect()
     });
-    // SIMRESULT seed members ops acked unknown crashes leaders term simulated_ms ok
-    let mut sum = [0u64; 10];
+    // SIMRESULT seed members ops acked unknown crashes leaders term simulated_ms ok moved
+    // transfer_failed
+    let mut sum = [0u64; 12];
     let mut five = 0;
     let mut changed = 0;
     let mut max_term = 0;
@@ -553,7 +571,7 @@ fn run_in_children(seeds: &[u64]) {
             .split_whitespace()
             .filter_map(|x| x.parse().ok())
             .collect();
-        if v.len() == 10 {
+        if v.len() == 12 {
             for (s, x) in sum.iter_mut().zip(&v) {
                 *s += x;
             }
@@ -566,8 +584,8 @@ fn run_in_children(seeds: &[u64]) {
     println!(
         "simulation{}: {} seeds ({five} with 5 members), {} operations ({} acknowledged, {} \
          unknown), {} crashes, {} leader ids ({changed} seeds with a leader change), highest \
-         term {max_term}, {:.0} s simulated in {:.1} s, one process per seed, {processes} at a \
-         time; failed seeds: {failed:?}",
+         term {max_term}, leader transfers: {} made, {} failed; {:.0} s simulated in {:.1} s, one \
+         process per seed, {processes} at a time; failed seeds: {failed:?}",
         if cfg!(tokio_unstable) {
             " (exact replay)"
         } else {
@@ -579,12 +597,19 @@ fn run_in_children(seeds: &[u64]) {
         sum[4],
         sum[5],
         sum[6],
+        sum[10],
+        sum[11],
         sum[8] as f64 / 1000.0,
         started.elapsed().as_secs_f64(),
     );
     assert!(
         failed.is_empty(),
         "failing seeds: {failed:?} (details and replay commands above)"
+    );
+    assert!(
+        seeds.len() < 20 || sum[10] > 0,
+        "no leader transfer succeeded in {} seeds: the simulation does not exercise them",
+        seeds.len()
     );
 }
 
@@ -634,7 +659,7 @@ fn simulated_clusters_keep_raft_and_client_invariants() {
     if seeds.len() == 1 {
         let r = &reports[0];
         println!(
-            "SIMRESULT {} {} {} {} {} {} {} {} {} {}",
+            "SIMRESULT {} {} {} {} {} {} {} {} {} {} {} {}",
             r.seed,
             r.members,
             r.operations,
@@ -644,7 +669,9 @@ fn simulated_clusters_keep_raft_and_client_invariants() {
             r.leaders,
             r.terms,
             r.simulated.as_millis(),
-            u8::from(r.violations.is_empty())
+            u8::from(r.violations.is_empty()),
+            r.transfers.0,
+            r.transfers.1
         );
         println!(
             "seed {} fingerprint {:016x} (history, fault trace and logs)",
