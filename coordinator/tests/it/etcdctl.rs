@@ -666,6 +666,30 @@ async fn endpoint_status_and_health_report_a_healthy_leader() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn move_leader_on_a_single_member_accepts_only_itself() {
+    let server = Server::start().await;
+    let ctl = server.etcdctl();
+    let status = ctl.json(&["endpoint", "status"]).await;
+    let member = status[0]["Status"]["header"]["member_id"]
+        .as_u64()
+        .expect("member id");
+    let out = ctl.ok(&["move-leader", &format!("{member:x}")]).await;
+    assert_eq!(
+        out.trim(),
+        format!("Leadership transferred from {member:x} to {member:x}")
+    );
+    let out = ctl
+        .run(&["move-leader", &format!("{:x}", member ^ 1)])
+        .await;
+    assert!(!out.status.success(), "no other member to move to");
+    assert!(
+        out.stderr.contains("etcdserver: bad leader transferee"),
+        "{}",
+        out.stderr
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn compaction_makes_older_revisions_unreadable() {
     let server = Server::start().await;
     let ctl = server.etcdctl();
