@@ -39,9 +39,12 @@
 //! Its term goes up by one; the old leader, whose own lease ran out long ago (openraft renews a
 //! leader's only when it is elected), grants the vote with every member whose lease ran out,
 //! and steps down. The call returns when the old leader's metrics name the transferee as
-//! leader; after [`RaftMember::transfer_timeout`] it fails with etcd's
-//! `etcdserver: request timed out, leader transfer took too long`. Either way heartbeats, reads
-//! and the batcher resume (a drop guard, so also when the client hangs up mid-transfer): the
+//! leader. An attempt is given up after [`RaftMember::transfer_timeout`]; then, as etcd does,
+//! the call keeps waiting (the leader serving as usual) until the caller's gRPC deadline before
+//! it fails with etcd's `etcdserver: request timed out, leader transfer took too long`, because
+//! etcd's client retries `MoveLeader` on that `Unavailable` while its deadline lasts. Either way
+//! heartbeats, reads
+//! and the batcher resume (a drop guard, so also when the client hangs up mid-attempt): the
 //! held writes are proposed, and if leadership moved openraft refuses them before they enter
 //! any log and they are forwarded to the new leader, so none is lost or applied twice.
 //!
@@ -880,9 +883,44 @@ impl RaftMember {
 
     /// Make `target` the leader (`etcdctl move-leader`); see the module docs for how. Errors, as
     /// etcd's: `NotLeader` on a member that does not lead, `BadLeaderTransferee` when `target`
-    /// is no voting member, `LeaderTransferTimeout` when it did not lead within
-    /// [`Self::transfer_timeout`]. Moving to this member itself is a no-op.
-    pub async fn move_leader(&self, target: u64) -> Result<()> {
+    /// is no voting member, `LeaderTransferTimeout` when it did not lead in time. Moving to this
+    /// member itself is a no-op.
+    ///
+    /// One attempt, bounded by [`Self::transfer_timeout`] (and by `client_deadline`); if it
+    /// fails, the leader serves as usual again and, as etcd does, the call goes on waiting for
+    /// `target` to lead until `client_deadline` (the caller's gRPC deadline), then fails. Failing
+    /// before the client's deadline would make etcd's client retry (it counts `MoveLeader` as
+    /// repeatable and retries `Unavailable`), each retry another attempt holding writes: etcdctl
+    /// ran seven of them in a row, 21 s of stalls, before this waited for the deadline.
+    pub async fn move_leader(&self, target: u64, client_deadline: Option<Instant>) -> Result<()> {
+        let started = Instant::now();
+        let attempt_deadline = (started + self.transfer_timeout())
+            .min(client_deadline.unwrap_or(started + self.transfer_timeout()));
+        match self.transfer_once(target, started, attempt_deadline).await {
+            Err(Error::LeaderTransferTimeout) => {}
+            done => return done,
+        }
+        let Some(until) = client_deadline else {
+            return Err(Error::LeaderTransferTimeout);
+        };
+        let mut rx = self.inner.raft.metrics();
+        loop {
+            if rx.borrow_and_update().current_leader == Some(target) {
+                tracing::info!(
+                    member = self.inner.id,
+                    target,
+                    "the transferee leads after all"
+                );
+                return Ok(());
+            }
+            if tokio::time::timeout_at(until, rx.changed()).await.is_err() {
+                return Err(Error::LeaderTransferTimeout);
+            }
+        }
+    }
+
+    /// One transfer attempt (see [`Self::move_leader`]), given up at `deadline`.
+    async fn transfer_once(&self, target: u64, started: Instant, deadline: Instant) -> Result<()> {
         if !self.is_leader() {
             return Err(Error::NotLeader);
         }
@@ -896,8 +934,6 @@ impl RaftMember {
         if target == self.inner.id {
             return Ok(());
         }
-        let started = Instant::now();
-        let deadline = started + self.transfer_timeout();
         let timed_out = |_| Error::LeaderTransferTimeout;
         let _one = tokio::time::timeout_at(deadline, self.inner.transfer.lock())
             .await

@@ -326,13 +326,14 @@ impl Maintenance for MaintenanceService {
         req: Request<MoveLeaderRequest>,
     ) -> Result<Response<MoveLeaderResponse>, Status> {
         self.admin(&req, "MoveLeader")?;
+        let client_deadline = grpc_timeout(req.metadata()).map(|t| tokio::time::Instant::now() + t);
         let r = req.into_inner();
         // As etcd: only the leader serves it (`etcdserver: not leader` elsewhere; etcdctl
         // looks for the leader among its endpoints), the target must be a voting member.
         let moved = match &self.ctx.member {
             crate::member::Member::Single(_) if r.target_id == self.ctx.id.member_id => Ok(()),
             crate::member::Member::Single(_) => Err(Error::BadLeaderTransferee),
-            crate::member::Member::Raft(m) => m.move_leader(r.target_id).await,
+            crate::member::Member::Raft(m) => m.move_leader(r.target_id, client_deadline).await,
         };
         done(
             &self.ctx,
@@ -342,6 +343,27 @@ impl Maintenance for MaintenanceService {
             }),
         )
     }
+}
+
+/// The caller's deadline from gRPC's `grpc-timeout` header (`<up to 8 digits><H|M|S|m|u|n>`),
+/// if it sent a valid one.
+fn grpc_timeout(md: &tonic::metadata::MetadataMap) -> Option<std::time::Duration> {
+    use std::time::Duration;
+    let v = md.get("grpc-timeout")?.to_str().ok()?;
+    let (digits, unit) = v.split_at(v.len().checked_sub(1)?);
+    if digits.is_empty() || digits.len() > 8 || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    let n: u64 = digits.parse().ok()?;
+    Some(match unit {
+        "H" => Duration::from_secs(n * 3600),
+        "M" => Duration::from_secs(n * 60),
+        "S" => Duration::from_secs(n),
+        "m" => Duration::from_millis(n),
+        "u" => Duration::from_micros(n),
+        "n" => Duration::from_nanos(n),
+        _ => return None,
+    })
 }
 
 fn write_snapshot(ctx: &Ctx) -> Result<(std::fs::File, u64, i64)> {
@@ -460,5 +482,34 @@ impl Cluster for MaintenanceService {
                 members: self.members(),
             }),
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::grpc_timeout;
+    use std::time::Duration;
+
+    fn md(v: &str) -> tonic::metadata::MetadataMap {
+        let mut m = tonic::metadata::MetadataMap::new();
+        m.insert("grpc-timeout", v.parse().expect("ascii"));
+        m
+    }
+
+    #[test]
+    fn grpc_timeout_reads_every_unit_and_refuses_malformed_values() {
+        assert_eq!(
+            grpc_timeout(&md("4999m")),
+            Some(Duration::from_millis(4999))
+        );
+        assert_eq!(grpc_timeout(&md("5S")), Some(Duration::from_secs(5)));
+        assert_eq!(grpc_timeout(&md("2M")), Some(Duration::from_secs(120)));
+        assert_eq!(grpc_timeout(&md("1H")), Some(Duration::from_secs(3600)));
+        assert_eq!(grpc_timeout(&md("7u")), Some(Duration::from_micros(7)));
+        assert_eq!(grpc_timeout(&md("9n")), Some(Duration::from_nanos(9)));
+        for bad in ["", "m", "5", "5x", "123456789S", "-5S", "5 S"] {
+            assert_eq!(grpc_timeout(&md(bad)), None, "{bad:?}");
+        }
+        assert_eq!(grpc_timeout(&tonic::metadata::MetadataMap::new()), None);
     }
 }

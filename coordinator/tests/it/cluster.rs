@@ -2585,19 +2585,26 @@ async fn move_leader_to_a_paused_member_fails_with_etcds_timeout_and_the_leader_
     // The target holds the whole log, so the leader goes as far as sending it TimeoutNow,
     // which waits in its socket.
     c.pause(target);
-    let ctl = c.etcdctl(leader);
-    let hex = format!("{:x}", c.member_id(target));
-    let moving = tokio::spawn(async move { ctl.run(&["move-leader", &hex]).await });
+    let mut m = c.maintenance(leader);
+    let target_id = c.member_id(target);
+    let moving = tokio::spawn(async move {
+        m.move_leader(proto::etcdserverpb::MoveLeaderRequest { target_id })
+            .await
+    });
     // Writes arriving during the transfer wait for it and then succeed or fail, never vanish.
     tokio::time::sleep(Duration::from_millis(300)).await;
     let load = Load::start(&c, "mt/", 2, &[leader, other]);
-    let out = moving.await.expect("etcdctl task");
-    assert!(!out.status.success(), "the transfer cannot succeed");
-    assert!(
-        out.stderr
-            .contains("etcdserver: request timed out, leader transfer took too long"),
-        "{}",
-        out.stderr
+    // Without a deadline, the call fails after its one attempt, with etcd's error.
+    let err = moving
+        .await
+        .expect("MoveLeader task")
+        .expect_err("the transfer cannot succeed");
+    assert_eq!(
+        (err.code(), err.message()),
+        (
+            tonic::Code::Unavailable,
+            "etcdserver: request timed out, leader transfer took too long"
+        )
     );
     assert_eq!(
         wait_all_agree(&c).await,
@@ -2613,8 +2620,41 @@ async fn move_leader_to_a_paused_member_fails_with_etcds_timeout_and_the_leader_
     )
     .await;
 
-    // The target wakes up to the stale TimeoutNow: the leader's heartbeats, resumed long ago,
-    // keep it from campaigning.
+    // etcdctl sends a deadline: as etcd, the call waits for it after the attempt failed, so
+    // etcdctl gives up on its own (`context deadline exceeded`) instead of retrying (etcd's
+    // client retries MoveLeader on Unavailable, and every retry would hold writes again).
+    let out = c
+        .etcdctl(leader)
+        .run(&[
+            "move-leader",
+            &format!("{target_id:x}"),
+            "--command-timeout=5s",
+        ])
+        .await;
+    assert!(!out.status.success(), "the transfer cannot succeed");
+    assert!(
+        out.stderr.contains("context deadline exceeded"),
+        "{}",
+        out.stderr
+    );
+    let attempts = c.log(leader).matches("leader transfer starting").count();
+    assert_eq!(attempts, 2, "one attempt per call: etcdctl did not retry");
+    assert_eq!(
+        wait_all_agree(&c).await,
+        leader,
+        "the old leader keeps leading"
+    );
+    assert_eq!(c.term(leader).await, term, "no election");
+    let before = load.acked();
+    wait_until(
+        CONVERGE,
+        "writes to go on after the second failed transfer",
+        || async { load.acked() >= before + 50 },
+    )
+    .await;
+
+    // The target wakes up to the stale TimeoutNows: the leader's heartbeats, resumed long
+    // ago, keep it from campaigning.
     c.resume(target);
     wait_in_sync(&c).await;
     tokio::time::sleep(3 * ELECTION_TIMEOUT).await;

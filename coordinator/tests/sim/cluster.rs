@@ -321,7 +321,7 @@ async fn transfer_agent(sh: Arc<Shared>, id: u64, member: RaftMember) {
         let Some(target) = sh.transfer_to.lock().take() else {
             continue;
         };
-        let r = member.move_leader(target).await;
+        let r = member.move_leader(target, None).await;
         sh.note(|| format!("n{id} move-leader to n{target}: {r:?}"));
         // Moving to itself is a no-op; not counted.
         match r {
