@@ -49,9 +49,11 @@
 //! any log and they are forwarded to the new leader, so none is lost or applied twice.
 //!
 //! A TimeoutNow read late (the transferee was paused or cut off while it waited in a socket,
-//! and the leader gave up long ago) must not start a campaign: the transferee waits at least
-//! one vote lease after reading it, by when the leader's resumed heartbeats have arrived and
-//! keep pushing its campaign back until it gives up.
+//! and the leader gave up long ago) must not start a campaign: right before `elect` the
+//! transferee asks the leader (`ConfirmTransfer`) whether the attempt to it is still on and its
+//! log still matches; no answer or no means no campaign. (The leader's resumed heartbeats
+//! alone did not hold it back: under load they took longer than a vote lease to get through
+//! after the transferee resumed.)
 //!
 //! Why no other member campaigns in between: our election timer fires no sooner than one
 //! election timeout (ET) after a member last heard from the leader, while the transferee
@@ -133,6 +135,17 @@ struct TimeoutNowRequest {
     /// Its term: a transferee that has moved on to another term ignores the request.
     term: u64,
     /// The leader's last log id, which the transferee must hold.
+    last_log: Option<openraft::LogId<u64>>,
+}
+
+/// The transferee's last question before campaigning: is the transfer still on?
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct ConfirmTransferRequest {
+    /// The member asking.
+    transferee: u64,
+    /// The leader's term, from the TimeoutNow.
+    term: u64,
+    /// The transferee's last log id.
     last_log: Option<openraft::LogId<u64>>,
 }
 
@@ -229,6 +242,9 @@ struct Inner {
     vote_lease: Duration,
     /// Held by a leader transfer for its whole length, and by membership changes: one at a time.
     transfer: tokio::sync::Mutex<()>,
+    /// On the leader, while an attempt waits for the transferee's campaign: its id. The
+    /// transferee confirms with it before campaigning (see `ConfirmTransfer`).
+    transferring_to: Mutex<Option<u64>>,
     /// Read-index rounds on the leader hold it shared; a leader transfer holds it exclusively, so
     /// no round sends heartbeats while followers' vote leases run out.
     read_gate: tokio::sync::RwLock<()>,
@@ -379,6 +395,7 @@ impl RaftMember {
                 heartbeat: p.heartbeat,
                 vote_lease: Duration::from_millis(vote_lease_ms),
                 transfer: tokio::sync::Mutex::new(()),
+                transferring_to: Mutex::new(None),
                 read_gate: tokio::sync::RwLock::new(()),
                 stop,
                 token: p.token,
@@ -991,12 +1008,13 @@ impl RaftMember {
         }
 
         // TimeoutNow: answered once the transferee called `elect` (after the vote lease), or
-        // with why it will not; dropped at the deadline, which cancels its campaign.
+        // with why it will not. Until this attempt ends the transferee may confirm it.
         let req = TimeoutNowRequest {
             leader: self.inner.id,
             term,
             last_log: self.inner.log.last_log_id(),
         };
+        *self.inner.transferring_to.lock() = Some(target);
         let data = bincode::serialize(&req)
             .map_err(|e| Error::InvalidArgument(format!("unencodable request: {e}")))?;
         let mut c = self.peer(target)?;
@@ -1091,28 +1109,28 @@ impl RaftMember {
             *c = Campaign::Transferee;
         }
         let _reset = TransfereeReset(self);
-        self.campaign_on_request(req.term).await
+        self.campaign_on_request(req).await
     }
 
     /// Campaign at the leader's request as soon as every member that heard from it no later
-    /// than one heartbeat interval after us would grant a vote (their vote lease ran out);
-    /// given up after [`Self::transfer_timeout`] (the leader is still sending).
+    /// than one heartbeat interval after us would grant a vote (their vote lease ran out), and
+    /// the leader confirms that it still asks for it; given up after
+    /// [`Self::transfer_timeout`] (the leader is still sending).
     ///
-    /// Never sooner than one vote lease after the request arrived: a request read late (this
-    /// member was paused or cut off while it waited in a socket) finds a stale last contact and
-    /// would otherwise campaign at once and depose a leader that gave up on the transfer long
-    /// ago (a leader grants any up-to-date candidate's vote: openraft renews a leader's own
-    /// lease only when it is elected). Within that lease, five heartbeat intervals or more,
-    /// the leader's resumed heartbeats arrive and hold us back. (Found by the paused-member
-    /// test.) In a transfer that goes to plan this costs nothing: the last contact came just
-    /// before the request, so its lease ends later anyway.
-    async fn campaign_on_request(&self, term: u64) -> std::result::Result<(), String> {
-        let received = Instant::now();
-        let give_up = received + self.transfer_timeout();
+    /// The confirmation is what keeps a request read late from deposing the leader: a
+    /// TimeoutNow that waited in a socket while this member was paused or cut off finds a stale
+    /// last contact, and a leader grants any up-to-date candidate's vote (openraft renews a
+    /// leader's own lease only when it is elected). Found by the paused-member test; waiting
+    /// one more vote lease after reading the request was not enough on a loaded machine (the
+    /// leader's resumed heartbeats took longer to get through).
+    async fn campaign_on_request(
+        &self,
+        req: &TimeoutNowRequest,
+    ) -> std::result::Result<(), String> {
+        let give_up = Instant::now() + self.transfer_timeout();
         loop {
             let at =
-                (*self.inner.last_heartbeat.lock() + self.inner.vote_lease + self.inner.heartbeat)
-                    .max(received + self.inner.vote_lease);
+                *self.inner.last_heartbeat.lock() + self.inner.vote_lease + self.inner.heartbeat;
             let now = Instant::now();
             if now >= at {
                 break;
@@ -1130,13 +1148,14 @@ impl RaftMember {
             let m = m.borrow();
             (m.current_term, m.state)
         };
-        if now_term != term || state == ServerState::Leader {
+        if now_term != req.term || state == ServerState::Leader {
             return Err(format!("moved on to term {now_term} meanwhile"));
         }
+        self.confirm_transfer(req).await?;
         *self.inner.campaign.lock() = Campaign::Electing { at: Instant::now() };
         tracing::info!(
             member = self.inner.id,
-            term = term + 1,
+            term = req.term + 1,
             "leader transfer: campaigning at the leader's request"
         );
         self.inner
@@ -1145,6 +1164,43 @@ impl RaftMember {
             .elect()
             .await
             .map_err(|e| e.to_string())
+    }
+
+    /// Ask the leader whether its transfer to this member is still on, with our log as it now
+    /// is (the campaign can only win if it matches the leader's).
+    async fn confirm_transfer(&self, req: &TimeoutNowRequest) -> std::result::Result<(), String> {
+        let ask = ConfirmTransferRequest {
+            transferee: self.inner.id,
+            term: req.term,
+            last_log: self.inner.log.last_log_id(),
+        };
+        let data = bincode::serialize(&ask).map_err(|e| e.to_string())?;
+        let mut c = self.peer(req.leader).map_err(|e| e.to_string())?;
+        let call = c.confirm_transfer(Blob { data });
+        match tokio::time::timeout(self.inner.vote_lease, call).await {
+            Ok(Ok(r)) => {
+                self.peer_answered(req.leader);
+                match bincode::deserialize::<bool>(&r.into_inner().data) {
+                    Ok(true) => Ok(()),
+                    Ok(false) => Err("the leader no longer asks for it".into()),
+                    Err(e) => Err(format!("undecodable confirmation: {e}")),
+                }
+            }
+            Ok(Err(status)) => Err(format!("no confirmation: {status}")),
+            Err(_) => {
+                self.peer_timed_out(req.leader);
+                Err("no confirmation in time".into())
+            }
+        }
+    }
+
+    /// The leader's side of `ConfirmTransfer`: yes while an attempt to that transferee waits for
+    /// its campaign, this member still leads at that term, and the transferee holds its log.
+    fn answer_confirm_transfer(&self, req: &ConfirmTransferRequest) -> bool {
+        *self.inner.transferring_to.lock() == Some(req.transferee)
+            && self.is_leader()
+            && self.term() == req.term
+            && self.inner.log.last_log_id() == req.last_log
     }
 
     /// Stop openraft and the background tasks; the log writer ends after what it holds.
@@ -1428,6 +1484,7 @@ struct Quiet<'a>(&'a RaftMember);
 
 impl Drop for Quiet<'_> {
     fn drop(&mut self) {
+        *self.0.inner.transferring_to.lock() = None;
         self.0.inner.raft.runtime_config().heartbeat(true);
         self.0.inner.batcher.resume();
     }
@@ -1536,6 +1593,14 @@ impl Peer for PeerService {
             );
         }
         blob(&answer)
+    }
+
+    async fn confirm_transfer(
+        &self,
+        req: Request<Blob>,
+    ) -> std::result::Result<Response<Blob>, Status> {
+        let r: ConfirmTransferRequest = decode(req.get_ref())?;
+        blob(&self.member.answer_confirm_transfer(&r))
     }
 
     async fn forward(&self, req: Request<Blob>) -> std::result::Result<Response<Blob>, Status> {
