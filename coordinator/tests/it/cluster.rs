@@ -1963,8 +1963,9 @@ async fn member_add_of_a_fourth_member_catches_up_and_member_remove_takes_it_out
         .etcdctl(leader)
         .ok(&["member", "remove", &format!("{id:x}")])
         .await;
+    // etcdctl prints ids with `%16x` (space-padded), as in `member add` above.
     assert!(
-        out.contains(&format!("Member {id:x} removed from cluster")),
+        out.contains(&format!("Member {id:16x} removed from cluster")),
         "{out}"
     );
     c.mark_removed(fourth);
