@@ -43,10 +43,10 @@
 //! the call keeps waiting (the leader serving as usual) until the caller's gRPC deadline before
 //! it fails with etcd's `etcdserver: request timed out, leader transfer took too long`, because
 //! etcd's client retries `MoveLeader` on that `Unavailable` while its deadline lasts. Either way
-//! heartbeats, reads
-//! and the batcher resume (a drop guard, so also when the client hangs up mid-attempt): the
-//! held writes are proposed, and if leadership moved openraft refuses them before they enter
-//! any log and they are forwarded to the new leader, so none is lost or applied twice.
+//! heartbeats, reads and the batcher resume (a drop guard, so also when the client hangs up
+//! mid-attempt): the held writes are proposed, and if leadership moved openraft refuses them
+//! before they enter any log and they are forwarded to the new leader, so none is lost or
+//! applied twice.
 //!
 //! A TimeoutNow read late (the transferee was paused or cut off while it waited in a socket,
 //! and the leader gave up long ago) must not start a campaign: right before `elect` the
