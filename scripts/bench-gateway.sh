@@ -32,6 +32,9 @@
 #                         (hyper's HTTP/1.1 client instead of the gateway's own) as target
 #                         lb-gateway-hyper; `server`: the second gateway with `--http1-server hyper`
 #                         (hyper's HTTP/1.1 server instead of the listener's fast path)
+#   BENCH_GATEWAY_BASELINE [unset]  another lb-gateway binary (say, the build before a change):
+#                         also run it, with the gateway's flags, as target lb-gateway-baseline,
+#                         next to lb-gateway in every round (first in even rounds, second in odd)
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -197,6 +200,17 @@ if [[ -n $HYPER_PART ]]; then
     wait_http "http://127.0.0.1:$G2ADMIN/readyz" "lb-gateway (hyper $HYPER_PART)"
     TARGETS+=(lb-gateway-hyper)
 fi
+if [[ -n ${BENCH_GATEWAY_BASELINE:-} ]]; then
+    [[ -x $BENCH_GATEWAY_BASELINE ]] || die "missing $BENCH_GATEWAY_BASELINE"
+    G3PORT=$(free_port)
+    G3ADMIN=$(free_port)
+    start gateway-baseline "$BENCH_GATEWAY_BASELINE" --listen "127.0.0.1:$G3PORT" --admin-listen "127.0.0.1:$G3ADMIN" \
+        --routes "$TMP/routes.toml" --registry-endpoints "http://127.0.0.1:$RGRPC" \
+        --worker-threads "$PROXY_THREADS" --access-log false --http1-server own
+    GATEWAY3_PID=$LAST_PID
+    wait_http "http://127.0.0.1:$G3ADMIN/readyz" "lb-gateway (baseline)"
+    TARGETS+=(lb-gateway-baseline)
+fi
 for ((i = 0; i < 100; i++)); do
     [[ $(curl -fsS "http://127.0.0.1:$GADMIN/admin/backends" | grep -o '"instance_id"' | wc -l) == "$NBACKENDS" ]] && break
     sleep 0.1
@@ -303,7 +317,13 @@ log "load average before: $(cut -d' ' -f1-3 /proc/loadavg)"
 log "measuring: $REPS rounds × 4 targets × $DURATION, $CONNS connections, wrk -t$WRK_THREADS, proxies with $PROXY_THREADS worker(s)"
 for ((ROUND = 1; ROUND <= REPS; ROUND++)); do
     run direct "${BACKEND_PORTS[0]}" 0
+    if [[ -n ${GATEWAY3_PID:-} ]] && ((ROUND % 2 == 0)); then
+        run lb-gateway-baseline "$G3PORT" "$GATEWAY3_PID"
+    fi
     run lb-gateway "$GPORT" "$GATEWAY_PID"
+    if [[ -n ${GATEWAY3_PID:-} ]] && ((ROUND % 2 == 1)); then
+        run lb-gateway-baseline "$G3PORT" "$GATEWAY3_PID"
+    fi
     run nginx "$NPORT" "$NGINX_PID"
     run haproxy "$HPORT" "$HAPROXY_PID"
     if [[ -n ${GATEWAY2_PID:-} ]]; then
@@ -352,6 +372,13 @@ if all((r, "lb-gateway-hyper") in runs for r in rounds):
     print(f"lb-gateway's own HTTP/1.1 {part} vs hyper's, same rounds (median): "
           f"throughput {statistics.median(o[0] / h[0] for o, h in zip(own, hyp)):.2f}x, "
           f"CPU per request {statistics.median(o[2] / h[2] for o, h in zip(own, hyp)):.2f}x")
+if all((r, "lb-gateway-baseline") in runs for r in rounds):
+    own = [runs[(r, "lb-gateway")] for r in rounds]
+    base = [runs[(r, "lb-gateway-baseline")] for r in rounds]
+    print(f"lb-gateway vs lb-gateway-baseline, same rounds (median): "
+          f"throughput {statistics.median(o[0] / b[0] for o, b in zip(own, base)):.2f}x, "
+          f"p99 {statistics.median(o[1] / b[1] for o, b in zip(own, base)):.2f}x, "
+          f"CPU per request {statistics.median(o[2] / b[2] for o, b in zip(own, base)):.2f}x")
 EOF
 echo
 echo "All runs (target, req/s, p99 ms, CPU µs/req, round):"
