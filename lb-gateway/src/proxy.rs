@@ -283,7 +283,13 @@ fn is_upgrade(headers: &HeaderMap) -> bool {
 
 /// Removes hop-by-hop headers (RFC 9110 §7.6.1), keeping the upgrade pair when tunnelling and
 /// `te: trailers` (which gRPC needs).
+///
+/// Most heads carry none of these fields: one pass over the names finds that out, instead of a
+/// hashed lookup per field name (this runs twice per proxied request).
 fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
+    if !headers.keys().any(is_hop_by_hop) {
+        return;
+    }
     if let Some(conn) = headers.get(header::CONNECTION) {
         let named: Vec<HeaderName> = conn
             .to_str()
@@ -312,6 +318,18 @@ fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
     {
         headers.remove(header::TE);
     }
+}
+
+/// Whether `strip_hop_by_hop` may remove or change anything because of a field named `name`.
+fn is_hop_by_hop(name: &HeaderName) -> bool {
+    *name == header::CONNECTION
+        || *name == header::UPGRADE
+        || *name == header::PROXY_AUTHENTICATE
+        || *name == header::PROXY_AUTHORIZATION
+        || *name == header::TRANSFER_ENCODING
+        || *name == header::TE
+        || name.as_str() == "keep-alive"
+        || name.as_str() == "proxy-connection"
 }
 
 fn idempotent(m: &Method) -> bool {
@@ -567,7 +585,7 @@ async fn proxy(
     // The request as it goes out, minus what depends on the wire.
     strip_hop_by_hop(&mut parts.headers, client_upgrade.is_some());
     forwarded_for(&mut parts.headers, client);
-    if let Ok(v) = HeaderValue::from_str(&hop.ours.header()) {
+    if let Ok(v) = HeaderValue::from_bytes(&hop.ours.header_bytes()) {
         parts.headers.insert(TRACEPARENT, v);
     }
     let authority = parts
@@ -593,14 +611,13 @@ async fn proxy(
     let attempts_allowed = r.retries.attempts;
     let retryable =
         attempts_allowed > 1 && client_upgrade.is_none() && idempotent(&parts.method) && body_done;
-    // What a retry rebuilds the request from (only kept when it may be needed).
-    let template = retryable.then(|| {
-        (
-            parts.method.clone(),
-            parts.uri.clone(),
-            parts.headers.clone(),
-        )
-    });
+    // What a retry rebuilds the request from (only kept when it may be needed). Taken when the
+    // head is first given away: a copy before hyper's client takes it; the head itself after
+    // the gateway's own client, which only borrows it, has sent it (no copy on the common path).
+    let mut template: Option<Template> = None;
+    // Whether the head in hand carries a Host this hop added for its backend (a retry's head
+    // must not keep it: the next backend's name goes there instead).
+    let mut added_host = false;
     // No body and no upgrade: the gateway's own HTTP/1.1 client takes it (see `h1`).
     let bodyless = gw.own_http1 && client_upgrade.is_none() && body_done;
     let body = match body {
@@ -716,6 +733,7 @@ async fn proxy(
             Some(p) => p,
             None => match &template {
                 Some((method, uri, headers)) => {
+                    added_host = false;
                     let (mut p, ()) = Request::new(()).into_parts();
                     p.method = method.clone();
                     p.uri = uri.clone();
@@ -725,6 +743,14 @@ async fn proxy(
                 None => return Err(last),
             },
         };
+        if retryable && template.is_none() && !matches!(sender, Sender::Raw(_)) {
+            template = Some(template_of(
+                parts.method.clone(),
+                parts.uri.clone(),
+                parts.headers.clone(),
+                added_host,
+            ));
+        }
         // Wire-specific head.
         match wire {
             Wire::Http1 => {
@@ -746,6 +772,7 @@ async fn proxy(
                     let host = authority.clone().unwrap_or_else(|| backend.id.clone());
                     if let Ok(v) = HeaderValue::from_str(&host) {
                         parts.headers.insert(header::HOST, v);
+                        added_host = true;
                     }
                 }
             }
@@ -759,6 +786,7 @@ async fn proxy(
                 parts.uri = Uri::try_from(format!("http://{host}{pq}"))
                     .unwrap_or_else(|_| Uri::from_static("/"));
                 parts.headers.remove(header::HOST);
+                added_host = false;
             }
         }
         let sent_at = if attempts <= 1 { start } else { Instant::now() };
@@ -786,11 +814,23 @@ async fn proxy(
                 let answer = tokio::time::timeout(per_try, conn.exchange(&head, &parts.method))
                     .await
                     .map(|r| r.map(Answer::Raw));
-                match answer {
-                    Ok(Err(ExchangeError::Stale)) => Ok(Err(SendError::Stale(parts))),
-                    Ok(Err(e)) => Ok(Err(SendError::Raw(e))),
-                    Ok(Ok(a)) => Ok(Ok(a)),
-                    Err(t) => Err(t),
+                if let Ok(Err(ExchangeError::Stale)) = answer {
+                    Ok(Err(SendError::Stale(parts)))
+                } else {
+                    if retryable && template.is_none() {
+                        let http::request::Parts {
+                            method,
+                            uri,
+                            headers,
+                            ..
+                        } = parts;
+                        template = Some(template_of(method, uri, headers, added_host));
+                    }
+                    match answer {
+                        Ok(Err(e)) => Ok(Err(SendError::Raw(e))),
+                        Ok(Ok(a)) => Ok(Ok(a)),
+                        Err(t) => Err(t),
+                    }
                 }
             }
         };
@@ -817,7 +857,7 @@ async fn proxy(
                 );
                 let retry_status = matches!(status.as_u16(), 502..=504);
                 if retry_status
-                    && template.is_some()
+                    && retryable
                     && attempts < attempts_allowed
                     && Instant::now() < deadline
                     && route.budget.try_withdraw(now_ns())
@@ -851,10 +891,15 @@ async fn proxy(
                 admitted.take_back(&gw.in_flight);
                 continue;
             }
-            Ok(Err(SendError::Stale(_))) => (
-                Refusal::UpstreamError,
-                format!("{} closed the connection before answering", backend.id),
-            ),
+            Ok(Err(SendError::Stale(p))) => {
+                if retryable && template.is_none() {
+                    template = Some(template_of(p.method, p.uri, p.headers, added_host));
+                }
+                (
+                    Refusal::UpstreamError,
+                    format!("{} closed the connection before answering", backend.id),
+                )
+            }
             Ok(Err(SendError::Raw(e))) => (
                 Refusal::UpstreamError,
                 format!("{} did not answer: {e}", backend.id),
@@ -889,7 +934,7 @@ async fn proxy(
         drop(load);
         admitted.take_back(&gw.in_flight);
         last = (failure.0, failure.1, None, attempts);
-        if template.is_some()
+        if retryable
             && attempts < attempts_allowed
             && Instant::now() < deadline
             && route.budget.try_withdraw(now_ns())
@@ -899,6 +944,18 @@ async fn proxy(
         }
         return Err(last);
     }
+}
+
+/// What a retry rebuilds its request from: method, target and header fields.
+type Template = (Method, Uri, HeaderMap);
+
+/// The retry template from a head; without the Host this hop added for a backend, if it did
+/// (a head's uri is already in the form every retry gives it, so it may stay as it is).
+fn template_of(method: Method, uri: Uri, mut headers: HeaderMap, added_host: bool) -> Template {
+    if added_host {
+        headers.remove(header::HOST);
+    }
+    (method, uri, headers)
 }
 
 /// Feeds outlier detection; on an ejection, counts and logs it.
@@ -1035,6 +1092,37 @@ mod tests {
         assert!(h.get("x-secret").is_none());
         assert_eq!(h.get("te").map(|v| v.as_bytes()), Some(&b"trailers"[..]));
         assert!(h.get("x-kept").is_some());
+    }
+
+    #[test]
+    fn each_hop_by_hop_field_alone_is_removed_and_other_heads_stay_as_they_are() {
+        for name in [
+            "connection",
+            "upgrade",
+            "keep-alive",
+            "proxy-connection",
+            "proxy-authenticate",
+            "proxy-authorization",
+            "transfer-encoding",
+            "te",
+        ] {
+            let mut h = HeaderMap::new();
+            h.insert("host", HeaderValue::from_static("a"));
+            h.insert(
+                HeaderName::from_static(name),
+                HeaderValue::from_static("gzip"),
+            );
+            strip_hop_by_hop(&mut h, false);
+            assert!(h.get(name).is_none(), "{name} stayed");
+            assert_eq!(h.len(), 1, "{name}");
+        }
+        let mut h = HeaderMap::new();
+        h.insert("host", HeaderValue::from_static("a"));
+        h.append("accept", HeaderValue::from_static("*/*"));
+        h.append("accept", HeaderValue::from_static("text/plain"));
+        let before = h.clone();
+        strip_hop_by_hop(&mut h, false);
+        assert_eq!(h, before);
     }
 
     #[test]

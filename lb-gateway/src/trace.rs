@@ -86,14 +86,27 @@ impl TraceParent {
 
     /// The header value (version 00).
     pub fn header(&self) -> String {
-        let mut s = String::with_capacity(55);
-        s.push_str("00-");
-        push_hex(&mut s, &self.trace_id);
-        s.push('-');
-        push_hex(&mut s, &self.span_id);
-        s.push('-');
-        push_hex(&mut s, &[self.flags]);
-        s
+        self.header_bytes().iter().map(|&b| char::from(b)).collect()
+    }
+
+    /// The header value (version 00) as bytes on the stack: no allocation for the text itself.
+    pub fn header_bytes(&self) -> [u8; 55] {
+        const HEX: &[u8; 16] = b"0123456789abcdef";
+        let mut out = [b'-'; 55];
+        out[0] = b'0';
+        out[1] = b'0';
+        let bytes = self
+            .trace_id
+            .iter()
+            .chain(self.span_id.iter())
+            .chain(std::iter::once(&self.flags));
+        // Hex pairs at 3.., 36.. and 53.., with the dashes between them left in place.
+        let at = (3..35).step_by(2).chain((36..52).step_by(2)).chain([53]);
+        for (b, i) in bytes.zip(at) {
+            out[i] = HEX[usize::from(b >> 4)];
+            out[i + 1] = HEX[usize::from(b & 15)];
+        }
+        out
     }
 
     /// The trace ID in hex.
@@ -179,6 +192,10 @@ mod tests {
         let tp = TraceParent::parse(VALID).expect("valid");
         assert_eq!(tp.flags, 1);
         assert_eq!(tp.header().as_bytes(), VALID);
+        assert_eq!(&tp.header_bytes()[..], VALID);
+        let root = TraceParent::new_root();
+        let text = root.header_bytes();
+        assert_eq!(TraceParent::parse(&text), Some(root));
         assert_eq!(tp.trace_id_hex(), "4bf92f3577b34da6a3ce929d0e0e4736");
     }
 

@@ -474,6 +474,54 @@ async fn a_503_is_retried_at_the_keys_next_choice_with_the_same_request() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retried_request_without_host_names_the_backend_that_serves_the_retry() {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let stack = Stack::start().await;
+    let (backends, _regs) = three_backends(&stack).await;
+    let gw = Gateway::start(&stack.registry.url(), &routes("")).await;
+    gw.wait_backends("web", 3).await;
+    let mut owned_by_a = None;
+    for u in 0..50 {
+        let user = format!("user-{u}");
+        if served_by(&gw, "/", &user, 1).await.contains_key("a") {
+            owned_by_a = Some(user);
+            break;
+        }
+    }
+    let user = owned_by_a.expect("a key owned by a");
+    // HTTP/1.0 without Host: the gateway names the backend in the Host it sends; the first
+    // try (to a, answering 503) must not leave a's name in the retried request.
+    let mut io = tokio::net::TcpStream::connect(gw.proxy)
+        .await
+        .expect("connect");
+    let req = format!("GET /fail-on/a?x=1 HTTP/1.0\r\nx-user: {user}\r\n\r\n");
+    io.write_all(req.as_bytes()).await.expect("write");
+    let mut answer = Vec::new();
+    crate::harness::within(T, "answer", io.read_to_end(&mut answer))
+        .await
+        .expect("read");
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 200 "), "{answer}");
+    let (_, body) = answer.split_once("\r\n\r\n").expect("a head");
+    let body: serde_json::Value = serde_json::from_str(body).expect("json");
+    let served = body["backend"].as_str().expect("backend").to_owned();
+    assert_ne!(served, "a");
+    let port = backends
+        .iter()
+        .find(|b| b.name == served)
+        .expect("a known backend")
+        .port();
+    assert_eq!(body["host"], format!("127.0.0.1:{port}"));
+    assert_eq!(body["path"], "/fail-on/a");
+    assert_eq!(body["query"], "x=1");
+    assert_eq!(
+        gw.metric("lb_gateway_retries_total{route=\"web\"}").await,
+        1.0
+    );
+    gw.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_backend_registered_by_dns_name_is_resolved_and_reached() {
     let stack = Stack::start().await;
     let b = HttpBackend::start("named").await;
