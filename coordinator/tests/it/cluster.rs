@@ -2576,6 +2576,30 @@ async fn move_leader_refuses_learners_unknown_ids_and_followers_with_etcds_error
     assert_eq!(c.term(leader).await, term, "no election");
 }
 
+/// After a failed leader transfer: every member agrees the old leader still leads, at the same
+/// term, and the write load keeps being acknowledged.
+async fn leader_kept_and_writes_go_on(
+    c: &Cluster,
+    leader: usize,
+    term: u64,
+    load: &Load,
+    after: &str,
+) {
+    assert_eq!(
+        wait_all_agree(c).await,
+        leader,
+        "the old leader keeps leading"
+    );
+    assert_eq!(c.term(leader).await, term, "no election");
+    let before = load.acked();
+    wait_until(
+        CONVERGE,
+        &format!("writes to go on after {after}"),
+        || async { load.acked() >= before + 50 },
+    )
+    .await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn move_leader_to_a_paused_member_fails_with_etcds_timeout_and_the_leader_keeps_leading() {
     let mut c = Cluster::start(3).await;
@@ -2607,19 +2631,7 @@ async fn move_leader_to_a_paused_member_fails_with_etcds_timeout_and_the_leader_
             "etcdserver: request timed out, leader transfer took too long"
         )
     );
-    assert_eq!(
-        wait_all_agree(&c).await,
-        leader,
-        "the old leader keeps leading"
-    );
-    assert_eq!(c.term(leader).await, term, "no election");
-    let before = load.acked();
-    wait_until(
-        CONVERGE,
-        "writes to go on after the failed transfer",
-        || async { load.acked() >= before + 50 },
-    )
-    .await;
+    leader_kept_and_writes_go_on(&c, leader, term, &load, "the failed transfer").await;
 
     // etcdctl sends a deadline: as etcd, the call waits for it after the attempt failed, so
     // etcdctl gives up on its own (`context deadline exceeded`) instead of retrying (etcd's
@@ -2640,19 +2652,7 @@ async fn move_leader_to_a_paused_member_fails_with_etcds_timeout_and_the_leader_
     );
     let attempts = c.log(leader).matches("leader transfer starting").count();
     assert_eq!(attempts, 2, "one attempt per call: etcdctl did not retry");
-    assert_eq!(
-        wait_all_agree(&c).await,
-        leader,
-        "the old leader keeps leading"
-    );
-    assert_eq!(c.term(leader).await, term, "no election");
-    let before = load.acked();
-    wait_until(
-        CONVERGE,
-        "writes to go on after the second failed transfer",
-        || async { load.acked() >= before + 50 },
-    )
-    .await;
+    leader_kept_and_writes_go_on(&c, leader, term, &load, "the second failed transfer").await;
 
     // The target wakes up to the stale TimeoutNows: the leader's heartbeats, resumed long
     // ago, keep it from campaigning.
