@@ -28,6 +28,7 @@
 #   BENCH_DURATION [10s]  BENCH_REPS [3]  BENCH_CONNECTIONS [64]  BENCH_WRK_THREADS [1]
 #   BENCH_PROXY_THREADS [1]  BENCH_BACKENDS [4]  BENCH_SKIP_BUILD [0]  BENCH_MAX_TIME [900]
 #   BENCH_PROFILE [unset]  a file: `perf record -g` the gateway for 3 s of its first run into it
+#                         (BENCH_PERF_CALLGRAPH replaces `-g`, e.g. `--call-graph dwarf`)
 #   BENCH_GATEWAY_HYPER [0]  1 or `client`: also run a second gateway with `--http1-client hyper`
 #                         (hyper's HTTP/1.1 client instead of the gateway's own) as target
 #                         lb-gateway-hyper; `server`: the second gateway with `--http1-server hyper`
@@ -266,27 +267,29 @@ request = function()
 end
 EOF
 
-# CPU ticks (user + system) of a process and all its children (nginx workers).
+# CPU ticks of a process and all its children (nginx workers): "user+system user".
 cpu_ticks() {
-    local pid=$1 total=0 p
+    local pid=$1 total=0 user=0 p u s
     for p in $pid $(pgrep -P "$pid" || true); do
         [[ -r /proc/$p/stat ]] || continue
-        total=$((total + $(awk '{print $14 + $15}' "/proc/$p/stat")))
+        read -r u s < <(awk '{print $14, $15}' "/proc/$p/stat")
+        total=$((total + u + s))
+        user=$((user + u))
     done
-    echo "$total"
+    echo "$total $user"
 }
 HZ=$(getconf CLK_TCK)
 
 # One run: name, port, pid (or 0 for none). Appends "name rps p99_ms cpu_us_per_req" to results.
 run() {
-    local name=$1 port=$2 pid=$3 out before after reqs rps p99 cpu
+    local name=$1 port=$2 pid=$3 out before after reqs rps p99 cpu user before_user after_user
     # Warm-up (connections, pools).
     wrk -t "$WRK_THREADS" -c "$CONNS" -d 1s -s "$TMP/paths.lua" "http://127.0.0.1:$port" >/dev/null 2>&1 || true
-    before=0
-    [[ $pid != 0 ]] && before=$(cpu_ticks "$pid")
+    before=0 before_user=0
+    [[ $pid != 0 ]] && read -r before before_user < <(cpu_ticks "$pid")
     local prof=
     if [[ -n ${BENCH_PROFILE:-} && $name == lb-gateway && ! -e $BENCH_PROFILE ]] && command -v perf >/dev/null; then
-        perf record -q -F 1999 -g -p "$pid" -o "$BENCH_PROFILE" -- sleep 3 >/dev/null 2>&1 &
+        perf record -q -F 1999 ${BENCH_PERF_CALLGRAPH:--g} -p "$pid" -o "$BENCH_PROFILE" -- sleep 3 >/dev/null 2>&1 &
         prof=$!
     fi
     if [[ -n ${BENCH_STRACE:-} && $pid != 0 ]] && command -v strace >/dev/null; then
@@ -297,20 +300,21 @@ run() {
     fi
     out=$(wrk -t "$WRK_THREADS" -c "$CONNS" -d "$DURATION" --latency -s "$TMP/paths.lua" "http://127.0.0.1:$port")
     [[ -n $prof ]] && wait "$prof" 2>/dev/null || true
-    after=0
-    [[ $pid != 0 ]] && after=$(cpu_ticks "$pid")
+    after=0 after_user=0
+    [[ $pid != 0 ]] && read -r after after_user < <(cpu_ticks "$pid")
     reqs=$(awk '/requests in/ {print $1}' <<<"$out")
     rps=$(awk '/Requests\/sec/ {print $2}' <<<"$out")
     p99=$(awk '$1 == "99%" {v=$2; if (v ~ /us$/) {sub(/us/,"",v); v=v/1000} else if (v ~ /ms$/) {sub(/ms/,"",v)} else if (v ~ /s$/) {sub(/s/,"",v); v=v*1000}; print v}' <<<"$out")
     if grep -q "Non-2xx" <<<"$out"; then
         log "$name: $(grep Non-2xx <<<"$out")"
     fi
-    cpu=-
+    cpu=- user=-
     if [[ $pid != 0 && ${reqs:-0} -gt 0 ]]; then
         cpu=$(awk -v t=$((after - before)) -v hz="$HZ" -v r="$reqs" 'BEGIN {printf "%.1f", t / hz * 1e6 / r}')
+        user=$(awk -v t=$((after_user - before_user)) -v hz="$HZ" -v r="$reqs" 'BEGIN {printf "%.1f", t / hz * 1e6 / r}')
     fi
-    log "$name: $rps req/s, p99 $p99 ms, CPU $cpu us/req"
-    echo "$name $rps $p99 $cpu $ROUND" >>"$TMP/results"
+    log "$name: $rps req/s, p99 $p99 ms, CPU $cpu us/req (user space $user)"
+    echo "$name $rps $p99 $cpu $ROUND $user" >>"$TMP/results"
 }
 
 log "load average before: $(cut -d' ' -f1-3 /proc/loadavg)"
@@ -353,7 +357,7 @@ HYPER_PART=$HYPER_PART python3 - "$TMP/results" <<'EOF'
 import os, statistics, sys
 runs = {}
 for line in open(sys.argv[1]):
-    name, rps, p99, cpu, rnd = line.split()
+    name, rps, p99, cpu, rnd, _user = line.split()
     runs[(int(rnd), name)] = (float(rps), float(p99), None if cpu == "-" else float(cpu))
 rounds = sorted({r for r, _ in runs})
 t, l, c = [], [], []
@@ -381,5 +385,5 @@ if all((r, "lb-gateway-baseline") in runs for r in rounds):
           f"CPU per request {statistics.median(o[2] / b[2] for o, b in zip(own, base)):.2f}x")
 EOF
 echo
-echo "All runs (target, req/s, p99 ms, CPU µs/req, round):"
+echo "All runs (target, req/s, p99 ms, CPU µs/req, round, of it user space µs/req):"
 sed 's/^/    /' "$TMP/results"

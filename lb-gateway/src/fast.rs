@@ -39,6 +39,7 @@ use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _, Re
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
+use crate::h1::Fields;
 use crate::proxy::{Client, Gateway, serve_request};
 use crate::server::ConnLimits;
 use crate::upstream::ProxyBody;
@@ -247,7 +248,7 @@ pub async fn serve(
         fields = parsed.fields;
         let method_head = parts.method == Method::HEAD;
         let http10 = parts.version == Version::HTTP_10;
-        let resp = serve_request(gw, client, parts, None, None).await;
+        let resp = serve_request(gw, client, parts, None, None, Fields::Lines).await;
         drop(head);
         let keep_alive = keep_alive && !shutdown.is_cancelled();
         let kept = write_response(io, &mut out, resp, method_head, http10, keep_alive).await;
@@ -342,6 +343,14 @@ async fn write_response(
     out.extend_from_slice(status.canonical_reason().unwrap_or("").as_bytes());
     out.extend_from_slice(b"\r\n");
     let mut has_date = false;
+    // An answer of the gateway's own client comes with its field lines ready (see `h1::Lines`).
+    if let ProxyBody::Raw {
+        lines: Some(lines), ..
+    } = &body
+    {
+        out.extend_from_slice(&lines.block);
+        has_date = lines.has_date;
+    }
     for (name, value) in headers {
         // Framing and connection management are this hop's own.
         if name == header::TRANSFER_ENCODING || name == header::CONNECTION {

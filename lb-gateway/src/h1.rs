@@ -76,13 +76,43 @@ pub enum Framing {
     UntilClose,
 }
 
+/// How the fields of a response head are handed over.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fields {
+    /// As a [`HeaderMap`], hop-by-hop fields included (the caller strips them): for answers
+    /// that go on through hyper.
+    Map,
+    /// As [`Lines`], already the client's: for answers the listener's own HTTP/1.1 path writes.
+    Lines,
+}
+
+/// The field lines of a response head as the client's hop sends them on: `name: value\r\n`
+/// for every field of the backend's head except the hop-by-hop ones (RFC 9110 §7.6.1: those
+/// RFC 9110 names, `keep-alive`, `proxy-connection`, and any named in `Connection`), the
+/// framing (`Transfer-Encoding`; `Content-Length` too, except for a HEAD or a 304, where it
+/// describes the body a GET would get), in the backend's order and spelling.
+///
+/// Why: copying the lines costs one small copy, where a [`HeaderMap`] costs a parse and a hash
+/// of every name, two allocations, and a walk to write it out again (profiled in
+/// `BENCHMARKS.md`).
+#[derive(Debug, Default)]
+pub struct Lines {
+    /// The lines, each ending in CRLF.
+    pub block: Vec<u8>,
+    /// Whether a `Date` field is among them.
+    pub has_date: bool,
+}
+
 /// A response head.
 #[derive(Debug)]
 pub struct Head {
     /// The status.
     pub status: StatusCode,
-    /// Its headers, hop-by-hop ones included (the caller strips them).
+    /// Its headers, hop-by-hop ones included (the caller strips them); empty when the head
+    /// was read as [`Fields::Lines`].
     pub headers: HeaderMap,
+    /// The field lines the client gets, when read as [`Fields::Lines`].
+    pub lines: Option<Lines>,
     /// How the body is delimited.
     pub framing: Framing,
     /// Whether the connection may serve another request after this body.
@@ -125,8 +155,14 @@ impl RawConn {
         }
     }
 
-    /// Writes `head` (a complete request without a body) and reads the response head.
-    pub async fn exchange(&mut self, head: &[u8], method: &Method) -> Result<Head, ExchangeError> {
+    /// Writes `head` (a complete request without a body) and reads the response head, its
+    /// fields handed over as `fields` says.
+    pub async fn exchange(
+        &mut self,
+        head: &[u8],
+        method: &Method,
+        fields: Fields,
+    ) -> Result<Head, ExchangeError> {
         // TLS buffers what it could not write yet: flush (a no-op on plain TCP).
         let written = match self.io.write_all(head).await {
             Ok(()) => self.io.flush().await,
@@ -140,7 +176,7 @@ impl RawConn {
             });
         }
         loop {
-            let head = self.read_head(method).await?;
+            let head = self.read_head(method, fields).await?;
             if head.status.is_informational() {
                 if head.status == StatusCode::SWITCHING_PROTOCOLS {
                     return Err(ExchangeError::Malformed(
@@ -153,11 +189,11 @@ impl RawConn {
         }
     }
 
-    async fn read_head(&mut self, method: &Method) -> Result<Head, ExchangeError> {
+    async fn read_head(&mut self, method: &Method, fields: Fields) -> Result<Head, ExchangeError> {
         let mut first = true;
         loop {
             if !self.buf.is_empty()
-                && let Some(head) = parse_head(&mut self.buf, method)?
+                && let Some(head) = parse_head(&mut self.buf, method, fields)?
             {
                 return Ok(head);
             }
@@ -188,7 +224,11 @@ impl RawConn {
 }
 
 /// Parses a complete head at the start of `buf` (consuming it), or `None` if more is needed.
-fn parse_head(buf: &mut BytesMut, method: &Method) -> Result<Option<Head>, ExchangeError> {
+fn parse_head(
+    buf: &mut BytesMut,
+    method: &Method,
+    fields: Fields,
+) -> Result<Option<Head>, ExchangeError> {
     let mut slots = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let mut resp = httparse::Response::new(&mut slots);
     let len = match resp.parse(buf) {
@@ -208,6 +248,11 @@ fn parse_head(buf: &mut BytesMut, method: &Method) -> Result<Option<Head>, Excha
         let name = h.name.as_ptr() as usize - base;
         let value = h.value.as_ptr() as usize - base;
         *place = [name, name + h.name.len(), value, value + h.value.len()];
+    }
+    if fields == Fields::Lines {
+        let head = lines_head(&buf[..len], &places[..count], status, http11, method)?;
+        buf.advance(len);
+        return Ok(Some(head));
     }
     let head = buf.split_to(len).freeze();
     let mut headers = HeaderMap::with_capacity(count);
@@ -256,7 +301,29 @@ fn parse_head(buf: &mut BytesMut, method: &Method) -> Result<Option<Head>, Excha
         }
         headers.append(name, value);
     }
-    let framing = if *method == Method::HEAD
+    let framing = framing_of(method, status, coded, chunked, length);
+    if coded {
+        // A message with both is delimited by the coding; the length must not travel on.
+        headers.remove(header::CONTENT_LENGTH);
+    }
+    Ok(Some(Head {
+        status,
+        headers,
+        lines: None,
+        keep_alive: !close && framing != Framing::UntilClose,
+        framing,
+    }))
+}
+
+/// How a response body is delimited (RFC 9112 §6.3).
+fn framing_of(
+    method: &Method,
+    status: StatusCode,
+    coded: bool,
+    chunked: bool,
+    length: Option<u64>,
+) -> Framing {
+    if *method == Method::HEAD
         || status.is_informational()
         || status == StatusCode::NO_CONTENT
         || status == StatusCode::NOT_MODIFIED
@@ -274,17 +341,101 @@ fn parse_head(buf: &mut BytesMut, method: &Method) -> Result<Option<Head>, Excha
             Some(n) => Framing::Length(n),
             None => Framing::UntilClose,
         }
-    };
-    if coded {
-        // A message with both is delimited by the coding; the length must not travel on.
-        headers.remove(header::CONTENT_LENGTH);
     }
-    Ok(Some(Head {
+}
+
+/// Fields every hop removes (RFC 9110 §7.6.1, and the two older names in use), besides those a
+/// `Connection` field names; `te` goes unless it is `te: trailers`.
+const HOP_BY_HOP: [&[u8]; 8] = [
+    b"connection",
+    b"keep-alive",
+    b"proxy-connection",
+    b"proxy-authenticate",
+    b"proxy-authorization",
+    b"transfer-encoding",
+    b"upgrade",
+    b"te",
+];
+
+/// The head of `head` (its fields at `places`, httparse-checked names and values) with its
+/// fields as [`Lines`]. Framing and connection handling are decided as for a [`HeaderMap`].
+fn lines_head(
+    head: &[u8],
+    places: &[[usize; 4]],
+    status: StatusCode,
+    http11: bool,
+    method: &Method,
+) -> Result<Head, ExchangeError> {
+    let mut close = !http11;
+    let mut chunked = false;
+    let mut coded = false;
+    let mut length: Option<u64> = None;
+    let mut has_date = false;
+    // Field names a Connection field lists besides close and keep-alive (rare).
+    let mut named: Vec<&[u8]> = Vec::new();
+    for &[n0, n1, v0, v1] in places {
+        let (name, value) = (&head[n0..n1], &head[v0..v1]);
+        if name.eq_ignore_ascii_case(b"connection") {
+            for t in value.split(|b| *b == b',') {
+                let t = t.trim_ascii();
+                if t.eq_ignore_ascii_case(b"close") {
+                    close = true;
+                } else if t.eq_ignore_ascii_case(b"keep-alive") {
+                    if !http11 {
+                        close = false;
+                    }
+                } else if !t.is_empty() {
+                    named.push(t);
+                }
+            }
+        } else if name.eq_ignore_ascii_case(b"transfer-encoding") {
+            coded = true;
+            chunked = value
+                .rsplit(|b| *b == b',')
+                .next()
+                .is_some_and(|last| last.trim_ascii().eq_ignore_ascii_case(b"chunked"));
+        } else if name.eq_ignore_ascii_case(b"content-length") {
+            let n: u64 = std::str::from_utf8(value)
+                .ok()
+                .and_then(|s| s.trim().parse().ok())
+                .ok_or_else(|| ExchangeError::Malformed("invalid Content-Length".into()))?;
+            if length.is_some_and(|l| l != n) {
+                return Err(ExchangeError::Malformed(
+                    "conflicting Content-Length values".into(),
+                ));
+            }
+            length = Some(n);
+        } else if name.eq_ignore_ascii_case(b"date") {
+            has_date = true;
+        }
+    }
+    let framing = framing_of(method, status, coded, chunked, length);
+    // A HEAD's or a 304's length describes the body a GET would get: it goes on as is (unless
+    // a coding delimits the message). Otherwise the client's hop writes its own framing.
+    let keep_length = !coded && (*method == Method::HEAD || status == StatusCode::NOT_MODIFIED);
+    let mut block = Vec::with_capacity(head.len());
+    for &[n0, n1, v0, v1] in places {
+        let (name, value) = (&head[n0..n1], &head[v0..v1]);
+        let hop = HOP_BY_HOP.iter().any(|h| name.eq_ignore_ascii_case(h))
+            && !(name.eq_ignore_ascii_case(b"te") && value == b"trailers");
+        if hop
+            || (name.eq_ignore_ascii_case(b"content-length") && !keep_length)
+            || named.iter().any(|n| name.eq_ignore_ascii_case(n))
+        {
+            continue;
+        }
+        block.extend_from_slice(name);
+        block.extend_from_slice(b": ");
+        block.extend_from_slice(value);
+        block.extend_from_slice(b"\r\n");
+    }
+    Ok(Head {
         status,
-        headers,
+        headers: HeaderMap::new(),
+        lines: Some(Lines { block, has_date }),
         keep_alive: !close && framing != Framing::UntilClose,
         framing,
-    }))
+    })
 }
 
 /// Appends a request head without a body: `method pq HTTP/1.1`, the headers, a blank line.
@@ -647,13 +798,14 @@ mod tests {
         conn: RawConn,
         method: Method,
         pool: &Arc<Pool>,
+        fields: Fields,
     ) -> (Head, Bytes, Option<HeaderMap>) {
         let mut conn = conn;
         let mut req = Vec::new();
         let mut h = HeaderMap::new();
         h.insert(header::HOST, HeaderValue::from_static("b"));
         encode_head(&method, "/x?y=1", &h, &mut req);
-        let head = conn.exchange(&req, &method).await.expect("head");
+        let head = conn.exchange(&req, &method, fields).await.expect("head");
         let body = RawBody::new(conn, &head, pool.clone());
         let collected = body.collect().await.expect("body");
         let trailers = collected.trailers().cloned();
@@ -662,6 +814,12 @@ mod tests {
 
     #[tokio::test]
     async fn length_chunked_and_empty_bodies_are_read_and_the_connection_reused() {
+        for fields in [Fields::Map, Fields::Lines] {
+            length_chunked_and_empty_bodies(fields).await;
+        }
+    }
+
+    async fn length_chunked_and_empty_bodies(fields: Fields) {
         let addr = backend(
             vec![
                 b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello",
@@ -676,48 +834,53 @@ mod tests {
         let conn = RawConn::new(MaybeTlsStream::Plain(
             TcpStream::connect(addr).await.unwrap(),
         ));
-        let (head, body, _) = get(conn, Method::GET, &pool).await;
+        let (head, body, _) = get(conn, Method::GET, &pool, fields).await;
         assert_eq!((head.status, &body[..]), (StatusCode::OK, &b"hello"[..]));
         let conn = pool.0.lock().pop().expect("reused after a length body");
-        let (head, body, trailers) = get(conn, Method::GET, &pool).await;
+        let (head, body, trailers) = get(conn, Method::GET, &pool, fields).await;
         assert_eq!(head.framing, Framing::Chunked);
         assert_eq!(&body[..], b"abcde");
         assert_eq!(trailers.expect("trailers")["grpc-status"], "0");
         let conn = pool.0.lock().pop().expect("reused after a chunked body");
-        let (head, body, _) = get(conn, Method::GET, &pool).await;
+        let (head, body, _) = get(conn, Method::GET, &pool, fields).await;
         assert_eq!((head.status, body.len()), (StatusCode::NO_CONTENT, 0));
         let conn = pool.0.lock().pop().expect("reused after no body");
         // HEAD: Content-Length describes the GET's body, none follows.
-        let (head, body, _) = get(conn, Method::HEAD, &pool).await;
+        let (head, body, _) = get(conn, Method::HEAD, &pool, fields).await;
         assert_eq!((head.framing, body.len()), (Framing::Empty, 0));
         assert!(pool.0.lock().pop().is_some());
     }
 
     #[tokio::test]
     async fn a_body_until_close_is_read_and_the_connection_not_kept() {
-        let addr = backend(vec![b"HTTP/1.1 200 OK\r\n\r\nall of it"], true).await;
-        let pool = Arc::new(Pool::default());
-        let conn = RawConn::new(MaybeTlsStream::Plain(
-            TcpStream::connect(addr).await.unwrap(),
-        ));
-        let (head, body, _) = get(conn, Method::GET, &pool).await;
-        assert_eq!(head.framing, Framing::UntilClose);
-        assert_eq!(&body[..], b"all of it");
-        assert!(pool.0.lock().is_empty());
+        for fields in [Fields::Map, Fields::Lines] {
+            let addr = backend(vec![b"HTTP/1.1 200 OK\r\n\r\nall of it"], true).await;
+            let pool = Arc::new(Pool::default());
+            let conn = RawConn::new(MaybeTlsStream::Plain(
+                TcpStream::connect(addr).await.unwrap(),
+            ));
+            let (head, body, _) = get(conn, Method::GET, &pool, fields).await;
+            assert_eq!(head.framing, Framing::UntilClose);
+            assert_eq!(&body[..], b"all of it");
+            assert!(pool.0.lock().is_empty());
+        }
     }
 
     #[tokio::test]
     async fn connection_close_and_http10_are_not_kept() {
-        for answer in [
+        for (answer, fields) in [
             &b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 2\r\n\r\nok"[..],
             &b"HTTP/1.0 200 OK\r\nContent-Length: 2\r\n\r\nok"[..],
-        ] {
+        ]
+        .into_iter()
+        .flat_map(|a| [(a, Fields::Map), (a, Fields::Lines)])
+        {
             let addr = backend(vec![answer], false).await;
             let pool = Arc::new(Pool::default());
             let conn = RawConn::new(MaybeTlsStream::Plain(
                 TcpStream::connect(addr).await.unwrap(),
             ));
-            let (_, body, _) = get(conn, Method::GET, &pool).await;
+            let (_, body, _) = get(conn, Method::GET, &pool, fields).await;
             assert_eq!(&body[..], b"ok");
             assert!(pool.0.lock().is_empty());
         }
@@ -725,19 +888,22 @@ mod tests {
 
     #[tokio::test]
     async fn malformed_answers_are_errors_not_panics() {
-        for answer in [
+        for (answer, fields) in [
             &b"HTTP/1.1 2OO OK\r\n\r\n"[..],
             &b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n"[..],
             &b"HTTP/1.1 200 OK\r\nContent-Length: x\r\n\r\n"[..],
             &b"HTTP/1.1 101 Switching Protocols\r\n\r\n"[..],
-        ] {
+        ]
+        .into_iter()
+        .flat_map(|a| [(a, Fields::Map), (a, Fields::Lines)])
+        {
             let addr = backend(vec![answer], false).await;
             let mut conn = RawConn::new(MaybeTlsStream::Plain(
                 TcpStream::connect(addr).await.unwrap(),
             ));
             let mut req = Vec::new();
             encode_head(&Method::GET, "/", &HeaderMap::new(), &mut req);
-            let e = conn.exchange(&req, &Method::GET).await.unwrap_err();
+            let e = conn.exchange(&req, &Method::GET, fields).await.unwrap_err();
             assert!(matches!(e, ExchangeError::Malformed(_)), "{e}");
         }
         let addr = backend(
@@ -750,7 +916,10 @@ mod tests {
         ));
         let mut req = Vec::new();
         encode_head(&Method::GET, "/", &HeaderMap::new(), &mut req);
-        let head = conn.exchange(&req, &Method::GET).await.unwrap();
+        let head = conn
+            .exchange(&req, &Method::GET, Fields::Map)
+            .await
+            .unwrap();
         let pool = Arc::new(Pool::default());
         let err = RawBody::new(conn, &head, pool.clone()).collect().await;
         assert!(err.is_err());
@@ -768,13 +937,16 @@ mod tests {
         let conn = RawConn::new(MaybeTlsStream::Plain(
             TcpStream::connect(addr).await.unwrap(),
         ));
-        let _ = get(conn, Method::GET, &pool).await;
+        let _ = get(conn, Method::GET, &pool, Fields::Map).await;
         let mut conn = pool.0.lock().pop().expect("kept");
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
         assert!(!conn.looks_open(), "the close is seen while idle");
         let mut req = Vec::new();
         encode_head(&Method::GET, "/", &HeaderMap::new(), &mut req);
-        let e = conn.exchange(&req, &Method::GET).await.unwrap_err();
+        let e = conn
+            .exchange(&req, &Method::GET, Fields::Map)
+            .await
+            .unwrap_err();
         assert!(matches!(e, ExchangeError::Stale), "{e}");
     }
 
@@ -838,13 +1010,14 @@ mod tests {
             RawConn::new(MaybeTlsStream::Tls(Box::new(tls))),
             Method::GET,
             &pool,
+            Fields::Lines,
         )
         .await;
         assert_eq!((head.status, &body[..]), (StatusCode::OK, &b"ok"[..]));
         let mut conn = pool.0.lock().pop().expect("kept");
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
         assert!(conn.looks_open(), "an idle TLS connection looks open");
-        let (_, body, _) = get(conn, Method::GET, &pool).await;
+        let (_, body, _) = get(conn, Method::GET, &pool, Fields::Lines).await;
         assert_eq!(&body[..], b"ok", "and serves the next request");
         let mut conn = pool.0.lock().pop().expect("kept again");
         close_tx.send(()).expect("server waiting");
@@ -870,5 +1043,111 @@ mod tests {
             out,
             b"DELETE /p?q HTTP/1.1\r\nhost: api\r\nx-a: 1\r\nx-a: 2\r\n\r\n"
         );
+    }
+
+    fn lines_of(raw: &[u8], method: &Method) -> Head {
+        let mut buf = BytesMut::from(raw);
+        let head = parse_head(&mut buf, method, Fields::Lines)
+            .expect("parses")
+            .expect("complete");
+        assert!(buf.is_empty(), "the head is consumed");
+        head
+    }
+
+    #[test]
+    fn lines_keep_end_to_end_fields_in_order_and_spelling_and_drop_hop_by_hop_and_framing() {
+        let head = lines_of(
+            b"HTTP/1.1 200 OK\r\nServer: b\r\nConnection: keep-alive, X-Hop\r\n\
+              Keep-Alive: timeout=5\r\nX-Hop: 1\r\nx-hop: 2\r\nContent-Length: 5\r\n\
+              Proxy-Connection: x\r\nUpgrade: y\r\nTE: gzip\r\nSet-Cookie: a=1\r\n\
+              Set-Cookie: b=2\r\nProxy-Authenticate: Basic\r\n\r\n",
+            &Method::GET,
+        );
+        let lines = head.lines.expect("lines");
+        assert_eq!(
+            String::from_utf8_lossy(&lines.block),
+            "Server: b\r\nSet-Cookie: a=1\r\nSet-Cookie: b=2\r\n"
+        );
+        assert!(!lines.has_date);
+        assert!(head.headers.is_empty());
+        assert_eq!((head.framing, head.keep_alive), (Framing::Length(5), true));
+
+        // te: trailers stays, as with a header map; Date is noticed.
+        let head = lines_of(
+            b"HTTP/1.1 200 OK\r\nDate: Thu, 01 Jan 1970 00:00:00 GMT\r\nte: trailers\r\n\
+              Transfer-Encoding: gzip, chunked\r\nContent-Length: 9\r\n\r\n",
+            &Method::GET,
+        );
+        let lines = head.lines.expect("lines");
+        assert_eq!(
+            String::from_utf8_lossy(&lines.block),
+            "Date: Thu, 01 Jan 1970 00:00:00 GMT\r\nte: trailers\r\n"
+        );
+        assert!(lines.has_date);
+        assert_eq!(head.framing, Framing::Chunked);
+    }
+
+    #[test]
+    fn lines_keep_the_length_of_a_head_and_a_304_only() {
+        for (raw, method, kept) in [
+            (
+                &b"HTTP/1.1 200 OK\r\nContent-Length: 7\r\n\r\n"[..],
+                Method::HEAD,
+                true,
+            ),
+            (
+                b"HTTP/1.1 304 Not Modified\r\nContent-Length: 7\r\n\r\n",
+                Method::GET,
+                true,
+            ),
+            (
+                b"HTTP/1.1 200 OK\r\nContent-Length: 7\r\n\r\n",
+                Method::GET,
+                false,
+            ),
+            (
+                b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nContent-Length: 7\r\n\r\n",
+                Method::HEAD,
+                false,
+            ),
+        ] {
+            let head = lines_of(raw, &method);
+            let block = head.lines.expect("lines").block;
+            assert_eq!(
+                block == b"Content-Length: 7\r\n",
+                kept,
+                "{method} {}",
+                String::from_utf8_lossy(raw)
+            );
+        }
+    }
+
+    #[test]
+    fn lines_and_a_header_map_agree_on_framing_and_keep_alive() {
+        for raw in [
+            &b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\n"[..],
+            b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 3\r\n\r\n",
+            b"HTTP/1.0 200 OK\r\nContent-Length: 3\r\n\r\n",
+            b"HTTP/1.0 200 OK\r\nConnection: Keep-Alive\r\nContent-Length: 3\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked, gzip\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\n\r\n",
+            b"HTTP/1.1 204 No Content\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n",
+        ] {
+            for method in [Method::GET, Method::HEAD] {
+                let lines = lines_of(raw, &method);
+                let mut buf = BytesMut::from(raw);
+                let map = parse_head(&mut buf, &method, Fields::Map)
+                    .expect("parses")
+                    .expect("complete");
+                assert_eq!(
+                    (lines.status, lines.framing, lines.keep_alive),
+                    (map.status, map.framing, map.keep_alive),
+                    "{method} {}",
+                    String::from_utf8_lossy(raw)
+                );
+            }
+        }
     }
 }

@@ -37,7 +37,7 @@ use hyper::client::conn::http1;
 use hyper_util::rt::TokioIo;
 use tracing::Instrument as _;
 
-use crate::h1::{self, ExchangeError, RawBody, RawConn};
+use crate::h1::{self, ExchangeError, Fields, RawBody, RawConn};
 use crate::pool::{Backend, LiveLoads, RouteState, Wire};
 use crate::resilience::{GlobalLimit, KeyedLimit, Outcome, now_ns, ns_at};
 use crate::routes::{GatewaySettings, RequestView, rewrite};
@@ -434,18 +434,22 @@ pub async fn handle(
 ) -> Result<Response<ProxyBody>, Infallible> {
     let upgrade = is_upgrade(req.headers()).then(|| hyper::upgrade::on(&mut req));
     let (parts, body) = req.into_parts();
-    Ok(serve_request(&gw, &client, parts, Some(body), upgrade).await)
+    Ok(serve_request(&gw, &client, parts, Some(body), upgrade, Fields::Map).await)
 }
 
 /// Serves one request given as its head, its body (`None`: none) and, for an upgrade the
 /// gateway tunnels, the client side of the upgrade. The listener's own HTTP/1.1 fast path
-/// (`fast`) calls this directly for bodyless requests; hyper's service function for the rest.
+/// (`fast`) calls this directly for bodyless requests, with `fields` [`Fields::Lines`]: an
+/// answer from the gateway's own HTTP/1.1 client then carries its fields as lines in its body
+/// ([`ProxyBody::Raw`]) and an empty header map. hyper's service function calls it for the
+/// rest, with [`Fields::Map`].
 pub async fn serve_request(
     gw: &Arc<Gateway>,
     client: &Arc<Client>,
     req: http::request::Parts,
     body: Option<Incoming>,
     client_upgrade: Option<hyper::upgrade::OnUpgrade>,
+    fields: Fields,
 ) -> Response<ProxyBody> {
     let start = Instant::now();
     let grpc = is_grpc(&req.headers);
@@ -500,13 +504,15 @@ pub async fn serve_request(
     drop(table);
     let result = match admitted {
         Ok(admitted) => {
-            // Boxed: the proxy's state machine is large, and hyper moves the request's future.
             let call = Call {
                 client,
                 grpc,
                 hop: &hop,
                 start,
+                fields,
             };
+            // Boxed: the proxy's state machine is large, and hyper moves the request's future.
+            // (Awaited in place instead, it was copied twice per request, not once.)
             Box::pin(proxy(gw, &route, admitted, req, body, client_upgrade, call))
                 .instrument(span.clone())
                 .await
@@ -558,6 +564,8 @@ struct Call<'a> {
     hop: &'a trace::Hop,
     /// When it arrived.
     start: Instant,
+    /// How an answer read by the gateway's own HTTP/1.1 client hands over its fields.
+    fields: Fields,
 }
 
 async fn proxy(
@@ -574,6 +582,7 @@ async fn proxy(
         grpc,
         hop,
         start,
+        fields,
     } = call;
     let client_ip = client.addr.ip();
     route.budget.deposit();
@@ -811,9 +820,10 @@ async fn proxy(
                 let mut head = Vec::with_capacity(512);
                 let pq = parts.uri.path_and_query().map_or("/", |p| p.as_str());
                 h1::encode_head(&parts.method, pq, &parts.headers, &mut head);
-                let answer = tokio::time::timeout(per_try, conn.exchange(&head, &parts.method))
-                    .await
-                    .map(|r| r.map(Answer::Raw));
+                let answer =
+                    tokio::time::timeout(per_try, conn.exchange(&head, &parts.method, fields))
+                        .await
+                        .map(|r| r.map(Answer::Raw));
                 if let Ok(Err(ExchangeError::Stale)) = answer {
                     Ok(Err(SendError::Stale(parts)))
                 } else {
@@ -1015,18 +1025,21 @@ enum SendError {
 
 /// The client's response from a head read by the gateway's own client; the body streams from
 /// `conn`, which returns to the backend's pool when the body was read to the end.
-fn respond_raw(head: h1::Head, conn: RawConn, load: LoadGuard) -> Response<ProxyBody> {
+fn respond_raw(mut head: h1::Head, conn: RawConn, load: LoadGuard) -> Response<ProxyBody> {
     let body = RawBody::new(
         conn,
         &head,
         Arc::clone(&load.backend) as Arc<dyn h1::Recycle>,
     );
+    // Lines come without hop-by-hop fields already.
+    let lines = head.lines.take();
     let mut resp = Response::new(ProxyBody::Raw {
         done: Some(Box::new(Done {
             _load: load,
             conn: None,
         })),
         body,
+        lines,
     });
     *resp.status_mut() = head.status;
     *resp.headers_mut() = head.headers;

@@ -288,7 +288,10 @@ impl ConnPool {
                 }),
             }
         };
-        tokio::time::timeout(timeout, connect)
+        // Boxed: a new connection is rare next to a pooled one, and the TLS handshake's state
+        // would otherwise make every request's future (moved into a box per request) kilobytes
+        // larger.
+        tokio::time::timeout(timeout, Box::pin(connect))
             .await
             .map_err(|_| ConnectError::Timeout {
                 addr: self.addr.clone(),
@@ -316,14 +319,16 @@ impl ConnPool {
             }
         }
         let stream = self.connect(timeout, Alpn::Http1).await?;
-        let (sender, conn) = http1::Builder::new()
-            .writev(false)
-            .handshake(TokioIo::new(stream))
-            .await
-            .map_err(|source| ConnectError::Handshake {
-                addr: self.addr.clone(),
-                source,
-            })?;
+        let (sender, conn) = Box::pin(
+            http1::Builder::new()
+                .writev(false)
+                .handshake(TokioIo::new(stream)),
+        )
+        .await
+        .map_err(|source| ConnectError::Handshake {
+            addr: self.addr.clone(),
+            source,
+        })?;
         tokio::spawn(async move {
             // Ends when the backend closes or the sender is dropped.
             let _ = conn.with_upgrades().await;
@@ -356,14 +361,16 @@ impl ConnPool {
             return Ok(s.clone());
         }
         let stream = self.connect(timeout, Alpn::Http2).await?;
-        let (sender, conn) = http2::Builder::new(TokioExecutor::new())
-            .adaptive_window(true)
-            .handshake(TokioIo::new(stream))
-            .await
-            .map_err(|source| ConnectError::Handshake {
-                addr: self.addr.clone(),
-                source,
-            })?;
+        let (sender, conn) = Box::pin(
+            http2::Builder::new(TokioExecutor::new())
+                .adaptive_window(true)
+                .handshake(TokioIo::new(stream)),
+        )
+        .await
+        .map_err(|source| ConnectError::Handshake {
+            addr: self.addr.clone(),
+            source,
+        })?;
         tokio::spawn(async move {
             let _ = conn.await;
         });
@@ -394,6 +401,9 @@ pub enum ProxyBody {
         body: RawBody,
         /// Releases the request's load.
         done: Option<Box<dyn Finish>>,
+        /// The head's field lines, when the answer was read for the listener's own HTTP/1.1
+        /// path (the response's header map is then empty; that path writes these instead).
+        lines: Option<crate::h1::Lines>,
     },
     /// Written by the gateway.
     Full(Option<Bytes>),
@@ -433,7 +443,7 @@ impl Body for ProxyBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         match self.get_mut() {
-            ProxyBody::Raw { body, done } => {
+            ProxyBody::Raw { body, done, .. } => {
                 let polled = Pin::new(&mut *body).poll_frame(cx);
                 match &polled {
                     Poll::Ready(None) | Poll::Ready(Some(Err(_))) => {
@@ -502,7 +512,7 @@ impl Drop for ProxyBody {
                     d.finish(body.is_end_stream());
                 }
             }
-            ProxyBody::Raw { body, done } => {
+            ProxyBody::Raw { body, done, .. } => {
                 if let Some(mut d) = done.take() {
                     d.finish(body.is_done());
                 }
