@@ -6,7 +6,7 @@ use std::time::Duration;
 use clap::{Parser, Subcommand};
 use config_svc::{Config, SERVICE_NAME};
 use service_kit::config::{exit_bad_config, parse_args_or_exit, parse_duration};
-use service_kit::{probe, shutdown, telemetry};
+use service_kit::{probe, process};
 
 /// The configuration service of the platform: versioned configuration with
 /// history, rollback, validation, watches and staged rollout, kept in the
@@ -48,38 +48,28 @@ fn serve(config: Config) -> ExitCode {
     if let Err(err) = config.validate() {
         exit_bad_config(err);
     }
-    let runtime = match tokio::runtime::Runtime::new() {
-        Ok(runtime) => runtime,
-        Err(err) => {
-            eprintln!("error: cannot start the Tokio runtime: {err}");
-            return ExitCode::FAILURE;
-        }
-    };
-    runtime.block_on(async move {
-        // Inside the runtime: the OTLP exporter creates its channel here.
-        let _telemetry = match telemetry::init(SERVICE_NAME, config.log_format) {
-            Ok(guard) => guard,
-            Err(err) => exit_bad_config(format!("{err:#}")),
-        };
-        tracing::info!(
-            version = env!("CARGO_PKG_VERSION"),
-            admin_listen = %config.admin_listen,
-            grpc_listen = %config.grpc_listen,
-            http_listen = %config.http_listen,
-            coordinator_endpoints = %config.coordinator_endpoints.join(","),
-            max_content_bytes = config.max_content_bytes,
-            default_retention = config.default_retention,
-            watch_buffer = config.watch_buffer,
-            log_format = %config.log_format,
-            auth_mode = %config.auth.modes(),
-            "starting config-svc"
-        );
-        match config_svc::run(config, shutdown::token_on_signal()).await {
-            Ok(()) => ExitCode::SUCCESS,
-            Err(err) => {
-                tracing::error!(error = format!("{err:#}"), "config-svc failed");
-                ExitCode::FAILURE
-            }
-        }
-    })
+    let runtime = tokio::runtime::Runtime::new();
+    let log_format = config.log_format;
+    process::run(
+        runtime,
+        SERVICE_NAME,
+        log_format,
+        config,
+        |config| {
+            tracing::info!(
+                version = env!("CARGO_PKG_VERSION"),
+                admin_listen = %config.admin_listen,
+                grpc_listen = %config.grpc_listen,
+                http_listen = %config.http_listen,
+                coordinator_endpoints = %config.coordinator_endpoints.join(","),
+                max_content_bytes = config.max_content_bytes,
+                default_retention = config.default_retention,
+                watch_buffer = config.watch_buffer,
+                log_format = %config.log_format,
+                auth_mode = %config.auth.modes(),
+                "starting config-svc"
+            );
+        },
+        config_svc::run,
+    )
 }

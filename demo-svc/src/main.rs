@@ -6,7 +6,7 @@ use std::time::Duration;
 use clap::{Parser, Subcommand};
 use demo_svc::{Config, SERVICE_NAME};
 use service_kit::config::{exit_bad_config, parse_args_or_exit, parse_duration};
-use service_kit::{probe, shutdown, telemetry};
+use service_kit::{probe, process};
 
 /// The demo application of the platform: registers itself, reads its settings from config-svc,
 /// and answers HTTP and gRPC with its instance id.
@@ -47,42 +47,33 @@ fn serve(config: Config) -> ExitCode {
     if let Err(err) = config.validate() {
         exit_bad_config(err);
     }
-    let runtime = match tokio::runtime::Runtime::new() {
-        Ok(runtime) => runtime,
-        Err(err) => {
-            eprintln!("error: cannot start the Tokio runtime: {err}");
-            return ExitCode::FAILURE;
-        }
-    };
-    runtime.block_on(async move {
-        let _telemetry = match telemetry::init(SERVICE_NAME, config.log_format) {
-            Ok(guard) => guard,
-            Err(err) => exit_bad_config(format!("{err:#}")),
-        };
-        tracing::info!(
-            version = env!("CARGO_PKG_VERSION"),
-            listen = %config.listen,
-            admin_listen = %config.admin_listen,
-            instance_id = %config.instance_id,
-            advertise_address = %config.advertise_address,
-            registry_endpoints = %config.registry_endpoints.join(","),
-            config_endpoints = %config.config_endpoints.join(","),
-            namespace = %config.namespace,
-            service = %config.service,
-            settings_item = %config.settings_item,
-            ttl = ?config.ttl,
-            health_check_interval = ?config.health_check_interval,
-            log_format = %config.log_format,
-            tls = config.tls.cert_file.is_some(),
-            client_cert_auth = config.tls.client_cert_auth,
-            "starting demo-svc"
-        );
-        match demo_svc::run(config, shutdown::token_on_signal()).await {
-            Ok(()) => ExitCode::SUCCESS,
-            Err(err) => {
-                tracing::error!(error = format!("{err:#}"), "demo-svc failed");
-                ExitCode::FAILURE
-            }
-        }
-    })
+    let runtime = tokio::runtime::Runtime::new();
+    let log_format = config.log_format;
+    process::run(
+        runtime,
+        SERVICE_NAME,
+        log_format,
+        config,
+        |config| {
+            tracing::info!(
+                version = env!("CARGO_PKG_VERSION"),
+                listen = %config.listen,
+                admin_listen = %config.admin_listen,
+                instance_id = %config.instance_id,
+                advertise_address = %config.advertise_address,
+                registry_endpoints = %config.registry_endpoints.join(","),
+                config_endpoints = %config.config_endpoints.join(","),
+                namespace = %config.namespace,
+                service = %config.service,
+                settings_item = %config.settings_item,
+                ttl = ?config.ttl,
+                health_check_interval = ?config.health_check_interval,
+                log_format = %config.log_format,
+                tls = config.tls.cert_file.is_some(),
+                client_cert_auth = config.tls.client_cert_auth,
+                "starting demo-svc"
+            );
+        },
+        demo_svc::run,
+    )
 }

@@ -6,7 +6,7 @@ use std::time::Duration;
 use clap::{Parser, Subcommand};
 use lb_gateway::{Config, SERVICE_NAME};
 use service_kit::config::{exit_bad_config, parse_args_or_exit, parse_duration};
-use service_kit::{probe, shutdown, telemetry};
+use service_kit::{probe, process};
 
 /// mimalloc instead of glibc's malloc: the request path allocates small, short-lived objects
 /// (header maps, buffers, futures) at a high rate, where glibc spent about 8% of the gateway's
@@ -67,50 +67,40 @@ fn serve(config: Config) -> ExitCode {
     // their own.
     let mut builder = tokio::runtime::Builder::new_current_thread();
     builder.enable_all();
-    let runtime = match builder.build() {
-        Ok(runtime) => runtime,
-        Err(err) => {
-            eprintln!("error: cannot start the Tokio runtime: {err}");
-            return ExitCode::FAILURE;
-        }
-    };
-    runtime.block_on(async move {
-        // Inside the runtime: the OTLP exporter creates its channel here.
-        let _telemetry = match telemetry::init(SERVICE_NAME, config.log_format) {
-            Ok(guard) => guard,
-            Err(err) => exit_bad_config(format!("{err:#}")),
-        };
-        tracing::info!(
-            version = env!("CARGO_PKG_VERSION"),
-            listen = %config.listen,
-            admin_listen = %config.admin_listen,
-            routes_file = %config.routes.as_ref().map_or("(none)".into(), |p| p.display().to_string()),
-            routes = routes.routes.len(),
-            registry_endpoints = %config.registry_endpoints.join(","),
-            registry_token = config.registry_token_file.is_some(),
-            backend_tls = config.backend_tls.configured(),
-            backend_cert = config.backend_tls.backend_cert.is_some(),
-            worker_threads = config.worker_threads.unwrap_or(0),
-            max_connections = config.max_connections,
-            max_header_bytes = config.max_header_bytes,
-            header_read_timeout = ?config.header_read_timeout,
-            access_log = config.access_log,
-            shutdown_grace = ?config.shutdown_grace,
-            dashboard_coordinator_endpoints = %config.dashboard_coordinator_endpoints.join(","),
-            dashboard_config_url = %config.dashboard_config_url.join(","),
-            dashboard_config_namespaces = %config.dashboard_config_namespaces.join(","),
-            log_format = %config.log_format,
-            "starting lb-gateway"
-        );
-        if config.routes.is_none() {
-            tracing::warn!("no --routes file: every request will be answered 404");
-        }
-        match lb_gateway::run(config, shutdown::token_on_signal()).await {
-            Ok(()) => ExitCode::SUCCESS,
-            Err(err) => {
-                tracing::error!(error = format!("{err:#}"), "lb-gateway failed");
-                ExitCode::FAILURE
+    let runtime = builder.build();
+    let log_format = config.log_format;
+    process::run(
+        runtime,
+        SERVICE_NAME,
+        log_format,
+        config,
+        |config| {
+            tracing::info!(
+                version = env!("CARGO_PKG_VERSION"),
+                listen = %config.listen,
+                admin_listen = %config.admin_listen,
+                routes_file = %config.routes.as_ref().map_or("(none)".into(), |p| p.display().to_string()),
+                routes = routes.routes.len(),
+                registry_endpoints = %config.registry_endpoints.join(","),
+                registry_token = config.registry_token_file.is_some(),
+                backend_tls = config.backend_tls.configured(),
+                backend_cert = config.backend_tls.backend_cert.is_some(),
+                worker_threads = config.worker_threads.unwrap_or(0),
+                max_connections = config.max_connections,
+                max_header_bytes = config.max_header_bytes,
+                header_read_timeout = ?config.header_read_timeout,
+                access_log = config.access_log,
+                shutdown_grace = ?config.shutdown_grace,
+                dashboard_coordinator_endpoints = %config.dashboard_coordinator_endpoints.join(","),
+                dashboard_config_url = %config.dashboard_config_url.join(","),
+                dashboard_config_namespaces = %config.dashboard_config_namespaces.join(","),
+                log_format = %config.log_format,
+                "starting lb-gateway"
+            );
+            if config.routes.is_none() {
+                tracing::warn!("no --routes file: every request will be answered 404");
             }
-        }
-    })
+        },
+        lb_gateway::run,
+    )
 }

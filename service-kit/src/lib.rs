@@ -28,6 +28,8 @@
 //! - [`probe`]: a blocking, dependency-free HTTP/1.0 health probe, for the
 //!   `health` subcommand that container health checks run in images without
 //!   `curl`.
+//! - [`process`]: the serving half of a service's `main` (runtime, telemetry, startup line,
+//!   run until a signal, exit code), written once for every service binary.
 //! - [`time`]: wall-clock times as UTC text (RFC 3339), for file names and
 //!   tools.
 //! - [`tls`]: TLS (rustls, ring) for every listener and internal client: the etcd-style
@@ -65,6 +67,8 @@ pub mod config;
 pub mod devcerts;
 #[cfg(feature = "runtime")]
 pub mod probe;
+#[cfg(feature = "runtime")]
+pub mod process;
 #[cfg(feature = "runtime")]
 pub mod shutdown;
 #[cfg(feature = "runtime")]
