@@ -256,10 +256,7 @@ fn parse_head(
     }
     let head = buf.split_to(len).freeze();
     let mut headers = HeaderMap::with_capacity(count);
-    let mut close = !http11;
-    let mut chunked = false;
-    let mut coded = false;
-    let mut length: Option<u64> = None;
+    let mut facts = Facts::new(http11);
     for &[n0, n1, v0, v1] in &places[..count] {
         let name = HeaderName::from_bytes(&head[n0..n1]).map_err(|_| {
             ExchangeError::Malformed(format!(
@@ -269,40 +266,11 @@ fn parse_head(
         })?;
         let value = HeaderValue::from_maybe_shared(head.slice(v0..v1))
             .map_err(|_| ExchangeError::Malformed(format!("value of {name}")))?;
-        if name == header::CONNECTION {
-            for t in value.to_str().unwrap_or("").split(',') {
-                let t = t.trim();
-                if t.eq_ignore_ascii_case("close") {
-                    close = true;
-                } else if t.eq_ignore_ascii_case("keep-alive") && !http11 {
-                    close = false;
-                }
-            }
-        } else if name == header::TRANSFER_ENCODING {
-            coded = true;
-            // Only the final coding decides; chunked anywhere else is an error we treat as
-            // "until close", as RFC 9112 §6.3 tells a client to.
-            chunked = value
-                .to_str()
-                .ok()
-                .and_then(|s| s.rsplit(',').next())
-                .is_some_and(|last| last.trim().eq_ignore_ascii_case("chunked"));
-        } else if name == header::CONTENT_LENGTH {
-            let n: u64 = std::str::from_utf8(value.as_bytes())
-                .ok()
-                .and_then(|s| s.trim().parse().ok())
-                .ok_or_else(|| ExchangeError::Malformed("invalid Content-Length".into()))?;
-            if length.is_some_and(|l| l != n) {
-                return Err(ExchangeError::Malformed(
-                    "conflicting Content-Length values".into(),
-                ));
-            }
-            length = Some(n);
-        }
+        facts.see(&head[n0..n1], &head[v0..v1])?;
         headers.append(name, value);
     }
-    let framing = framing_of(method, status, coded, chunked, length);
-    if coded {
+    let framing = facts.framing(method, status);
+    if facts.coded {
         // A message with both is delimited by the coding; the length must not travel on.
         headers.remove(header::CONTENT_LENGTH);
     }
@@ -310,9 +278,86 @@ fn parse_head(
         status,
         headers,
         lines: None,
-        keep_alive: !close && framing != Framing::UntilClose,
+        keep_alive: !facts.close && framing != Framing::UntilClose,
         framing,
     }))
+}
+
+/// What a response head's fields say about its framing and its connection.
+struct Facts<'h> {
+    http11: bool,
+    /// The connection closes after this response.
+    close: bool,
+    /// A Transfer-Encoding is present.
+    coded: bool,
+    /// Its final coding is chunked.
+    chunked: bool,
+    /// The Content-Length.
+    length: Option<u64>,
+    /// Whether a Date field is present.
+    has_date: bool,
+    /// Field names a Connection field lists besides close and keep-alive (rare).
+    named: Vec<&'h [u8]>,
+}
+
+impl<'h> Facts<'h> {
+    fn new(http11: bool) -> Facts<'h> {
+        Facts {
+            http11,
+            // HTTP/1.0 closes unless asked to keep the connection.
+            close: !http11,
+            coded: false,
+            chunked: false,
+            length: None,
+            has_date: false,
+            named: Vec::new(),
+        }
+    }
+
+    /// Takes in one field.
+    fn see(&mut self, name: &[u8], value: &'h [u8]) -> Result<(), ExchangeError> {
+        if name.eq_ignore_ascii_case(b"connection") {
+            for t in value.split(|b| *b == b',') {
+                let t = t.trim_ascii();
+                if t.eq_ignore_ascii_case(b"close") {
+                    self.close = true;
+                } else if t.eq_ignore_ascii_case(b"keep-alive") {
+                    if !self.http11 {
+                        self.close = false;
+                    }
+                } else if !t.is_empty() {
+                    self.named.push(t);
+                }
+            }
+        } else if name.eq_ignore_ascii_case(b"transfer-encoding") {
+            self.coded = true;
+            // Only the final coding decides; chunked anywhere else is an error we treat as
+            // "until close", as RFC 9112 §6.3 tells a client to.
+            self.chunked = value
+                .rsplit(|b| *b == b',')
+                .next()
+                .is_some_and(|last| last.trim_ascii().eq_ignore_ascii_case(b"chunked"));
+        } else if name.eq_ignore_ascii_case(b"content-length") {
+            let n: u64 = std::str::from_utf8(value)
+                .ok()
+                .and_then(|s| s.trim().parse().ok())
+                .ok_or_else(|| ExchangeError::Malformed("invalid Content-Length".into()))?;
+            if self.length.is_some_and(|l| l != n) {
+                return Err(ExchangeError::Malformed(
+                    "conflicting Content-Length values".into(),
+                ));
+            }
+            self.length = Some(n);
+        } else if name.eq_ignore_ascii_case(b"date") {
+            self.has_date = true;
+        }
+        Ok(())
+    }
+
+    /// How the body is delimited.
+    fn framing(&self, method: &Method, status: StatusCode) -> Framing {
+        framing_of(method, status, self.coded, self.chunked, self.length)
+    }
 }
 
 /// How a response body is delimited (RFC 9112 §6.3).
@@ -366,53 +411,15 @@ fn lines_head(
     http11: bool,
     method: &Method,
 ) -> Result<Head, ExchangeError> {
-    let mut close = !http11;
-    let mut chunked = false;
-    let mut coded = false;
-    let mut length: Option<u64> = None;
-    let mut has_date = false;
-    // Field names a Connection field lists besides close and keep-alive (rare).
-    let mut named: Vec<&[u8]> = Vec::new();
+    let mut facts = Facts::new(http11);
     for &[n0, n1, v0, v1] in places {
-        let (name, value) = (&head[n0..n1], &head[v0..v1]);
-        if name.eq_ignore_ascii_case(b"connection") {
-            for t in value.split(|b| *b == b',') {
-                let t = t.trim_ascii();
-                if t.eq_ignore_ascii_case(b"close") {
-                    close = true;
-                } else if t.eq_ignore_ascii_case(b"keep-alive") {
-                    if !http11 {
-                        close = false;
-                    }
-                } else if !t.is_empty() {
-                    named.push(t);
-                }
-            }
-        } else if name.eq_ignore_ascii_case(b"transfer-encoding") {
-            coded = true;
-            chunked = value
-                .rsplit(|b| *b == b',')
-                .next()
-                .is_some_and(|last| last.trim_ascii().eq_ignore_ascii_case(b"chunked"));
-        } else if name.eq_ignore_ascii_case(b"content-length") {
-            let n: u64 = std::str::from_utf8(value)
-                .ok()
-                .and_then(|s| s.trim().parse().ok())
-                .ok_or_else(|| ExchangeError::Malformed("invalid Content-Length".into()))?;
-            if length.is_some_and(|l| l != n) {
-                return Err(ExchangeError::Malformed(
-                    "conflicting Content-Length values".into(),
-                ));
-            }
-            length = Some(n);
-        } else if name.eq_ignore_ascii_case(b"date") {
-            has_date = true;
-        }
+        facts.see(&head[n0..n1], &head[v0..v1])?;
     }
-    let framing = framing_of(method, status, coded, chunked, length);
+    let framing = facts.framing(method, status);
     // A HEAD's or a 304's length describes the body a GET would get: it goes on as is (unless
     // a coding delimits the message). Otherwise the client's hop writes its own framing.
-    let keep_length = !coded && (*method == Method::HEAD || status == StatusCode::NOT_MODIFIED);
+    let keep_length =
+        !facts.coded && (*method == Method::HEAD || status == StatusCode::NOT_MODIFIED);
     let mut block = Vec::with_capacity(head.len());
     for &[n0, n1, v0, v1] in places {
         let (name, value) = (&head[n0..n1], &head[v0..v1]);
@@ -420,7 +427,7 @@ fn lines_head(
             && !(name.eq_ignore_ascii_case(b"te") && value == b"trailers");
         if hop
             || (name.eq_ignore_ascii_case(b"content-length") && !keep_length)
-            || named.iter().any(|n| name.eq_ignore_ascii_case(n))
+            || facts.named.iter().any(|n| name.eq_ignore_ascii_case(n))
         {
             continue;
         }
@@ -432,8 +439,11 @@ fn lines_head(
     Ok(Head {
         status,
         headers: HeaderMap::new(),
-        lines: Some(Lines { block, has_date }),
-        keep_alive: !close && framing != Framing::UntilClose,
+        lines: Some(Lines {
+            block,
+            has_date: facts.has_date,
+        }),
+        keep_alive: !facts.close && framing != Framing::UntilClose,
         framing,
     })
 }
