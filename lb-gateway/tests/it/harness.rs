@@ -543,6 +543,18 @@ pub async fn raw_get(addr: SocketAddr, path: &str) -> (u16, String) {
     (status, String::from_utf8_lossy(&body).into_owned())
 }
 
+/// A hash key (an `x-user` value among `user-0` .. `user-49`) that backend `id` serves; panics
+/// if none of them goes there.
+pub async fn key_served_by(gw: &Gateway, id: &str) -> String {
+    for u in 0..50 {
+        let user = format!("user-{u}");
+        if served_by(gw, "/", &user, 1).await.contains_key(id) {
+            return user;
+        }
+    }
+    panic!("no key among user-0..user-49 is served by {id}");
+}
+
 /// Which backend served each of `requests` GETs of `path` with the header `x-user: user`.
 pub async fn served_by(
     gw: &Gateway,

@@ -4,7 +4,7 @@
 use std::collections::HashSet;
 use std::time::Duration;
 
-use crate::harness::{Gateway, HttpBackend, NS, Stack, T, served_by, wait_until};
+use crate::harness::{Gateway, HttpBackend, NS, Stack, T, key_served_by, served_by, wait_until};
 
 fn routes(extra: &str) -> String {
     format!(
@@ -229,15 +229,7 @@ async fn an_in_flight_request_to_a_leaving_backend_finishes_there() {
     let _reg_b = stack.register("web", "b", b.port(), false).await;
     let gw = Gateway::start(&stack.registry.url(), &routes("")).await;
     gw.wait_backends("web", 2).await;
-    let mut owned_by_a = None;
-    for u in 0..50 {
-        let user = format!("user-{u}");
-        if served_by(&gw, "/", &user, 1).await.contains_key("a") {
-            owned_by_a = Some(user);
-            break;
-        }
-    }
-    let user = owned_by_a.expect("a key owned by a");
+    let user = key_served_by(&gw, "a").await;
     let hits_before = a.hits();
     let slow = {
         let proxy = gw.proxy;
@@ -438,15 +430,7 @@ async fn a_503_is_retried_at_the_keys_next_choice_with_the_same_request() {
     let (_backends, _regs) = three_backends(&stack).await;
     let gw = Gateway::start(&stack.registry.url(), &routes("")).await;
     gw.wait_backends("web", 3).await;
-    let mut owned_by_a = None;
-    for u in 0..50 {
-        let user = format!("user-{u}");
-        if served_by(&gw, "/", &user, 1).await.contains_key("a") {
-            owned_by_a = Some(user);
-            break;
-        }
-    }
-    let user = owned_by_a.expect("a key owned by a");
+    let user = key_served_by(&gw, "a").await;
     let (status, body, _) = gw.get("/fail-on/a?x=1", &[("x-user", &user)]).await;
     assert_eq!(status, 200, "{body}");
     assert_ne!(body["backend"], "a");
@@ -480,15 +464,7 @@ async fn a_retried_request_without_host_names_the_backend_that_serves_the_retry(
     let (backends, _regs) = three_backends(&stack).await;
     let gw = Gateway::start(&stack.registry.url(), &routes("")).await;
     gw.wait_backends("web", 3).await;
-    let mut owned_by_a = None;
-    for u in 0..50 {
-        let user = format!("user-{u}");
-        if served_by(&gw, "/", &user, 1).await.contains_key("a") {
-            owned_by_a = Some(user);
-            break;
-        }
-    }
-    let user = owned_by_a.expect("a key owned by a");
+    let user = key_served_by(&gw, "a").await;
     // HTTP/1.0 without Host: the gateway names the backend in the Host it sends; the first
     // try (to a, answering 503) must not leave a's name in the retried request.
     let mut io = tokio::net::TcpStream::connect(gw.proxy)
