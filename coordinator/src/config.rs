@@ -114,7 +114,10 @@ pub struct Config {
     pub election_timeout: u64,
 
     /// Raft: applied commands between snapshots (after which the log behind a snapshot is purged).
-    #[arg(long, env = "ETCD_SNAPSHOT_COUNT", default_value_t = 20_000)]
+    /// etcd's default. A snapshot copies the whole key space, so its cost grows with the
+    /// store; at 20,000 (the earlier default) the copies took ~20 % of a saturated
+    /// two-core machine's CPU under puts (BENCHMARKS.md).
+    #[arg(long, env = "ETCD_SNAPSHOT_COUNT", default_value_t = 100_000)]
     pub snapshot_count: u64,
 
     /// sled page cache, in bytes.

@@ -153,21 +153,58 @@ impl SmStore {
         self.due
             .at_last
             .store(self.due.applied.load(Ordering::Acquire), Ordering::Release);
-        let mut entries: Vec<(Vec<u8>, Vec<u8>)> = Vec::new();
-        st.store()
-            .backend()
-            .scan(&[0], &[0xff], &mut |k, v| {
-                entries.push((k.to_vec(), v.to_vec()));
+        let backend = st.store().backend().clone();
+        // The backend fixes the moment while applies are held off by our read lock, which
+        // `captured` then releases: the (long) copy of the key space runs while the member
+        // goes on applying, and sees none of what it applies meanwhile.
+        let mut st = Some(st);
+        let mut entries = EntriesEncoder::default();
+        backend
+            .scan_at(&[0], &[0xff], &mut || drop(st.take()), &mut |k, v| {
+                entries.push(k, v);
                 true
             })
             .map_err(|e| sm_err(ErrorVerb::Read, &e))?;
-        let backend = st.store().backend().clone();
         drop(st);
         // openraft purges the log behind a snapshot: everything it covers must be durable in
         // sled first (the snapshot itself lives in memory only).
         backend.flush().map_err(|e| sm_err(ErrorVerb::Write, &e))?;
-        let data = bincode::serialize(&entries).map_err(|e| sm_err(ErrorVerb::Read, &e))?;
-        Ok((data, applied, membership))
+        Ok((entries.finish(), applied, membership))
+    }
+}
+
+/// A snapshot's bytes, encoded while the key space is visited rather than after it was
+/// collected (which held a second copy of the whole store): bincode's encoding of a
+/// `Vec<(Vec<u8>, Vec<u8>)>` — the count, then each key and value as length and bytes, every
+/// length a little-endian u64 — which `install_snapshot` decodes with `bincode::deserialize`.
+struct EntriesEncoder {
+    buf: Vec<u8>,
+    count: u64,
+}
+
+impl Default for EntriesEncoder {
+    fn default() -> EntriesEncoder {
+        EntriesEncoder {
+            // The count goes first; it is known at the end.
+            buf: vec![0; 8],
+            count: 0,
+        }
+    }
+}
+
+impl EntriesEncoder {
+    fn push(&mut self, key: &[u8], value: &[u8]) {
+        for bytes in [key, value] {
+            self.buf
+                .extend_from_slice(&(bytes.len() as u64).to_le_bytes());
+            self.buf.extend_from_slice(bytes);
+        }
+        self.count += 1;
+    }
+
+    fn finish(mut self) -> Vec<u8> {
+        self.buf[..8].copy_from_slice(&self.count.to_le_bytes());
+        self.buf
     }
 }
 
@@ -339,5 +376,31 @@ impl RaftStateMachine<TypeConfig> for SmStore {
             meta: s.meta.clone(),
             snapshot: Box::new(Cursor::new(s.data.clone())),
         }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::EntriesEncoder;
+
+    #[test]
+    fn snapshot_encoding_is_what_install_decodes() {
+        let sets: [Vec<(Vec<u8>, Vec<u8>)>; 3] = [
+            Vec::new(),
+            vec![(b"k".to_vec(), Vec::new())],
+            (0..300u32)
+                .map(|i| (i.to_be_bytes().to_vec(), vec![i as u8; i as usize % 70]))
+                .collect(),
+        ];
+        for entries in sets {
+            let mut enc = EntriesEncoder::default();
+            for (k, v) in &entries {
+                enc.push(k, v);
+            }
+            let bytes = enc.finish();
+            assert_eq!(bytes, bincode::serialize(&entries).expect("bincode"));
+            let back: Vec<(Vec<u8>, Vec<u8>)> = bincode::deserialize(&bytes).expect("decode");
+            assert_eq!(back, entries);
+        }
     }
 }

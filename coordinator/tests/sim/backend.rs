@@ -110,6 +110,16 @@ impl Backend for SimBackend {
         self.live.scan(from, to, f)
     }
 
+    fn scan_at(
+        &self,
+        from: &[u8],
+        to: &[u8],
+        captured: &mut dyn FnMut(),
+        f: &mut dyn FnMut(&[u8], &[u8]) -> bool,
+    ) -> Result<()> {
+        self.live.scan_at(from, to, captured, f)
+    }
+
     fn size_on_disk(&self) -> u64 {
         0
     }
