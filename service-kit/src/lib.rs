@@ -74,6 +74,8 @@ pub mod shutdown;
 #[cfg(feature = "runtime")]
 pub mod telemetry;
 #[cfg(feature = "runtime")]
+pub mod testing;
+#[cfg(feature = "runtime")]
 pub mod time;
 #[cfg(feature = "runtime")]
 pub mod tls;

@@ -13,6 +13,7 @@ use proto::etcdserverpb::kv_client::KvClient;
 use proto::etcdserverpb::maintenance_client::MaintenanceClient;
 use proto::etcdserverpb::{PutRequest, RangeRequest, StatusRequest};
 use service_kit::devcerts::DevCa;
+use service_kit::testing::assert_tls_refused;
 use service_kit::tls::{ClientTlsFiles, rustls, tokio_rustls};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tonic::transport::{Channel, Endpoint};
@@ -146,7 +147,7 @@ async fn plaintext_and_untrusted_clients_are_refused_on_a_tls_port() {
     let foreign = Pki::new("foreign");
     let mut kv = tls_kv(addr, &client_config(foreign.ca(), None));
     let err = put(&mut kv, "k", "v").await.expect_err("untrusted server");
-    assert_refused(&err);
+    assert_tls_refused(&err);
 
     // A client that trusts the CA is served, and the value is there.
     let mut kv = tls_kv(addr, &client_config(pki.ca(), None));
@@ -165,7 +166,7 @@ async fn client_cert_auth_refuses_clients_without_a_certificate_from_the_trusted
     let err = put(&mut anonymous, "k", "v")
         .await
         .expect_err("no client cert");
-    assert_refused(&err);
+    assert_tls_refused(&err);
 
     let foreign = Pki::new("foreign");
     let foreign_pair = foreign.pair("client", "alice");
@@ -173,7 +174,7 @@ async fn client_cert_auth_refuses_clients_without_a_certificate_from_the_trusted
     let err = put(&mut stranger, "k", "v")
         .await
         .expect_err("client cert from a foreign CA");
-    assert_refused(&err);
+    assert_tls_refused(&err);
 
     let pair = pki.pair("client", "alice");
     let mut kv = tls_kv(addr, &client_config(pki.ca(), Some(&pair)));
@@ -601,36 +602,4 @@ async fn a_member_whose_certificate_names_no_member_is_refused() {
         &pki,
     )
     .await;
-}
-
-/// A refused TLS handshake. The status must be the client transport's own (it carries a
-/// `tonic::transport::Error`; a status the server answered with carries none), so no request
-/// was served. Which code it has depends on timing: `Unavailable` when the client learns it
-/// during the handshake; with TLS 1.3 the server refuses the client's certificate after the
-/// client finished its part, so the first request sees the server's alert (`CertificateRequired`,
-/// `UnknownCA`: `Unknown`, "transport error"), the connection closing (`Cancelled`), or, when
-/// the request's bytes reach a socket the server already closed, a reset (`Unknown`).
-fn assert_refused(err: &tonic::Status) {
-    let from_transport =
-        std::error::Error::source(err).is_some_and(|e| e.is::<tonic::transport::Error>());
-    assert!(
-        from_transport
-            && matches!(
-                err.code(),
-                tonic::Code::Unavailable | tonic::Code::Cancelled | tonic::Code::Unknown
-            ),
-        "expected a refused connection, got {}",
-        chain(err)
-    );
-}
-
-/// The status and every error under it, for failure messages.
-fn chain(err: &tonic::Status) -> String {
-    let mut out = format!("{err}");
-    let mut cur: Option<&dyn std::error::Error> = std::error::Error::source(err);
-    while let Some(e) = cur {
-        out.push_str(&format!(" <- {e}"));
-        cur = e.source();
-    }
-    out
 }

@@ -9,6 +9,7 @@ use std::time::Duration;
 use clap::Parser as _;
 use proto::registry_v1::registry_client::RegistryClient as Grpc;
 use service_kit::devcerts::DevCa;
+use service_kit::testing::assert_tls_refused;
 use service_kit::tls::{ClientTlsFiles, rustls, tokio_rustls};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tonic::transport::{Channel, Endpoint};
@@ -122,7 +123,7 @@ async fn registry_serves_tls_and_reaches_the_coordinator_over_mtls() {
         })
         .await
         .expect_err("no client certificate");
-    assert_refused(&err);
+    assert_tls_refused(&err);
 
     // With one: register and discover, through to the coordinator.
     let (a_cert, a_key) = pair(&ca, dir.path(), "app", "app");
@@ -158,27 +159,6 @@ async fn registry_serves_tls_and_reaches_the_coordinator_over_mtls() {
 
     registry.stop().await;
     coordinator.shutdown().await;
-}
-
-/// A refused TLS handshake. The status must be the client transport's own (it carries a
-/// `tonic::transport::Error`; a status the server answered with carries none), so no request
-/// was served. Which code it has depends on timing: `Unavailable` when the client learns it
-/// during the handshake; with TLS 1.3 the server refuses the client's certificate after the
-/// client finished its part, so the first request sees the server's alert (`CertificateRequired`,
-/// `UnknownCA`: `Unknown`, "transport error"), the connection closing (`Cancelled`), or, when
-/// the request's bytes reach a socket the server already closed, a reset (`Unknown`).
-fn assert_refused(err: &tonic::Status) {
-    let from_transport =
-        std::error::Error::source(err).is_some_and(|e| e.is::<tonic::transport::Error>());
-    assert!(
-        from_transport
-            && matches!(
-                err.code(),
-                tonic::Code::Unavailable | tonic::Code::Cancelled | tonic::Code::Unknown
-            ),
-        "expected a refused connection, got {}",
-        chain(err)
-    );
 }
 
 /// `--auth-mode mtls`: the caller is the subject its verified client certificate names, and
@@ -270,15 +250,4 @@ async fn client_certificate_subjects_are_authorised_by_the_policy() {
 
     registry.stop().await;
     coordinator.shutdown().await;
-}
-
-/// The status and every error under it, for failure messages.
-fn chain(err: &tonic::Status) -> String {
-    let mut out = format!("{err}");
-    let mut cur: Option<&dyn std::error::Error> = std::error::Error::source(err);
-    while let Some(e) = cur {
-        out.push_str(&format!(" <- {e}"));
-        cur = e.source();
-    }
-    out
 }
