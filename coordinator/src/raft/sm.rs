@@ -6,8 +6,9 @@
 //! lease hooks run, exactly as in [`crate::node`]. An entry that holds a [`Command::Batch`]
 //! (see [`super::batch`]) gives one outcome per command in it, in order.
 //!
-//! A snapshot is every backend entry (records, leases, meta) taken under the state's read lock,
-//! so it is one consistent point; installing one replaces the backend's contents in one batch and
+//! A snapshot is every backend entry (records, leases, meta) at one consistent point, fixed under
+//! the state's read lock; the lock is released before the (long) copy, which runs while entries
+//! go on being applied (`Backend::scan_at`). Installing one replaces the backend's contents in one batch and
 //! rebuilds the index. Snapshots are held in memory (the key space is expected to fit; the
 //! whole store is scanned to build one).
 
