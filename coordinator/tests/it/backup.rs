@@ -10,8 +10,8 @@ use std::time::Duration;
 use proto::etcdserverpb::kv_client::KvClient;
 
 use crate::admin::get;
-use crate::harness::{Process, Server, put, wait_until};
-use crate::snapshot_restore::{all_keys, restore, status_json};
+use crate::harness::{Server, put, wait_until};
+use crate::snapshot_restore::{all_keys, restore_and_start, status_json};
 
 /// The value of the metric line starting with `name ` (0 if absent).
 async fn metric(server: &Server, name: &str) -> f64 {
@@ -112,16 +112,8 @@ async fn scheduled_backups_are_pruned_to_keep_and_each_restores_the_keys() {
         );
 
         let data = scratch.path().join(format!("restored-{i}"));
-        restore(
-            file,
-            &data,
-            "default",
-            "default=http://127.0.0.1:2380",
-            "http://127.0.0.1:2380",
-            "backup-drill",
-        );
-        let p = Process::start(&data, scratch.path()).await;
-        let mut kv = KvClient::new(crate::harness::channel(&p.url()).await);
+        let (p, ch) = restore_and_start(file, &data, scratch.path(), "backup-drill").await;
+        let mut kv = KvClient::new(ch);
         let (rev2, after) = all_keys(&mut kv, false).await;
         assert_eq!(
             rev2, rev,

@@ -57,6 +57,27 @@ pub(crate) fn restore(
 }
 
 /// Every key (all of them) as the member serves it, and the store revision.
+/// Restores `file` into `data` for one member with the binary's defaults (name "default",
+/// etcd's peer URL, cluster token `token`), starts it with its logs in `logs`, and connects.
+pub(crate) async fn restore_and_start(
+    file: &Path,
+    data: &Path,
+    logs: &Path,
+    token: &str,
+) -> (Process, Channel) {
+    restore(
+        file,
+        data,
+        "default",
+        "default=http://127.0.0.1:2380",
+        "http://127.0.0.1:2380",
+        token,
+    );
+    let p = Process::start(data, logs).await;
+    let ch = crate::harness::channel(&p.url()).await;
+    (p, ch)
+}
+
 pub(crate) async fn all_keys(
     kv: &mut KvClient<Channel>,
     serializable: bool,
@@ -165,16 +186,8 @@ async fn etcdctl_snapshot_save_then_status_and_restore_into_one_member() {
 
     // Restore for a member with the binary's defaults (name "default", etcd's peer URL).
     let data = dir.path().join("restored");
-    restore(
-        &file,
-        &data,
-        "default",
-        "default=http://127.0.0.1:2380",
-        "http://127.0.0.1:2380",
-        "etcd-cluster",
-    );
-    let p = Process::start(&data, dir.path()).await;
-    let mut kv = KvClient::new(crate::harness::channel(&p.url()).await);
+    let (p, ch) = restore_and_start(&file, &data, dir.path(), "etcd-cluster").await;
+    let mut kv = KvClient::new(ch);
     let (rev2, after) = all_keys(&mut kv, false).await;
     assert_eq!(
         rev2, rev,
@@ -465,16 +478,7 @@ async fn auth_state_survives_save_and_restore() {
     server.shutdown().await;
 
     let data = dir.path().join("restored");
-    restore(
-        &file,
-        &data,
-        "default",
-        "default=http://127.0.0.1:2380",
-        "http://127.0.0.1:2380",
-        "etcd-cluster",
-    );
-    let p = Process::start(&data, dir.path()).await;
-    let ch = crate::harness::channel(&p.url()).await;
+    let (p, ch) = restore_and_start(&file, &data, dir.path(), "etcd-cluster").await;
     // Auth is still on: anonymous reads are refused.
     let e = KvClient::new(ch.clone())
         .range(RangeRequest {
@@ -569,16 +573,8 @@ async fn a_snapshot_saved_while_writes_go_on_holds_one_point_in_time() {
     );
 
     let data = dir.path().join("restored");
-    restore(
-        &file,
-        &data,
-        "default",
-        "default=http://127.0.0.1:2380",
-        "http://127.0.0.1:2380",
-        "etcd-cluster",
-    );
-    let p = Process::start(&data, dir.path()).await;
-    let mut kv = KvClient::new(crate::harness::channel(&p.url()).await);
+    let (p, ch) = restore_and_start(&file, &data, dir.path(), "etcd-cluster").await;
+    let mut kv = KvClient::new(ch);
     let (restored_rev, kvs) = all_keys(&mut kv, false).await;
     assert_eq!(
         restored_rev, rev,
