@@ -102,9 +102,12 @@ fn parse_json(content: &str) -> std::result::Result<Value, Problem> {
 fn parse_yaml(content: &str) -> std::result::Result<Value, Problem> {
     let value: serde_norway::Value = serde_norway::from_str(content).map_err(|e| {
         let text = e.to_string();
+        // From the byte offset, not the parser's own line: YAML counts a lone CR as a line
+        // break, every other format here (and the fuzz target's check) counts only LF, so a
+        // problem's line means the same in every format.
         let (line, column) = e
             .location()
-            .map(|l| (l.line(), l.column()))
+            .map(|l| line_column(content, l.index()))
             .unwrap_or((0, 0));
         let message = text
             .rsplit_once(" at line ")
@@ -503,6 +506,17 @@ mod tests {
         let p = problem(Format::Yaml, "a: 1\nb: [1, 2\nc: 3\n");
         assert!(p.line >= 2, "{p:?}");
         assert!(p.column > 0, "{p:?}");
+    }
+
+    #[test]
+    fn yaml_problem_lines_count_line_feeds_only_as_every_format_does() {
+        // YAML itself takes each lone CR as a line break (line 4 here); the problem names the
+        // line as JSON and TOML would count it. Found by the config_formats fuzz target.
+        let p = problem(Format::Yaml, "a: 1\r\r\rb: x: y\nc: 2\n");
+        assert_eq!((p.line, p.column), (1, 12), "{p:?}");
+        // Columns are characters, the offset behind them bytes.
+        let p = problem(Format::Yaml, "ééé: 1\nb: [1, 2\nc: 3\n");
+        assert_eq!((p.line, p.column), (3, 2), "{p:?}");
     }
 
     #[test]
