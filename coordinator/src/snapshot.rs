@@ -35,9 +35,9 @@ const MAX_RECORD: u32 = 256 * 1024 * 1024;
 
 /// Writes a snapshot of `state` into `out` (an empty file) in the format above: one
 /// consistent point in time, fixed under the state's read lock, which is released as soon as
-/// the backend holds that point (`Backend::scan_at`), so writes go on while the copy is
-/// written; then padded and hashed. Leaves `out` positioned at its start; returns its size and the store
-/// revision it holds. `Maintenance.Snapshot` streams what this writes; `--backup-dir` keeps it.
+/// the backend holds that point (`state::visit_all_released`), so writes go on while the copy
+/// is written; then padded and hashed. Leaves `out` positioned at its start; returns its size
+/// and the store revision it holds. `Maintenance.Snapshot` streams what this writes; `--backup-dir` keeps it.
 pub fn write(
     state: &parking_lot::RwLock<crate::state::StateMachine>,
     out: &mut File,
@@ -45,15 +45,12 @@ pub fn write(
     use std::io::Write as _;
     let st = state.read();
     let rev = st.revision();
-    let backend = st.store().backend().clone();
-    let mut st = Some(st);
     let mut h = crc32fast::Hasher::new();
     let mut w = std::io::BufWriter::with_capacity(1 << 20, &mut *out);
     let mut io_err = None;
     w.write_all(MAGIC)?;
     h.update(MAGIC);
-    let mut release = || drop(st.take());
-    backend.scan_at(&[0], &[0xff], &mut release, &mut |k, v| {
+    crate::state::visit_all_released(st, &mut |k, v| {
         let mut rec = Vec::with_capacity(8 + k.len() + v.len());
         rec.extend_from_slice(&(k.len() as u32).to_le_bytes());
         rec.extend_from_slice(k);
@@ -66,7 +63,6 @@ pub fn write(
         }
         true
     })?;
-    drop(st);
     if let Some(e) = io_err {
         return Err(e.into());
     }

@@ -87,6 +87,19 @@ pub enum Response {
     },
 }
 
+/// Visits every backend entry (records, leases, meta, auth) as of the moment `st` shows, and
+/// releases `st` as soon as the backend has fixed that moment (`Backend::scan_at`): the visit,
+/// however long, runs while entries go on being applied, and sees none of them. Raft
+/// snapshots and `Maintenance.Snapshot` copy the key space this way.
+pub fn visit_all_released(
+    st: parking_lot::RwLockReadGuard<'_, StateMachine>,
+    f: &mut dyn FnMut(&[u8], &[u8]) -> bool,
+) -> Result<()> {
+    let backend = st.store().backend().clone();
+    let mut st = Some(st);
+    backend.scan_at(&[0], &[0xff], &mut || drop(st.take()), f)
+}
+
 /// The key space plus leases plus users and roles plus the applied index.
 pub struct StateMachine {
     store: MvccStore,

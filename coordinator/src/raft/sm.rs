@@ -6,10 +6,10 @@
 //! lease hooks run, exactly as in [`crate::node`]. An entry that holds a [`Command::Batch`]
 //! (see [`super::batch`]) gives one outcome per command in it, in order.
 //!
-//! A snapshot is every backend entry (records, leases, meta) at one consistent point, fixed under
-//! the state's read lock; the lock is released before the (long) copy, which runs while entries
-//! go on being applied (`Backend::scan_at`). Installing one replaces the backend's contents in one batch and
-//! rebuilds the index. Snapshots are held in memory (the key space is expected to fit; the
+//! A snapshot is every backend entry (records, leases, meta) at one consistent point, fixed
+//! under the state's read lock; the lock is released before the (long) copy, which runs while
+//! entries go on being applied (`state::visit_all_released`). Installing one replaces the
+//! backend's contents in one batch and rebuilds the index. Snapshots are held in memory (the key space is expected to fit; the
 //! whole store is scanned to build one).
 
 #![allow(clippy::result_large_err, clippy::type_complexity)] // openraft fixes these error and state types.
@@ -155,18 +155,12 @@ impl SmStore {
             .at_last
             .store(self.due.applied.load(Ordering::Acquire), Ordering::Release);
         let backend = st.store().backend().clone();
-        // The backend fixes the moment while applies are held off by our read lock, which
-        // `captured` then releases: the (long) copy of the key space runs while the member
-        // goes on applying, and sees none of what it applies meanwhile.
-        let mut st = Some(st);
         let mut entries = EntriesEncoder::default();
-        backend
-            .scan_at(&[0], &[0xff], &mut || drop(st.take()), &mut |k, v| {
-                entries.push(k, v);
-                true
-            })
-            .map_err(|e| sm_err(ErrorVerb::Read, &e))?;
-        drop(st);
+        crate::state::visit_all_released(st, &mut |k, v| {
+            entries.push(k, v);
+            true
+        })
+        .map_err(|e| sm_err(ErrorVerb::Read, &e))?;
         // openraft purges the log behind a snapshot: everything it covers must be durable in
         // sled first (the snapshot itself lives in memory only).
         backend.flush().map_err(|e| sm_err(ErrorVerb::Write, &e))?;
