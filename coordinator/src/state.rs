@@ -562,7 +562,7 @@ fn put_in(
     } else {
         p.lease
     };
-    let prev = txn.put(&p.key, value, lease)?;
+    let prev = txn.put(&p.key, value, lease, p.prev_kv)?;
     if let Some(prev) = &prev {
         if prev.lease != 0 && prev.lease != lease {
             if let Some(l) = leases.get_mut(&prev.lease) {

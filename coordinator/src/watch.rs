@@ -143,7 +143,21 @@ impl WatchHub {
     }
 
     /// Publish the events of one revision. Never blocks on a watcher.
+    ///
+    /// A put's event comes from `apply` without the key's previous version unless its request
+    /// asked for it (reading it costs a backend read per put), so when a synced watcher wants
+    /// `prev_kv` it is read here first, as etcd's watch stream reads it when it sends. A watcher
+    /// that asks for `prev_kv` in the moment between that check and the delivery below gets the
+    /// revision through catch-up instead, which reads history with previous versions.
     pub fn publish(self: &Arc<Self>, rev: i64, events: &[Event]) {
+        let filled;
+        let mut events = events;
+        let mut prev_read = false;
+        if events.iter().any(lacks_prev) && self.wants_prev(rev) {
+            filled = self.with_prev(events);
+            events = &filled;
+            prev_read = true;
+        }
         let mut inner = self.inner.lock();
         if rev <= inner.published_rev {
             return;
@@ -161,6 +175,10 @@ impl WatchHub {
             let evs = filter_events(&s.watcher.spec, events);
             if evs.is_empty() {
                 s.next_rev = rev + 1;
+                continue;
+            }
+            if s.watcher.spec.prev_kv && !prev_read && evs.iter().any(lacks_prev) {
+                victims.push((*gid, rev));
                 continue;
             }
             let resp = WatchResponse {
@@ -184,6 +202,38 @@ impl WatchHub {
                 self.spawn_catch_up(s.watcher, cursor);
             }
         }
+    }
+
+    /// Whether a synced watcher due to receive `rev` wants previous versions.
+    fn wants_prev(&self, rev: i64) -> bool {
+        let inner = self.inner.lock();
+        rev > inner.published_rev
+            && inner
+                .synced
+                .values()
+                .any(|s| s.watcher.spec.prev_kv && rev >= s.next_rev)
+    }
+
+    /// `events` with the previous version of each put's key read from the store. One that is no
+    /// longer there (compacted meanwhile) stays without, as in etcd.
+    fn with_prev(&self, events: &[Event]) -> Vec<Event> {
+        let st = self.state.read();
+        events
+            .iter()
+            .map(|ev| {
+                let mut ev = ev.clone();
+                if lacks_prev(&ev)
+                    && let Some(kv) = &ev.kv
+                {
+                    ev.prev_kv = st
+                        .store()
+                        .version_before(&kv.key, kv.mod_revision)
+                        .ok()
+                        .flatten();
+                }
+                ev
+            })
+            .collect()
     }
 
     /// After the store was replaced by a snapshot: every synced watcher replays history from
@@ -365,6 +415,13 @@ impl WatchHub {
             cursor = end + 1;
         }
     }
+}
+
+/// A put of a key that existed before, whose event does not carry the previous version.
+fn lacks_prev(ev: &Event) -> bool {
+    ev.r#type == EventType::Put as i32
+        && ev.prev_kv.is_none()
+        && ev.kv.as_ref().is_some_and(|kv| kv.version > 1)
 }
 
 fn filter_events(spec: &WatchSpec, events: &[Event]) -> Vec<Event> {

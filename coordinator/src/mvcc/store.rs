@@ -566,9 +566,21 @@ impl WriteTxn<'_> {
         self.store.latest_in(range, true)
     }
 
-    /// Write `value` under `key`. Returns the previous version, if any.
-    pub fn put(&mut self, key: &[u8], value: Vec<u8>, lease: i64) -> Result<Option<KeyValue>> {
-        let prev = self.store.get(key)?;
+    /// Write `value` under `key`. Returns the previous version, if any, with its value only when
+    /// `prev_value` is set: the index alone gives its revisions and lease, so a put that nobody
+    /// asked the previous value of reads nothing from the backend. The put's event then carries
+    /// no `prev_kv` either; the watch hub reads it for the watchers that want it, as etcd does.
+    pub fn put(
+        &mut self,
+        key: &[u8],
+        value: Vec<u8>,
+        lease: i64,
+        prev_value: bool,
+    ) -> Result<Option<KeyValue>> {
+        let prev = match self.store.index.get(key).and_then(|es| es.last()) {
+            Some(e) if !e.tombstone => Some(self.store.kv_from(key, e, prev_value)?),
+            _ => None,
+        };
         let rev = Revision {
             main: self.main,
             sub: self.sub,
@@ -615,7 +627,7 @@ impl WriteTxn<'_> {
                 value: rec.value,
                 lease,
             }),
-            prev_kv: prev.clone(),
+            prev_kv: if prev_value { prev.clone() } else { None },
         });
         Ok(prev)
     }

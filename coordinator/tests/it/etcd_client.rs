@@ -286,3 +286,79 @@ async fn lease_keep_alive_renews_the_ttl_and_outlives_it() {
         Ok(_) => panic!("an expired lease was kept alive"),
     }
 }
+
+/// A put that does not ask for the previous value is applied without reading it; a live
+/// watcher that asked for `prev_kv` still gets it with every event, and one that did not gets
+/// none (etcd reads `prev_kv` when it sends, not when it applies).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_prev_kv_watcher_gets_the_previous_value_of_puts_that_did_not_ask_for_it() {
+    let server = Server::start().await;
+    let mut client = server.client().await;
+    client.put("pv/k", "v1", None).await.expect("put");
+    async fn open(
+        client: &mut ::etcd_client::Client,
+        opts: WatchOptions,
+    ) -> ::etcd_client::WatchStream {
+        let mut stream = client.watch("pv/", Some(opts)).await.expect("watch");
+        let created = within(T, "watch created", stream.message())
+            .await
+            .expect("watch stream")
+            .expect("created response");
+        assert!(created.created(), "{created:?}");
+        stream
+    }
+    let mut with_prev = open(
+        &mut client,
+        WatchOptions::new().with_prefix().with_prev_key(),
+    )
+    .await;
+    let mut without = open(&mut client, WatchOptions::new().with_prefix()).await;
+
+    client.put("pv/k", "v2", None).await.expect("put");
+    client.put("pv/k", "v3", None).await.expect("put");
+    client.put("pv/new", "n1", None).await.expect("put");
+    // A put that asks for the previous value returns it and its event still carries it.
+    let asked = client
+        .put("pv/k", "v4", Some(PutOptions::new().with_prev_key()))
+        .await
+        .expect("put with prev_kv");
+    assert_eq!(asked.prev_key().map(|kv| kv.value()), Some(&b"v3"[..]));
+
+    async fn events(
+        stream: &mut ::etcd_client::WatchStream,
+        n: usize,
+    ) -> Vec<::etcd_client::Event> {
+        let mut out = Vec::new();
+        while out.len() < n {
+            let resp = within(T, "watch events", stream.message())
+                .await
+                .expect("watch stream")
+                .expect("stream open");
+            out.extend(resp.events().iter().cloned());
+        }
+        out
+    }
+    let seen: Vec<(Vec<u8>, Option<Vec<u8>>)> = events(&mut with_prev, 4)
+        .await
+        .iter()
+        .map(|e| {
+            let kv = e.kv().expect("kv");
+            (kv.value().to_vec(), e.prev_kv().map(|p| p.value().to_vec()))
+        })
+        .collect();
+    let v = |s: &str| s.as_bytes().to_vec();
+    assert_eq!(
+        seen,
+        [
+            (v("v2"), Some(v("v1"))),
+            (v("v3"), Some(v("v2"))),
+            (v("n1"), None),
+            (v("v4"), Some(v("v3"))),
+        ]
+    );
+    let plain = events(&mut without, 4).await;
+    assert!(
+        plain.iter().all(|e| e.prev_kv().is_none()),
+        "no prev_kv unless asked: {plain:?}"
+    );
+}
