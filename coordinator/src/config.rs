@@ -382,6 +382,10 @@ mod tests {
             "--initial-cluster",
             "n2=http://x:2380",
         ]);
-        assert!(c.validate().unwrap_err().contains("n1"));
+        assert!(
+            c.validate()
+                .expect_err("this member is not in the initial cluster")
+                .contains("n1")
+        );
     }
 }

@@ -112,8 +112,7 @@ pub struct NodeParts {
 pub fn replay(state: &mut StateMachine, entries: &[Entry]) -> Result<usize> {
     let applied = state.applied_index();
     let mut n = 0;
-    let mut expected = applied + 1;
-    for e in entries.iter().filter(|e| e.index > applied) {
+    for (expected, e) in (applied + 1..).zip(entries.iter().filter(|e| e.index > applied)) {
         if e.index != expected {
             return Err(Error::Corrupt(format!(
                 "log starts at index {} but the state machine needs {}",
@@ -122,7 +121,6 @@ pub fn replay(state: &mut StateMachine, entries: &[Entry]) -> Result<usize> {
         }
         let cmd: Command = bincode::deserialize(&e.data)?;
         state.apply(e.index, e.term, &cmd);
-        expected += 1;
         n += 1;
     }
     state.commit()?;
@@ -300,9 +298,7 @@ fn log_loop(
             break;
         }
         entries.clear();
-        let mut idx = wal.last_index();
-        for p in props.iter_mut() {
-            idx += 1;
+        for (idx, p) in (wal.last_index() + 1..).zip(props.iter_mut()) {
             entries.push(Entry {
                 index: idx,
                 term,

@@ -154,10 +154,10 @@ impl StateMachine {
             end: vec![0],
         };
         for kv in store.latest_in(&all, false)? {
-            if kv.lease != 0 {
-                if let Some(l) = leases.get_mut(&kv.lease) {
-                    l.keys.insert(kv.key);
-                }
+            if kv.lease != 0
+                && let Some(l) = leases.get_mut(&kv.lease)
+            {
+                l.keys.insert(kv.key);
             }
         }
         let applied_index = match backend.get(keys::META_APPLIED)? {
@@ -563,17 +563,17 @@ fn put_in(
         p.lease
     };
     let prev = txn.put(&p.key, value, lease, p.prev_kv)?;
-    if let Some(prev) = &prev {
-        if prev.lease != 0 && prev.lease != lease {
-            if let Some(l) = leases.get_mut(&prev.lease) {
-                l.keys.remove(&p.key);
-            }
-        }
+    if let Some(prev) = &prev
+        && prev.lease != 0
+        && prev.lease != lease
+        && let Some(l) = leases.get_mut(&prev.lease)
+    {
+        l.keys.remove(&p.key);
     }
-    if lease != 0 {
-        if let Some(l) = leases.get_mut(&lease) {
-            l.keys.insert(p.key.clone());
-        }
+    if lease != 0
+        && let Some(l) = leases.get_mut(&lease)
+    {
+        l.keys.insert(p.key.clone());
     }
     Ok(PutResponse {
         header: None,
@@ -588,10 +588,10 @@ fn delete_in(
 ) -> Result<DeleteRangeResponse> {
     let gone = txn.delete(&d.range)?;
     for kv in &gone {
-        if kv.lease != 0 {
-            if let Some(l) = leases.get_mut(&kv.lease) {
-                l.keys.remove(&kv.key);
-            }
+        if kv.lease != 0
+            && let Some(l) = leases.get_mut(&kv.lease)
+        {
+            l.keys.remove(&kv.key);
         }
     }
     Ok(DeleteRangeResponse {
@@ -711,6 +711,109 @@ impl StateMachine {
             succeeded: ok,
             responses,
         })
+    }
+}
+
+/// Between [`OutcomeWire`] (a plain type of the log format, in `coord-log`) and the in-process
+/// result it carries.
+pub trait OutcomeWireExt: Sized {
+    /// Encode an in-process result.
+    fn from_result(revision: i64, result: &Result<Response>) -> Self;
+    /// Decode into the in-process form.
+    fn into_result(self) -> (i64, Result<Response>);
+}
+
+impl OutcomeWireExt for OutcomeWire {
+    fn from_result(revision: i64, result: &Result<Response>) -> OutcomeWire {
+        use prost::Message;
+        let result = match result {
+            Ok(Response::Put(r)) => Ok(ResponseWire::Put(r.encode_to_vec())),
+            Ok(Response::Delete(r)) => Ok(ResponseWire::Delete(r.encode_to_vec())),
+            Ok(Response::Txn(r)) => Ok(ResponseWire::Txn(r.encode_to_vec())),
+            Ok(Response::Compact) => Ok(ResponseWire::Compact),
+            Ok(Response::LeaseGrant { id, ttl }) => {
+                Ok(ResponseWire::LeaseGrant { id: *id, ttl: *ttl })
+            }
+            Ok(Response::LeaseRevoke) => Ok(ResponseWire::LeaseRevoke),
+            Ok(Response::Noop) => Ok(ResponseWire::Noop),
+            Ok(Response::Auth { revision }) => Ok(ResponseWire::Auth {
+                revision: *revision,
+            }),
+            Err(e) => Err(ErrorWire {
+                code: e.code() as i32,
+                message: e.to_string(),
+                compact_revision: match e {
+                    Error::Compacted { compact_revision } => *compact_revision,
+                    _ => 0,
+                },
+            }),
+        };
+        OutcomeWire { revision, result }
+    }
+
+    fn into_result(self) -> (i64, Result<Response>) {
+        use prost::Message;
+        let decode_err =
+            |e: prost::DecodeError| Error::Corrupt(format!("undecodable response: {e}"));
+        let result = match self.result {
+            Ok(ResponseWire::Put(b)) => PutResponse::decode(b.as_slice())
+                .map(Response::Put)
+                .map_err(decode_err),
+            Ok(ResponseWire::Delete(b)) => DeleteRangeResponse::decode(b.as_slice())
+                .map(Response::Delete)
+                .map_err(decode_err),
+            Ok(ResponseWire::Txn(b)) => TxnResponse::decode(b.as_slice())
+                .map(Response::Txn)
+                .map_err(decode_err),
+            Ok(ResponseWire::Compact) => Ok(Response::Compact),
+            Ok(ResponseWire::LeaseGrant { id, ttl }) => Ok(Response::LeaseGrant { id, ttl }),
+            Ok(ResponseWire::LeaseRevoke) => Ok(Response::LeaseRevoke),
+            Ok(ResponseWire::Noop) => Ok(Response::Noop),
+            Ok(ResponseWire::Auth { revision }) => Ok(Response::Auth { revision }),
+            Err(e) => Err(Error::from_wire(e)),
+        };
+        (self.revision, result)
+    }
+}
+
+impl StateMachine {
+    /// Release the backend (sled's files and lock): the state machine is empty afterwards and
+    /// only good to be dropped. Used when the node stops.
+    pub fn close(&mut self) {
+        let empty: Arc<dyn Backend> = Arc::new(crate::mvcc::MemBackend::default());
+        if let Ok(store) = MvccStore::open(empty) {
+            self.store = store;
+        }
+        self.leases.clear();
+    }
+}
+
+impl StateMachine {
+    /// Queue a write of a value beside the key space (consensus metadata) into the next commit.
+    pub fn stage(&mut self, key: Vec<u8>, value: Option<Vec<u8>>) {
+        self.store.stage(key, value);
+    }
+}
+
+impl StateMachine {
+    /// Name and client URLs each member published.
+    pub fn member_attrs(&self) -> BTreeMap<u64, (String, Vec<String>)> {
+        let mut out = BTreeMap::new();
+        let mut end = MEMBER_ATTRS.to_vec();
+        if let Some(l) = end.last_mut() {
+            *l += 1;
+        }
+        let _ = self.store.backend().scan(MEMBER_ATTRS, &end, &mut |k, v| {
+            if k.len() == MEMBER_ATTRS.len() + 8 {
+                let mut id = [0u8; 8];
+                id.copy_from_slice(&k[MEMBER_ATTRS.len()..]);
+                if let Ok(attrs) = bincode::deserialize::<(String, Vec<String>)>(v) {
+                    out.insert(u64::from_be_bytes(id), attrs);
+                }
+            }
+            true
+        });
+        out
     }
 }
 
@@ -1214,7 +1317,7 @@ mod tests {
         let reopened = StateMachine::open(t.backend.clone()).expect("reopen");
         assert_eq!(reopened.applied_index(), idx);
         assert_eq!(reopened.revision(), 2);
-        assert!(reopened.leases()[&5].keys.contains(&b"k".to_vec()));
+        assert!(reopened.leases()[&5].keys.contains(&b"k"[..]));
         let mut reopened = reopened;
         assert!(reopened.apply(idx, 1, &Command::Noop).is_none());
     }
@@ -1328,108 +1431,5 @@ mod tests {
                 .apply_entry(1, 1, &Command::Batch(cmds))
                 .is_none()
         );
-    }
-}
-
-/// Between [`OutcomeWire`] (a plain type of the log format, in `coord-log`) and the in-process
-/// result it carries.
-pub trait OutcomeWireExt: Sized {
-    /// Encode an in-process result.
-    fn from_result(revision: i64, result: &Result<Response>) -> Self;
-    /// Decode into the in-process form.
-    fn into_result(self) -> (i64, Result<Response>);
-}
-
-impl OutcomeWireExt for OutcomeWire {
-    fn from_result(revision: i64, result: &Result<Response>) -> OutcomeWire {
-        use prost::Message;
-        let result = match result {
-            Ok(Response::Put(r)) => Ok(ResponseWire::Put(r.encode_to_vec())),
-            Ok(Response::Delete(r)) => Ok(ResponseWire::Delete(r.encode_to_vec())),
-            Ok(Response::Txn(r)) => Ok(ResponseWire::Txn(r.encode_to_vec())),
-            Ok(Response::Compact) => Ok(ResponseWire::Compact),
-            Ok(Response::LeaseGrant { id, ttl }) => {
-                Ok(ResponseWire::LeaseGrant { id: *id, ttl: *ttl })
-            }
-            Ok(Response::LeaseRevoke) => Ok(ResponseWire::LeaseRevoke),
-            Ok(Response::Noop) => Ok(ResponseWire::Noop),
-            Ok(Response::Auth { revision }) => Ok(ResponseWire::Auth {
-                revision: *revision,
-            }),
-            Err(e) => Err(ErrorWire {
-                code: e.code() as i32,
-                message: e.to_string(),
-                compact_revision: match e {
-                    Error::Compacted { compact_revision } => *compact_revision,
-                    _ => 0,
-                },
-            }),
-        };
-        OutcomeWire { revision, result }
-    }
-
-    fn into_result(self) -> (i64, Result<Response>) {
-        use prost::Message;
-        let decode_err =
-            |e: prost::DecodeError| Error::Corrupt(format!("undecodable response: {e}"));
-        let result = match self.result {
-            Ok(ResponseWire::Put(b)) => PutResponse::decode(b.as_slice())
-                .map(Response::Put)
-                .map_err(decode_err),
-            Ok(ResponseWire::Delete(b)) => DeleteRangeResponse::decode(b.as_slice())
-                .map(Response::Delete)
-                .map_err(decode_err),
-            Ok(ResponseWire::Txn(b)) => TxnResponse::decode(b.as_slice())
-                .map(Response::Txn)
-                .map_err(decode_err),
-            Ok(ResponseWire::Compact) => Ok(Response::Compact),
-            Ok(ResponseWire::LeaseGrant { id, ttl }) => Ok(Response::LeaseGrant { id, ttl }),
-            Ok(ResponseWire::LeaseRevoke) => Ok(Response::LeaseRevoke),
-            Ok(ResponseWire::Noop) => Ok(Response::Noop),
-            Ok(ResponseWire::Auth { revision }) => Ok(Response::Auth { revision }),
-            Err(e) => Err(Error::from_wire(e)),
-        };
-        (self.revision, result)
-    }
-}
-
-impl StateMachine {
-    /// Release the backend (sled's files and lock): the state machine is empty afterwards and
-    /// only good to be dropped. Used when the node stops.
-    pub fn close(&mut self) {
-        let empty: Arc<dyn Backend> = Arc::new(crate::mvcc::MemBackend::default());
-        if let Ok(store) = MvccStore::open(empty) {
-            self.store = store;
-        }
-        self.leases.clear();
-    }
-}
-
-impl StateMachine {
-    /// Queue a write of a value beside the key space (consensus metadata) into the next commit.
-    pub fn stage(&mut self, key: Vec<u8>, value: Option<Vec<u8>>) {
-        self.store.stage(key, value);
-    }
-}
-
-impl StateMachine {
-    /// Name and client URLs each member published.
-    pub fn member_attrs(&self) -> BTreeMap<u64, (String, Vec<String>)> {
-        let mut out = BTreeMap::new();
-        let mut end = MEMBER_ATTRS.to_vec();
-        if let Some(l) = end.last_mut() {
-            *l += 1;
-        }
-        let _ = self.store.backend().scan(MEMBER_ATTRS, &end, &mut |k, v| {
-            if k.len() == MEMBER_ATTRS.len() + 8 {
-                let mut id = [0u8; 8];
-                id.copy_from_slice(&k[MEMBER_ATTRS.len()..]);
-                if let Ok(attrs) = bincode::deserialize::<(String, Vec<String>)>(v) {
-                    out.insert(u64::from_be_bytes(id), attrs);
-                }
-            }
-            true
-        });
-        out
     }
 }

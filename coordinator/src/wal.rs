@@ -117,13 +117,13 @@ impl Wal {
                     segment_first: seg.first,
                     offset,
                 });
-                if let Some(prev) = all.last() {
-                    if e.index != prev.index + 1 {
-                        return Err(Error::Corrupt(format!(
-                            "write-ahead log jumps from index {} to {}",
-                            prev.index, e.index
-                        )));
-                    }
+                if let Some(prev) = all.last()
+                    && e.index != prev.index + 1
+                {
+                    return Err(Error::Corrupt(format!(
+                        "write-ahead log jumps from index {} to {}",
+                        prev.index, e.index
+                    )));
                 }
                 all.push(e);
             }

@@ -779,23 +779,29 @@ mod tests {
 
     /// A backend that reads one request head per answer in `answers` and writes the answer.
     async fn backend(answers: Vec<&'static [u8]>, close_after: bool) -> std::net::SocketAddr {
-        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = l.local_addr().unwrap();
+        let l = TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind a loopback port");
+        let addr = l.local_addr().expect("the listener's address");
         tokio::spawn(async move {
-            let (mut s, _) = l.accept().await.unwrap();
+            let (mut s, _) = l.accept().await.expect("accept");
             let mut got = Vec::new();
             for a in answers {
                 while !got.windows(4).any(|w| w == b"\r\n\r\n") {
                     let mut b = [0u8; 1024];
-                    let n = s.read(&mut b).await.unwrap();
+                    let n = s.read(&mut b).await.expect("read the request");
                     if n == 0 {
                         return;
                     }
                     got.extend_from_slice(&b[..n]);
                 }
-                let end = got.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
+                let end = got
+                    .windows(4)
+                    .position(|w| w == b"\r\n\r\n")
+                    .expect("a whole request head")
+                    + 4;
                 got.drain(..end);
-                s.write_all(a).await.unwrap();
+                s.write_all(a).await.expect("write the answer");
             }
             if !close_after {
                 tokio::time::sleep(std::time::Duration::from_secs(5)).await;
@@ -842,7 +848,9 @@ mod tests {
         .await;
         let pool = Arc::new(Pool::default());
         let conn = RawConn::new(MaybeTlsStream::Plain(
-            TcpStream::connect(addr).await.unwrap(),
+            TcpStream::connect(addr)
+                .await
+                .expect("connect to the test backend"),
         ));
         let (head, body, _) = get(conn, Method::GET, &pool, fields).await;
         assert_eq!((head.status, &body[..]), (StatusCode::OK, &b"hello"[..]));
@@ -867,7 +875,9 @@ mod tests {
             let addr = backend(vec![b"HTTP/1.1 200 OK\r\n\r\nall of it"], true).await;
             let pool = Arc::new(Pool::default());
             let conn = RawConn::new(MaybeTlsStream::Plain(
-                TcpStream::connect(addr).await.unwrap(),
+                TcpStream::connect(addr)
+                    .await
+                    .expect("connect to the test backend"),
             ));
             let (head, body, _) = get(conn, Method::GET, &pool, fields).await;
             assert_eq!(head.framing, Framing::UntilClose);
@@ -888,7 +898,9 @@ mod tests {
             let addr = backend(vec![answer], false).await;
             let pool = Arc::new(Pool::default());
             let conn = RawConn::new(MaybeTlsStream::Plain(
-                TcpStream::connect(addr).await.unwrap(),
+                TcpStream::connect(addr)
+                    .await
+                    .expect("connect to the test backend"),
             ));
             let (_, body, _) = get(conn, Method::GET, &pool, fields).await;
             assert_eq!(&body[..], b"ok");
@@ -909,11 +921,16 @@ mod tests {
         {
             let addr = backend(vec![answer], false).await;
             let mut conn = RawConn::new(MaybeTlsStream::Plain(
-                TcpStream::connect(addr).await.unwrap(),
+                TcpStream::connect(addr)
+                    .await
+                    .expect("connect to the test backend"),
             ));
             let mut req = Vec::new();
             encode_head(&Method::GET, "/", &HeaderMap::new(), &mut req);
-            let e = conn.exchange(&req, &Method::GET, fields).await.unwrap_err();
+            let e = conn
+                .exchange(&req, &Method::GET, fields)
+                .await
+                .expect_err("a malformed answer is an error");
             assert!(matches!(e, ExchangeError::Malformed(_)), "{e}");
         }
         let addr = backend(
@@ -922,14 +939,16 @@ mod tests {
         )
         .await;
         let mut conn = RawConn::new(MaybeTlsStream::Plain(
-            TcpStream::connect(addr).await.unwrap(),
+            TcpStream::connect(addr)
+                .await
+                .expect("connect to the test backend"),
         ));
         let mut req = Vec::new();
         encode_head(&Method::GET, "/", &HeaderMap::new(), &mut req);
         let head = conn
             .exchange(&req, &Method::GET, Fields::Map)
             .await
-            .unwrap();
+            .expect("the head is well-formed");
         let pool = Arc::new(Pool::default());
         let err = RawBody::new(conn, &head, pool.clone()).collect().await;
         assert!(err.is_err());
@@ -945,7 +964,9 @@ mod tests {
         let addr = backend(vec![b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n"], true).await;
         let pool = Arc::new(Pool::default());
         let conn = RawConn::new(MaybeTlsStream::Plain(
-            TcpStream::connect(addr).await.unwrap(),
+            TcpStream::connect(addr)
+                .await
+                .expect("connect to the test backend"),
         ));
         let _ = get(conn, Method::GET, &pool, Fields::Map).await;
         let mut conn = pool.0.lock().pop().expect("kept");
@@ -956,7 +977,7 @@ mod tests {
         let e = conn
             .exchange(&req, &Method::GET, Fields::Map)
             .await
-            .unwrap_err();
+            .expect_err("the closed connection fails");
         assert!(matches!(e, ExchangeError::Stale), "{e}");
     }
 

@@ -533,17 +533,17 @@ mod tests {
     fn registered_addresses_become_ip_or_name_targets() {
         assert_eq!(
             Target::parse("10.0.0.7", 8080),
-            Some(Target::Ip("10.0.0.7:8080".parse().unwrap()))
+            Some(Target::Ip("10.0.0.7:8080".parse().expect("an address")))
         );
         assert_eq!(
             Target::parse("[::1]", 80),
-            Some(Target::Ip("[::1]:80".parse().unwrap()))
+            Some(Target::Ip("[::1]:80".parse().expect("an address")))
         );
         assert_eq!(
             Target::parse("::1", 80),
-            Some(Target::Ip("[::1]:80".parse().unwrap()))
+            Some(Target::Ip("[::1]:80".parse().expect("an address")))
         );
-        let demo = Target::parse("Demo-1.internal", 8080).unwrap();
+        let demo = Target::parse("Demo-1.internal", 8080).expect("a DNS name is a target");
         assert_eq!(demo.to_string(), "demo-1.internal:8080");
         assert!(matches!(demo, Target::Name { port: 8080, .. }));
         assert!(matches!(

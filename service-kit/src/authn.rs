@@ -592,19 +592,19 @@ impl Auth {
                 )),
             };
         }
-        if self.mtls {
-            if let Some(der) = client_cert {
-                return subject_from_cert(der)
-                    .map(|subject| Identity {
-                        subject,
-                        proof: Proof::ClientCert,
-                    })
-                    .ok_or_else(|| {
-                        AuthError::Unauthenticated(
-                            "the client certificate names no subject (no SAN, no CN)".into(),
-                        )
-                    });
-            }
+        if self.mtls
+            && let Some(der) = client_cert
+        {
+            return subject_from_cert(der)
+                .map(|subject| Identity {
+                    subject,
+                    proof: Proof::ClientCert,
+                })
+                .ok_or_else(|| {
+                    AuthError::Unauthenticated(
+                        "the client certificate names no subject (no SAN, no CN)".into(),
+                    )
+                });
         }
         let wanted = match (bearer_modes, self.mtls) {
             (true, true) => "send `Authorization: Bearer <token>` or a TLS client certificate",
@@ -857,10 +857,11 @@ mod der {
         for rdn in all(name)? {
             for atv in all(rdn.contents)? {
                 let parts = all(atv.contents)?;
-                if let [oid, value] = parts.as_slice() {
-                    if oid.tag == 0x06 && oid.contents == OID_CN {
-                        return std::str::from_utf8(value.contents).ok().map(str::to_owned);
-                    }
+                if let [oid, value] = parts.as_slice()
+                    && oid.tag == 0x06
+                    && oid.contents == OID_CN
+                {
+                    return std::str::from_utf8(value.contents).ok().map(str::to_owned);
                 }
             }
         }

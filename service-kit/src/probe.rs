@@ -121,6 +121,24 @@ fn exchange(
     }
 }
 
+/// The `health` subcommand's whole job: probe `path` on this process's own admin listener
+/// (`listen`, as configured; see [`local_addr`]) and turn the answer into an exit code,
+/// printing `failure: <why>` to stderr when it is not 200.
+pub fn exit_code(
+    listen: SocketAddr,
+    path: &str,
+    timeout: Duration,
+    failure: &str,
+) -> std::process::ExitCode {
+    match check_health(&local_addr(listen).to_string(), path, timeout) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("{failure}: {err}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -153,23 +171,5 @@ mod tests {
         let err =
             check_health("no-port-here", "/healthz", Duration::from_secs(1)).expect_err("bad addr");
         assert!(err.contains("resolve"), "{err}");
-    }
-}
-
-/// The `health` subcommand's whole job: probe `path` on this process's own admin listener
-/// (`listen`, as configured; see [`local_addr`]) and turn the answer into an exit code,
-/// printing `failure: <why>` to stderr when it is not 200.
-pub fn exit_code(
-    listen: SocketAddr,
-    path: &str,
-    timeout: Duration,
-    failure: &str,
-) -> std::process::ExitCode {
-    match check_health(&local_addr(listen).to_string(), path, timeout) {
-        Ok(()) => std::process::ExitCode::SUCCESS,
-        Err(err) => {
-            eprintln!("{failure}: {err}");
-            std::process::ExitCode::FAILURE
-        }
     }
 }

@@ -107,9 +107,14 @@ mod tests {
             "svc",
             LogFormat::Text,
             7,
-            |config| order.lock().unwrap().push(("started", *config)),
+            |config| {
+                order
+                    .lock()
+                    .expect("not poisoned")
+                    .push(("started", *config))
+            },
             |config, token| {
-                order.lock().unwrap().push(("serve", config));
+                order.lock().expect("not poisoned").push(("serve", config));
                 async move {
                     if token.is_cancelled() {
                         Err("cancelled before any signal".to_string())
@@ -120,6 +125,9 @@ mod tests {
             },
         );
         assert_eq!(code, ExitCode::SUCCESS);
-        assert_eq!(*order.lock().unwrap(), [("started", 7), ("serve", 7)]);
+        assert_eq!(
+            *order.lock().expect("not poisoned"),
+            [("started", 7), ("serve", 7)]
+        );
     }
 }

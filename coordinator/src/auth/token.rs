@@ -317,8 +317,7 @@ mod tests {
             &format!("jwt,pub-key={},sign-method=RS256", pubk.display()),
             DEFAULT_TTL,
         )
-        .err()
-        .expect("wrong key kind");
+        .expect_err("wrong key kind");
         assert!(e.contains("bad JWT public key"), "{e}");
     }
 

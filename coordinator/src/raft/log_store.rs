@@ -172,10 +172,10 @@ impl MemDisk {
 
     fn save_meta(&self, m: &Meta) {
         let mut d = self.inner.lock();
-        if let Some(v) = m.vote {
-            if d.meta.vote != Some(v) {
-                d.votes.push(v);
-            }
+        if let Some(v) = m.vote
+            && d.meta.vote != Some(v)
+        {
+            d.votes.push(v);
         }
         d.meta = m.clone();
     }

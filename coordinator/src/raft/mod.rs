@@ -720,10 +720,10 @@ impl RaftMember {
         // runs a quorum round: checked after, the entry could commit during the round and the
         // stale index pass (the simulation found that too).
         let restored = *self.inner.restored_leader.lock();
-        if let Some(restored) = restored {
-            if self.inner.raft.metrics().borrow().vote.leader_id == restored {
-                return None;
-            }
+        if let Some(restored) = restored
+            && self.inner.raft.metrics().borrow().vote.leader_id == restored
+        {
+            return None;
         }
         // Waits while a leader transfer runs (its round would renew followers' vote leases);
         // if leadership moved, openraft refuses below and the caller asks the new leader.
@@ -1547,10 +1547,10 @@ impl Peer for PeerService {
     ) -> std::result::Result<Response<Blob>, Status> {
         let rpc = decode(req.get_ref())?;
         let res = self.member.inner.raft.append_entries(rpc).await;
-        if let Ok(r) = &res {
-            if !matches!(r, openraft::raft::AppendEntriesResponse::HigherVote(_)) {
-                self.member.heard_from_leader();
-            }
+        if let Ok(r) = &res
+            && !matches!(r, openraft::raft::AppendEntriesResponse::HigherVote(_))
+        {
+            self.member.heard_from_leader();
         }
         blob(&res)
     }
@@ -1558,10 +1558,10 @@ impl Peer for PeerService {
     async fn vote(&self, req: Request<Blob>) -> std::result::Result<Response<Blob>, Status> {
         let rpc = decode(req.get_ref())?;
         let res = self.member.inner.raft.vote(rpc).await;
-        if let Ok(r) = &res {
-            if r.vote_granted {
-                self.member.heard_from_leader();
-            }
+        if let Ok(r) = &res
+            && r.vote_granted
+        {
+            self.member.heard_from_leader();
         }
         blob(&res)
     }

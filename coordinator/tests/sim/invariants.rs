@@ -191,14 +191,14 @@ pub fn check_state_machines(histories: &[(String, BTreeMap<i64, u64>)]) -> Vec<S
     for (i, (na, a)) in histories.iter().enumerate() {
         for (nb, b) in &histories[i + 1..] {
             for (rev, da) in a {
-                if let Some(db) = b.get(rev) {
-                    if da != db {
-                        out.push(format!(
-                            "state machines differ: {na} and {nb} hold different events at \
+                if let Some(db) = b.get(rev)
+                    && da != db
+                {
+                    out.push(format!(
+                        "state machines differ: {na} and {nb} hold different events at \
                              revision {rev}"
-                        ));
-                        break;
-                    }
+                    ));
+                    break;
                 }
             }
         }

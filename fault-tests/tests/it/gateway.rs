@@ -148,8 +148,8 @@ impl Load {
         for t in self.tasks {
             let _ = tokio::time::timeout(REQUEST_TIMEOUT * 2, t).await;
         }
-        let samples = self.samples.lock().expect("samples").clone();
-        samples
+
+        self.samples.lock().expect("samples").clone()
     }
 }
 

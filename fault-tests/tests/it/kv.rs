@@ -73,13 +73,13 @@ impl Members {
             ids: Vec::new(),
         };
         let mut ids = Vec::new();
-        for i in 0..MEMBERS.len() {
+        for (i, name) in MEMBERS.iter().enumerate() {
             let deadline = Instant::now() + Duration::from_secs(30);
             let id = loop {
                 if let Some(s) = members.status(i).await {
                     break s.member_id;
                 }
-                assert!(Instant::now() < deadline, "{} answers Status", MEMBERS[i]);
+                assert!(Instant::now() < deadline, "{name} answers Status");
                 tokio::time::sleep(Duration::from_millis(200)).await;
             };
             ids.push(id);

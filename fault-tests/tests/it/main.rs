@@ -398,10 +398,10 @@ async fn baseline(env: &Env<'_>, s: &mut Scenario) {
 async fn leader(env: &Env<'_>, s: &mut Scenario) -> Option<(usize, u64)> {
     let deadline = Instant::now() + Duration::from_secs(20);
     while Instant::now() < deadline {
-        if let Some(l) = env.members.leader().await {
-            if let Some(st) = env.members.status(l).await {
-                return Some((l, st.term));
-            }
+        if let Some(l) = env.members.leader().await
+            && let Some(st) = env.members.status(l).await
+        {
+            return Some((l, st.term));
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
@@ -431,10 +431,10 @@ async fn rejoined(env: &Env<'_>, i: usize, since: Instant, timeout: Duration) ->
     let deadline = Instant::now() + timeout;
     loop {
         blocking(|| env.members.refresh(env.project, i));
-        if let (Some(l), Some(st)) = (env.members.leader().await, env.members.status(i).await) {
-            if st.leader == env.members.id(l) {
-                return Some(since.elapsed());
-            }
+        if let (Some(l), Some(st)) = (env.members.leader().await, env.members.status(i).await)
+            && st.leader == env.members.id(l)
+        {
+            return Some(since.elapsed());
         }
         if Instant::now() > deadline {
             return None;
