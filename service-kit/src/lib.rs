@@ -69,6 +69,7 @@ pub mod devcerts;
 pub mod probe;
 #[cfg(feature = "runtime")]
 pub mod process;
+pub mod procstat;
 #[cfg(feature = "runtime")]
 pub mod shutdown;
 #[cfg(feature = "runtime")]

@@ -96,21 +96,11 @@ struct Args {
     #[arg(long)]
     count_endpoint: Option<String>,
     /// Scale mode: `name=PID` of a process whose RSS and CPU time to report (repeatable).
-    #[arg(long = "pid", value_parser = parse_pid)]
+    #[arg(long = "pid", value_parser = service_kit::procstat::parse_named_pid)]
     pids: Vec<(String, u32)>,
     /// Scale mode: the bound on the whole run, in seconds (phases left are skipped).
     #[arg(long, default_value_t = 900)]
     max_seconds: u64,
-}
-
-fn parse_pid(s: &str) -> Result<(String, u32), String> {
-    let (name, pid) = s
-        .split_once('=')
-        .ok_or_else(|| format!("--pid takes name=PID, not {s:?}"))?;
-    let pid = pid
-        .parse()
-        .map_err(|_| format!("--pid {s:?}: {pid:?} is not a process id"))?;
-    Ok((name.to_owned(), pid))
 }
 
 fn main() -> anyhow::Result<()> {
@@ -374,67 +364,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
 mod scale {
     use super::*;
 
-    /// RSS (current and peak, KiB) and CPU time (user + system, seconds) of a process.
-    #[derive(Clone, Copy, Default)]
-    struct Usage {
-        rss_kib: u64,
-        hwm_kib: u64,
-        cpu_s: f64,
-    }
-
-    fn usage(pid: u32) -> anyhow::Result<Usage> {
-        let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
-            .with_context(|| format!("process {pid} (is it running?)"))?;
-        let field = |name: &str| {
-            status
-                .lines()
-                .find_map(|l| l.strip_prefix(name))
-                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-                .unwrap_or(0)
-        };
-        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
-        // After the command name: utime and stime are fields 14 and 15 (USER_HZ = 100).
-        let after = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
-        let f: Vec<&str> = after.split_whitespace().collect();
-        let tick = |i: usize| f.get(i).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
-        Ok(Usage {
-            rss_kib: field("VmRSS:"),
-            hwm_kib: field("VmHWM:"),
-            cpu_s: (tick(11) + tick(12)) as f64 / 100.0,
-        })
-    }
-
-    fn usages(pids: &[(String, u32)]) -> anyhow::Result<Vec<Usage>> {
-        pids.iter().map(|(_, p)| usage(*p)).collect()
-    }
-
-    fn rss(pids: &[(String, u32)], u: &[Usage]) -> String {
-        pids.iter()
-            .zip(u)
-            .map(|((name, _), u)| {
-                format!(
-                    "{name} {:.0} (peak {:.0})",
-                    u.rss_kib as f64 / 1024.0,
-                    u.hwm_kib as f64 / 1024.0
-                )
-            })
-            .collect::<Vec<_>>()
-            .join(", ")
-    }
-
-    fn cpu(pids: &[(String, u32)], a: &[Usage], b: &[Usage]) -> String {
-        pids.iter()
-            .zip(a.iter().zip(b))
-            .map(|((name, _), (a, b))| format!("{name} {:.1}", b.cpu_s - a.cpu_s))
-            .collect::<Vec<_>>()
-            .join(", ")
-    }
-
-    fn load() -> String {
-        std::fs::read_to_string("/proc/loadavg")
-            .map(|l| l.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
-            .unwrap_or_default()
-    }
+    use service_kit::procstat::{Usage, Watched, cpu_line, load_average};
 
     async fn count(
         kv: &mut proto::etcdserverpb::kv_client::KvClient<Channel>,
@@ -482,11 +412,8 @@ mod scale {
                 "--scale needs --config (a running config-svc) and --count-endpoint (its coordinator)"
             );
         };
-        for (name, pid) in &args.pids {
-            usage(*pid).with_context(|| format!("--pid {name}={pid}"))?;
-        }
+        let procs = Watched::new(args.pids.clone())?;
         let deadline = Instant::now() + Duration::from_secs(args.max_seconds);
-        let pids = args.pids.clone();
         let ch = channel(url).await?;
         let g = ConfigClient::new(ch).max_decoding_message_size(1 << 30);
         let mut kv = proto::etcdserverpb::kv_client::KvClient::new(channel(count_url).await?);
@@ -496,18 +423,18 @@ mod scale {
             "config scale: {n} items x {versions} versions, {} in flight, bound {} s; load average at start {}",
             args.concurrency,
             args.max_seconds,
-            load()
+            load_average()
         );
-        println!("start RSS (MiB): {}", rss(&pids, &usages(&pids)?));
+        println!("start RSS (MiB): {}", procs.rss(&procs.sample()?));
         println!();
         println!("| phase | result | CPU s (per process) | RSS after (MiB) |");
         println!("|---|---|---|---|");
         let row = |phase: &str, result: String, cpu: String, u: &[Usage]| {
-            println!("| {phase} | {result} | {cpu} | {} |", rss(&pids, u));
+            println!("| {phase} | {result} | {cpu} | {} |", procs.rss(u));
         };
 
         // 1. Publish: version v of every item before version v + 1 of any.
-        let u0 = usages(&pids)?;
+        let u0 = procs.sample()?;
         let total = n * versions;
         let next = Arc::new(AtomicUsize::new(0));
         let done = Arc::new(AtomicUsize::new(0));
@@ -559,7 +486,7 @@ mod scale {
         let took = started.elapsed();
         let published = done.load(Ordering::SeqCst);
         let h = hist.lock().clone();
-        let u1 = usages(&pids)?;
+        let u1 = procs.sample()?;
         let keys = count(&mut kv, &format!("{}{ns}/", config_svc::keys::ITEMS)).await?
             + count(&mut kv, &format!("{}{ns}/", config_svc::keys::VERSIONS)).await?;
         row(
@@ -571,7 +498,7 @@ mod scale {
                 ms(h.value_at_quantile(0.5)),
                 ms(h.value_at_quantile(0.99))
             ),
-            cpu(&pids, &u0, &u1),
+            cpu_line(&procs.cpu(&u0, &u1)),
             &u1,
         );
         if published < total {
@@ -617,11 +544,11 @@ mod scale {
                 }
                 h.record((t0.elapsed().as_micros() as u64).max(1))?;
             }
-            let u = usages(&pids)?;
+            let u = procs.sample()?;
             row(
                 phase,
                 summary(&h, started.elapsed()),
-                cpu(&pids, &before, &u),
+                cpu_line(&procs.cpu(&before, &u)),
                 &u,
             );
             before = u;
@@ -651,18 +578,18 @@ mod scale {
             }
             token = r.next_page_token;
         }
-        let u = usages(&pids)?;
+        let u = procs.sample()?;
         row(
             "List (pages of 1000)",
             format!(
                 "{listed} items in {pages} pages, {:.2} s",
                 started.elapsed().as_secs_f64()
             ),
-            cpu(&pids, &before, &u),
+            cpu_line(&procs.cpu(&before, &u)),
             &u,
         );
         println!();
-        println!("load average at the end: {}", load());
+        println!("load average at the end: {}", load_average());
         Ok(())
     }
 }

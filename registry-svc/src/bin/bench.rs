@@ -86,21 +86,11 @@ struct Args {
     #[arg(long)]
     count_endpoint: Option<String>,
     /// Scale mode: `name=PID` of a process whose RSS and CPU time to report (repeatable).
-    #[arg(long = "pid", value_parser = parse_pid)]
+    #[arg(long = "pid", value_parser = service_kit::procstat::parse_named_pid)]
     pids: Vec<(String, u32)>,
     /// Scale mode: the bound on the whole run, in seconds (phases left are skipped).
     #[arg(long, default_value_t = 900)]
     max_seconds: u64,
-}
-
-fn parse_pid(s: &str) -> Result<(String, u32), String> {
-    let (name, pid) = s
-        .split_once('=')
-        .ok_or_else(|| format!("--pid takes name=PID, not {s:?}"))?;
-    let pid = pid
-        .parse()
-        .map_err(|_| format!("--pid {s:?}: {pid:?} is not a process id"))?;
-    Ok((name.to_owned(), pid))
 }
 
 fn main() -> anyhow::Result<()> {
@@ -327,69 +317,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
 mod scale {
     use super::*;
 
-    /// RSS (current and peak, KiB) and CPU time (user + system, seconds) of a process.
-    #[derive(Clone, Copy, Default)]
-    struct Usage {
-        rss_kib: u64,
-        hwm_kib: u64,
-        cpu_s: f64,
-    }
-
-    fn usage(pid: u32) -> anyhow::Result<Usage> {
-        let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
-            .with_context(|| format!("process {pid} (is it running?)"))?;
-        let field = |name: &str| {
-            status
-                .lines()
-                .find_map(|l| l.strip_prefix(name))
-                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-                .unwrap_or(0)
-        };
-        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
-        // Fields after the command name (which may hold spaces) start at state (field 3):
-        // utime and stime are fields 14 and 15, in clock ticks (USER_HZ, 100 on Linux).
-        let after = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
-        let f: Vec<&str> = after.split_whitespace().collect();
-        let tick = |i: usize| f.get(i).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
-        Ok(Usage {
-            rss_kib: field("VmRSS:"),
-            hwm_kib: field("VmHWM:"),
-            cpu_s: (tick(11) + tick(12)) as f64 / 100.0,
-        })
-    }
-
-    fn usages(pids: &[(String, u32)]) -> anyhow::Result<Vec<Usage>> {
-        pids.iter().map(|(_, p)| usage(*p)).collect()
-    }
-
-    fn mib(kib: u64) -> String {
-        format!("{:.0}", kib as f64 / 1024.0)
-    }
-
-    /// "coordinator 812 MiB (peak 840), registry 95 MiB (peak 120)".
-    fn rss(pids: &[(String, u32)], u: &[Usage]) -> String {
-        pids.iter()
-            .zip(u)
-            .map(|((name, _), u)| {
-                format!("{name} {} MiB (peak {})", mib(u.rss_kib), mib(u.hwm_kib))
-            })
-            .collect::<Vec<_>>()
-            .join(", ")
-    }
-
-    /// "coordinator 12.3 s, registry 4.1 s" of CPU between two samples.
-    fn cpu(pids: &[(String, u32)], a: &[Usage], b: &[Usage]) -> Vec<(String, f64)> {
-        pids.iter()
-            .zip(a.iter().zip(b))
-            .map(|((name, _), (a, b))| (name.clone(), b.cpu_s - a.cpu_s))
-            .collect()
-    }
-
-    fn load() -> String {
-        std::fs::read_to_string("/proc/loadavg")
-            .map(|l| l.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
-            .unwrap_or_default()
-    }
+    use service_kit::procstat::{Usage, Watched, cpu_line, load_average};
 
     async fn count(
         kv: &mut proto::etcdserverpb::kv_client::KvClient<Channel>,
@@ -465,11 +393,8 @@ mod scale {
         if args.ttl < 2 {
             bail!("--ttl must be at least 2 seconds");
         }
-        for (name, pid) in &args.pids {
-            usage(*pid).with_context(|| format!("--pid {name}={pid}"))?;
-        }
+        let procs = Watched::new(args.pids.clone())?;
         let deadline = Instant::now() + Duration::from_secs(args.max_seconds);
-        let pids = args.pids.clone();
         let ch = channel(url).await?;
         let g = RegistryClient::new(ch.clone()).max_decoding_message_size(1 << 30);
         let mut kv = proto::etcdserverpb::kv_client::KvClient::new(channel(count_url).await?);
@@ -480,23 +405,19 @@ mod scale {
             "registry scale: {n} instances, TTL {ttl} s, {} in flight, bound {} s; load average at start {}",
             args.concurrency,
             args.max_seconds,
-            load()
+            load_average()
         );
-        println!("start: {}", rss(&pids, &usages(&pids)?));
+        println!("start RSS (MiB): {}", procs.rss(&procs.sample()?));
         println!();
         println!("| phase | result | CPU s (per process) | RSS after (MiB) |");
         println!("|---|---|---|---|");
         let row = |phase: &str, result: String, cpu: &[(String, f64)], u: &[Usage]| {
-            let cpu = cpu
-                .iter()
-                .map(|(n, c)| format!("{n} {c:.1}"))
-                .collect::<Vec<_>>()
-                .join(", ");
-            println!("| {phase} | {result} | {cpu} | {} |", rss(&pids, u));
+            let cpu = cpu_line(cpu);
+            println!("| {phase} | {result} | {cpu} | {} |", procs.rss(u));
         };
 
         // 1. Register.
-        let u0 = usages(&pids)?;
+        let u0 = procs.sample()?;
         let (g2, ns2) = (g.clone(), ns.clone());
         let (registered, took, h) = each(n, args.concurrency, deadline, move |i| {
             let (mut g, ns) = (g2.clone(), ns2.clone());
@@ -519,7 +440,7 @@ mod scale {
             }
         })
         .await?;
-        let u1 = usages(&pids)?;
+        let u1 = procs.sample()?;
         row(
             "register",
             format!(
@@ -529,7 +450,7 @@ mod scale {
                 ms(h.value_at_quantile(0.5)),
                 ms(h.value_at_quantile(0.99))
             ),
-            &cpu(&pids, &u0, &u1),
+            &procs.cpu(&u0, &u1),
             &u1,
         );
         let registered_at = Instant::now();
@@ -565,7 +486,7 @@ mod scale {
                 }
             }
         }
-        let u2 = usages(&pids)?;
+        let u2 = procs.sample()?;
         times.sort_by(f64::total_cmp);
         let result = if times.is_empty() {
             outcome
@@ -577,7 +498,7 @@ mod scale {
                 times[times.len() - 1]
             )
         };
-        row("Discover (all)", result, &cpu(&pids, &u1, &u2), &u2);
+        row("Discover (all)", result, &procs.cpu(&u1, &u2), &u2);
 
         // 3. One heartbeat of every instance.
         let (g3, ns3) = (g.clone(), ns.clone());
@@ -598,8 +519,8 @@ mod scale {
         })
         .await?;
         let renewed_at = Instant::now();
-        let u3 = usages(&pids)?;
-        let spent = cpu(&pids, &u2, &u3);
+        let u3 = procs.sample()?;
+        let spent = procs.cpu(&u2, &u3);
         let total: f64 = spent.iter().map(|(_, c)| c).sum();
         // The client library renews every TTL/3: N / (TTL/3) heartbeats per second.
         let rate_needed = registered as f64 / (f64::from(ttl) / 3.0);
@@ -625,11 +546,11 @@ mod scale {
             .min(deadline.saturating_duration_since(Instant::now()));
         let first_due = Instant::now() + quiet;
         tokio::time::sleep(quiet.saturating_sub(Duration::from_secs(1))).await;
-        let u4 = usages(&pids)?;
+        let u4 = procs.sample()?;
         row(
             "idle (no heartbeats)",
             format!("{:.0} s", quiet.as_secs_f64()),
-            &cpu(&pids, &u3, &u4),
+            &procs.cpu(&u3, &u4),
             &u4,
         );
 
@@ -648,7 +569,7 @@ mod scale {
             tokio::time::sleep(Duration::from_millis(250)).await;
         };
         let end = Instant::now();
-        let u5 = usages(&pids)?;
+        let u5 = procs.sample()?;
         let after = |t: Instant| {
             if t >= all_due {
                 format!("+{:.1} s", (t - all_due).as_secs_f64())
@@ -666,9 +587,9 @@ mod scale {
             ),
             (left, _) => format!("{left} of {registered} still there at the time bound"),
         };
-        row("expiry", result, &cpu(&pids, &u4, &u5), &u5);
+        row("expiry", result, &procs.cpu(&u4, &u5), &u5);
         println!();
-        println!("load average at the end: {}", load());
+        println!("load average at the end: {}", load_average());
         Ok(())
     }
 
