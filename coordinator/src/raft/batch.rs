@@ -55,8 +55,9 @@ pub const MAX_BYTES: usize = 256 * 1024;
 pub enum WriteFailed {
     /// No answer in time (the leader may have lost its quorum): the outcome is unknown.
     Timeout,
-    /// openraft's own error for the entry (not leader, or stopped): nothing was applied.
-    Raft(RaftError<u64, ClientWriteError<u64, MemberNode>>),
+    /// openraft's own error for the entry (not leader, or stopped): nothing was applied. Boxed:
+    /// it is ten times the size of a success, which every answer would otherwise carry.
+    Raft(Box<RaftError<u64, ClientWriteError<u64, MemberNode>>>),
 }
 
 /// The outcome of one command written through the batcher.
@@ -124,13 +125,17 @@ impl Batcher {
         let bytes = bincode::serialized_size(&cmd).unwrap_or(0) as usize;
         let (reply, rx) = oneshot::channel();
         if self.tx.send(Waiting { cmd, bytes, reply }).is_err() {
-            return Err(WriteFailed::Raft(RaftError::Fatal(Fatal::Stopped)));
+            return Err(WriteFailed::Raft(Box::new(RaftError::Fatal(
+                Fatal::Stopped,
+            ))));
         }
         match tokio::time::timeout(PROPOSE_WAIT, rx).await {
             Err(_) => Err(WriteFailed::Timeout),
             Ok(Ok(w)) => w,
             // The batcher stopped (the member is shutting down).
-            Ok(Err(_)) => Err(WriteFailed::Raft(RaftError::Fatal(Fatal::Stopped))),
+            Ok(Err(_)) => Err(WriteFailed::Raft(Box::new(RaftError::Fatal(
+                Fatal::Stopped,
+            )))),
         }
     }
 }
@@ -215,7 +220,9 @@ async fn propose(
         })),
         Err(fatal) => {
             for r in replies {
-                let _ = r.send(Err(WriteFailed::Raft(RaftError::Fatal(fatal.clone()))));
+                let _ = r.send(Err(WriteFailed::Raft(Box::new(RaftError::Fatal(
+                    fatal.clone(),
+                )))));
             }
             None
         }
@@ -232,12 +239,16 @@ fn answer_all((replies, answer): Answer) {
         // openraft dropped the responder: its core stopped.
         Ok(Err(_)) => {
             for r in replies {
-                let _ = r.send(Err(WriteFailed::Raft(RaftError::Fatal(Fatal::Stopped))));
+                let _ = r.send(Err(WriteFailed::Raft(Box::new(RaftError::Fatal(
+                    Fatal::Stopped,
+                )))));
             }
         }
         Ok(Ok(Err(e))) => {
             for r in replies {
-                let _ = r.send(Err(WriteFailed::Raft(RaftError::APIError(e.clone()))));
+                let _ = r.send(Err(WriteFailed::Raft(Box::new(RaftError::APIError(
+                    e.clone(),
+                )))));
             }
         }
         Ok(Ok(Ok(resp))) => {

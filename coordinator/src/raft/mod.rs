@@ -537,13 +537,11 @@ impl RaftMember {
         match self.inner.batcher.write(cmd).await {
             Ok(o) => Ok(o.into_result()),
             Err(WriteFailed::Timeout) => Err(Error::Timeout),
-            Err(WriteFailed::Raft(RaftError::APIError(ClientWriteError::ForwardToLeader(_)))) => {
-                Err(Error::NoLeader)
-            }
-            Err(WriteFailed::Raft(RaftError::APIError(e))) => {
-                Err(Error::Unsupported(e.to_string()))
-            }
-            Err(WriteFailed::Raft(RaftError::Fatal(_))) => Err(Error::Stopped),
+            Err(WriteFailed::Raft(e)) => match *e {
+                RaftError::APIError(ClientWriteError::ForwardToLeader(_)) => Err(Error::NoLeader),
+                RaftError::APIError(e) => Err(Error::Unsupported(e.to_string())),
+                RaftError::Fatal(_) => Err(Error::Stopped),
+            },
         }
     }
 
@@ -559,13 +557,11 @@ impl RaftMember {
                     Ok(o) => return Ok(o.into_result()),
                     // A leader cut off from its quorum never commits: the outcome is unknown.
                     Err(WriteFailed::Timeout) => return Err(Error::Timeout),
-                    Err(WriteFailed::Raft(RaftError::APIError(
-                        ClientWriteError::ForwardToLeader(_),
-                    ))) => {}
-                    Err(WriteFailed::Raft(RaftError::APIError(e))) => {
-                        return Err(Error::Unsupported(e.to_string()));
-                    }
-                    Err(WriteFailed::Raft(RaftError::Fatal(_))) => return Err(Error::Stopped),
+                    Err(WriteFailed::Raft(e)) => match *e {
+                        RaftError::APIError(ClientWriteError::ForwardToLeader(_)) => {}
+                        RaftError::APIError(e) => return Err(Error::Unsupported(e.to_string())),
+                        RaftError::Fatal(_) => return Err(Error::Stopped),
+                    },
                 }
             } else {
                 let data = bincode::serialize(&cmd)
@@ -1615,10 +1611,12 @@ impl Peer for PeerService {
             match self.member.inner.batcher.write(cmd).await {
                 Ok(o) => Ok(o),
                 Err(WriteFailed::Timeout) => Err(PeerError::Failed(Error::Timeout.to_string())),
-                Err(WriteFailed::Raft(RaftError::APIError(ClientWriteError::ForwardToLeader(
-                    f,
-                )))) => Err(PeerError::NotLeader(f.leader_id)),
-                Err(WriteFailed::Raft(e)) => Err(PeerError::Failed(e.to_string())),
+                Err(WriteFailed::Raft(e)) => match *e {
+                    RaftError::APIError(ClientWriteError::ForwardToLeader(f)) => {
+                        Err(PeerError::NotLeader(f.leader_id))
+                    }
+                    e => Err(PeerError::Failed(e.to_string())),
+                },
             };
         blob(&res)
     }
