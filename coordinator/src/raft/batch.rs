@@ -56,7 +56,7 @@ pub enum WriteFailed {
     /// No answer in time (the leader may have lost its quorum): the outcome is unknown.
     Timeout,
     /// openraft's own error for the entry (not leader, or stopped): nothing was applied. Boxed:
-    /// it is ten times the size of a success, which every answer would otherwise carry.
+    /// unboxed it is 224 bytes against a success's 48, and every answer would carry its size.
     Raft(Box<RaftError<u64, ClientWriteError<u64, MemberNode>>>),
 }
 
