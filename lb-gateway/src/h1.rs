@@ -46,7 +46,15 @@ pub struct RawConn {
     buf: BytesMut,
     /// It served a request before (so a close before any answer means it went stale).
     reused: bool,
+    /// The per-try deadline of [`RawConn::exchange_within`], kept with the connection and
+    /// re-armed for each request: moving an armed timer later is a compare-and-swap, while a
+    /// new timer per request takes the timer driver's lock twice (in, out).
+    timer: Option<Pin<Box<tokio::time::Sleep>>>,
 }
+
+/// A try that did not get its answer's head before its deadline.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TimedOut;
 
 /// Why an exchange failed.
 #[derive(Debug, thiserror::Error)]
@@ -126,7 +134,33 @@ impl RawConn {
             io,
             buf: BytesMut::with_capacity(READ),
             reused: false,
+            timer: None,
         }
+    }
+
+    /// [`RawConn::exchange`], given up at `deadline` (the connection is then unusable: the
+    /// answer may still come).
+    pub async fn exchange_within(
+        &mut self,
+        deadline: tokio::time::Instant,
+        head: &[u8],
+        method: &Method,
+        fields: Fields,
+    ) -> Result<Result<Head, ExchangeError>, TimedOut> {
+        let mut timer = match self.timer.take() {
+            Some(mut t) => {
+                t.as_mut().reset(deadline);
+                t
+            }
+            None => Box::pin(tokio::time::sleep_until(deadline)),
+        };
+        let answer = tokio::select! {
+            biased;
+            r = self.exchange(head, method, fields) => Ok(r),
+            () = timer.as_mut() => Err(TimedOut),
+        };
+        self.timer = Some(timer);
+        answer
     }
 
     /// Whether it may still be usable: not closed by the backend while idle (no unread bytes,
@@ -867,6 +901,63 @@ mod tests {
         let (head, body, _) = get(conn, Method::HEAD, &pool, fields).await;
         assert_eq!((head.framing, body.len()), (Framing::Empty, 0));
         assert!(pool.0.lock().pop().is_some());
+    }
+
+    #[tokio::test]
+    async fn the_per_try_deadline_is_kept_whether_moved_earlier_or_later_or_after_firing_idle() {
+        use std::time::Duration;
+        use tokio::time::Instant;
+        let addr = backend(
+            vec![
+                b"HTTP/1.1 204 No Content\r\n\r\n",
+                b"HTTP/1.1 204 No Content\r\n\r\n",
+            ],
+            false,
+        )
+        .await;
+        let mut conn = RawConn::new(MaybeTlsStream::Plain(
+            TcpStream::connect(addr)
+                .await
+                .expect("connect to the test backend"),
+        ));
+        let mut req = Vec::new();
+        encode_head(&Method::GET, "/", &HeaderMap::new(), &mut req);
+        let far = Instant::now() + Duration::from_secs(10);
+        let head = conn
+            .exchange_within(far, &req, &Method::GET, Fields::Map)
+            .await
+            .expect("answered before the deadline")
+            .expect("a head");
+        assert_eq!(head.status, StatusCode::NO_CONTENT);
+        // Earlier than the armed deadline, answered in time.
+        let near = Instant::now() + Duration::from_millis(60);
+        let head = conn
+            .exchange_within(near, &req, &Method::GET, Fields::Map)
+            .await
+            .expect("answered before the deadline")
+            .expect("a head");
+        assert_eq!(head.status, StatusCode::NO_CONTENT);
+        // The armed deadline passes while the connection is idle; the next try gets its own.
+        tokio::time::sleep(Duration::from_millis(120)).await;
+        let started = Instant::now();
+        let answer = conn
+            .exchange_within(
+                started + Duration::from_millis(150),
+                &req,
+                &Method::GET,
+                Fields::Map,
+            )
+            .await;
+        let waited = started.elapsed();
+        assert_eq!(
+            answer.err(),
+            Some(TimedOut),
+            "the backend never answers the third"
+        );
+        assert!(
+            waited >= Duration::from_millis(150) && waited < Duration::from_secs(3),
+            "{waited:?}"
+        );
     }
 
     #[tokio::test]

@@ -808,24 +808,33 @@ async fn proxy(
                 let out = Request::from_parts(parts, body);
                 tokio::time::timeout(per_try, s.try_send_request(out))
                     .await
-                    .map(|r| r.map(Answer::Hyper).map_err(SendError::Hyper))
+                    .map_err(|_| h1::TimedOut)
+                    .map(|r| {
+                        r.map(Answer::Hyper)
+                            .map_err(|e| SendError::Hyper(Box::new(e)))
+                    })
             }
             Sender::H2(s) => {
                 let out = Request::from_parts(parts, body);
                 tokio::time::timeout(per_try, s.try_send_request(out))
                     .await
-                    .map(|r| r.map(Answer::Hyper).map_err(SendError::Hyper))
+                    .map_err(|_| h1::TimedOut)
+                    .map(|r| {
+                        r.map(Answer::Hyper)
+                            .map_err(|e| SendError::Hyper(Box::new(e)))
+                    })
             }
             Sender::Raw(conn) => {
                 let mut head = Vec::with_capacity(512);
                 let pq = parts.uri.path_and_query().map_or("/", |p| p.as_str());
                 h1::encode_head(&parts.method, pq, &parts.headers, &mut head);
-                let answer =
-                    tokio::time::timeout(per_try, conn.exchange(&head, &parts.method, fields))
-                        .await
-                        .map(|r| r.map(Answer::Raw));
+                let by = tokio::time::Instant::from_std(sent_at + per_try);
+                let answer = conn
+                    .exchange_within(by, &head, &parts.method, fields)
+                    .await
+                    .map(|r| r.map(Answer::Raw));
                 if let Ok(Err(ExchangeError::Stale)) = answer {
-                    Ok(Err(SendError::Stale(parts)))
+                    Ok(Err(SendError::Stale(Box::new(parts))))
                 } else {
                     if retryable && template.is_none() {
                         let http::request::Parts {
@@ -896,13 +905,14 @@ async fn proxy(
                 // request goes again on a fresh one, as the same try.
                 stale_conn_retries += 1;
                 attempts -= 1;
-                pending = Some((p, UpBody::Empty));
+                pending = Some((*p, UpBody::Empty));
                 drop(load);
                 admitted.take_back(&gw.in_flight);
                 continue;
             }
             Ok(Err(SendError::Stale(p))) => {
                 if retryable && template.is_none() {
+                    let p = *p;
                     template = Some(template_of(p.method, p.uri, p.headers, added_host));
                 }
                 (
@@ -1015,11 +1025,11 @@ impl Answer {
     }
 }
 
-/// Why a send failed.
+/// Why a send failed (rare: boxed, so that the common answer is small to move).
 enum SendError {
-    Hyper(hyper::client::conn::TrySendError<Request<UpBody>>),
+    Hyper(Box<hyper::client::conn::TrySendError<Request<UpBody>>>),
     /// A pooled connection went stale before answering; the request's head comes back.
-    Stale(http::request::Parts),
+    Stale(Box<http::request::Parts>),
     Raw(ExchangeError),
 }
 

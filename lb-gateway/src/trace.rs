@@ -69,9 +69,10 @@ impl TraceParent {
 
     /// A new trace, sampled.
     pub fn new_root() -> TraceParent {
+        let (trace_id, span_id) = ids::fresh();
         TraceParent {
-            trace_id: nonzero(rand::random()),
-            span_id: nonzero(rand::random()),
+            trace_id: nonzero(trace_id),
+            span_id: nonzero(span_id),
             flags: 1,
         }
     }
@@ -79,7 +80,7 @@ impl TraceParent {
     /// A child of this context: same trace and flags, a new span ID.
     pub fn child(&self) -> TraceParent {
         TraceParent {
-            span_id: nonzero(rand::random()),
+            span_id: nonzero(ids::fresh().1),
             ..*self
         }
     }
@@ -95,17 +96,18 @@ impl TraceParent {
         let mut out = [b'-'; 55];
         out[0] = b'0';
         out[1] = b'0';
-        let bytes = self
-            .trace_id
-            .iter()
-            .chain(self.span_id.iter())
-            .chain(std::iter::once(&self.flags));
         // Hex pairs at 3.., 36.. and 53.., with the dashes between them left in place.
-        let at = (3..35).step_by(2).chain((36..52).step_by(2)).chain([53]);
-        for (b, i) in bytes.zip(at) {
-            out[i] = HEX[usize::from(b >> 4)];
-            out[i + 1] = HEX[usize::from(b & 15)];
+        let mut put = |at: usize, b: u8| {
+            out[at] = HEX[usize::from(b >> 4)];
+            out[at + 1] = HEX[usize::from(b & 15)];
+        };
+        for (i, &b) in self.trace_id.iter().enumerate() {
+            put(3 + 2 * i, b);
         }
+        for (i, &b) in self.span_id.iter().enumerate() {
+            put(36 + 2 * i, b);
+        }
+        put(53, self.flags);
         out
     }
 
@@ -121,6 +123,30 @@ impl TraceParent {
         let mut s = String::with_capacity(16);
         push_hex(&mut s, &self.span_id);
         s
+    }
+}
+
+mod ids {
+    //! Trace and span IDs: random, from a small fast generator per thread (xoshiro256++),
+    //! seeded from the operating system's generator when the thread first needs one. IDs only
+    //! have to be unique and unpredictable enough not to collide (W3C Trace Context §3.2.2.3),
+    //! not secret; the cryptographic thread generator cost more than the rest of the ID work
+    //! on every request.
+    use std::cell::RefCell;
+
+    use rand::rngs::SmallRng;
+    use rand::{Rng as _, SeedableRng as _};
+
+    thread_local! {
+        static RNG: RefCell<SmallRng> = RefCell::new(SmallRng::from_os_rng());
+    }
+
+    /// A trace ID and a span ID (either may be all zero; callers fix that).
+    pub fn fresh() -> ([u8; 16], [u8; 8]) {
+        RNG.with(|r| {
+            let mut r = r.borrow_mut();
+            (r.random(), r.random())
+        })
     }
 }
 
@@ -223,6 +249,30 @@ mod tests {
             TraceParent::parse(b"01-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-x")
                 .is_some()
         );
+    }
+
+    #[test]
+    fn fresh_ids_do_not_repeat_within_a_thread_or_across_threads() {
+        let mut seen = std::collections::HashSet::new();
+        for _ in 0..10_000 {
+            let root = TraceParent::new_root();
+            assert!(seen.insert(root.trace_id), "a trace ID repeated");
+            assert_ne!(root.span_id, [0; 8]);
+        }
+        let other: Vec<[u8; 16]> = std::thread::spawn(|| {
+            (0..1_000)
+                .map(|_| TraceParent::new_root().trace_id)
+                .collect()
+        })
+        .join()
+        .expect("the other thread");
+        for id in other {
+            assert!(seen.insert(id), "another thread made an ID this one made");
+        }
+        let parent = TraceParent::new_root();
+        let (a, b) = (parent.child(), parent.child());
+        assert_eq!((a.trace_id, b.trace_id), (parent.trace_id, parent.trace_id));
+        assert_ne!(a.span_id, b.span_id);
     }
 
     #[test]
