@@ -50,6 +50,9 @@ pub struct RawConn {
     /// re-armed for each request: moving an armed timer later is a compare-and-swap, while a
     /// new timer per request takes the timer driver's lock twice (in, out).
     timer: Option<Pin<Box<tokio::time::Sleep>>>,
+    /// A buffer for the next request's head, kept with the connection (one allocation per
+    /// connection, not per request).
+    scratch: Vec<u8>,
 }
 
 /// A try that did not get its answer's head before its deadline.
@@ -135,6 +138,26 @@ impl RawConn {
             buf: BytesMut::with_capacity(READ),
             reused: false,
             timer: None,
+            scratch: Vec::new(),
+        }
+    }
+
+    /// An empty buffer to encode the next request's head into; give it back after the
+    /// exchange with [`RawConn::give_scratch`].
+    pub fn take_scratch(&mut self) -> Vec<u8> {
+        let mut v = std::mem::take(&mut self.scratch);
+        v.clear();
+        if v.capacity() == 0 {
+            v.reserve(512);
+        }
+        v
+    }
+
+    /// Returns the buffer of [`RawConn::take_scratch`] for the next request (unless a huge
+    /// head made it large: that one is not kept).
+    pub fn give_scratch(&mut self, v: Vec<u8>) {
+        if v.capacity() <= 16 * 1024 {
+            self.scratch = v;
         }
     }
 

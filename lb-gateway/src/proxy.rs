@@ -545,7 +545,7 @@ pub async fn serve_request(
             status,
             grpc_status,
             route = %route.route.name,
-            backend = backend.as_deref().unwrap_or("-"),
+            backend = backend.as_ref().map_or("-", |b| b.id.as_str()),
             attempts,
             duration_us = u64::try_from(elapsed.as_micros()).unwrap_or(u64::MAX),
             %trace_id,
@@ -576,7 +576,7 @@ async fn proxy(
     body: Option<Incoming>,
     client_upgrade: Option<hyper::upgrade::OnUpgrade>,
     call: Call<'_>,
-) -> Result<(Response<ProxyBody>, Option<String>, u32), Failure> {
+) -> Result<(Response<ProxyBody>, Option<Arc<Backend>>, u32), Failure> {
     let Call {
         client,
         grpc,
@@ -597,12 +597,19 @@ async fn proxy(
     if let Ok(v) = HeaderValue::from_bytes(&hop.ours.header_bytes()) {
         parts.headers.insert(TRACEPARENT, v);
     }
-    let authority = parts
+    // The request's authority, for a head that needs one (a shared copy of the field's bytes,
+    // not a new string).
+    let authority: Option<HeaderValue> = parts
         .headers
         .get(header::HOST)
-        .and_then(|h| h.to_str().ok())
-        .map(str::to_owned)
-        .or_else(|| parts.uri.authority().map(|a| a.as_str().to_owned()));
+        .filter(|h| h.to_str().is_ok())
+        .cloned()
+        .or_else(|| {
+            parts
+                .uri
+                .authority()
+                .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+        });
     // The path and query sent on, when it differs from the request's (a rewrite).
     let rewritten: Option<String> = match (&r.rewrite_prefix, &r.matcher.path_prefix) {
         (Some(with), Some(prefix)) => {
@@ -778,8 +785,11 @@ async fn proxy(
                     None => {}
                 }
                 if !parts.headers.contains_key(header::HOST) {
-                    let host = authority.clone().unwrap_or_else(|| backend.id.clone());
-                    if let Ok(v) = HeaderValue::from_str(&host) {
+                    let host = match &authority {
+                        Some(v) => Ok(v.clone()),
+                        None => HeaderValue::from_str(&backend.id),
+                    };
+                    if let Ok(v) = host {
                         parts.headers.insert(header::HOST, v);
                         added_host = true;
                     }
@@ -787,7 +797,10 @@ async fn proxy(
             }
             Wire::Http2 => {
                 parts.version = Version::HTTP_2;
-                let host = authority.as_deref().unwrap_or(&backend.id);
+                let host = authority
+                    .as_ref()
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or(&backend.id);
                 let pq = rewritten
                     .as_deref()
                     .or(original_pq.as_ref().map(|p| p.as_str()))
@@ -825,7 +838,7 @@ async fn proxy(
                     })
             }
             Sender::Raw(conn) => {
-                let mut head = Vec::with_capacity(512);
+                let mut head = conn.take_scratch();
                 let pq = parts.uri.path_and_query().map_or("/", |p| p.as_str());
                 h1::encode_head(&parts.method, pq, &parts.headers, &mut head);
                 let by = tokio::time::Instant::from_std(sent_at + per_try);
@@ -833,6 +846,7 @@ async fn proxy(
                     .exchange_within(by, &head, &parts.method, fields)
                     .await
                     .map(|r| r.map(Answer::Raw));
+                conn.give_scratch(head);
                 if let Ok(Err(ExchangeError::Stale)) = answer {
                     Ok(Err(SendError::Stale(Box::new(parts))))
                 } else {
@@ -898,7 +912,7 @@ async fn proxy(
                     (Answer::Hyper(resp), _) => respond(resp, load, None, client_upgrade),
                     (Answer::Raw(_), _) => unreachable!("a raw answer comes from a raw sender"),
                 };
-                return Ok((resp, Some(backend.id.clone()), attempts));
+                return Ok((resp, Some(backend), attempts));
             }
             Ok(Err(SendError::Stale(p))) if stale_conn_retries < 2 => {
                 // The pooled connection was closed before it answered a byte: the bodyless
