@@ -717,7 +717,19 @@ pub fn is_server_name(name: &str) -> bool {
         return true;
     }
     let name = name.strip_suffix('.').unwrap_or(name);
-    let labels_ok = !name.is_empty()
+    let labels_ok = is_dns_labels(name, |b| b == b'_');
+    labels_ok
+        && name
+            .rsplit('.')
+            .next()
+            .is_some_and(|last| !last.bytes().all(|b| b.is_ascii_digit()))
+}
+
+/// Whether `name` is a host name as RFC 1123 spells it: dot-separated labels, none empty or
+/// longer than 63 characters, none starting or ending with `-`, of letters, digits, `-` and
+/// whatever bytes `also` admits; at most 253 characters in all.
+pub fn is_dns_labels(name: &str, also: fn(u8) -> bool) -> bool {
+    !name.is_empty()
         && name.len() <= 253
         && name.split('.').all(|l| {
             !l.is_empty()
@@ -725,13 +737,8 @@ pub fn is_server_name(name: &str) -> bool {
                 && !l.starts_with('-')
                 && !l.ends_with('-')
                 && l.bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
-        });
-    labels_ok
-        && name
-            .rsplit('.')
-            .next()
-            .is_some_and(|last| !last.bytes().all(|b| b.is_ascii_digit()))
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || also(b))
+        })
 }
 
 /// What a route is matched against.

@@ -118,7 +118,7 @@ impl Target {
         if let Ok(ip) = bare.parse::<IpAddr>() {
             return Some(Target::Ip(SocketAddr::new(ip, port)));
         }
-        is_dns_name(address).then(|| Target::Name {
+        lb_core::routes::is_dns_labels(address, |_| false).then(|| Target::Name {
             host: address.to_ascii_lowercase(),
             port,
         })
@@ -132,20 +132,6 @@ impl fmt::Display for Target {
             Target::Name { host, port } => write!(f, "{host}:{port}"),
         }
     }
-}
-
-/// RFC 1123 host name: dot-separated labels of letters, digits and `-`, none empty, none
-/// starting or ending with `-`, at most 253 characters.
-fn is_dns_name(s: &str) -> bool {
-    !s.is_empty()
-        && s.len() <= 253
-        && s.split('.').all(|l| {
-            !l.is_empty()
-                && l.len() <= 63
-                && !l.starts_with('-')
-                && !l.ends_with('-')
-                && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
-        })
 }
 
 /// Why no connection could be had.
