@@ -34,11 +34,18 @@ cleanup() {
     [[ -n ${PROBE_PERF:-} ]] || rm -rf "$TMP"
 }
 trap cleanup EXIT
-port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-
+# Nine distinct free ports, all held open until all are chosen (ports chosen one process at a
+# time can repeat: the kernel may hand a just-released port out again, and a member that cannot
+# bind its port exits, which once made a run end without a row).
+read -r -a ports < <(python3 -c '
+import socket
+held = []
+for _ in range(9):
+    s = socket.socket(); s.bind(("127.0.0.1", 0)); held.append(s)
+print(" ".join(str(s.getsockname()[1]) for s in held))')
 client=() peer=() metrics=() initial=""
 for i in 1 2 3; do
-    client[i]=$(port) peer[i]=$(port) metrics[i]=$(port)
+    client[i]=${ports[3 * i - 3]} peer[i]=${ports[3 * i - 2]} metrics[i]=${ports[3 * i - 1]}
     initial+="${initial:+,}n$i=http://127.0.0.1:${peer[i]}"
 done
 for i in 1 2 3; do
@@ -62,6 +69,19 @@ for i in 1 2 3; do [[ "127.0.0.1:${client[i]}" == "$leader" ]] && li=$i; done
 fi_=$((li % 3 + 1))
 
 ticks() { awk '{print $14, $15}' "/proc/$1/stat"; }
+# A member that exited (say, it could not bind a port) is reported with its log, not by an
+# error reading its /proc entry.
+alive() {
+    local i
+    for i in 1 2 3; do
+        if ! kill -0 "${PIDS[i - 1]}" 2>/dev/null; then
+            echo "member n$i exited; the end of its log:" >&2
+            tail -20 "$TMP/d$i.log" >&2
+            exit 1
+        fi
+    done
+}
+alive
 declare -A before
 for i in 1 2 3; do before[$i]=$(ticks "${PIDS[i-1]}"); done
 if [[ -n ${PROBE_PERF:-} ]]; then
@@ -74,6 +94,7 @@ fi
 row=$(timeout 600 "$BENCH" --endpoints "$leader" --workload put --clients "$CLIENTS" --duration "$DURATION" --json 2>/dev/null | tail -1)
 if [[ -n $PERF_PID ]]; then kill -INT "$PERF_PID"; wait "$PERF_PID" 2>/dev/null || true; fi
 echo "$row"
+alive
 hz=$(getconf CLK_TCK)
 reqs=$(python3 -c 'import json,sys; print(json.loads(sys.argv[1])["requests"])' "$row")
 for i in 1 2 3; do
