@@ -867,6 +867,22 @@ mod tests {
         addr
     }
 
+    /// A plain connection to the test backend at `addr`.
+    async fn connect(addr: std::net::SocketAddr) -> RawConn {
+        RawConn::new(MaybeTlsStream::Plain(
+            TcpStream::connect(addr)
+                .await
+                .expect("connect to the test backend"),
+        ))
+    }
+
+    /// `GET /` with no fields.
+    fn bare_get() -> Vec<u8> {
+        let mut req = Vec::new();
+        encode_head(&Method::GET, "/", &HeaderMap::new(), &mut req);
+        req
+    }
+
     async fn get(
         conn: RawConn,
         method: Method,
@@ -904,11 +920,7 @@ mod tests {
         )
         .await;
         let pool = Arc::new(Pool::default());
-        let conn = RawConn::new(MaybeTlsStream::Plain(
-            TcpStream::connect(addr)
-                .await
-                .expect("connect to the test backend"),
-        ));
+        let conn = connect(addr).await;
         let (head, body, _) = get(conn, Method::GET, &pool, fields).await;
         assert_eq!((head.status, &body[..]), (StatusCode::OK, &b"hello"[..]));
         let conn = pool.0.lock().pop().expect("reused after a length body");
@@ -938,13 +950,8 @@ mod tests {
             false,
         )
         .await;
-        let mut conn = RawConn::new(MaybeTlsStream::Plain(
-            TcpStream::connect(addr)
-                .await
-                .expect("connect to the test backend"),
-        ));
-        let mut req = Vec::new();
-        encode_head(&Method::GET, "/", &HeaderMap::new(), &mut req);
+        let mut conn = connect(addr).await;
+        let req = bare_get();
         let far = Instant::now() + Duration::from_secs(10);
         let head = conn
             .exchange_within(far, &req, &Method::GET, Fields::Map)
@@ -988,11 +995,7 @@ mod tests {
         for fields in [Fields::Map, Fields::Lines] {
             let addr = backend(vec![b"HTTP/1.1 200 OK\r\n\r\nall of it"], true).await;
             let pool = Arc::new(Pool::default());
-            let conn = RawConn::new(MaybeTlsStream::Plain(
-                TcpStream::connect(addr)
-                    .await
-                    .expect("connect to the test backend"),
-            ));
+            let conn = connect(addr).await;
             let (head, body, _) = get(conn, Method::GET, &pool, fields).await;
             assert_eq!(head.framing, Framing::UntilClose);
             assert_eq!(&body[..], b"all of it");
@@ -1011,11 +1014,7 @@ mod tests {
         {
             let addr = backend(vec![answer], false).await;
             let pool = Arc::new(Pool::default());
-            let conn = RawConn::new(MaybeTlsStream::Plain(
-                TcpStream::connect(addr)
-                    .await
-                    .expect("connect to the test backend"),
-            ));
+            let conn = connect(addr).await;
             let (_, body, _) = get(conn, Method::GET, &pool, fields).await;
             assert_eq!(&body[..], b"ok");
             assert!(pool.0.lock().is_empty());
@@ -1034,13 +1033,8 @@ mod tests {
         .flat_map(|a| [(a, Fields::Map), (a, Fields::Lines)])
         {
             let addr = backend(vec![answer], false).await;
-            let mut conn = RawConn::new(MaybeTlsStream::Plain(
-                TcpStream::connect(addr)
-                    .await
-                    .expect("connect to the test backend"),
-            ));
-            let mut req = Vec::new();
-            encode_head(&Method::GET, "/", &HeaderMap::new(), &mut req);
+            let mut conn = connect(addr).await;
+            let req = bare_get();
             let e = conn
                 .exchange(&req, &Method::GET, fields)
                 .await
@@ -1052,13 +1046,8 @@ mod tests {
             true,
         )
         .await;
-        let mut conn = RawConn::new(MaybeTlsStream::Plain(
-            TcpStream::connect(addr)
-                .await
-                .expect("connect to the test backend"),
-        ));
-        let mut req = Vec::new();
-        encode_head(&Method::GET, "/", &HeaderMap::new(), &mut req);
+        let mut conn = connect(addr).await;
+        let req = bare_get();
         let head = conn
             .exchange(&req, &Method::GET, Fields::Map)
             .await
@@ -1077,17 +1066,12 @@ mod tests {
         // Answers one request, then closes.
         let addr = backend(vec![b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n"], true).await;
         let pool = Arc::new(Pool::default());
-        let conn = RawConn::new(MaybeTlsStream::Plain(
-            TcpStream::connect(addr)
-                .await
-                .expect("connect to the test backend"),
-        ));
+        let conn = connect(addr).await;
         let _ = get(conn, Method::GET, &pool, Fields::Map).await;
         let mut conn = pool.0.lock().pop().expect("kept");
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
         assert!(!conn.looks_open(), "the close is seen while idle");
-        let mut req = Vec::new();
-        encode_head(&Method::GET, "/", &HeaderMap::new(), &mut req);
+        let req = bare_get();
         let e = conn
             .exchange(&req, &Method::GET, Fields::Map)
             .await
