@@ -50,8 +50,8 @@ pub struct RawConn {
     /// re-armed for each request: moving an armed timer later is a compare-and-swap, while a
     /// new timer per request takes the timer driver's lock twice (in, out).
     timer: Option<Pin<Box<tokio::time::Sleep>>>,
-    /// A buffer for the next request's head, kept with the connection (one allocation per
-    /// connection, not per request).
+    /// The buffer [`RawConn::exchange_within`] encodes request heads into, kept with the
+    /// connection (one allocation per connection, not per request).
     scratch: Vec<u8>,
 }
 
@@ -142,34 +142,20 @@ impl RawConn {
         }
     }
 
-    /// An empty buffer to encode the next request's head into; give it back after the
-    /// exchange with [`RawConn::give_scratch`].
-    pub fn take_scratch(&mut self) -> Vec<u8> {
-        let mut v = std::mem::take(&mut self.scratch);
-        v.clear();
-        if v.capacity() == 0 {
-            v.reserve(512);
-        }
-        v
-    }
-
-    /// Returns the buffer of [`RawConn::take_scratch`] for the next request (unless a huge
-    /// head made it large: that one is not kept).
-    pub fn give_scratch(&mut self, v: Vec<u8>) {
-        if v.capacity() <= 16 * 1024 {
-            self.scratch = v;
-        }
-    }
-
-    /// [`RawConn::exchange`], given up at `deadline` (the connection is then unusable: the
-    /// answer may still come).
+    /// Sends `method target` with `headers` (see [`encode_head`]) and reads the answer's head
+    /// as [`RawConn::exchange`] does, given up at `deadline` (the connection is then unusable:
+    /// the answer may still come).
     pub async fn exchange_within(
         &mut self,
         deadline: tokio::time::Instant,
-        head: &[u8],
         method: &Method,
+        target: &str,
+        headers: &HeaderMap,
         fields: Fields,
     ) -> Result<Result<Head, ExchangeError>, TimedOut> {
+        let mut head = std::mem::take(&mut self.scratch);
+        head.clear();
+        encode_head(method, target, headers, &mut head);
         let mut timer = match self.timer.take() {
             Some(mut t) => {
                 t.as_mut().reset(deadline);
@@ -179,10 +165,14 @@ impl RawConn {
         };
         let answer = tokio::select! {
             biased;
-            r = self.exchange(head, method, fields) => Ok(r),
+            r = self.exchange(&head, method, fields) => Ok(r),
             () = timer.as_mut() => Err(TimedOut),
         };
         self.timer = Some(timer);
+        // Kept for the next request, unless a huge head made it large.
+        if head.capacity() <= 16 * 1024 {
+            self.scratch = head;
+        }
         answer
     }
 
@@ -951,10 +941,9 @@ mod tests {
         )
         .await;
         let mut conn = connect(addr).await;
-        let req = bare_get();
         let far = Instant::now() + Duration::from_secs(10);
         let head = conn
-            .exchange_within(far, &req, &Method::GET, Fields::Map)
+            .exchange_within(far, &Method::GET, "/", &HeaderMap::new(), Fields::Map)
             .await
             .expect("answered before the deadline")
             .expect("a head");
@@ -962,7 +951,7 @@ mod tests {
         // Earlier than the armed deadline, answered in time.
         let near = Instant::now() + Duration::from_millis(60);
         let head = conn
-            .exchange_within(near, &req, &Method::GET, Fields::Map)
+            .exchange_within(near, &Method::GET, "/", &HeaderMap::new(), Fields::Map)
             .await
             .expect("answered before the deadline")
             .expect("a head");
@@ -973,8 +962,9 @@ mod tests {
         let answer = conn
             .exchange_within(
                 started + Duration::from_millis(150),
-                &req,
                 &Method::GET,
+                "/",
+                &HeaderMap::new(),
                 Fields::Map,
             )
             .await;

@@ -838,15 +838,12 @@ async fn proxy(
                     })
             }
             Sender::Raw(conn) => {
-                let mut head = conn.take_scratch();
                 let pq = parts.uri.path_and_query().map_or("/", |p| p.as_str());
-                h1::encode_head(&parts.method, pq, &parts.headers, &mut head);
                 let by = tokio::time::Instant::from_std(sent_at + per_try);
                 let answer = conn
-                    .exchange_within(by, &head, &parts.method, fields)
+                    .exchange_within(by, &parts.method, pq, &parts.headers, fields)
                     .await
                     .map(|r| r.map(Answer::Raw));
-                conn.give_scratch(head);
                 if let Ok(Err(ExchangeError::Stale)) = answer {
                     Ok(Err(SendError::Stale(Box::new(parts))))
                 } else {
