@@ -15,6 +15,8 @@ use parking_lot::{Condvar, Mutex, RwLock};
 
 use crate::error::Result;
 
+use super::packed::{self, BucketKey, Slot};
+
 /// A set of writes applied atomically: `Some(value)` puts, `None` deletes.
 #[derive(Debug, Default)]
 pub struct Batch {
@@ -154,6 +156,13 @@ impl Backend for MemBackend {
 /// overlay, flushes sled and `fsync`s its files itself (sled 0.34's own flush ends in
 /// `sync_file_range`, which does not survive a power loss) — has made it redundant.
 ///
+/// # Packed revision records
+///
+/// Callers see the logical key space of [`super::keys`]; in sled, small revision records
+/// share an entry per 16 main revisions ([`super::packed`]): the write-back merges them into
+/// their buckets, reads and scans unpack them. That takes most of sled's per-record cost (a tree
+/// descent, a leaf copy and a log fragment per record) off every member.
+///
 /// # Defragmentation
 ///
 /// sled never gives back the space of deleted and compacted records (its files only grow, as
@@ -273,17 +282,10 @@ impl SledInner {
             taken
         };
         let n = taken.len();
-        let mut b = sled::Batch::default();
-        for (k, v) in taken.iter() {
-            match v {
-                Some(v) => b.insert(k.as_slice(), v.as_slice()),
-                None => b.remove(k.as_slice()),
-            }
-        }
-        let r = {
+        let r = sled_batch(&self.tree, &taken).and_then(|b| {
             let _g = SLED_WRITES.lock();
-            self.tree.apply_batch(b)
-        };
+            self.tree.apply_batch(b).map_err(Into::into)
+        });
         let mut o = self.overlay.lock();
         if let Err(e) = &r {
             // Keep the writes readable and retry on the next round (newer overlay writes win).
@@ -722,7 +724,7 @@ impl Backend for SledBackend {
                     return Ok(v.clone());
                 }
             }
-            Ok(inner.tree.get(key)?.map(|v| v.to_vec()))
+            sled_get(&inner.tree, key)
         })
     }
     fn apply(&self, batch: Batch) -> Result<()> {
@@ -821,11 +823,12 @@ fn merge_scan(
     // same mutex as batches means no batch can queue meanwhile. (`f` must not call back
     // into this backend; none of our scans do.)
     let _g = SLED_WRITES.lock();
-    for item in inner.tree.range(from..to) {
-        let (k, v) = item?;
+    let mut stored = SledRange::new(&inner.tree, from, to);
+    while let Some(entry) = stored.next()? {
+        let (k, v) = (entry.key(), entry.value());
         // Emit pending keys that sort before this one.
         while let Some((pk, _)) = pend.peek() {
-            if pk.as_slice() >= k.as_ref() {
+            if pk.as_slice() >= k {
                 break;
             }
             if let Some((pk, Some(pv))) = pend.next()
@@ -835,13 +838,13 @@ fn merge_scan(
             }
         }
         let overridden = match pend.peek() {
-            Some((pk, _)) if pk.as_slice() == k.as_ref() => pend.next().map(|(_, v)| v),
+            Some((pk, _)) if pk.as_slice() == k => pend.next().map(|(_, v)| v),
             _ => None,
         };
         let keep_going = match overridden {
-            Some(Some(pv)) => f(&k, &pv),
+            Some(Some(pv)) => f(k, &pv),
             Some(None) => true,
-            None => f(&k, &v),
+            None => f(k, v),
         };
         if !keep_going {
             return Ok(());
@@ -855,6 +858,255 @@ fn merge_scan(
         }
     }
     Ok(())
+}
+
+/// Reads one logical key from sled: a revision record from its bucket if it is there, else
+/// (a large record, a high sub revision, or a database written before buckets) from its own
+/// entry.
+fn sled_get(tree: &sled::Tree, key: &[u8]) -> Result<Option<Vec<u8>>> {
+    if let Some((bucket, slot)) = packed::slot_of(key)
+        && let Some(b) = tree.get(bucket)?
+        && let Some(record) = packed::find(&b, slot)?
+    {
+        return Ok(Some(record.to_vec()));
+    }
+    Ok(tree.get(key)?.map(|v| v.to_vec()))
+}
+
+/// A change to one slot of a bucket: the record put there, or `None` to clear it.
+type Change<'a> = (Slot, Option<&'a [u8]>);
+
+/// A bucket being unpacked by a scan: its key, its value, and its records' slots and places.
+type Unpacking = (
+    sled::IVec,
+    sled::IVec,
+    std::vec::IntoIter<(Slot, std::ops::Range<usize>)>,
+);
+
+/// The sled batch that stores `writes` (logical keys, in order): small revision records merged
+/// into their buckets (each bucket read once and rewritten, or removed once empty), everything
+/// else under its own key. Only the write-back calls this, under its lock, so nothing else
+/// changes a bucket between the read and the batch.
+fn sled_batch(tree: &sled::Tree, writes: &Overlay) -> Result<sled::Batch> {
+    let mut b = sled::Batch::default();
+    // Per bucket, its changes in slot order (the overlay is sorted by revision).
+    let mut buckets: BTreeMap<BucketKey, Vec<Change<'_>>> = BTreeMap::new();
+    for (k, v) in writes {
+        // Reads take a record from its bucket before its own entry, so a record stored under
+        // its own key clears its slot (were a revision ever written again); a packed record
+        // leaves its own entry be, which stays hidden (and goes when the record is deleted).
+        match (packed::slot_of(k), v) {
+            (Some((bucket, slot)), Some(v)) if packed::packs(v.len()) => {
+                buckets.entry(bucket).or_default().push((slot, Some(v)));
+            }
+            (Some((bucket, slot)), Some(v)) => {
+                buckets.entry(bucket).or_default().push((slot, None));
+                b.insert(k.as_slice(), v.as_slice());
+            }
+            (Some((bucket, slot)), None) => {
+                // Wherever it is: sled skips deleting a key it does not have.
+                buckets.entry(bucket).or_default().push((slot, None));
+                b.remove(k.as_slice());
+            }
+            (_, Some(v)) => b.insert(k.as_slice(), v.as_slice()),
+            (_, None) => b.remove(k.as_slice()),
+        }
+    }
+    for (bucket, changes) in buckets {
+        let old = tree.get(bucket)?;
+        let kept: Vec<(Slot, &[u8])> = match &old {
+            Some(o) => packed::entries(o)?
+                .into_iter()
+                .map(|(s, r)| (s, &o[r]))
+                .collect(),
+            None => Vec::new(),
+        };
+        let mut merged: Vec<(Slot, &[u8])> = Vec::with_capacity(kept.len() + changes.len());
+        let mut kept = kept.into_iter().peekable();
+        for (slot, change) in changes {
+            while let Some(&(s, r)) = kept.peek() {
+                if s > slot {
+                    break;
+                }
+                kept.next();
+                if s < slot {
+                    merged.push((s, r));
+                }
+            }
+            if let Some(r) = change {
+                merged.push((slot, r));
+            }
+        }
+        merged.extend(kept);
+        if !merged.is_empty() {
+            b.insert(&bucket[..], packed::encode(&merged));
+        } else if old.is_some() {
+            b.remove(&bucket[..]);
+        }
+    }
+    Ok(b)
+}
+
+/// A key read from sled: its own entry's, or a packed record's (made from its bucket's key).
+enum StoredKey {
+    Own(sled::IVec),
+    Packed([u8; 17]),
+}
+
+/// One logical entry read from sled; the value is a part of `val` (a whole entry, or one
+/// record of a bucket, shared rather than copied).
+struct Stored {
+    key: StoredKey,
+    val: sled::IVec,
+    at: std::ops::Range<usize>,
+}
+
+impl Stored {
+    fn key(&self) -> &[u8] {
+        match &self.key {
+            StoredKey::Own(k) => k,
+            StoredKey::Packed(k) => k,
+        }
+    }
+    fn value(&self) -> &[u8] {
+        &self.val[self.at.clone()]
+    }
+}
+
+/// sled's logical entries in `[from, to)`, in key order: the entries under their own keys
+/// (everything outside the bucket prefix) merged with the records unpacked from the buckets
+/// that cover the range. Where a record is in both (see [`sled_batch`]) the bucket's is kept.
+struct SledRange<'a> {
+    from: &'a [u8],
+    to: &'a [u8],
+    /// Entries under their own keys: the range below the bucket prefix, then above it.
+    own: std::collections::VecDeque<sled::Iter>,
+    buckets: Option<sled::Iter>,
+    /// The bucket being unpacked.
+    bucket: Option<Unpacking>,
+    next_own: Option<Stored>,
+    next_packed: Option<Stored>,
+    started: bool,
+}
+
+impl<'a> SledRange<'a> {
+    fn new(tree: &sled::Tree, from: &'a [u8], to: &'a [u8]) -> SledRange<'a> {
+        let below: &[u8] = &[packed::BUCKET];
+        let above: &[u8] = &[packed::BUCKET + 1];
+        let mut own = std::collections::VecDeque::new();
+        let end = to.min(below);
+        if from < end {
+            own.push_back(tree.range(from..end));
+        }
+        let start = from.max(above);
+        if start < to {
+            own.push_back(tree.range(start..to));
+        }
+        let buckets = packed::bucket_range(from, to).map(|(lo, hi)| match hi {
+            Some(hi) => tree.range(lo..hi),
+            None => tree.range(&lo[..]..above),
+        });
+        SledRange {
+            from,
+            to,
+            own,
+            buckets,
+            bucket: None,
+            next_own: None,
+            next_packed: None,
+            started: false,
+        }
+    }
+
+    fn own_entry(&mut self) -> Result<Option<Stored>> {
+        while let Some(it) = self.own.front_mut() {
+            match it.next() {
+                Some(item) => {
+                    let (k, v) = item?;
+                    let at = 0..v.len();
+                    return Ok(Some(Stored {
+                        key: StoredKey::Own(k),
+                        val: v,
+                        at,
+                    }));
+                }
+                None => {
+                    self.own.pop_front();
+                }
+            }
+        }
+        Ok(None)
+    }
+
+    fn packed_entry(&mut self) -> Result<Option<Stored>> {
+        loop {
+            if let Some((bucket, val, records)) = &mut self.bucket {
+                for (slot, at) in records.by_ref() {
+                    let key = packed::record_key(bucket, slot)?;
+                    if key[..] < *self.from {
+                        continue;
+                    }
+                    if key[..] >= *self.to {
+                        // Every later record and bucket is beyond the range too.
+                        self.bucket = None;
+                        self.buckets = None;
+                        return Ok(None);
+                    }
+                    return Ok(Some(Stored {
+                        key: StoredKey::Packed(key),
+                        val: val.clone(),
+                        at,
+                    }));
+                }
+            }
+            self.bucket = None;
+            let Some(it) = self.buckets.as_mut() else {
+                return Ok(None);
+            };
+            match it.next() {
+                Some(item) => {
+                    let (k, v) = item?;
+                    let records = packed::entries(&v)?;
+                    self.bucket = Some((k, v, records.into_iter()));
+                }
+                None => {
+                    self.buckets = None;
+                    return Ok(None);
+                }
+            }
+        }
+    }
+
+    fn next(&mut self) -> Result<Option<Stored>> {
+        if !self.started {
+            self.started = true;
+            self.next_own = self.own_entry()?;
+            self.next_packed = self.packed_entry()?;
+        }
+        let own_first = match (&self.next_own, &self.next_packed) {
+            (None, None) => return Ok(None),
+            (Some(_), None) => true,
+            (None, Some(_)) => false,
+            (Some(o), Some(p)) => {
+                if o.key() == p.key() {
+                    // The same record twice: keep the packed one.
+                    self.next_own = self.own_entry()?;
+                    false
+                } else {
+                    o.key() < p.key()
+                }
+            }
+        };
+        if own_first {
+            let e = self.next_own.take();
+            self.next_own = self.own_entry()?;
+            Ok(e)
+        } else {
+            let e = self.next_packed.take();
+            self.next_packed = self.packed_entry()?;
+            Ok(e)
+        }
+    }
 }
 
 #[cfg(test)]
@@ -1116,5 +1368,242 @@ mod tests {
         drop(b);
         let b = SledBackend::open(dir.path(), 1 << 20).expect("reopen");
         assert_eq!(collect(&b, b"a", b"z"), want);
+    }
+
+    /// A small deterministic generator for the randomized tests.
+    struct Rng(u64);
+    impl Rng {
+        fn next(&mut self) -> u64 {
+            self.0 ^= self.0 << 13;
+            self.0 ^= self.0 >> 7;
+            self.0 ^= self.0 << 17;
+            self.0
+        }
+        fn below(&mut self, n: u64) -> u64 {
+            self.next() % n
+        }
+    }
+
+    fn rk(main: u64, sub: u64) -> Vec<u8> {
+        crate::mvcc::keys::rev_key(crate::mvcc::Revision {
+            main: main as i64,
+            sub: sub as i64,
+        })
+        .to_vec()
+    }
+
+    /// A random key: mostly revision records (some subs past the packed ones), some of the
+    /// other prefixes.
+    fn random_key(rng: &mut Rng) -> Vec<u8> {
+        match rng.below(10) {
+            0 => format!("mmeta{}", rng.below(20)).into_bytes(),
+            1 => format!("l{}", rng.below(20)).into_bytes(),
+            _ => rk(1 + rng.below(120), rng.below(6)),
+        }
+    }
+
+    /// A random range bound, biased to land inside and around the revision records.
+    fn random_bound(rng: &mut Rng) -> Vec<u8> {
+        match rng.below(8) {
+            0 => Vec::new(),
+            1 => vec![packed::BUCKET],
+            2 => vec![b'r'],
+            3 => vec![b's'],
+            4 => rk(rng.below(130), 0)[..9].to_vec(),
+            _ => rk(rng.below(130), rng.below(7)),
+        }
+    }
+
+    #[test]
+    fn packed_records_read_scan_and_delete_as_the_plain_map_does() {
+        for seed in [0x5EED_1234_ABCD_0001, 7, 0xDEAD_BEEF] {
+            packed_records_match_the_plain_map(seed);
+        }
+    }
+
+    /// Random batches of puts and deletes (revision records small and large, of low and high
+    /// sub revisions, records written the way builds before buckets did, other keys), applied
+    /// to sled and to the in-memory map: every read and scan agrees, before and after the
+    /// write-back, and across reopening.
+    fn packed_records_match_the_plain_map(seed: u64) {
+        let dir = tempfile::tempdir().expect("tmp");
+        let mut sled_b = SledBackend::open(dir.path(), 1 << 20).expect("open");
+        let mem = MemBackend::default();
+        let mut rng = Rng(seed);
+        let mut present: Vec<Vec<u8>> = Vec::new();
+        let mut legacy = std::collections::HashSet::new();
+        let mut written = std::collections::HashSet::new();
+        let compare = |sled_b: &SledBackend, rng: &mut Rng, round: usize| {
+            for _ in 0..40 {
+                let k = random_key(rng);
+                assert_eq!(
+                    sled_b.get(&k).expect("get"),
+                    mem.get(&k).expect("get"),
+                    "round {round}: get {k:?}"
+                );
+            }
+            let (got, want) = (collect(sled_b, b"", b"\xff"), collect(&mem, b"", b"\xff"));
+            let keys = |v: &[(Vec<u8>, Vec<u8>)]| v.iter().map(|e| e.0.clone()).collect::<Vec<_>>();
+            assert_eq!(
+                keys(&got),
+                keys(&want),
+                "round {round}: keys of a full scan"
+            );
+            for (g, w) in got.iter().zip(&want) {
+                assert!(
+                    g.1 == w.1,
+                    "round {round}: value of {:?}: {} bytes, want {}",
+                    g.0,
+                    g.1.len(),
+                    w.1.len()
+                );
+            }
+            for _ in 0..12 {
+                let (a, b) = (random_bound(rng), random_bound(rng));
+                let (from, to) = if a <= b { (a, b) } else { (b, a) };
+                assert_eq!(
+                    collect(sled_b, &from, &to),
+                    collect(&mem, &from, &to),
+                    "round {round}: scan {from:?}..{to:?}"
+                );
+            }
+        };
+        for round in 0..60 {
+            let mut batch = Batch::default();
+            let mut mirror = Batch::default();
+            let mut in_batch = std::collections::HashSet::new();
+            for _ in 0..rng.below(40) {
+                if !present.is_empty() && rng.below(4) == 0 {
+                    // A compaction-like delete of something stored.
+                    let i = rng.below(present.len() as u64) as usize;
+                    let k = present.swap_remove(i);
+                    legacy.remove(&k);
+                    if in_batch.insert(k.clone()) {
+                        batch.delete(k.clone());
+                        mirror.delete(k);
+                    }
+                    continue;
+                }
+                let k = random_key(&mut rng);
+                let is_rev = k[0] == b'r';
+                if (is_rev && !written.insert(k.clone())) || !in_batch.insert(k.clone()) {
+                    // A revision is written once, and never again once compacted away.
+                    continue;
+                }
+                let len = [0usize, 10, 300, 480, 600, 2000][rng.below(6) as usize];
+                let v = value(rng.next(), len);
+                batch.put(k.clone(), v.clone());
+                mirror.put(k.clone(), v);
+                present.push(k);
+            }
+            if round % 7 == 3 {
+                // A record written by a build from before buckets: under its own key in sled.
+                let k = rk(1 + rng.below(120), rng.below(4));
+                if !in_batch.contains(&k) && written.insert(k.clone()) {
+                    let v = value(rng.next(), 40);
+                    sled_b
+                        .with(|inner| Ok(inner.tree.insert(&k, v.clone())?))
+                        .expect("legacy insert");
+                    mem.apply({
+                        let mut m = Batch::default();
+                        m.put(k.clone(), v);
+                        m
+                    })
+                    .expect("mirror");
+                    legacy.insert(k.clone());
+                    present.push(k);
+                }
+            }
+            sled_b.apply(batch).expect("apply");
+            mem.apply(mirror).expect("mirror");
+            compare(&sled_b, &mut rng, round);
+            if round % 3 == 0 {
+                sled_b.flush().expect("flush");
+                compare(&sled_b, &mut rng, round);
+            }
+            if round % 20 == 19 {
+                sled_b.flush().expect("flush");
+                drop(sled_b);
+                sled_b = SledBackend::open(dir.path(), 1 << 20).expect("reopen");
+                compare(&sled_b, &mut rng, round);
+            }
+        }
+        sled_b.flush().expect("flush");
+        // Every small record of a low sub revision shares its bucket's entry, except those
+        // written before buckets; the rest have entries of their own.
+        let (mut own, mut buckets) = (0, std::collections::BTreeSet::new());
+        let logical = collect(&mem, b"", b"\xff");
+        for (k, v) in &logical {
+            match packed::slot_of(k) {
+                Some((bucket, _)) if packed::packs(v.len()) && !legacy.contains(k) => {
+                    buckets.insert(bucket);
+                }
+                _ => own += 1,
+            }
+        }
+        let stored = sled_b.with(|inner| Ok(inner.tree.len())).expect("len");
+        assert_eq!(stored, own + buckets.len(), "of {} entries", logical.len());
+        assert!(
+            buckets.len() * 4 < logical.len() - own,
+            "records were packed"
+        );
+    }
+
+    #[test]
+    fn large_records_and_high_sub_revisions_keep_entries_of_their_own() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let b = SledBackend::open(dir.path(), 1 << 20).expect("open");
+        let small = value(1, 100);
+        let large = value(2, packed::MAX_PACKED_RECORD + 1);
+        let mut batch = Batch::default();
+        batch.put(rk(16, 0), small.clone());
+        batch.put(rk(17, 0), large.clone());
+        batch.put(rk(17, packed::PACKED_SUBS), small.clone());
+        b.apply(batch).expect("apply");
+        b.flush().expect("flush");
+        let own_keys: Vec<Vec<u8>> = b
+            .with(|inner| {
+                Ok(inner
+                    .tree
+                    .iter()
+                    .keys()
+                    .map(|k| k.map(|k| k.to_vec()))
+                    .collect::<std::result::Result<_, _>>()?)
+            })
+            .expect("keys");
+        assert_eq!(
+            own_keys,
+            vec![
+                packed::bucket_key(1).to_vec(),
+                rk(17, 0),
+                rk(17, packed::PACKED_SUBS)
+            ]
+        );
+        assert_eq!(b.get(&rk(16, 0)).expect("get"), Some(small.clone()));
+        assert_eq!(b.get(&rk(17, 0)).expect("get"), Some(large.clone()));
+        // Were a revision written again, larger, the later record is the one read.
+        let mut batch = Batch::default();
+        batch.put(rk(18, 0), small.clone());
+        b.apply(batch).expect("apply");
+        b.flush().expect("flush");
+        let mut batch = Batch::default();
+        batch.put(rk(18, 0), large.clone());
+        b.apply(batch).expect("apply");
+        b.flush().expect("flush");
+        assert_eq!(b.get(&rk(18, 0)).expect("get"), Some(large.clone()));
+        let mut batch = Batch::default();
+        batch.delete(rk(18, 0));
+        b.apply(batch).expect("apply");
+        // Deleting the packed one empties its bucket, which then goes.
+        let mut batch = Batch::default();
+        batch.delete(rk(16, 0));
+        b.apply(batch).expect("apply");
+        b.flush().expect("flush");
+        assert_eq!(b.get(&rk(16, 0)).expect("get"), None);
+        assert!(
+            b.with(|inner| Ok(inner.tree.get(packed::bucket_key(1))?))
+                .expect("get")
+                .is_none()
+        );
     }
 }

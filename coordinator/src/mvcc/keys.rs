@@ -10,7 +10,9 @@
 //! | `a`    | `ameta`, `au/<user>`, `ar/<role>` | auth state (bincode; see [`crate::auth::store`]) |
 //!
 //! Records are keyed by revision, as in etcd's bolt layout, so replaying history for a watcher
-//! is a forward scan, and the in-memory index ([`super::index`]) maps user keys to revisions.
+//! is a forward scan, and the in-memory index (in [`super::store`]) maps user keys to revisions.
+//! This is the logical layout, the one the MVCC layer reads and writes; the sled backend stores
+//! small records packed several to a sled entry ([`super::packed`]).
 
 use crate::error::{Error, Result};
 
