@@ -818,24 +818,18 @@ async fn proxy(
             .min(deadline.saturating_duration_since(sent_at));
         let answer = match &mut sender {
             Sender::H1(s) => {
-                let out = Request::from_parts(parts, body);
-                tokio::time::timeout(per_try, s.try_send_request(out))
-                    .await
-                    .map_err(|_| h1::TimedOut)
-                    .map(|r| {
-                        r.map(Answer::Hyper)
-                            .map_err(|e| SendError::Hyper(Box::new(e)))
-                    })
+                hyper_within(
+                    per_try,
+                    s.try_send_request(Request::from_parts(parts, body)),
+                )
+                .await
             }
             Sender::H2(s) => {
-                let out = Request::from_parts(parts, body);
-                tokio::time::timeout(per_try, s.try_send_request(out))
-                    .await
-                    .map_err(|_| h1::TimedOut)
-                    .map(|r| {
-                        r.map(Answer::Hyper)
-                            .map_err(|e| SendError::Hyper(Box::new(e)))
-                    })
+                hyper_within(
+                    per_try,
+                    s.try_send_request(Request::from_parts(parts, body)),
+                )
+                .await
             }
             Sender::Raw(conn) => {
                 let pq = parts.uri.path_and_query().map_or("/", |p| p.as_str());
@@ -982,6 +976,23 @@ type Template = (Method, Uri, HeaderMap);
 
 /// The retry template from a head; without the Host this hop added for a backend, if it did
 /// (a head's uri is already in the form every retry gives it, so it may stay as it is).
+/// A request sent by one of hyper's client connections (HTTP/1.1 or HTTP/2), its answer
+/// awaited for at most `per_try`, in the terms the retry loop uses.
+async fn hyper_within(
+    per_try: Duration,
+    sent: impl Future<
+        Output = Result<Response<Incoming>, hyper::client::conn::TrySendError<Request<UpBody>>>,
+    >,
+) -> Result<Result<Answer, SendError>, h1::TimedOut> {
+    tokio::time::timeout(per_try, sent)
+        .await
+        .map_err(|_| h1::TimedOut)
+        .map(|r| {
+            r.map(Answer::Hyper)
+                .map_err(|e| SendError::Hyper(Box::new(e)))
+        })
+}
+
 fn template_of(method: Method, uri: Uri, mut headers: HeaderMap, added_host: bool) -> Template {
     if added_host {
         headers.remove(header::HOST);
