@@ -1133,15 +1133,8 @@ mod tests {
 
     /// A value of `len` bytes that differs per `seed` (so nothing dedups or compresses).
     fn value(seed: u64, len: usize) -> Vec<u8> {
-        let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-        (0..len)
-            .map(|_| {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                x as u8
-            })
-            .collect()
+        let mut rng = Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1);
+        (0..len).map(|_| rng.next() as u8).collect()
     }
 
     #[test]
@@ -1370,7 +1363,7 @@ mod tests {
         assert_eq!(collect(&b, b"a", b"z"), want);
     }
 
-    /// A small deterministic generator for the randomized tests.
+    /// A small deterministic generator (xorshift) for test values and the randomized tests.
     struct Rng(u64);
     impl Rng {
         fn next(&mut self) -> u64 {

@@ -130,29 +130,58 @@ fn be_u64(b: &[u8]) -> u64 {
     u64::from_be_bytes(a)
 }
 
+/// Walks an encoded bucket's entry table: each record's slot and byte range, in order, each
+/// checked to lie inside the bucket.
+struct Records<'a> {
+    bucket: &'a [u8],
+    table: std::slice::ChunksExact<'a, u8>,
+    /// Where the next record starts.
+    at: usize,
+}
+
+impl<'a> Records<'a> {
+    fn of(bucket: &'a [u8]) -> Result<Records<'a>> {
+        if bucket.len() < HEAD || bucket[0] != FORMAT {
+            return Err(corrupt(bucket, "unknown format"));
+        }
+        let n = usize::from(u16::from_le_bytes([bucket[1], bucket[2]]));
+        let at = HEAD + n * ENTRY;
+        let table = bucket
+            .get(HEAD..at)
+            .ok_or_else(|| corrupt(bucket, "entry table overruns it"))?;
+        Ok(Records {
+            bucket,
+            table: table.chunks_exact(ENTRY),
+            at,
+        })
+    }
+}
+
+impl Iterator for Records<'_> {
+    type Item = Result<(Slot, std::ops::Range<usize>)>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        let e = self.table.next()?;
+        let len = usize::from(u16::from_le_bytes([e[2], e[3]]));
+        let range = self.at..self.at + len;
+        if self.bucket.len() < range.end {
+            return Some(Err(corrupt(self.bucket, "a record overruns it")));
+        }
+        self.at = range.end;
+        Some(Ok(((e[0], e[1]), range)))
+    }
+}
+
+fn corrupt(bucket: &[u8], what: &str) -> Error {
+    Error::Corrupt(format!("bucket of {} bytes: {what}", bucket.len()))
+}
+
 /// The entries of an encoded bucket: each slot with the byte range of its record, in order.
 pub fn entries(bucket: &[u8]) -> Result<Vec<(Slot, std::ops::Range<usize>)>> {
-    let bad = |what: &str| Error::Corrupt(format!("bucket of {} bytes: {what}", bucket.len()));
-    if bucket.len() < HEAD || bucket[0] != FORMAT {
-        return Err(bad("unknown format"));
-    }
-    let n = usize::from(u16::from_le_bytes([bucket[1], bucket[2]]));
-    let mut at = HEAD + n * ENTRY;
-    if bucket.len() < at {
-        return Err(bad("entry table overruns it"));
-    }
-    let mut out = Vec::with_capacity(n);
-    for i in 0..n {
-        let e = &bucket[HEAD + i * ENTRY..HEAD + (i + 1) * ENTRY];
-        let len = usize::from(u16::from_le_bytes([e[2], e[3]]));
-        if bucket.len() < at + len {
-            return Err(bad("a record overruns it"));
-        }
-        out.push(((e[0], e[1]), at..at + len));
-        at += len;
-    }
-    if at != bucket.len() {
-        return Err(bad("bytes left after the last record"));
+    let mut records = Records::of(bucket)?;
+    let out = records.by_ref().collect::<Result<Vec<_>>>()?;
+    if records.at != bucket.len() {
+        return Err(corrupt(bucket, "bytes left after the last record"));
     }
     Ok(out)
 }
@@ -160,27 +189,14 @@ pub fn entries(bucket: &[u8]) -> Result<Vec<(Slot, std::ops::Range<usize>)>> {
 /// The record in `slot` of an encoded bucket, if there is one. (Walks the entry table
 /// without collecting it: this is every read of a packed record.)
 pub fn find(bucket: &[u8], slot: Slot) -> Result<Option<&[u8]>> {
-    let bad = |what: &str| Error::Corrupt(format!("bucket of {} bytes: {what}", bucket.len()));
-    if bucket.len() < HEAD || bucket[0] != FORMAT {
-        return Err(bad("unknown format"));
-    }
-    let n = usize::from(u16::from_le_bytes([bucket[1], bucket[2]]));
-    let mut at = HEAD + n * ENTRY;
-    let table = bucket
-        .get(HEAD..at)
-        .ok_or_else(|| bad("entry table overruns it"))?;
-    for e in table.chunks_exact(ENTRY) {
-        let len = usize::from(u16::from_le_bytes([e[2], e[3]]));
-        if (e[0], e[1]) == slot {
-            return bucket
-                .get(at..at + len)
-                .map(Some)
-                .ok_or_else(|| bad("a record overruns it"));
+    for record in Records::of(bucket)? {
+        let (s, range) = record?;
+        if s == slot {
+            return Ok(Some(&bucket[range]));
         }
-        if (e[0], e[1]) > slot {
+        if s > slot {
             break;
         }
-        at += len;
     }
     Ok(None)
 }
