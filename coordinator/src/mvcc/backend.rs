@@ -678,6 +678,23 @@ pub fn dir_bytes(p: &Path) -> std::io::Result<u64> {
     Ok(total)
 }
 
+/// Waits (up to 5 s) until nothing in this process holds the lock on sled's database file in
+/// `dir` any more. Dropping a sled 0.34 `Db` returns while a task of its I/O thread pool may
+/// still hold the file open for a moment (seen as "could not acquire lock" when a test reopened
+/// the directory at once); a restart in the same process must not race it.
+fn wait_until_released(dir: &Path) {
+    let path = dir.join("db");
+    let until = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while let Ok(f) = std::fs::File::open(&path) {
+        match f.try_lock() {
+            Err(std::fs::TryLockError::WouldBlock) if std::time::Instant::now() < until => {
+                std::thread::sleep(std::time::Duration::from_millis(2));
+            }
+            _ => return,
+        }
+    }
+}
+
 impl Drop for SledBackend {
     fn drop(&mut self) {
         {
@@ -698,6 +715,7 @@ impl Drop for SledBackend {
                 // Flushed by an orderly stop: dropping sled's `Db` has nothing left to write and
                 // releases its files and lock (so the data dir can be opened again).
                 inner.close_flushed();
+                wait_until_released(&self.shared.dir);
             } else {
                 // Not stopped in order (a test dropping a server, a panic): dropping sled 0.34's
                 // `Db` then flushes, and that flush was seen to wait forever holding sled's
