@@ -266,7 +266,12 @@ fn done<T>(ctx: &Ctx, method: &'static str, r: Result<T>) -> Result<Response<T>,
 
 #[tonic::async_trait]
 impl Auth for AuthService {
-    #[tracing::instrument(skip_all, name = "Auth.AuthEnable")]
+    #[tracing::instrument(
+        skip_all,
+        target = "request",
+        level = "debug",
+        name = "Auth.AuthEnable"
+    )]
     async fn auth_enable(
         &self,
         _req: Request<AuthEnableRequest>,
@@ -286,7 +291,12 @@ impl Auth for AuthService {
         done(&self.ctx, "AuthEnable", r)
     }
 
-    #[tracing::instrument(skip_all, name = "Auth.AuthDisable")]
+    #[tracing::instrument(
+        skip_all,
+        target = "request",
+        level = "debug",
+        name = "Auth.AuthDisable"
+    )]
     async fn auth_disable(
         &self,
         req: Request<AuthDisableRequest>,
@@ -302,7 +312,12 @@ impl Auth for AuthService {
         done(&self.ctx, "AuthDisable", r)
     }
 
-    #[tracing::instrument(skip_all, name = "Auth.AuthStatus")]
+    #[tracing::instrument(
+        skip_all,
+        target = "request",
+        level = "debug",
+        name = "Auth.AuthStatus"
+    )]
     async fn auth_status(
         &self,
         _req: Request<AuthStatusRequest>,
@@ -316,7 +331,12 @@ impl Auth for AuthService {
         done(&self.ctx, "AuthStatus", r)
     }
 
-    #[tracing::instrument(skip_all, name = "Auth.Authenticate")]
+    #[tracing::instrument(
+        skip_all,
+        target = "request",
+        level = "debug",
+        name = "Auth.Authenticate"
+    )]
     async fn authenticate(
         &self,
         req: Request<AuthenticateRequest>,
@@ -325,7 +345,7 @@ impl Auth for AuthService {
         done(&self.ctx, "Authenticate", r)
     }
 
-    #[tracing::instrument(skip_all, name = "Auth.UserAdd")]
+    #[tracing::instrument(skip_all, target = "request", level = "debug", name = "Auth.UserAdd")]
     async fn user_add(
         &self,
         req: Request<AuthUserAddRequest>,
@@ -334,7 +354,7 @@ impl Auth for AuthService {
         done(&self.ctx, "UserAdd", r)
     }
 
-    #[tracing::instrument(skip_all, name = "Auth.UserGet")]
+    #[tracing::instrument(skip_all, target = "request", level = "debug", name = "Auth.UserGet")]
     async fn user_get(
         &self,
         req: Request<AuthUserGetRequest>,
@@ -343,7 +363,7 @@ impl Auth for AuthService {
         done(&self.ctx, "UserGet", r)
     }
 
-    #[tracing::instrument(skip_all, name = "Auth.UserList")]
+    #[tracing::instrument(skip_all, target = "request", level = "debug", name = "Auth.UserList")]
     async fn user_list(
         &self,
         req: Request<AuthUserListRequest>,
@@ -352,7 +372,12 @@ impl Auth for AuthService {
         done(&self.ctx, "UserList", r)
     }
 
-    #[tracing::instrument(skip_all, name = "Auth.UserDelete")]
+    #[tracing::instrument(
+        skip_all,
+        target = "request",
+        level = "debug",
+        name = "Auth.UserDelete"
+    )]
     async fn user_delete(
         &self,
         req: Request<AuthUserDeleteRequest>,
@@ -372,7 +397,12 @@ impl Auth for AuthService {
         done(&self.ctx, "UserDelete", r)
     }
 
-    #[tracing::instrument(skip_all, name = "Auth.UserChangePassword")]
+    #[tracing::instrument(
+        skip_all,
+        target = "request",
+        level = "debug",
+        name = "Auth.UserChangePassword"
+    )]
     async fn user_change_password(
         &self,
         req: Request<AuthUserChangePasswordRequest>,
@@ -394,7 +424,12 @@ impl Auth for AuthService {
         done(&self.ctx, "UserChangePassword", r)
     }
 
-    #[tracing::instrument(skip_all, name = "Auth.UserGrantRole")]
+    #[tracing::instrument(
+        skip_all,
+        target = "request",
+        level = "debug",
+        name = "Auth.UserGrantRole"
+    )]
     async fn user_grant_role(
         &self,
         req: Request<AuthUserGrantRoleRequest>,
@@ -421,7 +456,12 @@ impl Auth for AuthService {
         done(&self.ctx, "UserGrantRole", r)
     }
 
-    #[tracing::instrument(skip_all, name = "Auth.UserRevokeRole")]
+    #[tracing::instrument(
+        skip_all,
+        target = "request",
+        level = "debug",
+        name = "Auth.UserRevokeRole"
+    )]
     async fn user_revoke_role(
         &self,
         req: Request<AuthUserRevokeRoleRequest>,
@@ -448,7 +488,7 @@ impl Auth for AuthService {
         done(&self.ctx, "UserRevokeRole", r)
     }
 
-    #[tracing::instrument(skip_all, name = "Auth.RoleAdd")]
+    #[tracing::instrument(skip_all, target = "request", level = "debug", name = "Auth.RoleAdd")]
     async fn role_add(
         &self,
         req: Request<AuthRoleAddRequest>,
@@ -468,7 +508,7 @@ impl Auth for AuthService {
         done(&self.ctx, "RoleAdd", r)
     }
 
-    #[tracing::instrument(skip_all, name = "Auth.RoleGet")]
+    #[tracing::instrument(skip_all, target = "request", level = "debug", name = "Auth.RoleGet")]
     async fn role_get(
         &self,
         req: Request<AuthRoleGetRequest>,
@@ -477,7 +517,7 @@ impl Auth for AuthService {
         done(&self.ctx, "RoleGet", r)
     }
 
-    #[tracing::instrument(skip_all, name = "Auth.RoleList")]
+    #[tracing::instrument(skip_all, target = "request", level = "debug", name = "Auth.RoleList")]
     async fn role_list(
         &self,
         req: Request<AuthRoleListRequest>,
@@ -486,7 +526,12 @@ impl Auth for AuthService {
         done(&self.ctx, "RoleList", r)
     }
 
-    #[tracing::instrument(skip_all, name = "Auth.RoleDelete")]
+    #[tracing::instrument(
+        skip_all,
+        target = "request",
+        level = "debug",
+        name = "Auth.RoleDelete"
+    )]
     async fn role_delete(
         &self,
         req: Request<AuthRoleDeleteRequest>,
@@ -506,7 +551,12 @@ impl Auth for AuthService {
         done(&self.ctx, "RoleDelete", r)
     }
 
-    #[tracing::instrument(skip_all, name = "Auth.RoleGrantPermission")]
+    #[tracing::instrument(
+        skip_all,
+        target = "request",
+        level = "debug",
+        name = "Auth.RoleGrantPermission"
+    )]
     async fn role_grant_permission(
         &self,
         req: Request<AuthRoleGrantPermissionRequest>,
@@ -515,7 +565,12 @@ impl Auth for AuthService {
         done(&self.ctx, "RoleGrantPermission", r)
     }
 
-    #[tracing::instrument(skip_all, name = "Auth.RoleRevokePermission")]
+    #[tracing::instrument(
+        skip_all,
+        target = "request",
+        level = "debug",
+        name = "Auth.RoleRevokePermission"
+    )]
     async fn role_revoke_permission(
         &self,
         req: Request<AuthRoleRevokePermissionRequest>,

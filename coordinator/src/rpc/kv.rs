@@ -185,13 +185,13 @@ fn done<T>(ctx: &Ctx, method: &'static str, r: Result<T>) -> Result<Response<T>,
 
 #[tonic::async_trait]
 impl Kv for KvService {
-    #[tracing::instrument(skip_all, name = "KV.Range")]
+    #[tracing::instrument(skip_all, target = "request", level = "debug", name = "KV.Range")]
     async fn range(&self, req: Request<RangeRequest>) -> Result<Response<RangeResponse>, Status> {
         let (md, _, r) = req.into_parts();
         done(&self.ctx, "Range", self.do_range(&md, r).await)
     }
 
-    #[tracing::instrument(skip_all, name = "KV.Put")]
+    #[tracing::instrument(skip_all, target = "request", level = "debug", name = "KV.Put")]
     async fn put(&self, req: Request<PutRequest>) -> Result<Response<PutResponse>, Status> {
         let caller = self.ctx.auth.caller_of(&req);
         done(
@@ -201,7 +201,7 @@ impl Kv for KvService {
         )
     }
 
-    #[tracing::instrument(skip_all, name = "KV.DeleteRange")]
+    #[tracing::instrument(skip_all, target = "request", level = "debug", name = "KV.DeleteRange")]
     async fn delete_range(
         &self,
         req: Request<DeleteRangeRequest>,
@@ -214,13 +214,13 @@ impl Kv for KvService {
         )
     }
 
-    #[tracing::instrument(skip_all, name = "KV.Txn")]
+    #[tracing::instrument(skip_all, target = "request", level = "debug", name = "KV.Txn")]
     async fn txn(&self, req: Request<TxnRequest>) -> Result<Response<TxnResponse>, Status> {
         let (md, _, t) = req.into_parts();
         done(&self.ctx, "Txn", self.do_txn(&md, t).await)
     }
 
-    #[tracing::instrument(skip_all, name = "KV.Compact")]
+    #[tracing::instrument(skip_all, target = "request", level = "debug", name = "KV.Compact")]
     async fn compact(
         &self,
         req: Request<CompactionRequest>,

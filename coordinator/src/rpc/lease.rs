@@ -165,7 +165,12 @@ type KeepAliveStream = Pin<Box<dyn Stream<Item = Result<LeaseKeepAliveResponse, 
 
 #[tonic::async_trait]
 impl Lease for LeaseService {
-    #[tracing::instrument(skip_all, name = "Lease.LeaseGrant")]
+    #[tracing::instrument(
+        skip_all,
+        target = "request",
+        level = "debug",
+        name = "Lease.LeaseGrant"
+    )]
     async fn lease_grant(
         &self,
         req: Request<LeaseGrantRequest>,
@@ -178,7 +183,12 @@ impl Lease for LeaseService {
         )
     }
 
-    #[tracing::instrument(skip_all, name = "Lease.LeaseRevoke")]
+    #[tracing::instrument(
+        skip_all,
+        target = "request",
+        level = "debug",
+        name = "Lease.LeaseRevoke"
+    )]
     async fn lease_revoke(
         &self,
         req: Request<LeaseRevokeRequest>,
@@ -234,7 +244,12 @@ impl Lease for LeaseService {
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 
-    #[tracing::instrument(skip_all, name = "Lease.LeaseTimeToLive")]
+    #[tracing::instrument(
+        skip_all,
+        target = "request",
+        level = "debug",
+        name = "Lease.LeaseTimeToLive"
+    )]
     async fn lease_time_to_live(
         &self,
         req: Request<LeaseTimeToLiveRequest>,
@@ -247,7 +262,12 @@ impl Lease for LeaseService {
         )
     }
 
-    #[tracing::instrument(skip_all, name = "Lease.LeaseLeases")]
+    #[tracing::instrument(
+        skip_all,
+        target = "request",
+        level = "debug",
+        name = "Lease.LeaseLeases"
+    )]
     async fn lease_leases(
         &self,
         req: Request<LeaseLeasesRequest>,
