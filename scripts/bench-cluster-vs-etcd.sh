@@ -2,12 +2,15 @@
 # Three-member coordinator cluster vs three-member etcd 3.4 cluster, on loopback, same bench.
 # Alternates the two, BENCH_REPS times; prints one Markdown row per run (req/s, p50, p99, and the
 # CPU of all three server processes per request). Stops only the processes it started.
+# BENCH_WORKER_THREADS=N (unset: each server's default, one thread per CPU) runs the coordinators
+# with `--worker-threads N` and etcd with GOMAXPROCS=N: six servers share this machine's CPUs.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DUR=${BENCH_DURATION:-5s}
 REPS=${BENCH_REPS:-2}
 CLIENTS=${BENCH_CLIENTS:-1,64}
 BIN=${CARGO_TARGET_DIR:-target}/release
+THREADS=${BENCH_WORKER_THREADS:-}
 command -v etcd >/dev/null || bash scripts/install-deps.sh
 cargo build --release -q -p coordinator --bins
 TMP=$(mktemp -d)
@@ -22,14 +25,15 @@ start_cluster() { # kind -> sets CPIDS and ENDPOINTS
   for i in 1 2 3; do
     local d="$TMP/$kind-$i-$RANDOM"
     if [ "$kind" = etcd ]; then
-      etcd --name n$i --data-dir "$d" --listen-client-urls http://127.0.0.1:${c[$i]} \
+      GOMAXPROCS=${THREADS:-${GOMAXPROCS:-}} etcd --name n$i --data-dir "$d" --listen-client-urls http://127.0.0.1:${c[$i]} \
         --advertise-client-urls http://127.0.0.1:${c[$i]} --listen-peer-urls http://127.0.0.1:${p[$i]} \
         --initial-advertise-peer-urls http://127.0.0.1:${p[$i]} --initial-cluster "$ic" \
         --initial-cluster-token "$token" >"$d.log" 2>&1 &
     else
       "$BIN/coordinator" --name n$i --data-dir "$d" --listen-client-urls http://127.0.0.1:${c[$i]} \
         --listen-peer-urls http://127.0.0.1:${p[$i]} --initial-advertise-peer-urls http://127.0.0.1:${p[$i]} \
-        --listen-metrics-urls http://127.0.0.1:${m[$i]} --initial-cluster "$ic" >"$d.log" 2>&1 &
+        --listen-metrics-urls http://127.0.0.1:${m[$i]} --initial-cluster "$ic" \
+        ${THREADS:+--worker-threads "$THREADS"} >"$d.log" 2>&1 &
     fi
     CPIDS+=($!); PIDS+=($!)
   done

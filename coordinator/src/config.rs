@@ -193,6 +193,13 @@ pub struct Config {
     /// Log format.
     #[arg(long, env = "LOG_FORMAT", default_value = "text")]
     pub log_format: LogFormat,
+
+    /// Threads that serve requests and run Raft (default: one per CPU). Members that share a
+    /// machine's CPUs (a test cluster, a compose stack on one host) do better with fewer: on
+    /// two cores, three members with one each carried 1–13 % more puts than with two each, the
+    /// leader spending 7–14 % less CPU per put (BENCHMARKS.md, session 11).
+    #[arg(long, env = "COORDINATOR_WORKER_THREADS", value_name = "N")]
+    pub worker_threads: Option<usize>,
 }
 
 impl Config {
@@ -291,6 +298,9 @@ impl Config {
         if self.max_metadata_bytes < 1024 {
             return Err("--max-metadata-bytes must be at least 1024".into());
         }
+        if self.worker_threads == Some(0) {
+            return Err("--worker-threads must be at least 1".into());
+        }
         if self.auth_token_ttl == 0 {
             return Err("--auth-token-ttl must be at least 1 second".into());
         }
@@ -386,6 +396,21 @@ mod tests {
             c.validate()
                 .expect_err("this member is not in the initial cluster")
                 .contains("n1")
+        );
+    }
+
+    #[test]
+    fn worker_threads_default_to_tokios_choice_and_zero_is_refused() {
+        let c = Config::parse_from(["coordinator"]);
+        assert_eq!(c.worker_threads, None);
+        let c = Config::parse_from(["coordinator", "--worker-threads", "1"]);
+        c.validate().expect("one worker is valid");
+        assert_eq!(c.worker_threads, Some(1));
+        let c = Config::parse_from(["coordinator", "--worker-threads", "0"]);
+        assert!(
+            c.validate()
+                .expect_err("zero workers serve nothing")
+                .contains("--worker-threads")
         );
     }
 }
