@@ -413,6 +413,13 @@ mod tests {
         }
     }
 
+    /// Writes entries 1 and 2 into a new log in `dir`; where their records end.
+    fn two_entries(dir: &Path) -> u64 {
+        let (mut w, _) = Wal::open(dir).expect("open");
+        w.append(&[entry(1), entry(2)]).expect("append");
+        w.file_len
+    }
+
     #[test]
     fn appended_entries_come_back_after_reopen() {
         let dir = tempfile::tempdir().expect("tmp");
@@ -430,11 +437,7 @@ mod tests {
     #[test]
     fn torn_tail_is_truncated_and_log_continues() {
         let dir = tempfile::tempdir().expect("tmp");
-        let len = {
-            let (mut w, _) = Wal::open(dir.path()).expect("open");
-            w.append(&[entry(1), entry(2)]).expect("append");
-            w.file_len
-        };
+        let len = two_entries(dir.path());
         let seg = dir.path().join(seg_name(1));
         let f = OpenOptions::new().write(true).open(&seg).expect("open seg");
         f.set_len(len - 3).expect("cut");
@@ -534,7 +537,10 @@ mod tests {
         };
         w.append(std::slice::from_ref(&big)).expect("append big");
         let grown = fs::metadata(&seg1).expect("meta").len();
-        assert!(grown > w.file_len && grown % PREALLOC_BYTES == 0, "{grown}");
+        assert!(
+            grown > w.file_len && grown.is_multiple_of(PREALLOC_BYTES),
+            "{grown}"
+        );
         let records = w.file_len;
         w.roll().expect("roll");
         assert_eq!(
@@ -565,11 +571,7 @@ mod tests {
     #[test]
     fn a_torn_write_inside_the_zeros_is_cut_off_and_never_read_later() {
         let dir = tempfile::tempdir().expect("tmp");
-        let end = {
-            let (mut w, _) = Wal::open(dir.path()).expect("open");
-            w.append(&[entry(1), entry(2)]).expect("append");
-            w.file_len
-        };
+        let end = two_entries(dir.path());
         let seg = dir.path().join(seg_name(1));
         // A crash left a whole record of a write that never returned behind a header that did
         // not reach the disk (zeros), and half a record right after the good ones.

@@ -187,10 +187,10 @@ fn env_filter() -> anyhow::Result<EnvFilter> {
         .context("invalid RUST_LOG")
 }
 
-/// What the OTLP layer takes: what `RUST_LOG` asks for, and the per-request
-/// spans ([`REQUEST_SPANS`]) always; never the exporter's own transport, which
-/// must not trace itself.
-fn export_filter<S>(logged: EnvFilter) -> impl tracing_subscriber::layer::Filter<S>
+/// What the OTLP layer takes: what `logged` (the log layer's filter, from
+/// `RUST_LOG`) takes, and the per-request spans ([`REQUEST_SPANS`]) always;
+/// never the exporter's own transport, which must not trace itself.
+pub fn export_filter<S>(logged: EnvFilter) -> impl tracing_subscriber::layer::Filter<S>
 where
     S: tracing::Subscriber + for<'a> tracing_subscriber::registry::LookupSpan<'a>,
 {
@@ -275,75 +275,5 @@ mod tests {
         assert!(is_exporter_internal("h2::codec"));
         assert!(is_exporter_internal("opentelemetry_sdk"));
         assert!(!is_exporter_internal("registry_svc"));
-    }
-
-    /// Names of the spans a layer was given.
-    #[derive(Clone, Default)]
-    struct Spans(std::sync::Arc<std::sync::Mutex<Vec<String>>>);
-
-    impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for Spans {
-        fn on_new_span(
-            &self,
-            attrs: &tracing::span::Attributes<'_>,
-            _id: &tracing::span::Id,
-            _ctx: tracing_subscriber::layer::Context<'_, S>,
-        ) {
-            let name = attrs.metadata().name().to_owned();
-            self.0.lock().expect("spans").push(name);
-        }
-    }
-
-    impl Spans {
-        fn names(&self) -> Vec<String> {
-            self.0.lock().expect("spans").clone()
-        }
-    }
-
-    fn make_spans() -> [bool; 4] {
-        let request = tracing::debug_span!(target: "request", "KV.Put");
-        let info = tracing::info_span!(target: "coordinator::rpc", "startup");
-        let debug = tracing::debug_span!(target: "coordinator::rpc", "internal");
-        let transport = tracing::info_span!(target: "h2::codec", "frame");
-        [&request, &info, &debug, &transport].map(|s| !s.is_disabled())
-    }
-
-    #[test]
-    fn request_spans_are_exported_but_not_logged_at_the_default_level() {
-        let (logged, exported) = (Spans::default(), Spans::default());
-        let subscriber = tracing_subscriber::registry()
-            .with(logged.clone().with_filter(EnvFilter::new("info")))
-            .with(
-                exported
-                    .clone()
-                    .with_filter(export_filter(EnvFilter::new("info"))),
-            );
-        tracing::subscriber::with_default(subscriber, make_spans);
-        assert_eq!(logged.names(), ["startup", "frame"]);
-        assert_eq!(
-            exported.names(),
-            ["KV.Put", "startup"],
-            "the exporter takes request spans and what RUST_LOG asks for, never its transport's"
-        );
-    }
-
-    #[test]
-    fn without_export_request_spans_are_not_made_unless_rust_log_asks() {
-        let logged = Spans::default();
-        let subscriber =
-            tracing_subscriber::registry().with(logged.clone().with_filter(EnvFilter::new("info")));
-        let made = tracing::subscriber::with_default(subscriber, make_spans);
-        assert_eq!(
-            made,
-            [false, true, false, true],
-            "a disabled span costs nothing"
-        );
-        let asked = Spans::default();
-        let subscriber = tracing_subscriber::registry().with(
-            asked
-                .clone()
-                .with_filter(EnvFilter::new("info,request=debug")),
-        );
-        tracing::subscriber::with_default(subscriber, make_spans);
-        assert_eq!(asked.names(), ["KV.Put", "startup", "frame"]);
     }
 }
