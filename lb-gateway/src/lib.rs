@@ -504,8 +504,6 @@ pub async fn run_with_listeners(
         access_log,
         own_http1: http1_client == "own",
         own_http1_server: http1_server == "own",
-        export_spans: std::env::var_os(service_kit::telemetry::OTLP_ENDPOINT_ENV)
-            .is_some_and(|v| !v.is_empty()),
         unrouted: gm.route("-"),
     });
 

@@ -56,8 +56,6 @@ pub struct Gateway {
     pub own_http1: bool,
     /// Whether the listener serves bodyless HTTP/1.1 requests itself (`fast`), not hyper.
     pub own_http1_server: bool,
-    /// Whether spans are exported (OpenTelemetry): request spans are INFO then, DEBUG otherwise.
-    pub export_spans: bool,
     /// Metrics of requests that match no route (route label `-`).
     pub unrouted: crate::metrics::RouteMetrics,
 }
@@ -468,24 +466,16 @@ pub async fn serve_request(
         let msg = format!("no route matches {} {}", req.method, req.uri.path());
         return refuse(Refusal::NoRoute, &msg, grpc, None);
     };
-    // A span per request: at INFO when spans are exported (OpenTelemetry), else at DEBUG, so
-    // that a gateway without a collector does not pay for spans nobody reads.
-    let span = if gw.export_spans {
-        tracing::info_span!(
-            "proxy",
-            otel.kind = "server",
-            route = %route.route.name,
-            method = %req.method,
-            trace_id = tracing::field::Empty,
-        )
-    } else {
-        tracing::debug_span!(
-            "proxy",
-            route = %route.route.name,
-            method = %req.method,
-            trace_id = tracing::field::Empty,
-        )
-    };
+    // A span per request, under service-kit's request-span target: exported when spans are
+    // exported (OpenTelemetry), not made otherwise unless RUST_LOG asks for it.
+    let span = tracing::debug_span!(
+        target: service_kit::telemetry::REQUEST_SPANS,
+        "proxy",
+        otel.kind = "server",
+        route = %route.route.name,
+        method = %req.method,
+        trace_id = tracing::field::Empty,
+    );
     let hop = trace::hop(
         req.headers.get(TRACEPARENT).map(HeaderValue::as_bytes),
         &span,
