@@ -9,6 +9,13 @@ use coordinator::Config;
 use service_kit::config::{exit_bad_config, parse_args_or_exit, parse_duration};
 use service_kit::{probe, shutdown, telemetry};
 
+/// mimalloc instead of glibc's malloc: a put allocates many small, short-lived objects (the
+/// gRPC frames and buffers, the command, sled's nodes and the Raft entry) on several threads,
+/// where glibc's malloc and free took about 10 % of the leader's CPU under load
+/// (`BENCHMARKS.md`, session 12).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// etcd v3 compatible coordination store.
 #[derive(Debug, Parser)]
 #[command(name = "coordinator", version, about)]
