@@ -197,7 +197,9 @@ pub struct Config {
     /// Threads that serve requests and run Raft (default: one per CPU). Members that share a
     /// machine's CPUs (a test cluster, a compose stack on one host) do better with fewer: on
     /// two cores, three members with one each carried 1–13 % more puts than with two each, the
-    /// leader spending 7–14 % less CPU per put (BENCHMARKS.md, session 11).
+    /// leader spending 7–14 % less CPU per put (BENCHMARKS.md, session 11). One thread runs
+    /// Tokio's single-threaded scheduler, which answers a committed batch of puts with fewer
+    /// writes (BENCHMARKS.md, session 12).
     #[arg(long, env = "COORDINATOR_WORKER_THREADS", value_name = "N")]
     pub worker_threads: Option<usize>,
 }
