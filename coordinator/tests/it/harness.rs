@@ -907,6 +907,9 @@ impl Cluster {
                 &format!("http://127.0.0.1:{}", m.metrics_port),
             ])
             .args(["--initial-cluster-token", CLUSTER_TOKEN])
+            // The members share the test machine's CPUs, as the compose stack's do: one
+            // request thread each (Tokio's single-threaded scheduler), as compose runs them.
+            .args(["--worker-threads", "1"])
             .args(&m.args)
             .args(&extra)
             .stdin(Stdio::null())
