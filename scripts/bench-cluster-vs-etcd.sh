@@ -4,6 +4,8 @@
 # CPU of all three server processes per request). Stops only the processes it started.
 # BENCH_WORKER_THREADS=N (unset: each server's default, one thread per CPU) runs the coordinators
 # with `--worker-threads N` and etcd with GOMAXPROCS=N: six servers share this machine's CPUs.
+# BENCH_CLIENT_THREADS=N (unset: one per CPU) gives the load generator N threads (`bench
+# --threads`; 1 = Tokio's single-threaded scheduler, the cheapest per request).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DUR=${BENCH_DURATION:-5s}
@@ -11,6 +13,7 @@ REPS=${BENCH_REPS:-2}
 CLIENTS=${BENCH_CLIENTS:-1,64}
 BIN=${CARGO_TARGET_DIR:-target}/release
 THREADS=${BENCH_WORKER_THREADS:-}
+CLIENT_THREADS=${BENCH_CLIENT_THREADS:-0}
 command -v etcd >/dev/null || bash scripts/install-deps.sh
 cargo build --release -q -p coordinator --bins
 TMP=$(mktemp -d)
@@ -55,7 +58,7 @@ for rep in $(seq 1 "$REPS"); do
     for wl in put range; do
       for n in ${CLIENTS//,/ }; do
         before=$(cpu)
-        row=$("$BIN/bench" --endpoints "$LEADER" --workload $wl --clients "$n" --duration "$DUR" --json 2>/dev/null | tail -1)
+        row=$("$BIN/bench" --threads "$CLIENT_THREADS" --endpoints "$LEADER" --workload $wl --clients "$n" --duration "$DUR" --json 2>/dev/null | tail -1)
         after=$(cpu)
         python3 - "$kind" "$wl" "$n" "$row" "$before" "$after" "$HZ" <<'PY'
 import json, sys

@@ -11,6 +11,7 @@
 #   COORDINATOR_BIN [target/release/coordinator]  the member binary
 #   BENCH_BIN       [target/release/bench]        the bench client
 #   PROBE_FLAGS     [unset]  extra member flags, e.g. "--snapshot-count 10000000"
+#   BENCH_FLAGS     [unset]  extra bench flags, e.g. "--threads 1"
 #   PROBE_PERF      [unset]  leader|follower: `perf record` that member during the run; the
 #                            data file is kept and named at the end
 #   PROBE_PERF_CALLGRAPH [-g]  e.g. "--call-graph dwarf,8192"
@@ -91,7 +92,8 @@ if [[ -n ${PROBE_PERF:-} ]]; then
     perf record -q -F 999 ${PROBE_PERF_CALLGRAPH:--g} -p "${PIDS[target-1]}" -o "$TMP/perf.data" >/dev/null 2>&1 &
     PERF_PID=$!
 fi
-row=$(timeout 600 "$BENCH" --endpoints "$leader" --workload put --clients "$CLIENTS" --duration "$DURATION" --json 2>/dev/null | tail -1)
+# shellcheck disable=SC2086 # BENCH_FLAGS is a list of flags
+row=$(timeout 600 "$BENCH" ${BENCH_FLAGS:-} --endpoints "$leader" --workload put --clients "$CLIENTS" --duration "$DURATION" --json 2>/dev/null | tail -1)
 if [[ -n $PERF_PID ]]; then kill -INT "$PERF_PID"; wait "$PERF_PID" 2>/dev/null || true; fi
 echo "$row"
 alive

@@ -26,6 +26,12 @@
 //! `--duration`; only requests that start and finish inside the measured window are counted and
 //! recorded (in microseconds) in a per-client HdrHistogram, merged at the end.
 //!
+//! `--threads 1` runs the load generator on one thread with Tokio's single-threaded scheduler:
+//! the loops that answers arriving together wake all send their next requests before any
+//! connection writes, so the requests leave in fewer writes. It took 10–27 % less CPU per put
+//! than the default (one thread per CPU) in `BENCHMARKS.md` session 12; on a fast machine one
+//! thread may cap very high request rates, which is why it is not the default.
+//!
 //! Everything is bounded: a request gets at most `--request-timeout` (counted as an error when it
 //! expires) and no request outlives the end of the run, so a stalled server yields a row full of
 //! errors rather than a hung benchmark. Errors are counted and the first one is shown on stderr;
@@ -134,6 +140,12 @@ struct Args {
     /// `watchers`: how long to keep the watches open after the fan-out before measuring RSS again.
     #[arg(long, value_parser = parse_duration, default_value = "2s")]
     hold: Duration,
+    /// Threads of the load generator: 0 = one per CPU; 1 = Tokio's single-threaded scheduler,
+    /// which runs the client loops woken by answers that arrived together before their
+    /// connections write, so their next requests leave together (fewer writes for the load
+    /// generator, fewer reads for the server).
+    #[arg(long, default_value_t = 0)]
+    threads: usize,
 }
 
 #[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
@@ -192,9 +204,17 @@ fn main() -> Result<()> {
     if args.endpoints.is_empty() || args.clients.is_empty() || args.clients.contains(&0) {
         bail!("--endpoints and --clients must be non-empty, and client counts positive");
     }
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?;
+    let mut builder = match args.threads {
+        1 => tokio::runtime::Builder::new_current_thread(),
+        n => {
+            let mut b = tokio::runtime::Builder::new_multi_thread();
+            if n > 1 {
+                b.worker_threads(n);
+            }
+            b
+        }
+    };
+    let rt = builder.enable_all().build()?;
     rt.block_on(run(args))
 }
 
