@@ -154,22 +154,9 @@ fn snapshot(action: SnapshotAction) -> ExitCode {
 }
 
 fn serve(config: Config) -> ExitCode {
-    // One worker: Tokio's single-threaded scheduler, which runs woken tasks in the order they
-    // were woken. The multi-threaded one, even with one worker, runs the task woken last first
-    // (its LIFO slot): when a Raft entry commits and its puts' handlers finish one after
-    // another, each handler's HTTP/2 connection task then ran right after it and wrote that
-    // one answer in a `writev` of its own; run in wake order, the handlers all finish first and
-    // each connection writes the answers it has in one go.
-    let mut builder = match config.worker_threads {
-        Some(1) => tokio::runtime::Builder::new_current_thread(),
-        Some(n) => {
-            let mut b = tokio::runtime::Builder::new_multi_thread();
-            b.worker_threads(n);
-            b
-        }
-        None => tokio::runtime::Builder::new_multi_thread(),
-    };
-    let runtime = match builder.enable_all().build() {
+    // One thread: the single-threaded scheduler, which answers a committed batch of puts with
+    // fewer writes (see `process::runtime`).
+    let runtime = match service_kit::process::runtime(config.worker_threads) {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: cannot start the Tokio runtime: {e}");

@@ -56,9 +56,54 @@ where
     })
 }
 
+/// A runtime with `worker_threads` request threads (`None`, or 0: Tokio's default, one per CPU).
+///
+/// One thread gets Tokio's single-threaded scheduler, which runs woken tasks in the order they
+/// were woken. The multi-threaded one, even with one worker, runs the task woken last first
+/// (its LIFO slot). When many answers become ready together (a committed Raft entry's puts, a
+/// burst of replies to a load generator), their tasks each wake an HTTP/2 connection task; the
+/// LIFO slot runs that connection right after each one, writing one message per `writev`. In
+/// wake order, every ready task runs first and each connection then writes all it has at once
+/// (half the coordinator leader's writes per put, `BENCHMARKS.md` session 12).
+pub fn runtime(worker_threads: Option<usize>) -> std::io::Result<tokio::runtime::Runtime> {
+    let mut builder = match worker_threads {
+        Some(1) => tokio::runtime::Builder::new_current_thread(),
+        Some(n @ 2..) => {
+            let mut b = tokio::runtime::Builder::new_multi_thread();
+            b.worker_threads(n);
+            b
+        }
+        None | Some(0) => tokio::runtime::Builder::new_multi_thread(),
+    };
+    builder.enable_all().build()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn one_worker_thread_is_the_single_threaded_scheduler_and_more_are_that_many_workers() {
+        use tokio::runtime::RuntimeFlavor;
+        let one = runtime(Some(1)).expect("runtime");
+        assert_eq!(one.handle().runtime_flavor(), RuntimeFlavor::CurrentThread);
+        let three = runtime(Some(3)).expect("runtime");
+        assert_eq!(three.handle().runtime_flavor(), RuntimeFlavor::MultiThread);
+        assert_eq!(three.metrics().num_workers(), 3);
+        let default = runtime(None).expect("runtime");
+        assert_eq!(
+            default.handle().runtime_flavor(),
+            RuntimeFlavor::MultiThread
+        );
+        // Timers and I/O are enabled in every flavour.
+        assert_eq!(
+            one.block_on(async {
+                tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+                7
+            }),
+            7
+        );
+    }
 
     #[test]
     fn the_outcome_of_serve_is_the_exit_code() {

@@ -204,17 +204,8 @@ fn main() -> Result<()> {
     if args.endpoints.is_empty() || args.clients.is_empty() || args.clients.contains(&0) {
         bail!("--endpoints and --clients must be non-empty, and client counts positive");
     }
-    let mut builder = match args.threads {
-        1 => tokio::runtime::Builder::new_current_thread(),
-        n => {
-            let mut b = tokio::runtime::Builder::new_multi_thread();
-            if n > 1 {
-                b.worker_threads(n);
-            }
-            b
-        }
-    };
-    let rt = builder.enable_all().build()?;
+    // 0: Tokio's default; 1: the single-threaded scheduler (see the module docs).
+    let rt = service_kit::process::runtime(Some(args.threads))?;
     rt.block_on(run(args))
 }
 
