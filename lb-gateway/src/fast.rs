@@ -137,7 +137,9 @@ fn parse(buf: &[u8], fields: &mut Vec<[usize; 4]>) -> Parse {
 fn to_parts(head: &Bytes, p: &Parsed) -> Option<(http::request::Parts, bool)> {
     let method = Method::from_bytes(&head[p.method.0..p.method.1]).ok()?;
     let uri = Uri::from_maybe_shared(head.slice(p.target.0..p.target.1)).ok()?;
-    let mut headers = HeaderMap::with_capacity(p.fields.len());
+    // Room for the fields the proxy adds (`X-Forwarded-For`, `traceparent`, a `Host` for an
+    // absolute-form target): growing the map on those inserts rehashed it for every request.
+    let mut headers = HeaderMap::with_capacity(p.fields.len() + 3);
     // HTTP/1.1 keeps the connection unless told to close; HTTP/1.0 only when asked to keep it.
     let mut close = p.http10;
     for f in &p.fields {
