@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Probes one three-member coordinator cluster under puts: where the CPU goes (leader and each
-# follower, user and system, µs per put), how many commands a Raft entry carried, and how long
-# each member's Raft snapshots took. Complements scripts/bench-cluster-vs-etcd.sh (which
+# follower, user and system, µs per put, and by thread), how many commands a Raft entry
+# carried, and how long each member's Raft snapshots took. Complements scripts/bench-cluster-vs-etcd.sh (which
 # compares with etcd) when a change is weighed against the build before it: run it with
 # COORDINATOR_BIN pointing at each build in turn, alternating, a fresh cluster each time.
 #
@@ -70,6 +70,14 @@ for i in 1 2 3; do [[ "127.0.0.1:${client[i]}" == "$leader" ]] && li=$i; done
 fi_=$((li % 3 + 1))
 
 ticks() { awk '{print $14, $15}' "/proc/$1/stat"; }
+# CPU ticks (user + system) of a member's threads, summed by thread name without its trailing
+# number ("sled-io-3" counts as "sled-io"): "name ticks" lines.
+thread_ticks() {
+    local t
+    for t in /proc/"$1"/task/*; do
+        printf '%s %s\n' "$(cat "$t/comm" 2>/dev/null)" "$(sed 's/.*) //' "$t/stat" 2>/dev/null | awk '{print $12 + $13}')"
+    done | awk 'NF == 2 {n = $1; sub(/-[0-9]+$/, "", n); a[n] += $2} END {for (k in a) print k, a[k]}'
+}
 # A member that exited (say, it could not bind a port) is reported with its log, not by an
 # error reading its /proc entry.
 alive() {
@@ -84,7 +92,10 @@ alive() {
 }
 alive
 declare -A before
-for i in 1 2 3; do before[$i]=$(ticks "${PIDS[i-1]}"); done
+for i in 1 2 3; do
+    before[$i]=$(ticks "${PIDS[i-1]}")
+    thread_ticks "${PIDS[i-1]}" >"$TMP/threads$i.before"
+done
 if [[ -n ${PROBE_PERF:-} ]]; then
     target=$li
     [[ $PROBE_PERF == follower ]] && target=$fi_
@@ -111,6 +122,19 @@ u0, s0, u1, s1, hz, reqs = map(int, sys.argv[3:])
 u = (u1 - u0) / hz * 1e6 / reqs
 s = (s1 - s0) / hz * 1e6 / reqs
 print(f"n{i} {role}: user {u:.1f} + system {s:.1f} = {u + s:.1f} µs CPU per put")
+PY
+    # The same CPU by thread: the request thread(s) ("coordinator", or Tokio's workers), the
+    # Raft log's writer, sled's I/O pool and the key space's write-back. A thread that started
+    # during the run counts from zero; one that ended is missing.
+    thread_ticks "${PIDS[i-1]}" >"$TMP/threads$i.after"
+    python3 - "$i" "$TMP/threads$i.before" "$TMP/threads$i.after" "$hz" "$reqs" <<'PY'
+import sys
+i, before, after = sys.argv[1:4]
+hz, reqs = int(sys.argv[4]), int(sys.argv[5])
+read = lambda f: {k: int(v) for k, v in (line.split() for line in open(f) if line.strip())}
+b, a = read(before), read(after)
+per = {k: (a[k] - b.get(k, 0)) / hz * 1e6 / reqs for k in a}
+print(f"n{i} by thread (µs per put): " + ", ".join(f"{k} {v:.1f}" for k, v in sorted(per.items(), key=lambda kv: -kv[1]) if v >= 0.05))
 PY
 done
 curl -s "127.0.0.1:${metrics[li]}/metrics" | awk '/^coordinator_raft_entry_commands_(sum|count)/ {v[$1]=$2}
