@@ -174,8 +174,9 @@ impl Backend for MemBackend {
 /// etcd's bolt file does). [`Backend::defragment`] does what etcd does to its bolt file: it
 /// writes the live entries into a fresh sled database beside the current one and swaps it in.
 ///
-/// 1. *Freeze*: the write-back stops (writes keep landing in the overlay, reads merge it over
-///    sled as always), so the sled tree no longer changes; it is flushed once.
+/// 1. *Freeze*: the overlay is written back once more, then the write-back stops (writes keep
+///    landing in the overlay, reads merge it over sled as always), so the sled tree no longer
+///    changes; it is flushed once.
 /// 2. *Copy*, while the member serves: every entry of the frozen tree goes, in chunks, into a
 ///    new database in `<dir>.defrag`, which is then flushed, its files and directory fsynced,
 ///    and closed.
@@ -383,6 +384,10 @@ impl SledBackend {
         // Leftovers of an earlier attempt that failed without a crash.
         remove_dir_if_exists(&paths.copy)?;
         remove_dir_if_exists(&paths.replaced)?;
+        // What the overlay holds goes into the tree first: the copy then leaves out what was
+        // deleted or compacted until now, not only until the last write-back (up to
+        // WRITE_BACK_EVERY ago; right after a compaction, that can be all of it).
+        self.with(|inner| inner.write_back().map(drop))?;
         let before = dir_bytes(dir)?;
 
         // 1 + 2: freeze the current tree, copy it into a fresh database.
