@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Probes one three-member coordinator cluster under puts: where the CPU goes (leader and each
 # follower, user and system, µs per put, and by thread), how many commands a Raft entry
-# carried, and how long each member's Raft snapshots took. Complements scripts/bench-cluster-vs-etcd.sh (which
-# compares with etcd) when a change is weighed against the build before it: run it with
-# COORDINATOR_BIN pointing at each build in turn, alternating, a fresh cluster each time.
+# carried, and how long each member's Raft snapshots took. Complements
+# scripts/bench-cluster-vs-etcd.sh (which compares with etcd) when a change is weighed against
+# the build before it: run it with COORDINATOR_BIN pointing at each build in turn, alternating,
+# a fresh cluster each time.
 #
 #   scripts/probe-cluster.sh [clients] [duration]          (defaults: 64 10s)
 #

@@ -156,10 +156,10 @@ impl Backend for MemBackend {
 /// (sled's I/O threads and this flusher); at one per 100 ms, 13–15 µs (fewer batches, and
 /// records of a revision bucket or key written twice in a window reach sled once). The overlay
 /// then holds about the last 100 ms of applied writes (more while a defragmentation copies),
-/// which reads merge over sled as before (an ordered map lookup). Nothing is lost by waiting: every applied
-/// command is in the fsynced log until a [`Backend::flush`] of this backend — which writes the
-/// overlay, flushes sled and `fsync`s its files itself (sled 0.34's own flush ends in
-/// `sync_file_range`, which does not survive a power loss) — has made it redundant.
+/// which reads merge over sled as before (an ordered map lookup). Nothing is lost by waiting:
+/// every applied command is in the fsynced log until a [`Backend::flush`] of this backend —
+/// which writes the overlay, flushes sled and `fsync`s its files itself (sled 0.34's own flush
+/// ends in `sync_file_range`, which does not survive a power loss) — has made it redundant.
 ///
 /// # Packed revision records
 ///
