@@ -6,6 +6,28 @@
 //! thread; the writer takes everything queued, writes it, `fdatasync`s once and then fires every
 //! callback. Truncations and purges travel through the same queue, so disk order is call order.
 //!
+//! # The leader writes its log while it replicates
+//!
+//! openraft 0.9 waits for the leader's own `append` to be flushed before it sends the entries to
+//! the followers, so every entry paid two `fdatasync`s one after the other (the leader's, then a
+//! follower's). etcd's leader writes its WAL while its messages travel, and so does ours: an
+//! append of this member's own entries while it leads (its vote committed, the entries of its
+//! term) is reported flushed at once, and openraft replicates them at once. Nothing is exposed
+//! before it is durable on a majority regardless:
+//!
+//! - openraft may now count the leader towards a commit before the leader's write is on disk,
+//!   but the state machine applies an entry — and so answers a client, serves a read after it,
+//!   takes a snapshot of it — only once this log has really made it durable
+//!   ([`Durability::wait_for`] in `sm::apply`): by then the leader and the follower whose
+//!   answer committed it both hold it on disk;
+//! - no follower learns of a commit index before the leader's log is durable up to it (the
+//!   transport waits, `network`), so no follower applies an entry that a crash of the leader
+//!   could take back.
+//!
+//! Followers' appends are reported only once durable, as before: their answer is what counts
+//! them. If the leader's write fails after it was reported, the writer marks the log failed and
+//! the waiting applies fail, which stops openraft: nothing unwritten is ever applied.
+//!
 //! openraft counts log indexes from 0 (the initial membership); the WAL from 1, so WAL index =
 //! Raft index + 1 throughout this file.
 //!
@@ -51,7 +73,9 @@ struct Meta {
 }
 
 enum Op {
-    Append(Vec<wal::Entry>, LogFlushed<TypeConfig>),
+    /// Records to write; the callback to fire once durable (`None`: reported already, a
+    /// leader's own entries).
+    Append(Vec<wal::Entry>, Option<LogFlushed<TypeConfig>>),
     Truncate(u64, tokio::sync::oneshot::Sender<std::io::Result<()>>),
     Purge(u64, tokio::sync::oneshot::Sender<std::io::Result<()>>),
 }
@@ -70,7 +94,41 @@ enum Durable {
     Memory(MemDisk),
 }
 
+/// How far the log is durable: the last Raft index written and `fdatasync`ed (everything before
+/// it is durable or purged), or why the writer failed (for good).
+#[derive(Debug, Clone)]
+enum Flushed {
+    Upto(Option<u64>),
+    Failed(String),
+}
+
+/// Waits for the log to be durable up to an index (see the module docs). Cheap to clone.
+#[derive(Clone)]
+pub struct Durability {
+    rx: tokio::sync::watch::Receiver<Flushed>,
+}
+
+impl Durability {
+    /// Returns once every entry up to Raft index `index` is durable; an error if the writer failed
+    /// or stopped first.
+    pub async fn wait_for(&self, index: u64) -> Result<(), String> {
+        let reached = |f: &Flushed| match f {
+            Flushed::Upto(i) => i.is_some_and(|i| i >= index),
+            Flushed::Failed(_) => true,
+        };
+        let mut rx = self.rx.clone();
+        match rx.wait_for(reached).await.as_deref() {
+            Ok(Flushed::Failed(e)) => Err(format!("the Raft log could not be written: {e}")),
+            Ok(Flushed::Upto(_)) => Ok(()),
+            Err(_) => Err("the Raft log writer stopped".into()),
+        }
+    }
+}
+
 struct Inner {
+    /// This member's id: its own entries, appended while it leads, are reported flushed at once.
+    me: NodeId,
+    flushed: tokio::sync::watch::Receiver<Flushed>,
     cache: Mutex<BTreeMap<u64, Entry<TypeConfig>>>,
     meta: Mutex<Meta>,
     last_log: Mutex<Option<LogId<NodeId>>>,
@@ -252,15 +310,17 @@ fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
 }
 
 impl LogStore {
-    /// Open the log in `dir` (created if missing).
-    pub fn open(dir: &Path) -> crate::error::Result<LogStore> {
-        LogStore::open_storage(Storage::Dir(dir.to_path_buf()))
+    /// Open the log in `dir` (created if missing) for member `me`.
+    pub fn open(dir: &Path, me: NodeId) -> crate::error::Result<LogStore> {
+        LogStore::open_storage(Storage::Dir(dir.to_path_buf()), me)
     }
 
-    /// Open the log where `storage` says. [`Storage::Memory`] must be opened inside a Tokio
-    /// runtime (its writer is a task).
-    pub fn open_storage(storage: Storage) -> crate::error::Result<LogStore> {
+    /// Open the log where `storage` says, for member `me`. [`Storage::Memory`] must be opened
+    /// inside a Tokio runtime (its writer is a task).
+    pub fn open_storage(storage: Storage, me: NodeId) -> crate::error::Result<LogStore> {
         let (tx, rx) = mpsc::unbounded_channel::<Op>();
+        // What the log holds at start is on disk; the writer moves this on.
+        let (flushed_tx, flushed) = tokio::sync::watch::channel(Flushed::Upto(None));
         let (meta, entries, durable) = match storage {
             Storage::Dir(dir) => {
                 fs::create_dir_all(&dir)?;
@@ -277,9 +337,10 @@ impl LogStore {
                 if meta.last_purged.is_some() && wal.last_index() < purged_index + 1 {
                     wal.reset_to(purged_index + 2)?;
                 }
+                let tx = flushed_tx.clone();
                 std::thread::Builder::new()
                     .name("raft-log".into())
-                    .spawn(move || disk_writer(wal, rx))?;
+                    .spawn(move || disk_writer(wal, rx, tx))?;
                 (meta, entries, Durable::Dir(meta_path))
             }
             Storage::Memory(disk) => {
@@ -287,10 +348,25 @@ impl LogStore {
                     let d = disk.inner.lock();
                     (d.meta.clone(), d.entries.values().cloned().collect())
                 };
-                tokio::spawn(memory_writer(disk.clone(), rx));
+                tokio::spawn(memory_writer(disk.clone(), rx, flushed_tx.clone()));
                 (meta, entries, Durable::Memory(disk))
             }
         };
+        // A member that led when it stopped does not lead again in the same term (openraft
+        // 0.9 resumes leadership at once when it finds its own committed vote): its own entries
+        // were reported flushed before they were on disk, so a crash may have lost some that a
+        // follower holds, and new entries of the same term at those indexes would carry the
+        // very log ids the follower's differing entries carry — log matching broken (the
+        // simulation found this). Read back as not committed, the vote keeps its term and
+        // candidate (no second vote in the term is possible), and the member campaigns: a new
+        // term, whose entries replace the lost ones wherever they are.
+        let mut meta = meta;
+        if let Some(v) = meta.vote.as_mut()
+            && v.committed
+            && v.leader_id.node_id == me
+        {
+            v.committed = false;
+        }
         let purged_index = meta.last_purged.map(|l| l.index).unwrap_or(0);
         let mut cache = BTreeMap::new();
         for e in entries {
@@ -305,8 +381,15 @@ impl LogStore {
             .next_back()
             .map(|e| e.log_id)
             .or(meta.last_purged);
+        flushed_tx.send_modify(|f| {
+            if let Flushed::Upto(i) = f {
+                *i = (*i).max(last_log.map(|l| l.index));
+            }
+        });
         Ok(LogStore {
             inner: Arc::new(Inner {
+                me,
+                flushed,
                 cache: Mutex::new(cache),
                 meta: Mutex::new(meta),
                 last_log: Mutex::new(last_log),
@@ -325,6 +408,13 @@ impl LogStore {
     pub fn entries(&self, range: impl RangeBounds<u64>) -> Vec<Entry<TypeConfig>> {
         let cache = self.inner.cache.lock();
         cache.range(range).map(|(_, e)| e.clone()).collect()
+    }
+
+    /// Waits for this log's durability (see the module docs).
+    pub fn durability(&self) -> Durability {
+        Durability {
+            rx: self.inner.flushed.clone(),
+        }
     }
 
     /// Stop the writer (after what was queued).
@@ -368,21 +458,23 @@ impl LogStore {
     }
 }
 
+type FlushedTx = tokio::sync::watch::Sender<Flushed>;
+
 /// Production writer: everything queued is written with one `fdatasync`.
-fn disk_writer(mut wal: Wal, mut rx: mpsc::UnboundedReceiver<Op>) {
+fn disk_writer(mut wal: Wal, mut rx: mpsc::UnboundedReceiver<Op>, flushed: FlushedTx) {
     let mut pending: Vec<Op> = Vec::new();
     while let Some(first) = rx.blocking_recv() {
         pending.push(first);
         while let Ok(more) = rx.try_recv() {
             pending.push(more);
         }
-        write_ops(&mut wal, &mut pending);
+        write_ops(&mut wal, &mut pending, &flushed);
     }
 }
 
 /// Simulation writer: the same batching, with a simulated fsync latency before the batch is
 /// durable.
-async fn memory_writer(mut disk: MemDisk, mut rx: mpsc::UnboundedReceiver<Op>) {
+async fn memory_writer(mut disk: MemDisk, mut rx: mpsc::UnboundedReceiver<Op>, flushed: FlushedTx) {
     let mut pending: Vec<Op> = Vec::new();
     while let Some(first) = rx.recv().await {
         pending.push(first);
@@ -393,32 +485,41 @@ async fn memory_writer(mut disk: MemDisk, mut rx: mpsc::UnboundedReceiver<Op>) {
         if !latency.is_zero() {
             tokio::time::sleep(latency).await;
         }
-        write_ops(&mut disk, &mut pending);
+        write_ops(&mut disk, &mut pending, &flushed);
     }
 }
 
 /// Carry out queued operations in call order: appends gathered into one durable write, and a
 /// truncate or purge after the appends queued before it.
-fn write_ops(sink: &mut impl Sink, pending: &mut Vec<Op>) {
+fn write_ops(sink: &mut impl Sink, pending: &mut Vec<Op>, flushed: &FlushedTx) {
     let mut batch: Vec<wal::Entry> = Vec::new();
     let mut callbacks: Vec<LogFlushed<TypeConfig>> = Vec::new();
     for op in pending.drain(..) {
         match op {
             Op::Append(entries, cb) => {
                 batch.extend(entries);
-                callbacks.push(cb);
+                callbacks.extend(cb);
             }
             Op::Truncate(i, done) => {
-                flush(sink, &mut batch, &mut callbacks);
-                let _ = done.send(sink.truncate(i));
+                flush(sink, &mut batch, &mut callbacks, flushed);
+                let r = sink.truncate(i);
+                if r.is_ok() {
+                    // Index `i` and after are gone: what comes there next is not durable yet.
+                    flushed.send_modify(|f| {
+                        if let Flushed::Upto(upto) = f {
+                            *upto = (*upto).min(i.checked_sub(1));
+                        }
+                    });
+                }
+                let _ = done.send(r);
             }
             Op::Purge(i, done) => {
-                flush(sink, &mut batch, &mut callbacks);
+                flush(sink, &mut batch, &mut callbacks, flushed);
                 let _ = done.send(sink.purge(i));
             }
         }
     }
-    flush(sink, &mut batch, &mut callbacks);
+    flush(sink, &mut batch, &mut callbacks, flushed);
 }
 
 fn to_io(e: crate::error::Error) -> std::io::Error {
@@ -432,12 +533,25 @@ fn flush(
     sink: &mut impl Sink,
     batch: &mut Vec<wal::Entry>,
     callbacks: &mut Vec<LogFlushed<TypeConfig>>,
+    flushed: &FlushedTx,
 ) {
-    if callbacks.is_empty() {
+    if batch.is_empty() && callbacks.is_empty() {
         return;
     }
     let r = sink.append(batch);
+    // The WAL counts from 1, Raft from 0.
+    let last = batch.last().map(|e| e.index - 1);
     batch.clear();
+    flushed.send_modify(|f| {
+        if matches!(f, Flushed::Failed(_)) {
+            return;
+        }
+        match &r {
+            Ok(()) if last.is_some() => *f = Flushed::Upto(last),
+            Ok(()) => {}
+            Err(e) => *f = Flushed::Failed(e.to_string()),
+        }
+    });
     for cb in callbacks.drain(..) {
         match &r {
             Ok(()) => cb.log_io_completed(Ok(())),
@@ -507,10 +621,19 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         I::IntoIter: OptionalSend,
     {
         let mut records = Vec::new();
+        // This member's own entries while it leads: reported flushed at once (module docs).
+        let leading = self
+            .inner
+            .meta
+            .lock()
+            .vote
+            .filter(|v| v.committed && v.leader_id.node_id == self.inner.me);
+        let mut own = leading.is_some();
         {
             let mut cache = self.inner.cache.lock();
             let mut last = self.inner.last_log.lock();
             for e in entries {
+                own &= leading.is_some_and(|v| e.log_id.leader_id == v.leader_id);
                 let data = bincode::serialize(&e).map_err(|err| io_err(ErrorVerb::Write, &err))?;
                 records.push(wal::Entry {
                     index: e.log_id.index + 1,
@@ -521,7 +644,13 @@ impl RaftLogStorage<TypeConfig> for LogStore {
                 cache.insert(e.log_id.index, e);
             }
         }
-        self.send(Op::Append(records, callback))
+        if own && !records.is_empty() {
+            self.send(Op::Append(records, None))?;
+            callback.log_io_completed(Ok(()));
+            Ok(())
+        } else {
+            self.send(Op::Append(records, Some(callback)))
+        }
     }
 
     async fn truncate(&mut self, log_id: LogId<NodeId>) -> Result<(), StorageError<NodeId>> {

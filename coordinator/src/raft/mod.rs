@@ -326,7 +326,7 @@ pub type Outcome = (i64, Result<crate::state::Response>);
 impl RaftMember {
     /// Open the log, start openraft, and (for a new cluster) initialise the membership.
     pub async fn start(p: RaftParts) -> anyhow::Result<RaftMember> {
-        let log = log_store::LogStore::open_storage(p.io.log)?;
+        let log = log_store::LogStore::open_storage(p.io.log, p.id)?;
         let sm = sm::SmStore::new(
             p.state.clone(),
             p.hub.clone(),
@@ -334,6 +334,7 @@ impl RaftMember {
             p.metrics.clone(),
             p.io.inline_snapshots,
             p.snapshot_count,
+            log.durability(),
         )?;
         let rng = match p.io.seed {
             Some(seed) => StdRng::seed_from_u64(seed),
@@ -362,7 +363,7 @@ impl RaftMember {
         let raft = Raft::new(
             p.id,
             Arc::new(config),
-            network::Network::new(p.io.connect.clone()),
+            network::Network::new(p.io.connect.clone(), log.durability()),
             log.clone(),
             sm.clone(),
         )
@@ -1251,7 +1252,15 @@ impl RaftMember {
                 continue;
             }
             let since = self.inner.last_heartbeat.lock().elapsed();
-            if since < timeout || Instant::now() < next_try {
+            // The only voter has nobody to wait for (a restarted single member campaigns at
+            // once: its log store never lets it resume leading without an election).
+            let alone = {
+                let members = self.members();
+                let mut voters = members.iter().filter(|(_, _, learner)| !learner);
+                voters.next().is_some_and(|(id, _, _)| *id == self.inner.id)
+                    && voters.next().is_none()
+            };
+            if (!alone && since < timeout) || Instant::now() < next_try {
                 continue;
             }
             if *self.inner.campaign.lock() == Campaign::Transferee {
@@ -1535,20 +1544,48 @@ fn decode<T: serde::de::DeserializeOwned>(b: &Blob) -> std::result::Result<T, St
         .map_err(|e| Status::invalid_argument(format!("undecodable peer message: {e}")))
 }
 
-#[tonic::async_trait]
-impl Peer for PeerService {
-    async fn append_entries(
-        &self,
-        req: Request<Blob>,
-    ) -> std::result::Result<Response<Blob>, Status> {
-        let rpc = decode(req.get_ref())?;
+impl PeerService {
+    /// One AppendEntries, encoded, in and out (a unary call or a message of a stream).
+    async fn append(&self, req: &Blob) -> std::result::Result<Blob, Status> {
+        let rpc = decode(req)?;
         let res = self.member.inner.raft.append_entries(rpc).await;
         if let Ok(r) = &res
             && !matches!(r, openraft::raft::AppendEntriesResponse::HigherVote(_))
         {
             self.member.heard_from_leader();
         }
-        blob(&res)
+        blob(&res).map(Response::into_inner)
+    }
+}
+
+/// The answers of an `AppendStream`, one per request message, in order.
+type AppendAnswers =
+    std::pin::Pin<Box<dyn futures::Stream<Item = std::result::Result<Blob, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl Peer for PeerService {
+    async fn append_entries(
+        &self,
+        req: Request<Blob>,
+    ) -> std::result::Result<Response<Blob>, Status> {
+        self.append(req.get_ref()).await.map(Response::new)
+    }
+
+    type AppendStreamStream = AppendAnswers;
+
+    async fn append_stream(
+        &self,
+        req: Request<tonic::Streaming<Blob>>,
+    ) -> std::result::Result<Response<AppendAnswers>, Status> {
+        use futures::StreamExt;
+        let svc = self.clone();
+        // One request at a time, in order: `then` polls the next message only after the
+        // previous answer was produced, as the unary calls were answered one by one.
+        let answers = req.into_inner().then(move |msg| {
+            let svc = svc.clone();
+            async move { svc.append(&msg?).await }
+        });
+        Ok(Response::new(Box::pin(answers)))
     }
 
     async fn vote(&self, req: Request<Blob>) -> std::result::Result<Response<Blob>, Status> {

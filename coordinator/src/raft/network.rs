@@ -1,6 +1,12 @@
 //! Raft transport: openraft's messages, bincode-encoded, over our tonic `peerpb.Peer` service on
 //! the peer port.
 //!
+//! AppendEntries travel on one long-lived `AppendStream` per follower: a request message, then
+//! its answer, one at a time (openraft sends a follower its next AppendEntries only once the
+//! last was answered). A unary call cost the leader three writes (HEADERS, DATA, an empty
+//! end-of-stream DATA frame) and both sides an HTTP/2 stream and tonic's per-call work; a message
+//! costs one write each way. Votes and snapshots stay unary calls.
+//!
 //! Connection failures are reported to openraft as `Unreachable` (it backs off); everything else
 //! as a network error (it retries). Every call is bounded by openraft's own deadline.
 //!
@@ -25,6 +31,7 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tonic::transport::{Channel, Endpoint};
 
+use super::log_store::Durability;
 use super::{MemberNode, TypeConfig};
 
 type NodeId = u64;
@@ -52,12 +59,14 @@ pub fn tls(config: Arc<service_kit::tls::rustls::ClientConfig>) -> Connector {
 #[derive(Clone)]
 pub struct Network {
     connect: Connector,
+    durable: Durability,
 }
 
 impl Network {
-    /// Peers reached through `connect`.
-    pub fn new(connect: Connector) -> Network {
-        Network { connect }
+    /// Peers reached through `connect`; no commit index goes out before `durable` (this
+    /// member's log) holds it.
+    pub fn new(connect: Connector, durable: Durability) -> Network {
+        Network { connect, durable }
     }
 }
 
@@ -69,6 +78,19 @@ pub struct PeerConn {
     connect: Connector,
     /// Calls in a row that timed out.
     timeouts: u32,
+    durable: Durability,
+    /// The open replication stream (`AppendStream`), between calls. A call takes it out and
+    /// puts it back only once its answer came: a call that fails, times out or is dropped
+    /// midway leaves none, so an answer is never paired with the wrong request.
+    stream: Option<AppendStream>,
+    /// The peer answered `AppendStream` with UNIMPLEMENTED (an older build): unary calls.
+    unary_only: bool,
+}
+
+/// One open `AppendStream`: requests go in through `tx`, answers come back in order.
+struct AppendStream {
+    tx: tokio::sync::mpsc::Sender<Blob>,
+    answers: tonic::Streaming<Blob>,
 }
 
 /// After this many calls in a row time out, the connection is replaced: a connection whose
@@ -109,6 +131,9 @@ impl RaftNetworkFactory<TypeConfig> for Network {
             url: node.peer_url.clone(),
             connect: self.connect.clone(),
             timeouts: 0,
+            durable: self.durable.clone(),
+            stream: None,
+            unary_only: false,
         }
     }
 }
@@ -136,8 +161,39 @@ impl PeerConn {
             )))));
         };
         let data = bincode::serialize(req).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
-        let blob = tonic::Request::new(Blob { data });
+        let stream = if which == "append" && !self.unary_only {
+            Some(self.stream.take())
+        } else {
+            None
+        };
+        let mut reopened: Option<AppendStream> = None;
+        let unary_only = &mut self.unary_only;
         let fut = async {
+            let mut data = data;
+            if let Some(open) = stream {
+                match append_on_stream(
+                    client,
+                    open,
+                    Blob {
+                        data: std::mem::take(&mut data),
+                    },
+                )
+                .await
+                {
+                    Ok((answer, s)) => {
+                        reopened = Some(s);
+                        return Ok(tonic::Response::new(answer));
+                    }
+                    Err(s) if s.code() == tonic::Code::Unimplemented => {
+                        // An older peer: unary calls from now on (this one encoded again).
+                        *unary_only = true;
+                        data = bincode::serialize(req)
+                            .map_err(|e| tonic::Status::internal(format!("encode: {e}")))?;
+                    }
+                    Err(s) => return Err(s),
+                }
+            }
+            let blob = tonic::Request::new(Blob { data });
             match which {
                 "append" => client.append_entries(blob).await,
                 "vote" => client.vote(blob).await,
@@ -167,12 +223,40 @@ impl PeerConn {
             }
             Ok(Ok(r)) => {
                 self.timeouts = 0;
+                self.stream = reopened;
                 r.into_inner()
             }
         };
         let decoded: Result<Resp, E> = bincode::deserialize(&resp.data)
             .map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
         decoded.map_err(|e| RPCError::RemoteError(RemoteError::new(self.target, e)))
+    }
+}
+
+/// Sends `req` on `open` (or on a stream opened now) and waits for its answer; gives the stream
+/// back with the answer. A broken stream is not given back: the next call opens another.
+async fn append_on_stream(
+    client: &mut PeerClient<Channel>,
+    open: Option<AppendStream>,
+    req: Blob,
+) -> Result<(Blob, AppendStream), tonic::Status> {
+    let mut s = match open {
+        Some(s) => s,
+        None => {
+            let (tx, rx) = tokio::sync::mpsc::channel(1);
+            let answers = client
+                .append_stream(tokio_stream::wrappers::ReceiverStream::new(rx))
+                .await?
+                .into_inner();
+            AppendStream { tx, answers }
+        }
+    };
+    if s.tx.send(req).await.is_err() {
+        return Err(tonic::Status::unavailable("replication stream closed"));
+    }
+    match s.answers.message().await? {
+        Some(answer) => Ok((answer, s)),
+        None => Err(tonic::Status::unavailable("replication stream ended")),
     }
 }
 
@@ -183,6 +267,22 @@ impl RaftNetwork<TypeConfig> for PeerConn {
         option: RPCOption,
     ) -> Result<AppendEntriesResponse<NodeId>, RPCError<NodeId, MemberNode, RaftError<NodeId>>>
     {
+        // A leader reports its own appends flushed before they are on its disk (`log_store`):
+        // a follower must not hear of a commit index until this log holds it, or it could apply
+        // an entry that a crash of this member takes back.
+        if let Some(c) = rpc.leader_commit {
+            let durable = tokio::time::timeout(option.hard_ttl(), self.durable.wait_for(c.index));
+            match durable.await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => return Err(RPCError::Network(NetworkError::new(&Msg(e)))),
+                Err(_) => {
+                    return Err(RPCError::Network(NetworkError::new(&Msg(format!(
+                        "the log was not durable up to the commit index {} in time",
+                        c.index
+                    )))));
+                }
+            }
+        }
         self.call("append", &rpc, &option).await
     }
 

@@ -62,6 +62,9 @@ pub struct SmStore {
     /// simulation, whose in-memory backend never waits on a disk).
     inline_snapshots: bool,
     due: Arc<SnapshotDue>,
+    /// The Raft log's durability: nothing is applied before it is on this member's disk (the
+    /// leader reports its own appends flushed early; see `log_store`).
+    durable: super::log_store::Durability,
 }
 
 /// When a snapshot is due: every `--snapshot-count` *commands* applied, batched or not (a
@@ -97,6 +100,7 @@ impl SmStore {
         metrics: CoordinatorMetrics,
         inline_snapshots: bool,
         snapshot_count: u64,
+        durable: super::log_store::Durability,
     ) -> crate::error::Result<SmStore> {
         let (applied, membership) = {
             let st = state.read();
@@ -125,6 +129,7 @@ impl SmStore {
                 at_last: AtomicU64::new(0),
                 wake: tokio::sync::Notify::new(),
             }),
+            durable,
         })
     }
 
@@ -248,6 +253,13 @@ impl RaftStateMachine<TypeConfig> for SmStore {
         I: IntoIterator<Item = openraft::Entry<TypeConfig>> + openraft::OptionalSend,
         I::IntoIter: openraft::OptionalSend,
     {
+        let entries: Vec<openraft::Entry<TypeConfig>> = entries.into_iter().collect();
+        if let Some(last) = entries.last() {
+            self.durable
+                .wait_for(last.log_id.index)
+                .await
+                .map_err(|e| sm_err(ErrorVerb::Write, &std::io::Error::other(e)))?;
+        }
         let started = std::time::Instant::now();
         let mut outs = Vec::new();
         let mut done = Vec::new();
