@@ -684,3 +684,105 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         Self::wait(rx).await
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A sink that keeps nothing and fails when told to.
+    struct Sink1 {
+        fail: bool,
+    }
+
+    impl Sink for Sink1 {
+        fn append(&mut self, _: &[wal::Entry]) -> std::io::Result<()> {
+            if self.fail {
+                Err(std::io::Error::other("disk full"))
+            } else {
+                Ok(())
+            }
+        }
+        fn truncate(&mut self, _: u64) -> std::io::Result<()> {
+            Ok(())
+        }
+        fn purge(&mut self, _: u64) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    /// Records for Raft indexes `from..=to` (the WAL counts from 1).
+    fn records(from: u64, to: u64) -> Vec<wal::Entry> {
+        (from..=to)
+            .map(|i| wal::Entry {
+                index: i + 1,
+                term: 1,
+                data: vec![i as u8],
+            })
+            .collect()
+    }
+
+    fn reached(d: &Durability, index: u64) -> Option<Result<(), String>> {
+        futures::FutureExt::now_or_never(d.wait_for(index))
+    }
+
+    #[tokio::test]
+    async fn durability_follows_what_the_writer_made_durable_and_drops_with_a_truncation() {
+        let (tx, rx) = tokio::sync::watch::channel(Flushed::Upto(None));
+        let d = Durability { rx };
+        let mut sink = Sink1 { fail: false };
+        assert_eq!(reached(&d, 0), None, "nothing written yet");
+        write_ops(&mut sink, &mut vec![Op::Append(records(0, 3), None)], &tx);
+        assert_eq!(reached(&d, 3), Some(Ok(())));
+        assert_eq!(reached(&d, 4), None, "index 4 was never written");
+        // Truncating from 2 takes 2 and 3 away: a new entry there is not durable until written.
+        let (done, _) = tokio::sync::oneshot::channel();
+        write_ops(&mut sink, &mut vec![Op::Truncate(2, done)], &tx);
+        assert_eq!(reached(&d, 1), Some(Ok(())));
+        assert_eq!(reached(&d, 2), None);
+        write_ops(&mut sink, &mut vec![Op::Append(records(2, 2), None)], &tx);
+        assert_eq!(reached(&d, 2), Some(Ok(())));
+    }
+
+    #[tokio::test]
+    async fn a_failed_log_write_fails_every_wait_for_good() {
+        let (tx, rx) = tokio::sync::watch::channel(Flushed::Upto(None));
+        let d = Durability { rx };
+        write_ops(
+            &mut Sink1 { fail: true },
+            &mut vec![Op::Append(records(0, 1), None)],
+            &tx,
+        );
+        let err = reached(&d, 1)
+            .expect("answered at once")
+            .expect_err("failed");
+        assert!(err.contains("disk full"), "{err}");
+        // A later successful write does not make the lost entries durable.
+        write_ops(
+            &mut Sink1 { fail: false },
+            &mut vec![Op::Append(records(2, 2), None)],
+            &tx,
+        );
+        assert!(matches!(reached(&d, 0), Some(Err(_))));
+    }
+
+    #[tokio::test]
+    async fn a_member_that_led_reads_its_vote_back_uncommitted_and_others_votes_unchanged() {
+        let disk = MemDisk::new(1, Duration::ZERO);
+        let mut log = LogStore::open_storage(Storage::Memory(disk.clone()), 1).expect("open");
+        let mine = Vote::new_committed(3, 1);
+        log.save_vote(&mine).await.expect("vote");
+        log.close();
+        let mut again = LogStore::open_storage(Storage::Memory(disk.clone()), 1).expect("reopen");
+        let read = again.read_vote().await.expect("read").expect("a vote");
+        assert_eq!(read.leader_id, mine.leader_id, "same term and candidate");
+        assert!(!read.committed, "it must campaign, not resume leading");
+        // Member 2 reads member 1's committed vote as it is (it follows that leader).
+        let other = LogStore::open_storage(Storage::Memory(disk), 2)
+            .expect("open as 2")
+            .read_vote()
+            .await
+            .expect("read")
+            .expect("a vote");
+        assert_eq!(other, mine);
+    }
+}
