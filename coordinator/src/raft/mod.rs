@@ -1253,14 +1253,9 @@ impl RaftMember {
             }
             let since = self.inner.last_heartbeat.lock().elapsed();
             // The only voter has nobody to wait for (a restarted single member campaigns at
-            // once: its log store never lets it resume leading without an election).
-            let alone = {
-                let members = self.members();
-                let mut voters = members.iter().filter(|(_, _, learner)| !learner);
-                voters.next().is_some_and(|(id, _, _)| *id == self.inner.id)
-                    && voters.next().is_none()
-            };
-            if (!alone && since < timeout) || Instant::now() < next_try {
+            // once: its log store never lets it resume leading without an election). Asked
+            // only while the timeout runs, not on every tick.
+            if Instant::now() < next_try || (since < timeout && !self.only_voter()) {
                 continue;
             }
             if *self.inner.campaign.lock() == Campaign::Transferee {
@@ -1319,6 +1314,13 @@ impl RaftMember {
             // ahead pushed the election past 3 s after a leader died.
             next_try = Instant::now() + self.draw(base / 2);
         }
+    }
+
+    /// Whether this member is the cluster's one voter.
+    fn only_voter(&self) -> bool {
+        let members = self.members();
+        let mut voters = members.iter().filter(|(_, _, learner)| !learner);
+        voters.next().is_some_and(|(id, _, _)| *id == self.inner.id) && voters.next().is_none()
     }
 
     /// Ask every other voter whether it would vote for us now.
