@@ -27,7 +27,8 @@
 # Environment (defaults in brackets):
 #   BENCH_DURATION [10s]  BENCH_REPS [3]  BENCH_CONNECTIONS [64]  BENCH_WRK_THREADS [1]
 #   BENCH_PROXY_THREADS [1]  BENCH_BACKENDS [4]  BENCH_SKIP_BUILD [0]  BENCH_MAX_TIME [900]
-#   BENCH_PROFILE [unset]  a file: `perf record -g` the gateway for 3 s of its first run into it
+#   BENCH_PROFILE [unset]  a file: `perf record -g` the gateway for BENCH_PROFILE_SECONDS [3] s of
+#                         its first run into it
 #                         (BENCH_PERF_CALLGRAPH replaces `-g`, e.g. `--call-graph dwarf`)
 #   BENCH_GATEWAY_HYPER [0]  1 or `client`: also run a second gateway with `--http1-client hyper`
 #                         (hyper's HTTP/1.1 client instead of the gateway's own) as target
@@ -289,7 +290,7 @@ run() {
     [[ $pid != 0 ]] && read -r before before_user < <(cpu_ticks "$pid")
     local prof=
     if [[ -n ${BENCH_PROFILE:-} && $name == lb-gateway && ! -e $BENCH_PROFILE ]] && command -v perf >/dev/null; then
-        perf record -q -F 1999 ${BENCH_PERF_CALLGRAPH:--g} -p "$pid" -o "$BENCH_PROFILE" -- sleep 3 >/dev/null 2>&1 &
+        perf record -q -F 1999 ${BENCH_PERF_CALLGRAPH:--g} -p "$pid" -o "$BENCH_PROFILE" -- sleep "${BENCH_PROFILE_SECONDS:-3}" >/dev/null 2>&1 &
         prof=$!
     fi
     if [[ -n ${BENCH_STRACE:-} && $pid != 0 ]] && command -v strace >/dev/null; then

@@ -18,6 +18,7 @@
 //! are not a sign of a dead connection).
 
 use std::io;
+use std::mem::MaybeUninit;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll, Waker, ready};
@@ -276,9 +277,13 @@ fn parse_head(
     method: &Method,
     fields: Fields,
 ) -> Result<Option<Head>, ExchangeError> {
-    let mut slots = [httparse::EMPTY_HEADER; MAX_HEADERS];
-    let mut resp = httparse::Response::new(&mut slots);
-    let len = match resp.parse(buf) {
+    // Uninitialised slots: httparse writes the ones it fills (zeroing all of them cost more
+    // than the parse on a small head).
+    let mut slots = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
+    let mut resp = httparse::Response::new(&mut []);
+    let len = match httparse::ParserConfig::default()
+        .parse_response_with_uninit_headers(&mut resp, buf, &mut slots)
+    {
         Ok(httparse::Status::Complete(len)) => len,
         Ok(httparse::Status::Partial) => return Ok(None),
         Err(e) => return Err(ExchangeError::Malformed(e.to_string())),
@@ -287,24 +292,27 @@ fn parse_head(
     let status = StatusCode::from_u16(code)
         .map_err(|_| ExchangeError::Malformed(format!("status {code}")))?;
     let http11 = resp.version == Some(1);
-    // The fields' places in the head: their values become slices of it, not copies.
-    let count = resp.headers.len();
-    let mut places = [[0usize; 4]; MAX_HEADERS];
-    for (place, h) in places.iter_mut().zip(resp.headers.iter()) {
-        let base = buf.as_ptr() as usize;
-        let name = h.name.as_ptr() as usize - base;
-        let value = h.value.as_ptr() as usize - base;
-        *place = [name, name + h.name.len(), value, value + h.value.len()];
-    }
     if fields == Fields::Lines {
-        let head = lines_head(&buf[..len], &places[..count], status, http11, method)?;
+        let head = lines_head(resp.headers, status, http11, method)?;
         buf.advance(len);
         return Ok(Some(head));
     }
+    // The fields' places in the head: their values become slices of it, not copies.
+    let base = buf.as_ptr() as usize;
+    let places: Vec<[usize; 4]> = resp
+        .headers
+        .iter()
+        .map(|h| {
+            let name = h.name.as_ptr() as usize - base;
+            let value = h.value.as_ptr() as usize - base;
+            [name, name + h.name.len(), value, value + h.value.len()]
+        })
+        .collect();
+    let count = places.len();
     let head = buf.split_to(len).freeze();
     let mut headers = HeaderMap::with_capacity(count);
     let mut facts = Facts::new(http11);
-    for &[n0, n1, v0, v1] in &places[..count] {
+    for &[n0, n1, v0, v1] in &places {
         let name = HeaderName::from_bytes(&head[n0..n1]).map_err(|_| {
             ExchangeError::Malformed(format!(
                 "header name {:?}",
@@ -449,27 +457,30 @@ const HOP_BY_HOP: [&[u8]; 8] = [
     b"te",
 ];
 
-/// The head of `head` (its fields at `places`, httparse-checked names and values) with its
-/// fields as [`Lines`]. Framing and connection handling are decided as for a [`HeaderMap`].
+/// The head whose fields httparse checked and found as `fields`, with its fields as
+/// [`Lines`]. Framing and connection handling are decided as for a [`HeaderMap`].
 fn lines_head(
-    head: &[u8],
-    places: &[[usize; 4]],
+    fields: &[httparse::Header<'_>],
     status: StatusCode,
     http11: bool,
     method: &Method,
 ) -> Result<Head, ExchangeError> {
     let mut facts = Facts::new(http11);
-    for &[n0, n1, v0, v1] in places {
-        facts.see(&head[n0..n1], &head[v0..v1])?;
+    for h in fields {
+        facts.see(h.name.as_bytes(), h.value)?;
     }
     let framing = facts.framing(method, status);
     // A HEAD's or a 304's length describes the body a GET would get: it goes on as is (unless
     // a coding delimits the message). Otherwise the client's hop writes its own framing.
     let keep_length =
         !facts.coded && (*method == Method::HEAD || status == StatusCode::NOT_MODIFIED);
-    let mut block = Vec::with_capacity(head.len());
-    for &[n0, n1, v0, v1] in places {
-        let (name, value) = (&head[n0..n1], &head[v0..v1]);
+    let size: usize = fields
+        .iter()
+        .map(|h| h.name.len() + h.value.len() + 4)
+        .sum();
+    let mut block = Vec::with_capacity(size);
+    for h in fields {
+        let (name, value) = (h.name.as_bytes(), h.value);
         let hop = HOP_BY_HOP.iter().any(|h| name.eq_ignore_ascii_case(h))
             && !(name.eq_ignore_ascii_case(b"te") && value == b"trailers");
         if hop
