@@ -480,43 +480,81 @@ impl HashOn {
     }
 
     /// The hash of the request's key, if it has one.
-    pub fn key_hash(&self, parts: &http::request::Parts, client: IpAddr) -> Option<u64> {
+    pub fn key_hash(&self, req: &impl KeySource, client: IpAddr) -> Option<u64> {
+        let pq = req.path_and_query();
+        let (path, query) = match pq.split_once('?') {
+            Some((p, q)) => (p, Some(q)),
+            None => (pq, None),
+        };
         match self {
             HashOn::None => None,
-            HashOn::Path => Some(hash_key(parts.uri.path().as_bytes())),
-            HashOn::Uri => Some(hash_key(
-                parts
-                    .uri
-                    .path_and_query()
-                    .map_or("/", |pq| pq.as_str())
-                    .as_bytes(),
-            )),
+            HashOn::Path => Some(hash_key(if path.is_empty() {
+                b"/"
+            } else {
+                path.as_bytes()
+            })),
+            HashOn::Uri => Some(hash_key(pq.as_bytes())),
             HashOn::ClientIp => Some(match client {
                 IpAddr::V4(ip) => hash_key(&ip.octets()),
                 IpAddr::V6(ip) => hash_key(&ip.octets()),
             }),
-            HashOn::Header(name) => parts.headers.get(name).map(|v| hash_key(v.as_bytes())),
-            HashOn::Cookie(name) => cookie(&parts.headers, name).map(hash_key),
-            HashOn::Query(name) => parts.uri.query().and_then(|q| query(q, name)).map(hash_key),
+            HashOn::Header(name) => req.field(name).map(hash_key),
+            HashOn::Cookie(name) => cookie(req, name).map(hash_key),
+            HashOn::Query(name) => query.and_then(|q| query_value(q, name)).map(hash_key),
         }
     }
 }
 
+/// What a hash key is read from: a request's target and its header fields, however the
+/// request holds them (hyper's `Parts`, or the bytes of a head as read).
+pub trait KeySource {
+    /// The path and query as an origin-form target (`/` when there is none).
+    fn path_and_query(&self) -> &str;
+    /// The value of the first field named `name`.
+    fn field(&self, name: &HeaderName) -> Option<&[u8]>;
+    /// The first `Some` that `f` gives for the values of the fields named `name`, in order.
+    fn find_field<'a, T>(
+        &'a self,
+        name: &HeaderName,
+        f: impl FnMut(&'a [u8]) -> Option<T>,
+    ) -> Option<T>;
+}
+
+impl KeySource for http::request::Parts {
+    fn path_and_query(&self) -> &str {
+        self.uri.path_and_query().map_or("/", |pq| pq.as_str())
+    }
+
+    fn field(&self, name: &HeaderName) -> Option<&[u8]> {
+        self.headers.get(name).map(|v| v.as_bytes())
+    }
+
+    fn find_field<'a, T>(
+        &'a self,
+        name: &HeaderName,
+        f: impl FnMut(&'a [u8]) -> Option<T>,
+    ) -> Option<T> {
+        self.headers
+            .get_all(name)
+            .iter()
+            .map(|v| v.as_bytes())
+            .find_map(f)
+    }
+}
+
 /// The raw value of cookie `name` in the request's `Cookie` headers.
-fn cookie<'a>(headers: &'a http::HeaderMap, name: &str) -> Option<&'a [u8]> {
-    headers
-        .get_all(http::header::COOKIE)
-        .iter()
-        .flat_map(|v| v.as_bytes().split(|&b| b == b';'))
-        .find_map(|pair| {
+fn cookie<'a>(req: &'a impl KeySource, name: &str) -> Option<&'a [u8]> {
+    req.find_field(&http::header::COOKIE, |v| {
+        v.split(|&b| b == b';').find_map(|pair| {
             let pair = pair.trim_ascii();
             let eq = pair.iter().position(|&b| b == b'=')?;
             (&pair[..eq] == name.as_bytes()).then(|| &pair[eq + 1..])
         })
+    })
 }
 
 /// The raw value of parameter `name` in `query`.
-fn query<'a>(q: &'a str, name: &str) -> Option<&'a [u8]> {
+fn query_value<'a>(q: &'a str, name: &str) -> Option<&'a [u8]> {
     q.split('&').find_map(|pair| {
         let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
         (k == name).then_some(v.as_bytes())

@@ -41,6 +41,7 @@ use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
 use crate::h1::Fields;
+use crate::head::{RawHead, ReqHead};
 use crate::proxy::{Client, Gateway, serve_request};
 use crate::server::ConnLimits;
 use crate::upstream::ProxyBody;
@@ -243,18 +244,33 @@ pub async fn serve(
             started.store(true, Ordering::Relaxed);
         }
         let head = buf.split_to(parsed.len).freeze();
-        let Some((parts, keep_alive)) = to_parts(&head, &parsed) else {
-            // Put the head back in front of what follows it, for hyper.
-            let mut all = BytesMut::with_capacity(head.len() + buf.len());
-            all.extend_from_slice(&head);
-            all.extend_from_slice(&buf);
-            return Ended::Fallback(all.freeze());
+        let http10 = parsed.http10;
+        let method_head = head[parsed.method.0..parsed.method.1] == *b"HEAD";
+        // An origin-form target (the common case) stays as read; an absolute-form one becomes
+        // `Parts` here (its authority and scheme need `http`'s parser).
+        let req = if head[parsed.target.0..].starts_with(b"/") {
+            // The parsed field places go with the head; the next parse gets a new list.
+            fields = Vec::with_capacity(16);
+            RawHead::new(head, parsed.method, parsed.target, parsed.fields, http10).map(|raw| {
+                let keep_alive = raw.keep_alive();
+                (ReqHead::Raw(raw), keep_alive)
+            })
+        } else {
+            let made = to_parts(&head, &parsed).map(|(p, k)| (ReqHead::Parts(p), k));
+            fields = parsed.fields;
+            made.ok_or(head)
         };
-        fields = parsed.fields;
-        let method_head = parts.method == Method::HEAD;
-        let http10 = parts.version == Version::HTTP_10;
-        let resp = serve_request(gw, client, parts, None, None, Fields::Lines).await;
-        drop(head);
+        let (req, keep_alive) = match req {
+            Ok(made) => made,
+            Err(head) => {
+                // Put the head back in front of what follows it, for hyper.
+                let mut all = BytesMut::with_capacity(head.len() + buf.len());
+                all.extend_from_slice(&head);
+                all.extend_from_slice(&buf);
+                return Ended::Fallback(all.freeze());
+            }
+        };
+        let resp = serve_request(gw, client, req, None, None, Fields::Lines).await;
         let keep_alive = keep_alive && !shutdown.is_cancelled();
         let kept = write_response(io, &mut out, resp, method_head, http10, keep_alive).await;
         if !kept {

@@ -143,20 +143,19 @@ impl RawConn {
         }
     }
 
-    /// Sends `method target` with `headers` (see [`encode_head`]) and reads the answer's head
-    /// as [`RawConn::exchange`] does, given up at `deadline` (the connection is then unusable:
-    /// the answer may still come).
+    /// Sends the request head `write_head` writes (a `method` request without a body) and
+    /// reads the answer's head as [`RawConn::exchange`] does, given up at `deadline` (the
+    /// connection is then unusable: the answer may still come).
     pub async fn exchange_within(
         &mut self,
         deadline: tokio::time::Instant,
         method: &Method,
-        target: &str,
-        headers: &HeaderMap,
+        write_head: impl FnOnce(&mut Vec<u8>),
         fields: Fields,
     ) -> Result<Result<Head, ExchangeError>, TimedOut> {
         let mut head = std::mem::take(&mut self.scratch);
         head.clear();
-        encode_head(method, target, headers, &mut head);
+        write_head(&mut head);
         let mut timer = match self.timer.take() {
             Some(mut t) => {
                 t.as_mut().reset(deadline);
@@ -457,6 +456,12 @@ const HOP_BY_HOP: [&[u8]; 8] = [
     b"te",
 ];
 
+/// Whether a field is one every hop removes (`te: trailers` stays).
+pub fn hop_by_hop(name: &[u8], value: &[u8]) -> bool {
+    HOP_BY_HOP.iter().any(|h| name.eq_ignore_ascii_case(h))
+        && !(name.eq_ignore_ascii_case(b"te") && value == b"trailers")
+}
+
 /// The head whose fields httparse checked and found as `fields`, with its fields as
 /// [`Lines`]. Framing and connection handling are decided as for a [`HeaderMap`].
 fn lines_head(
@@ -481,9 +486,7 @@ fn lines_head(
     let mut block = Vec::with_capacity(size);
     for h in fields {
         let (name, value) = (h.name.as_bytes(), h.value);
-        let hop = HOP_BY_HOP.iter().any(|h| name.eq_ignore_ascii_case(h))
-            && !(name.eq_ignore_ascii_case(b"te") && value == b"trailers");
-        if hop
+        if hop_by_hop(name, value)
             || (name.eq_ignore_ascii_case(b"content-length") && !keep_length)
             || facts.named.iter().any(|n| name.eq_ignore_ascii_case(n))
         {
@@ -952,9 +955,10 @@ mod tests {
         )
         .await;
         let mut conn = connect(addr).await;
+        let get_root = |out: &mut Vec<u8>| encode_head(&Method::GET, "/", &HeaderMap::new(), out);
         let far = Instant::now() + Duration::from_secs(10);
         let head = conn
-            .exchange_within(far, &Method::GET, "/", &HeaderMap::new(), Fields::Map)
+            .exchange_within(far, &Method::GET, get_root, Fields::Map)
             .await
             .expect("answered before the deadline")
             .expect("a head");
@@ -962,7 +966,7 @@ mod tests {
         // Earlier than the armed deadline, answered in time.
         let near = Instant::now() + Duration::from_millis(60);
         let head = conn
-            .exchange_within(near, &Method::GET, "/", &HeaderMap::new(), Fields::Map)
+            .exchange_within(near, &Method::GET, get_root, Fields::Map)
             .await
             .expect("answered before the deadline")
             .expect("a head");
@@ -974,8 +978,7 @@ mod tests {
             .exchange_within(
                 started + Duration::from_millis(150),
                 &Method::GET,
-                "/",
-                &HeaderMap::new(),
+                get_root,
                 Fields::Map,
             )
             .await;

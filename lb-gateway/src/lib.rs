@@ -19,7 +19,8 @@
 //!   known set while the registry is unreachable.
 //! - [`proxy`]: the request path (admit, pick, forward, retry, answer); [`upstream`]: per-backend
 //!   connection pools and the bodies; [`server`]: the listener (h1 + h2c, upgrades, graceful
-//!   drain).
+//!   drain); [`fast`]: the listener's HTTP/1.1 fast path; [`h1`]: the gateway's own HTTP/1.1
+//!   client; [`head`]: a request head as hyper's `Parts` or as the fast path's bytes.
 //! - [`backend_tls`]: TLS to the backends of routes with `backend.tls` (`--backend-cacert`,
 //!   `--backend-cert`, `--backend-key`; ALPN per wire; handshake failures as connect failures).
 //! - [`resilience`]: rate limits (GCRA), retry budget, outlier ejection.
@@ -57,6 +58,7 @@ pub mod dashboard;
 pub mod discovery;
 pub mod fast;
 pub mod h1;
+pub mod head;
 // The pure parts (the hash tables, the routes file) live in `lb-core`, so the fuzz targets can
 // build them without the proxy; re-exported here under their old paths.
 pub use lb_core::hash;

@@ -38,6 +38,7 @@ use hyper_util::rt::TokioIo;
 use tracing::Instrument as _;
 
 use crate::h1::{self, ExchangeError, Fields, RawBody, RawConn};
+use crate::head::{self, RawHead, ReqHead};
 use crate::pool::{Backend, LiveLoads, RouteState, Wire};
 use crate::resilience::{GlobalLimit, KeyedLimit, Outcome, now_ns, ns_at};
 use crate::routes::{GatewaySettings, RequestView, rewrite};
@@ -149,6 +150,8 @@ pub enum Refusal {
     Timeout,
     /// The backend broke the exchange.
     UpstreamError,
+    /// The request's head has a field the HTTP library refuses (one httparse let through).
+    BadRequest,
 }
 
 impl Refusal {
@@ -163,6 +166,7 @@ impl Refusal {
             Refusal::ConnectFailed => "connect_failed",
             Refusal::Timeout => "upstream_timeout",
             Refusal::UpstreamError => "upstream_error",
+            Refusal::BadRequest => "bad_request",
         }
     }
 
@@ -175,6 +179,7 @@ impl Refusal {
             }
             Refusal::ConnectFailed | Refusal::UpstreamError => StatusCode::BAD_GATEWAY,
             Refusal::Timeout => StatusCode::GATEWAY_TIMEOUT,
+            Refusal::BadRequest => StatusCode::BAD_REQUEST,
         }
     }
 
@@ -184,6 +189,7 @@ impl Refusal {
             Refusal::NoRoute => 12,    // UNIMPLEMENTED
             Refusal::RateLimited => 8, // RESOURCE_EXHAUSTED
             Refusal::Timeout => 4,     // DEADLINE_EXCEEDED
+            Refusal::BadRequest => 3,  // INVALID_ARGUMENT
             _ => 14,                   // UNAVAILABLE
         }
     }
@@ -243,18 +249,17 @@ fn percent_encode(s: &str) -> String {
     out
 }
 
-fn is_grpc(headers: &HeaderMap) -> bool {
-    headers
-        .get(header::CONTENT_TYPE)
-        .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"))
+fn is_grpc(req: &ReqHead) -> bool {
+    req.header(&header::CONTENT_TYPE)
+        .is_some_and(|v| v.starts_with(b"application/grpc"))
 }
 
 /// The request's host without port: `Host`, else the URI's authority.
-fn host_of<'a>(headers: &'a HeaderMap, uri: &'a Uri) -> Option<&'a str> {
-    let raw = headers
-        .get(header::HOST)
-        .and_then(|h| h.to_str().ok())
-        .or_else(|| uri.authority().map(|a| a.as_str()))?;
+fn host_of(req: &ReqHead) -> Option<&str> {
+    let raw = req
+        .header(&header::HOST)
+        .and_then(|h| std::str::from_utf8(h).ok().filter(|h| h.is_ascii()))
+        .or_else(|| req.target_authority())?;
     // Strip a port, minding IPv6 literals ("[::1]:80").
     Some(match raw.rfind(':') {
         Some(i) if !raw[i..].contains(']') => &raw[..i],
@@ -284,7 +289,7 @@ fn is_upgrade(headers: &HeaderMap) -> bool {
 ///
 /// Most heads carry none of these fields: one pass over the names finds that out, instead of a
 /// hashed lookup per field name (this runs twice per proxied request).
-fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
+pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
     if !headers.keys().any(is_hop_by_hop) {
         return;
     }
@@ -432,7 +437,8 @@ pub async fn handle(
 ) -> Result<Response<ProxyBody>, Infallible> {
     let upgrade = is_upgrade(req.headers()).then(|| hyper::upgrade::on(&mut req));
     let (parts, body) = req.into_parts();
-    Ok(serve_request(&gw, &client, parts, Some(body), upgrade, Fields::Map).await)
+    let head = ReqHead::Parts(parts);
+    Ok(serve_request(&gw, &client, head, Some(body), upgrade, Fields::Map).await)
 }
 
 /// Serves one request given as its head, its body (`None`: none) and, for an upgrade the
@@ -444,18 +450,18 @@ pub async fn handle(
 pub async fn serve_request(
     gw: &Arc<Gateway>,
     client: &Arc<Client>,
-    req: http::request::Parts,
+    req: ReqHead,
     body: Option<Incoming>,
     client_upgrade: Option<hyper::upgrade::OnUpgrade>,
     fields: Fields,
 ) -> Response<ProxyBody> {
     let start = Instant::now();
-    let grpc = is_grpc(&req.headers);
+    let grpc = is_grpc(&req);
     let table = gw.table.load();
     let route = {
         let view = RequestView {
-            host: host_of(&req.headers, &req.uri),
-            path: req.uri.path(),
+            host: host_of(&req),
+            path: req.path(),
             grpc,
         };
         table.find(&view).cloned()
@@ -463,7 +469,7 @@ pub async fn serve_request(
     let Some(route) = route else {
         gw.unrouted.rejected(Refusal::NoRoute.code());
         gw.unrouted.answered(404);
-        let msg = format!("no route matches {} {}", req.method, req.uri.path());
+        let msg = format!("no route matches {} {}", req.method(), req.path());
         return refuse(Refusal::NoRoute, &msg, grpc, None);
     };
     // A span per request, under service-kit's request-span target: exported when spans are
@@ -473,20 +479,17 @@ pub async fn serve_request(
         "proxy",
         otel.kind = "server",
         route = %route.route.name,
-        method = %req.method,
+        method = %req.method(),
         trace_id = tracing::field::Empty,
     );
-    let hop = trace::hop(
-        req.headers.get(TRACEPARENT).map(HeaderValue::as_bytes),
-        &span,
-    );
+    let hop = trace::hop(req.header(&TRACEPARENT_FIELD), &span);
     if !span.is_disabled() {
         span.record("trace_id", tracing::field::display(hop.ours.trace_id_hex()));
     }
     let access = gw.access_log.then(|| {
         (
-            req.method.clone(),
-            req.uri.path().to_owned(),
+            req.method().clone(),
+            req.path().to_owned(),
             hop.ours.trace_id_hex(),
         )
     });
@@ -547,6 +550,8 @@ pub async fn serve_request(
 
 type Failure = (Refusal, String, Option<Duration>, u32);
 
+const TRACEPARENT_FIELD: HeaderName = HeaderName::from_static(TRACEPARENT);
+
 /// What the request path knows about a request besides the request itself.
 struct Call<'a> {
     client: &'a Client,
@@ -562,7 +567,7 @@ async fn proxy(
     gw: &Arc<Gateway>,
     route: &Arc<RouteState>,
     mut admitted: Admitted,
-    mut parts: http::request::Parts,
+    mut req: ReqHead,
     body: Option<Incoming>,
     client_upgrade: Option<hyper::upgrade::OnUpgrade>,
     call: Call<'_>,
@@ -579,32 +584,33 @@ async fn proxy(
 
     let r = &route.route;
     let body_done = body.as_ref().is_none_or(|b| b.is_end_stream());
-    let key = r.hash.key_hash(&parts, client_ip);
+    let key = r.hash.key_hash(&req, client_ip);
+    let trace_bytes = hop.ours.header_bytes();
+    let traceparent = HeaderValue::from_bytes(&trace_bytes).unwrap_or(HeaderValue::from_static(
+        "00-00000000000000000000000000000000-0000000000000000-00",
+    ));
 
-    // The request as it goes out, minus what depends on the wire.
-    strip_hop_by_hop(&mut parts.headers, client_upgrade.is_some());
-    forwarded_for(&mut parts.headers, client);
-    if let Ok(v) = HeaderValue::from_bytes(&hop.ours.header_bytes()) {
-        parts.headers.insert(TRACEPARENT, v);
+    // The request as it goes out, minus what depends on the wire. A raw head is edited as it
+    // is written (`RawHead::encode`), or when it becomes `Parts` for another sender.
+    if let ReqHead::Parts(parts) = &mut req {
+        head::edit(
+            &mut parts.headers,
+            client_upgrade.is_some(),
+            client,
+            &traceparent,
+        );
     }
     // The request's authority, for a head that needs one (a shared copy of the field's bytes,
-    // not a new string).
-    let authority: Option<HeaderValue> = parts
-        .headers
-        .get(header::HOST)
-        .filter(|h| h.to_str().is_ok())
-        .cloned()
-        .or_else(|| {
-            parts
-                .uri
-                .authority()
-                .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
-        });
+    // not a new string); a raw head's is read if it becomes `Parts`.
+    let mut authority: Option<HeaderValue> = match &req {
+        ReqHead::Parts(parts) => authority_of(parts),
+        ReqHead::Raw(_) => None,
+    };
     // The path and query sent on, when it differs from the request's (a rewrite).
     let rewritten: Option<String> = match (&r.rewrite_prefix, &r.matcher.path_prefix) {
         (Some(with), Some(prefix)) => {
-            let mut out = rewrite(parts.uri.path(), prefix, with);
-            if let Some(q) = parts.uri.query() {
+            let mut out = rewrite(req.path(), prefix, with);
+            if let Some(q) = req.query() {
                 out.push('?');
                 out.push_str(q);
             }
@@ -612,11 +618,14 @@ async fn proxy(
         }
         _ => None,
     };
-    let original_pq: Option<http::uri::PathAndQuery> = parts.uri.path_and_query().cloned();
+    let original_pq: Option<http::uri::PathAndQuery> = match &req {
+        ReqHead::Parts(parts) => parts.uri.path_and_query().cloned(),
+        ReqHead::Raw(raw) => Some(raw.path_and_query().clone()),
+    };
 
     let attempts_allowed = r.retries.attempts;
     let retryable =
-        attempts_allowed > 1 && client_upgrade.is_none() && idempotent(&parts.method) && body_done;
+        attempts_allowed > 1 && client_upgrade.is_none() && idempotent(req.method()) && body_done;
     // What a retry rebuilds the request from (only kept when it may be needed). Taken when the
     // head is first given away: a copy before hyper's client takes it; the head itself after
     // the gateway's own client, which only borrows it, has sent it (no copy on the common path).
@@ -630,7 +639,7 @@ async fn proxy(
         Some(b) => UpBody::Incoming(b),
         None => UpBody::Empty,
     };
-    let mut pending: Option<(http::request::Parts, UpBody)> = Some((parts, body));
+    let mut pending: Option<(ReqHead, UpBody)> = Some((req, body));
 
     let pool = route.pool.load_full();
     let deadline = start + r.timeouts.overall;
@@ -735,21 +744,41 @@ async fn proxy(
             }
         };
 
-        let (mut parts, body) = match pending.take() {
+        let (mut req, body) = match pending.take() {
             Some(p) => p,
             None => match &template {
-                Some((method, uri, headers)) => {
+                Some(Template::Parts(method, uri, headers)) => {
                     added_host = false;
                     let (mut p, ()) = Request::new(()).into_parts();
                     p.method = method.clone();
                     p.uri = uri.clone();
                     p.headers = headers.clone();
-                    (p, UpBody::Empty)
+                    (ReqHead::Parts(p), UpBody::Empty)
                 }
+                Some(Template::Raw(raw)) => (ReqHead::Raw(raw.clone()), UpBody::Empty),
                 None => return Err(last),
             },
         };
-        if retryable && template.is_none() && !matches!(sender, Sender::Raw(_)) {
+        // The gateway's own HTTP/1.1 client writes a raw head as it is; hyper's take `Parts`.
+        if matches!(req, ReqHead::Raw(_)) && !matches!(sender, Sender::Raw(_)) {
+            let Some(parts) = req.into_parts(client, &traceparent) else {
+                return Err((
+                    Refusal::BadRequest,
+                    "the request head has a field the HTTP library refuses".into(),
+                    None,
+                    attempts,
+                ));
+            };
+            if authority.is_none() {
+                authority = authority_of(&parts);
+            }
+            req = ReqHead::Parts(parts);
+        }
+        if retryable
+            && template.is_none()
+            && !matches!(sender, Sender::Raw(_))
+            && let ReqHead::Parts(parts) = &req
+        {
             template = Some(template_of(
                 parts.method.clone(),
                 parts.uri.clone(),
@@ -757,9 +786,10 @@ async fn proxy(
                 added_host,
             ));
         }
-        // Wire-specific head.
-        match wire {
-            Wire::Http1 => {
+        // Wire-specific head (a raw head's target and Host are written with it).
+        match (&mut req, wire) {
+            (ReqHead::Raw(_), _) => {}
+            (ReqHead::Parts(parts), Wire::Http1) => {
                 parts.version = Version::HTTP_11;
                 // Origin form; untouched (no allocation) unless rewritten or absolute.
                 match &rewritten {
@@ -785,7 +815,7 @@ async fn proxy(
                     }
                 }
             }
-            Wire::Http2 => {
+            (ReqHead::Parts(parts), Wire::Http2) => {
                 parts.version = Version::HTTP_2;
                 let host = authority
                     .as_ref()
@@ -806,39 +836,56 @@ async fn proxy(
             .timeouts
             .per_try
             .min(deadline.saturating_duration_since(sent_at));
-        let answer = match &mut sender {
-            Sender::H1(s) => {
+        let answer = match (&mut sender, req) {
+            (Sender::H1(s), ReqHead::Parts(parts)) => {
                 hyper_within(
                     per_try,
                     s.try_send_request(Request::from_parts(parts, body)),
                 )
                 .await
             }
-            Sender::H2(s) => {
+            (Sender::H2(s), ReqHead::Parts(parts)) => {
                 hyper_within(
                     per_try,
                     s.try_send_request(Request::from_parts(parts, body)),
                 )
                 .await
             }
-            Sender::Raw(conn) => {
-                let pq = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+            // Not reached: a raw head for hyper's senders became `Parts` above.
+            (Sender::H1(_) | Sender::H2(_), ReqHead::Raw(_)) => {
+                return Err((
+                    Refusal::BadRequest,
+                    "the request head could not be prepared for the backend".into(),
+                    None,
+                    attempts,
+                ));
+            }
+            (Sender::Raw(conn), req) => {
                 let by = tokio::time::Instant::from_std(sent_at + per_try);
-                let answer = conn
-                    .exchange_within(by, &parts.method, pq, &parts.headers, fields)
-                    .await
-                    .map(|r| r.map(Answer::Raw));
+                let answer = match &req {
+                    ReqHead::Parts(parts) => {
+                        let pq = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+                        let write = |out: &mut Vec<u8>| {
+                            h1::encode_head(&parts.method, pq, &parts.headers, out);
+                        };
+                        conn.exchange_within(by, &parts.method, write, fields).await
+                    }
+                    ReqHead::Raw(raw) => {
+                        let target = rewritten
+                            .as_deref()
+                            .unwrap_or(raw.path_and_query().as_str());
+                        let write = |out: &mut Vec<u8>| {
+                            raw.encode(target, client, &trace_bytes, &backend.id, out);
+                        };
+                        conn.exchange_within(by, raw.method(), write, fields).await
+                    }
+                }
+                .map(|r| r.map(Answer::Raw));
                 if let Ok(Err(ExchangeError::Stale)) = answer {
-                    Ok(Err(SendError::Stale(Box::new(parts))))
+                    Ok(Err(SendError::Stale(Box::new(req))))
                 } else {
                     if retryable && template.is_none() {
-                        let http::request::Parts {
-                            method,
-                            uri,
-                            headers,
-                            ..
-                        } = parts;
-                        template = Some(template_of(method, uri, headers, added_host));
+                        template = Some(template_from(req, added_host));
                     }
                     match answer {
                         Ok(Err(e)) => Ok(Err(SendError::Raw(e))),
@@ -907,8 +954,7 @@ async fn proxy(
             }
             Ok(Err(SendError::Stale(p))) => {
                 if retryable && template.is_none() {
-                    let p = *p;
-                    template = Some(template_of(p.method, p.uri, p.headers, added_host));
+                    template = Some(template_from(*p, added_host));
                 }
                 (
                     Refusal::UpstreamError,
@@ -928,7 +974,7 @@ async fn proxy(
                     stale_conn_retries += 1;
                     attempts -= 1;
                     let (p, b) = req.into_parts();
-                    pending = Some((p, b));
+                    pending = Some((ReqHead::Parts(p), b));
                     drop(load);
                     admitted.take_back(&gw.in_flight);
                     continue;
@@ -961,8 +1007,36 @@ async fn proxy(
     }
 }
 
-/// What a retry rebuilds its request from: method, target and header fields.
-type Template = (Method, Uri, HeaderMap);
+/// What a retry rebuilds its request from: method, target and header fields, or a raw head
+/// (which is never changed by a try: its target and Host are chosen as it is written).
+enum Template {
+    Parts(Method, Uri, HeaderMap),
+    Raw(RawHead),
+}
+
+/// The request's authority for a head that needs one: its `Host` (a shared copy of the
+/// field's bytes, not a new string), else an absolute-form target's.
+fn authority_of(parts: &http::request::Parts) -> Option<HeaderValue> {
+    parts
+        .headers
+        .get(header::HOST)
+        .filter(|h| h.to_str().is_ok())
+        .cloned()
+        .or_else(|| {
+            parts
+                .uri
+                .authority()
+                .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+        })
+}
+
+/// The retry template from a head the gateway's own client sent.
+fn template_from(req: ReqHead, added_host: bool) -> Template {
+    match req {
+        ReqHead::Parts(p) => template_of(p.method, p.uri, p.headers, added_host),
+        ReqHead::Raw(raw) => Template::Raw(raw),
+    }
+}
 
 /// The retry template from a head; without the Host this hop added for a backend, if it did
 /// (a head's uri is already in the form every retry gives it, so it may stay as it is).
@@ -987,7 +1061,7 @@ fn template_of(method: Method, uri: Uri, mut headers: HeaderMap, added_host: boo
     if added_host {
         headers.remove(header::HOST);
     }
-    (method, uri, headers)
+    Template::Parts(method, uri, headers)
 }
 
 /// Feeds outlier detection; on an ejection, counts and logs it.
@@ -1010,10 +1084,21 @@ fn record(route: &RouteState, pool: &crate::pool::Pool, backend: &Backend, outco
     }
 }
 
-fn forwarded_for(headers: &mut HeaderMap, client: &Client) {
+/// Appends the client to `X-Forwarded-For`: one field, the values the request had (all of its
+/// lines, in order) and then the client's address.
+pub(crate) fn forwarded_for(headers: &mut HeaderMap, client: &Client) {
     const XFF: HeaderName = HeaderName::from_static("x-forwarded-for");
-    let value = match headers.get(&XFF).and_then(|v| v.to_str().ok()) {
-        Some(prev) => HeaderValue::from_str(&format!("{prev}, {}", client.addr.ip())).ok(),
+    let mut joined: Option<Vec<u8>> = None;
+    for v in headers.get_all(&XFF) {
+        let out = joined.get_or_insert_with(Vec::new);
+        out.extend_from_slice(v.as_bytes());
+        out.extend_from_slice(b", ");
+    }
+    let value = match joined {
+        Some(mut out) => {
+            out.extend_from_slice(client.ip_value.as_bytes());
+            HeaderValue::from_bytes(&out).ok()
+        }
         // The common case: the connection's address, formatted once per connection.
         None => Some(client.ip_value.clone()),
     };
@@ -1041,7 +1126,7 @@ impl Answer {
 enum SendError {
     Hyper(Box<hyper::client::conn::TrySendError<Request<UpBody>>>),
     /// A pooled connection went stale before answering; the request's head comes back.
-    Stale(Box<http::request::Parts>),
+    Stale(Box<ReqHead>),
     Raw(ExchangeError),
 }
 
@@ -1195,15 +1280,18 @@ mod tests {
 
     #[test]
     fn host_loses_its_port() {
-        let mut h = HeaderMap::new();
-        h.insert("host", HeaderValue::from_static("api.example.com:8080"));
-        let uri = Uri::from_static("/x");
-        assert_eq!(host_of(&h, &uri), Some("api.example.com"));
-        h.insert("host", HeaderValue::from_static("[::1]"));
-        assert_eq!(host_of(&h, &uri), Some("[::1]"));
-        let h2 = HeaderMap::new();
-        let abs = Uri::from_static("http://svc.local:80/x");
-        assert_eq!(host_of(&h2, &abs), Some("svc.local"));
+        let head = |uri: &str, host: Option<&str>| {
+            let mut b = Request::get(uri);
+            if let Some(h) = host {
+                b = b.header("host", h);
+            }
+            ReqHead::Parts(b.body(()).expect("request").into_parts().0)
+        };
+        let h = head("/x", Some("api.example.com:8080"));
+        assert_eq!(host_of(&h), Some("api.example.com"));
+        assert_eq!(host_of(&head("/x", Some("[::1]"))), Some("[::1]"));
+        let abs = head("http://svc.local:80/x", None);
+        assert_eq!(host_of(&abs), Some("svc.local"));
     }
 
     #[test]

@@ -18,8 +18,9 @@ use crate::harness::{Gateway, NS, Stack, T, within};
 /// A backend speaking raw HTTP/1.1, so that it can answer what hyper's server would not write
 /// (a 103 before the answer, a chunked body with trailers, a 304 with a length). By path:
 /// `/chunked`: chunks `hel`, `lo` and trailer `x-sum: 5`; `/204`, `/304` (with
-/// `Content-Length: 7`), `/early` (103 then 200); HEAD: `Content-Length: 5`, no body; anything
-/// else: `Content-Length` body `<method> <target> <request body>`.
+/// `Content-Length: 7`), `/early` (103 then 200), `/head` (the request's head as the body);
+/// HEAD: `Content-Length: 5`, no body; anything else: `Content-Length` body
+/// `<method> <target> <request body>`.
 struct RawBackend {
     addr: SocketAddr,
     stop: CancellationToken,
@@ -88,6 +89,15 @@ async fn raw_backend() -> RawBackend {
                             (_, "/204") => b"HTTP/1.1 204 No Content\r\n\r\n".to_vec(),
                             (_, "/304") => b"HTTP/1.1 304 Not Modified\r\nContent-Length: 7\r\nETag: \"e\"\r\n\r\n".to_vec(),
                             (_, "/early") => b"HTTP/1.1 103 Early Hints\r\nLink: </a>\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nlater".to_vec(),
+                            (_, "/head") => {
+                                let mut a = format!(
+                                    "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n",
+                                    head.len()
+                                )
+                                .into_bytes();
+                                a.extend_from_slice(head.as_bytes());
+                                a
+                            }
                             _ => {
                                 let text = format!(
                                     "{method} {target} {}",
@@ -391,6 +401,67 @@ async fn pipelined_split_bodiless_and_chunked_exchanges_are_answered_in_order() 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hypers_server_gives_the_same_answers() {
     exchanges(&["--http1-server", "hyper"]).await;
+}
+
+/// The head the backend gets for a request with hop-by-hop fields, a field its Connection
+/// names, two X-Forwarded-For lines and a traceparent: its lines after the request line,
+/// lowercased and sorted, the gateway's span id masked (it is new per request).
+async fn forwarded_head(flags: &[&str]) -> Vec<String> {
+    let (_stack, _r, _b, gw) = gateway(flags).await;
+    let (mut rd, mut wr) = connect(&gw).await;
+    wr.write_all(
+        b"GET /head HTTP/1.1\r\nHost: api.example\r\nConnection: keep-alive, X-Secret\r\n\
+          Keep-Alive: timeout=5\r\nX-Secret: s\r\nTE: gzip\r\nProxy-Authorization: p\r\n\
+          X-Forwarded-For: 192.0.2.1\r\n\
+          traceparent: 00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01\r\n\
+          Accept: */*\r\nX-Forwarded-For: 192.0.2.2\r\n\r\n",
+    )
+    .await
+    .expect("write");
+    let a = rd.answer("GET").await;
+    assert_eq!(a.status, 200, "{a:?}");
+    let text = String::from_utf8(a.body).expect("utf-8");
+    let mut lines: Vec<String> = text
+        .lines()
+        .skip(1)
+        .filter(|l| !l.is_empty())
+        .map(|l| {
+            let l = l.to_ascii_lowercase();
+            match l.strip_prefix("traceparent: ") {
+                // version-trace id-span id-flags: the span id is the gateway's own.
+                Some(v) if v.len() == 55 => {
+                    format!("traceparent: {}-<span>-{}", &v[..35], &v[53..])
+                }
+                _ => l,
+            }
+        })
+        .collect();
+    lines.sort();
+    gw.stop().await;
+    lines
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_backend_gets_the_same_edited_head_from_the_fast_path_and_from_hyper() {
+    let fast = forwarded_head(&[]).await;
+    assert_eq!(
+        fast,
+        [
+            "accept: */*",
+            "host: api.example",
+            "traceparent: 00-4bf92f3577b34da6a3ce929d0e0e4736-<span>-01",
+            "x-forwarded-for: 192.0.2.1, 192.0.2.2, 127.0.0.1",
+        ],
+        "hop-by-hop fields and the one Connection names go; the client is appended; the trace continues"
+    );
+    // The same request through hyper's server (a `HeaderMap` head), and from the fast path
+    // through hyper's client (the raw head turned into `Parts`).
+    for flags in [
+        &["--http1-server", "hyper"][..],
+        &["--http1-client", "hyper"],
+    ] {
+        assert_eq!(forwarded_head(flags).await, fast, "{flags:?}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
