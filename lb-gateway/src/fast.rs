@@ -7,7 +7,7 @@
 //! `BENCHMARKS.md`). Here a request head is parsed in place with `httparse` (the parser hyper
 //! uses) on the connection's read buffer; its header values and target are slices of that
 //! buffer, not copies. The request then takes exactly the path hyper's service function gives
-//! it ([`proxy::serve_request`]): routing, admission, hashing, retries, metrics, spans, the
+//! it ([`crate::proxy::serve_request`]): routing, admission, hashing, retries, metrics, spans, the
 //! access log are the same code. The answer is written by this module: head and (small) body in
 //! one write, `Content-Length` or chunked framing, no body for HEAD, 1xx, 204 and 304.
 //!
