@@ -256,7 +256,7 @@ pub async fn serve(
                 (ReqHead::Raw(raw), keep_alive)
             })
         } else {
-            let made = to_parts(&head, &parsed).map(|(p, k)| (ReqHead::Parts(p), k));
+            let made = to_parts(&head, &parsed).map(|(p, k)| (ReqHead::Parts(Box::new(p)), k));
             fields = parsed.fields;
             made.ok_or(head)
         };
