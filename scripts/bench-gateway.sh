@@ -27,8 +27,9 @@
 # Environment (defaults in brackets):
 #   BENCH_DURATION [10s]  BENCH_REPS [3]  BENCH_CONNECTIONS [64]  BENCH_WRK_THREADS [1]
 #   BENCH_PROXY_THREADS [1]  BENCH_BACKENDS [4]  BENCH_SKIP_BUILD [0]  BENCH_MAX_TIME [900]
-#   BENCH_PROFILE [unset]  a file: `perf record -g` the gateway for BENCH_PROFILE_SECONDS [3] s of
-#                         its first run into it
+#   BENCH_PROFILE [unset]  a file: `perf record -g` the gateway (or BENCH_PROFILE_TARGET: nginx,
+#                         haproxy, with their workers) for BENCH_PROFILE_SECONDS [3] s of its
+#                         first run into it
 #                         (BENCH_PERF_CALLGRAPH replaces `-g`, e.g. `--call-graph dwarf`)
 #   BENCH_GATEWAY_HYPER [0]  1 or `client`: also run a second gateway with `--http1-client hyper`
 #                         (hyper's HTTP/1.1 client instead of the gateway's own) as target
@@ -288,9 +289,13 @@ run() {
     wrk -t "$WRK_THREADS" -c "$CONNS" -d 1s -s "$TMP/paths.lua" "http://127.0.0.1:$port" >/dev/null 2>&1 || true
     before=0 before_user=0
     [[ $pid != 0 ]] && read -r before before_user < <(cpu_ticks "$pid")
+    local backend_before backend_after _u
+    read -r backend_before _u < <(cpu_ticks "$BACKEND_PID")
     local prof=
-    if [[ -n ${BENCH_PROFILE:-} && $name == lb-gateway && ! -e $BENCH_PROFILE ]] && command -v perf >/dev/null; then
-        perf record -q -F 1999 ${BENCH_PERF_CALLGRAPH:--g} -p "$pid" -o "$BENCH_PROFILE" -- sleep "${BENCH_PROFILE_SECONDS:-3}" >/dev/null 2>&1 &
+    if [[ -n ${BENCH_PROFILE:-} && $name == "${BENCH_PROFILE_TARGET:-lb-gateway}" && ! -e $BENCH_PROFILE ]] && command -v perf >/dev/null; then
+        local pids
+        pids=$(echo "$pid" $(pgrep -P "$pid" || true) | tr ' ' ',')
+        perf record -q -F 1999 ${BENCH_PERF_CALLGRAPH:--g} -p "$pids" -o "$BENCH_PROFILE" -- sleep "${BENCH_PROFILE_SECONDS:-3}" >/dev/null 2>&1 &
         prof=$!
     fi
     if [[ -n ${BENCH_STRACE:-} && $pid != 0 ]] && command -v strace >/dev/null; then
@@ -299,7 +304,11 @@ run() {
         timeout -s INT 3 strace -c -f -p "$traced" -o "$BENCH_STRACE.$name" >/dev/null 2>&1 &
         prof=$!
     fi
-    out=$(wrk -t "$WRK_THREADS" -c "$CONNS" -d "$DURATION" --latency -s "$TMP/paths.lua" "http://127.0.0.1:$port")
+    # wrk's own CPU time comes from bash's `time` (TIMEFORMAT: user and system seconds).
+    local wrk_cpu
+    out=$( { TIMEFORMAT='%U %S'; time wrk -t "$WRK_THREADS" -c "$CONNS" -d "$DURATION" --latency -s "$TMP/paths.lua" "http://127.0.0.1:$port" 2>/dev/null; } 2>"$TMP/wrk.time")
+    wrk_cpu=$(awk '{print $1 + $2}' "$TMP/wrk.time")
+    read -r backend_after _u < <(cpu_ticks "$BACKEND_PID")
     [[ -n $prof ]] && wait "$prof" 2>/dev/null || true
     after=0 after_user=0
     [[ $pid != 0 ]] && read -r after after_user < <(cpu_ticks "$pid")
@@ -314,7 +323,13 @@ run() {
         cpu=$(awk -v t=$((after - before)) -v hz="$HZ" -v r="$reqs" 'BEGIN {printf "%.1f", t / hz * 1e6 / r}')
         user=$(awk -v t=$((after_user - before_user)) -v hz="$HZ" -v r="$reqs" 'BEGIN {printf "%.1f", t / hz * 1e6 / r}')
     fi
-    log "$name: $rps req/s, p99 $p99 ms, CPU $cpu us/req (user space $user)"
+    # The CPU the rest of the machine spent per request: the backends and wrk.
+    local others=-
+    if [[ ${reqs:-0} -gt 0 ]]; then
+        others=$(awk -v b=$((backend_after - backend_before)) -v hz="$HZ" -v w="$wrk_cpu" -v r="$reqs" \
+            'BEGIN {printf "backends %.1f, wrk %.1f", b / hz * 1e6 / r, w * 1e6 / r}')
+    fi
+    log "$name: $rps req/s, p99 $p99 ms, CPU $cpu us/req (user space $user; $others us/req)"
     echo "$name $rps $p99 $cpu $ROUND $user" >>"$TMP/results"
 }
 

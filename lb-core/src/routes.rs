@@ -702,6 +702,12 @@ fn validate(file: &RoutesFile) -> Result<(), String> {
             if !rw.starts_with('/') {
                 return fail(format!("rewrite_prefix {rw:?} must start with '/'"));
             }
+            // It becomes part of the request line sent on: a path, nothing else.
+            if rw.contains(['?', '#']) || rw.parse::<http::uri::PathAndQuery>().is_err() {
+                return fail(format!(
+                    "rewrite_prefix {rw:?} must be a URI path (no spaces, '?' or '#')"
+                ));
+            }
         }
         if r.vnodes == 0 || r.vnodes > 10_000 {
             return fail(format!("vnodes {} must be from 1 to 10000", r.vnodes));
@@ -928,6 +934,14 @@ mod tests {
             ("algorithm = \"maglev\"\ntable_size = 65536", "prime"),
             ("timeouts = { connect = \"5d\" }", "unknown unit"),
             ("rewrite_prefix = \"/x\"", "needs match.path_prefix"),
+            (
+                "match = { path_prefix = \"/a\" }\nrewrite_prefix = \"/b c\"",
+                "must be a URI path",
+            ),
+            (
+                "match = { path_prefix = \"/a\" }\nrewrite_prefix = \"/b?x=1\"",
+                "must be a URI path",
+            ),
             ("match = { path_prefix = \"x\" }", "must start with '/'"),
             ("retries = { attempts = 0 }", "retries.attempts"),
             ("epsilon = -1.0", "epsilon"),
