@@ -282,6 +282,18 @@ cpu_ticks() {
 }
 HZ=$(getconf CLK_TCK)
 
+# Voluntary context switches (the times a thread went to sleep) of a process, its threads and
+# its children's.
+switches() {
+    local pid=$1 total=0 p n
+    for p in $pid $(pgrep -P "$pid" || true); do
+        for n in $(awk '/^voluntary_ctxt_switches/ {print $2}' /proc/"$p"/task/*/status 2>/dev/null); do
+            total=$((total + n))
+        done
+    done
+    echo "$total"
+}
+
 # One run: name, port, pid (or 0 for none). Appends "name rps p99_ms cpu_us_per_req" to results.
 run() {
     local name=$1 port=$2 pid=$3 out before after reqs rps p99 cpu user before_user after_user
@@ -289,8 +301,9 @@ run() {
     wrk -t "$WRK_THREADS" -c "$CONNS" -d 1s -s "$TMP/paths.lua" "http://127.0.0.1:$port" >/dev/null 2>&1 || true
     before=0 before_user=0
     [[ $pid != 0 ]] && read -r before before_user < <(cpu_ticks "$pid")
-    local backend_before backend_after _u
+    local backend_before backend_after _u sw_before=0 sw_after=0
     read -r backend_before _u < <(cpu_ticks "$BACKEND_PID")
+    [[ $pid != 0 ]] && sw_before=$(switches "$pid")
     local prof=
     if [[ -n ${BENCH_PROFILE:-} && $name == "${BENCH_PROFILE_TARGET:-lb-gateway}" && ! -e $BENCH_PROFILE ]] && command -v perf >/dev/null; then
         local pids
@@ -309,6 +322,7 @@ run() {
     out=$( { TIMEFORMAT='%U %S'; time wrk -t "$WRK_THREADS" -c "$CONNS" -d "$DURATION" --latency -s "$TMP/paths.lua" "http://127.0.0.1:$port" 2>/dev/null; } 2>"$TMP/wrk.time")
     wrk_cpu=$(awk '{print $1 + $2}' "$TMP/wrk.time")
     read -r backend_after _u < <(cpu_ticks "$BACKEND_PID")
+    [[ $pid != 0 ]] && sw_after=$(switches "$pid")
     [[ -n $prof ]] && wait "$prof" 2>/dev/null || true
     after=0 after_user=0
     [[ $pid != 0 ]] && read -r after after_user < <(cpu_ticks "$pid")
@@ -327,9 +341,10 @@ run() {
     local others=-
     if [[ ${reqs:-0} -gt 0 ]]; then
         others=$(awk -v b=$((backend_after - backend_before)) -v hz="$HZ" -v w="$wrk_cpu" -v r="$reqs" \
-            'BEGIN {printf "backends %.1f, wrk %.1f", b / hz * 1e6 / r, w * 1e6 / r}')
+            -v s=$((sw_after - sw_before)) \
+            'BEGIN {printf "backends %.1f, wrk %.1f us/req; proxy sleeps %.3f/req", b / hz * 1e6 / r, w * 1e6 / r, s / r}')
     fi
-    log "$name: $rps req/s, p99 $p99 ms, CPU $cpu us/req (user space $user; $others us/req)"
+    log "$name: $rps req/s, p99 $p99 ms, CPU $cpu us/req (user space $user; $others)"
     echo "$name $rps $p99 $cpu $ROUND $user" >>"$TMP/results"
 }
 
