@@ -277,7 +277,7 @@ impl ReqHead {
     pub fn into_parts(
         self,
         client: &Client,
-        traceparent: &HeaderValue,
+        traceparent: &[u8],
     ) -> Option<Box<http::request::Parts>> {
         match self {
             ReqHead::Parts(p) => Some(p),
@@ -292,11 +292,13 @@ impl ReqHead {
 
 /// The edits every request's fields get on their way to a backend: hop-by-hop fields out (the
 /// upgrade pair kept when tunnelling), `client` appended to `X-Forwarded-For`, `traceparent`
-/// set to the gateway's span.
-pub fn edit(headers: &mut HeaderMap, tunnel: bool, client: &Client, traceparent: &HeaderValue) {
+/// set to the gateway's span (its header bytes).
+pub fn edit(headers: &mut HeaderMap, tunnel: bool, client: &Client, traceparent: &[u8]) {
     strip_hop_by_hop(headers, tunnel);
     forwarded_for(headers, client);
-    headers.insert(TRACEPARENT, traceparent.clone());
+    if let Ok(v) = HeaderValue::from_bytes(traceparent) {
+        headers.insert(TRACEPARENT, v);
+    }
 }
 
 impl KeySource for ReqHead {
@@ -372,9 +374,8 @@ mod tests {
 
     /// The fields the map path sends for the same head: `to_parts`, the edits, encoded.
     fn via_map(head: &RawHead, host: &str) -> String {
-        let tp = HeaderValue::from_bytes(TP).expect("traceparent");
         let mut p = ReqHead::Raw(head.clone())
-            .into_parts(&client(), &tp)
+            .into_parts(&client(), TP)
             .expect("parts");
         if !p.headers.contains_key(header::HOST) {
             p.headers

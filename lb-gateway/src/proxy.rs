@@ -594,9 +594,6 @@ async fn proxy(
     let body_done = body.as_ref().is_none_or(|b| b.is_end_stream());
     let key = r.hash.key_hash(&req, client_ip);
     let trace_bytes = hop.ours.header_bytes();
-    let traceparent = HeaderValue::from_bytes(&trace_bytes).unwrap_or(HeaderValue::from_static(
-        "00-00000000000000000000000000000000-0000000000000000-00",
-    ));
 
     // The request as it goes out, minus what depends on the wire. A raw head is edited as it
     // is written (`RawHead::encode`), or when it becomes `Parts` for another sender.
@@ -605,7 +602,7 @@ async fn proxy(
             &mut parts.headers,
             client_upgrade.is_some(),
             client,
-            &traceparent,
+            &trace_bytes,
         );
     }
     // The request's authority, for a head that needs one (a shared copy of the field's bytes,
@@ -770,7 +767,7 @@ async fn proxy(
         };
         // The gateway's own HTTP/1.1 client writes a raw head as it is; hyper's take `Parts`.
         if matches!(req, ReqHead::Raw(_)) && !matches!(sender, Sender::Raw(_)) {
-            let Some(parts) = req.into_parts(client, &traceparent) else {
+            let Some(parts) = req.into_parts(client, &trace_bytes) else {
                 return Err((
                     Refusal::BadRequest,
                     "the request head has a field the HTTP library refuses".into(),
