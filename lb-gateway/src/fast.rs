@@ -33,15 +33,15 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
-use http::header::{self, HeaderMap, HeaderName, HeaderValue};
-use http::{Method, Request, Response, StatusCode, Uri, Version};
+use http::header::{self, HeaderMap};
+use http::{Method, Response, StatusCode, Uri};
 use http_body::Body as _;
 use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _, ReadBuf};
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
 use crate::h1::Fields;
-use crate::head::{RawHead, ReqHead};
+use crate::head::{self, RawHead, ReqHead};
 use crate::proxy::{Client, Gateway, serve_request};
 use crate::server::ConnLimits;
 use crate::upstream::ProxyBody;
@@ -136,41 +136,19 @@ fn parse(buf: &[u8], fields: &mut Vec<[usize; 4]>) -> Parse {
     })
 }
 
-/// The request's head as `http` types whose values share `head`'s bytes; `None` for anything
-/// `http` refuses (hyper then answers it).
+/// The request's head (an absolute-form target) as `http` types whose values share `head`'s
+/// bytes, and whether the connection stays; `None` for anything `http` refuses (hyper then
+/// answers it).
 fn to_parts(head: &Bytes, p: &Parsed) -> Option<(http::request::Parts, bool)> {
     let method = Method::from_bytes(&head[p.method.0..p.method.1]).ok()?;
     let uri = Uri::from_maybe_shared(head.slice(p.target.0..p.target.1)).ok()?;
-    // Room for the fields the proxy adds (`X-Forwarded-For`, `traceparent`, a `Host` for an
-    // absolute-form target): growing the map on those inserts rehashed it for every request.
-    let mut headers = HeaderMap::with_capacity(p.fields.len() + 3);
-    // HTTP/1.1 keeps the connection unless told to close; HTTP/1.0 only when asked to keep it.
-    let mut close = p.http10;
-    for f in &p.fields {
-        let name = HeaderName::from_bytes(&head[f[0]..f[1]]).ok()?;
-        let value = HeaderValue::from_maybe_shared(head.slice(f[2]..f[3])).ok()?;
-        if name == header::CONNECTION {
-            for t in value.as_bytes().split(|b| *b == b',') {
-                let t = t.trim_ascii();
-                if t.eq_ignore_ascii_case(b"close") {
-                    close = true;
-                } else if t.eq_ignore_ascii_case(b"keep-alive") && p.http10 {
-                    close = false;
-                }
-            }
-        }
-        headers.append(name, value);
-    }
-    let (mut parts, ()) = Request::new(()).into_parts();
-    parts.method = method;
-    parts.uri = uri;
-    parts.version = if p.http10 {
-        Version::HTTP_10
-    } else {
-        Version::HTTP_11
-    };
-    parts.headers = headers;
-    Some((parts, !close))
+    let parts = head::parts_of(head, &p.fields, method, uri, p.http10)?;
+    let connection = p
+        .fields
+        .iter()
+        .filter(|f| head[f[0]..f[1]].eq_ignore_ascii_case(b"connection"))
+        .map(|f| &head[f[2]..f[3]]);
+    Some((parts, head::keep_alive(p.http10, connection)))
 }
 
 /// Serves `io` until it closes or needs hyper. `started` is set once a first head is complete.
@@ -691,6 +669,8 @@ mod date {
 
 #[cfg(test)]
 mod tests {
+    use http::Version;
+
     use super::*;
 
     fn parsed(raw: &[u8]) -> Parse {

@@ -96,53 +96,28 @@ impl RawHead {
         name: &str,
         mut f: impl FnMut(&'a [u8]) -> Option<T>,
     ) -> Option<T> {
-        for (n, v) in self.fields() {
-            if n.eq_ignore_ascii_case(name.as_bytes())
-                && let Some(found) = f(v)
-            {
-                return Some(found);
-            }
-        }
-        None
+        self.fields()
+            .filter(|(n, _)| n.eq_ignore_ascii_case(name.as_bytes()))
+            .find_map(|(_, v)| f(v))
     }
 
     /// Whether the client lets the connection serve another request after this one: HTTP/1.1
     /// unless it says `close`, HTTP/1.0 only when it says `keep-alive`.
     pub fn keep_alive(&self) -> bool {
-        let mut close = self.http10;
-        for v in self.values("connection") {
-            for t in v.split(|b| *b == b',') {
-                let t = t.trim_ascii();
-                if t.eq_ignore_ascii_case(b"close") {
-                    close = true;
-                } else if t.eq_ignore_ascii_case(b"keep-alive") && self.http10 {
-                    close = false;
-                }
-            }
-        }
-        !close
+        keep_alive(self.http10, self.values("connection"))
     }
 
     /// The head as `http` types (values share the head's bytes), unedited; `None` only for a
     /// field `http` refuses, which httparse lets through (none are known).
     fn to_parts(&self) -> Option<http::request::Parts> {
-        // Room for the fields the proxy adds (`X-Forwarded-For`, `traceparent`, `Host`).
-        let mut headers = HeaderMap::with_capacity(self.fields.len() + 3);
-        for f in &self.fields {
-            let name = HeaderName::from_bytes(&self.bytes[f[0]..f[1]]).ok()?;
-            let value = HeaderValue::from_maybe_shared(self.bytes.slice(f[2]..f[3])).ok()?;
-            headers.append(name, value);
-        }
-        let (mut parts, ()) = Request::new(()).into_parts();
-        parts.method = self.method.clone();
-        parts.uri = Uri::from(self.pq.clone());
-        parts.version = if self.http10 {
-            Version::HTTP_10
-        } else {
-            Version::HTTP_11
-        };
-        parts.headers = headers;
-        Some(parts)
+        let uri = Uri::from(self.pq.clone());
+        parts_of(
+            &self.bytes,
+            &self.fields,
+            self.method.clone(),
+            uri,
+            self.http10,
+        )
     }
 
     /// Appends the head as it goes to an HTTP/1.1 backend: `method target HTTP/1.1`, then the
@@ -210,6 +185,53 @@ impl RawHead {
         }
         out.extend_from_slice(b"\r\n");
     }
+}
+
+/// Whether a client lets the connection serve another request, given the values of its
+/// `Connection` fields: HTTP/1.1 unless one says `close`, HTTP/1.0 only when one says
+/// `keep-alive`.
+pub fn keep_alive<'a>(http10: bool, connection: impl Iterator<Item = &'a [u8]>) -> bool {
+    let mut close = http10;
+    for v in connection {
+        for t in v.split(|b| *b == b',') {
+            let t = t.trim_ascii();
+            if t.eq_ignore_ascii_case(b"close") {
+                close = true;
+            } else if t.eq_ignore_ascii_case(b"keep-alive") && http10 {
+                close = false;
+            }
+        }
+    }
+    !close
+}
+
+/// A parsed head (`bytes`, its fields at these ranges) as `http` types whose values share
+/// `bytes`; `None` for a field `http` refuses.
+pub fn parts_of(
+    bytes: &Bytes,
+    fields: &[[usize; 4]],
+    method: Method,
+    uri: Uri,
+    http10: bool,
+) -> Option<http::request::Parts> {
+    // Room for the fields the proxy adds (`X-Forwarded-For`, `traceparent`, `Host`): growing
+    // the map on those inserts rehashed it for every request.
+    let mut headers = HeaderMap::with_capacity(fields.len() + 3);
+    for f in fields {
+        let name = HeaderName::from_bytes(&bytes[f[0]..f[1]]).ok()?;
+        let value = HeaderValue::from_maybe_shared(bytes.slice(f[2]..f[3])).ok()?;
+        headers.append(name, value);
+    }
+    let (mut parts, ()) = Request::new(()).into_parts();
+    parts.method = method;
+    parts.uri = uri;
+    parts.version = if http10 {
+        Version::HTTP_10
+    } else {
+        Version::HTTP_11
+    };
+    parts.headers = headers;
+    Some(parts)
 }
 
 fn line(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
