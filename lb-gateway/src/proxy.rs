@@ -623,9 +623,11 @@ async fn proxy(
         }
         _ => None,
     };
-    let original_pq: Option<http::uri::PathAndQuery> = match &req {
+    // The request's own path and query, for a head whose target is rebuilt; a raw head's
+    // (written as it is) is taken if it becomes `Parts`.
+    let mut original_pq: Option<http::uri::PathAndQuery> = match &req {
         ReqHead::Parts(parts) => parts.uri.path_and_query().cloned(),
-        ReqHead::Raw(raw) => Some(raw.path_and_query().clone()),
+        ReqHead::Raw(_) => None,
     };
 
     let attempts_allowed = r.retries.attempts;
@@ -777,6 +779,9 @@ async fn proxy(
             };
             if authority.is_none() {
                 authority = authority_of(&parts);
+            }
+            if original_pq.is_none() {
+                original_pq = parts.uri.path_and_query().cloned();
             }
             req = ReqHead::Parts(parts);
         }
