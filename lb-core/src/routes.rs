@@ -510,23 +510,22 @@ impl HashOn {
 pub trait KeySource {
     /// The path and query as an origin-form target (`/` when there is none).
     fn path_and_query(&self) -> &str;
-    /// The value of the first field named `name`.
-    fn field(&self, name: &HeaderName) -> Option<&[u8]>;
     /// The first `Some` that `f` gives for the values of the fields named `name`, in order.
     fn find_field<'a, T>(
         &'a self,
         name: &HeaderName,
         f: impl FnMut(&'a [u8]) -> Option<T>,
     ) -> Option<T>;
+
+    /// The value of the first field named `name`.
+    fn field(&self, name: &HeaderName) -> Option<&[u8]> {
+        self.find_field(name, Some)
+    }
 }
 
 impl KeySource for http::request::Parts {
     fn path_and_query(&self) -> &str {
         self.uri.path_and_query().map_or("/", |pq| pq.as_str())
-    }
-
-    fn field(&self, name: &HeaderName) -> Option<&[u8]> {
-        self.headers.get(name).map(|v| v.as_bytes())
     }
 
     fn find_field<'a, T>(

@@ -331,10 +331,6 @@ impl KeySource for ReqHead {
         }
     }
 
-    fn field(&self, name: &HeaderName) -> Option<&[u8]> {
-        self.header(name)
-    }
-
     fn find_field<'a, T>(
         &'a self,
         name: &HeaderName,
