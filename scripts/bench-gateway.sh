@@ -16,10 +16,14 @@
 #
 # Each run is `wrk -t WRK_THREADS -c CONNECTIONS -d DURATION --latency` with a Lua script that
 # spreads requests over 1000 paths (`/item/0` .. `/item/999`), against: one backend directly,
-# the gateway, nginx, HAProxy. The targets alternate (REPS rounds of all four) so that noise
+# the gateway, nginx, HAProxy. The targets alternate (REPS rounds of all four, the proxies'
+# order rotated from round to round) so that noise
 # from other work on a shared machine hits all alike; the table reports each target's median
 # run. "CPU/req" is the proxy's user+system CPU time (all its processes and threads, from
-# /proc) during the run divided by the requests served.
+# /proc) during the run divided by the requests served. Each run's log line also gives, per
+# request: the backends' and wrk's CPU, the machine's interrupt and softirq CPU (loopback
+# delivery is accounted there, to no process), how often the proxy and the backends went to
+# sleep, and TCP segments; and the machine's idle cores.
 #
 # Only processes this script started are stopped (by PID, from an EXIT trap); the whole run is
 # bounded by `timeout`. Installs wrk, nginx and haproxy with apt-get if missing.
@@ -37,7 +41,7 @@
 #                         (hyper's HTTP/1.1 server instead of the listener's fast path)
 #   BENCH_GATEWAY_BASELINE [unset]  another lb-gateway binary (say, the build before a change):
 #                         also run it, with the gateway's flags, as target lb-gateway-baseline,
-#                         next to lb-gateway in every round (first in even rounds, second in odd)
+#                         in every round (in the rotation with the others)
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -294,6 +298,16 @@ switches() {
     echo "$total"
 }
 
+# The machine's idle CPU ticks (idle + iowait, all CPUs, from /proc/stat).
+idle_ticks() { awk '$1 == "cpu" {print $5 + $6}' /proc/stat; }
+
+# TCP segments sent by the machine so far (all of them are on loopback here).
+# The machine's interrupt and softirq CPU ticks (/proc/stat): the kernel's network work done
+# outside any process's account, such as loopback delivery.
+irq_ticks() { awk '$1 == "cpu" {print $7 + $8}' /proc/stat; }
+
+tcp_segments() { awk '$1 == "Tcp:" && $12 ~ /^[0-9]+$/ {print $12}' /proc/net/snmp; }
+
 # One run: name, port, pid (or 0 for none). Appends "name rps p99_ms cpu_us_per_req" to results.
 run() {
     local name=$1 port=$2 pid=$3 out before after reqs rps p99 cpu user before_user after_user
@@ -304,6 +318,14 @@ run() {
     local backend_before backend_after _u sw_before=0 sw_after=0
     read -r backend_before _u < <(cpu_ticks "$BACKEND_PID")
     [[ $pid != 0 ]] && sw_before=$(switches "$pid")
+    local bsw_before bsw_after idle_before idle_after t0 t1
+    bsw_before=$(switches "$BACKEND_PID")
+    idle_before=$(idle_ticks)
+    local segs_before segs_after
+    segs_before=$(tcp_segments)
+    local irq_before irq_after
+    irq_before=$(irq_ticks)
+    t0=$(date +%s.%N)
     local prof=
     if [[ -n ${BENCH_PROFILE:-} && $name == "${BENCH_PROFILE_TARGET:-lb-gateway}" && ! -e $BENCH_PROFILE ]] && command -v perf >/dev/null; then
         local pids
@@ -323,6 +345,11 @@ run() {
     wrk_cpu=$(awk '{print $1 + $2}' "$TMP/wrk.time")
     read -r backend_after _u < <(cpu_ticks "$BACKEND_PID")
     [[ $pid != 0 ]] && sw_after=$(switches "$pid")
+    bsw_after=$(switches "$BACKEND_PID")
+    idle_after=$(idle_ticks)
+    segs_after=$(tcp_segments)
+    irq_after=$(irq_ticks)
+    t1=$(date +%s.%N)
     [[ -n $prof ]] && wait "$prof" 2>/dev/null || true
     after=0 after_user=0
     [[ $pid != 0 ]] && read -r after after_user < <(cpu_ticks "$pid")
@@ -341,29 +368,42 @@ run() {
     local others=-
     if [[ ${reqs:-0} -gt 0 ]]; then
         others=$(awk -v b=$((backend_after - backend_before)) -v hz="$HZ" -v w="$wrk_cpu" -v r="$reqs" \
-            -v s=$((sw_after - sw_before)) \
-            'BEGIN {printf "backends %.1f, wrk %.1f us/req; proxy sleeps %.3f/req", b / hz * 1e6 / r, w * 1e6 / r, s / r}')
+            -v s=$((sw_after - sw_before)) -v bs=$((bsw_after - bsw_before)) \
+            -v i=$((idle_after - idle_before)) -v dt="$(awk -v a="$t0" -v b="$t1" 'BEGIN {print b - a}')" \
+            -v sg=$((segs_after - segs_before)) -v q=$((irq_after - irq_before)) \
+            'BEGIN {printf "backends %.1f, wrk %.1f, interrupts %.1f us/req; sleeps/req: proxy %.3f, backends %.3f; machine idle %.2f cores; %.2f TCP segments/req", b / hz * 1e6 / r, w * 1e6 / r, q / hz * 1e6 / r, s / r, bs / r, i / hz / dt, sg / r}')
     fi
     log "$name: $rps req/s, p99 $p99 ms, CPU $cpu us/req (user space $user; $others)"
     echo "$name $rps $p99 $cpu $ROUND $user" >>"$TMP/results"
 }
 
+# What each target answers (wrk parses every byte of it): the answer head's size, once.
+for t in "direct ${BACKEND_PORTS[0]}" "lb-gateway $GPORT" "nginx $NPORT" "haproxy $HPORT"; do
+    read -r name port <<<"$t"
+    log "$name answers with a $(curl -fsS -D - -o /dev/null "http://127.0.0.1:$port/item/1" | wc -c)-byte head: $(curl -fsS -D - -o /dev/null "http://127.0.0.1:$port/item/1" | tr -d '\r' | sed 1d | cut -d: -f1 | tr '\n' ' ')"
+done
 log "load average before: $(cut -d' ' -f1-3 /proc/loadavg)"
 log "measuring: $REPS rounds × 4 targets × $DURATION, $CONNS connections, wrk -t$WRK_THREADS, proxies with $PROXY_THREADS worker(s)"
+# The proxies of a round, in the order of the first round; each later round starts one further
+# along (rotated), so that no proxy always runs right after the direct run or before another.
+PROXIES=(lb-gateway)
+[[ -n ${GATEWAY3_PID:-} ]] && PROXIES+=(lb-gateway-baseline)
+PROXIES+=(nginx haproxy)
+[[ -n ${GATEWAY2_PID:-} ]] && PROXIES+=(lb-gateway-hyper)
+run_proxy() {
+    case $1 in
+    lb-gateway) run lb-gateway "$GPORT" "$GATEWAY_PID" ;;
+    lb-gateway-baseline) run lb-gateway-baseline "$G3PORT" "$GATEWAY3_PID" ;;
+    lb-gateway-hyper) run lb-gateway-hyper "$G2PORT" "$GATEWAY2_PID" ;;
+    nginx) run nginx "$NPORT" "$NGINX_PID" ;;
+    haproxy) run haproxy "$HPORT" "$HAPROXY_PID" ;;
+    esac
+}
 for ((ROUND = 1; ROUND <= REPS; ROUND++)); do
     run direct "${BACKEND_PORTS[0]}" 0
-    if [[ -n ${GATEWAY3_PID:-} ]] && ((ROUND % 2 == 0)); then
-        run lb-gateway-baseline "$G3PORT" "$GATEWAY3_PID"
-    fi
-    run lb-gateway "$GPORT" "$GATEWAY_PID"
-    if [[ -n ${GATEWAY3_PID:-} ]] && ((ROUND % 2 == 1)); then
-        run lb-gateway-baseline "$G3PORT" "$GATEWAY3_PID"
-    fi
-    run nginx "$NPORT" "$NGINX_PID"
-    run haproxy "$HPORT" "$HAPROXY_PID"
-    if [[ -n ${GATEWAY2_PID:-} ]]; then
-        run lb-gateway-hyper "$G2PORT" "$GATEWAY2_PID"
-    fi
+    for ((k = 0; k < ${#PROXIES[@]}; k++)); do
+        run_proxy "${PROXIES[(k + ROUND - 1) % ${#PROXIES[@]}]}"
+    done
 done
 
 log "load average after: $(cut -d' ' -f1-3 /proc/loadavg)"
@@ -381,9 +421,10 @@ for name in "${TARGETS[@]}"; do
         END { split(rows[int((NR + 1) / 2)], f, " "); printf "| %s | %.0f | %.2f | %s |\n", f[1], f[2], f[3], f[4] }'
 done
 echo
-# Within each round the four targets ran back to back, so the gateway's ratio to the better of
-# nginx and HAProxy in the same round is less disturbed by other work on the machine than
-# the medians above; its median over the rounds:
+# Within each round the targets ran back to back, so ratios within a round are less disturbed
+# by other work on the machine than the medians above. Two are printed: the gateway against
+# the better of nginx's and HAProxy's runs in each round, and against each of them, paired by
+# round; the verdict is against the better proxy (by median throughput over all rounds).
 HYPER_PART=$HYPER_PART python3 - "$TMP/results" <<'EOF'
 import os, statistics, sys
 runs = {}
@@ -398,8 +439,24 @@ for r in rounds:
     l.append(gw[1] / min(ng[1], hp[1]))
     c.append(gw[2] / min(ng[2], hp[2]))
     print(f"round {r}: throughput {t[-1]:.2f}x, p99 {l[-1]:.2f}x, CPU per request {c[-1]:.2f}x")
-print(f"lb-gateway vs the better of nginx and HAProxy in the same round (median of {len(rounds)} rounds): "
+print(f"lb-gateway vs the better of nginx's and HAProxy's runs in the same round (median of {len(rounds)} rounds): "
       f"throughput {statistics.median(t):.2f}x, p99 {statistics.median(l):.2f}x, CPU per request {statistics.median(c):.2f}x")
+print("  (biased low: the better of two noisy runs is compared, so three proxies of equal speed with")
+print("  5 % run-to-run noise come out at 0.97x in the median of 10 rounds; the comparison below is not)")
+# The better proxy: the one with the higher median throughput over all rounds; the gateway is
+# compared with it round by round (paired: each round's ratio, then their median).
+def median_of(name, i):
+    return statistics.median(runs[(r, name)][i] for r in rounds)
+better = max(("nginx", "haproxy"), key=lambda n: median_of(n, 0))
+for peer in ("nginx", "haproxy"):
+    pt = [runs[(r, "lb-gateway")][0] / runs[(r, peer)][0] for r in rounds]
+    pl = [runs[(r, "lb-gateway")][1] / runs[(r, peer)][1] for r in rounds]
+    pc = [runs[(r, "lb-gateway")][2] / runs[(r, peer)][2] for r in rounds]
+    wins = sum(1 for x in pt if x > 1)
+    tag = "the better proxy (higher median req/s)" if peer == better else "the other proxy"
+    print(f"lb-gateway vs {peer}, {tag}, paired by round (median of {len(rounds)}): "
+          f"throughput {statistics.median(pt):.3f}x (faster in {wins} of {len(rounds)} rounds), "
+          f"p99 {statistics.median(pl):.3f}x, CPU per request {statistics.median(pc):.3f}x")
 if all((r, "lb-gateway-hyper") in runs for r in rounds):
     own = [runs[(r, "lb-gateway")] for r in rounds]
     hyp = [runs[(r, "lb-gateway-hyper")] for r in rounds]
