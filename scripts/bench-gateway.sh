@@ -31,6 +31,9 @@
 # Environment (defaults in brackets):
 #   BENCH_DURATION [10s]  BENCH_REPS [3]  BENCH_CONNECTIONS [64]  BENCH_WRK_THREADS [1]
 #   BENCH_PROXY_THREADS [1]  BENCH_BACKENDS [4]  BENCH_SKIP_BUILD [0]  BENCH_MAX_TIME [900]
+#   BENCH_PROXY_CPU [unset]  e.g. 0.5: give each proxy that many cores' worth of CPU time (a CFS
+#                         quota, the same for all three; needs root), which makes the proxy
+#                         the bottleneck instead of the core wrk and the backend share
 #   BENCH_PROFILE [unset]  a file: `perf record -g` the gateway (or BENCH_PROFILE_TARGET: nginx,
 #                         haproxy, with their workers) for BENCH_PROFILE_SECONDS [3] s of its
 #                         first run into it
@@ -103,9 +106,11 @@ stop_pid() {
     unset "RUNNING[$pid]"
 }
 
+CGROUPS=()
 cleanup() {
-    local pid
+    local pid cg
     for pid in "${!RUNNING[@]}"; do stop_pid "$pid"; done
+    for cg in "${CGROUPS[@]}"; do rmdir "$cg" 2>/dev/null || true; done
     rm -rf "$TMP"
 }
 trap cleanup EXIT
@@ -382,6 +387,30 @@ for t in "direct ${BACKEND_PORTS[0]}" "lb-gateway $GPORT" "nginx $NPORT" "haprox
     read -r name port <<<"$t"
     log "$name answers with a $(curl -fsS -D - -o /dev/null "http://127.0.0.1:$port/item/1" | wc -c)-byte head: $(curl -fsS -D - -o /dev/null "http://127.0.0.1:$port/item/1" | tr -d '\r' | sed 1d | cut -d: -f1 | tr '\n' ' ')"
 done
+# BENCH_PROXY_CPU: each proxy (all its processes) in a CPU cgroup of its own with that many
+# cores' worth of CPU time (CFS quota over a 5 ms period), the same for all three.
+if [[ -n ${BENCH_PROXY_CPU:-} ]]; then
+    CG_ROOT=/sys/fs/cgroup/cpu
+    [[ -w $CG_ROOT ]] || CG_ROOT=/sys/fs/cgroup/unified
+    quota=$(awk -v c="$BENCH_PROXY_CPU" 'BEGIN {printf "%d", c * 5000}')
+    ((quota >= 1000)) || die "BENCH_PROXY_CPU must be at least 0.2 (cores)"
+    for t in "lb-gateway $GATEWAY_PID" "lb-gateway-baseline ${GATEWAY3_PID:-}" "lb-gateway-hyper ${GATEWAY2_PID:-}" \
+        "nginx $NGINX_PID" "haproxy $HAPROXY_PID"; do
+        read -r name pid <<<"$t"
+        [[ -n ${pid:-} ]] || continue
+        cg=$CG_ROOT/bench-gateway.$$.$name
+        mkdir "$cg" || die "cannot make the cgroup $cg"
+        CGROUPS+=("$cg")
+        if [[ -e $cg/cpu.cfs_quota_us ]]; then
+            echo 5000 >"$cg/cpu.cfs_period_us"
+            echo "$quota" >"$cg/cpu.cfs_quota_us"
+        else
+            echo "$quota 5000" >"$cg/cpu.max"
+        fi
+        for p in $pid $(pgrep -P "$pid" || true); do echo "$p" >"$cg/cgroup.procs"; done
+    done
+    log "each proxy limited to $BENCH_PROXY_CPU cores of CPU time ($quota us per 5 ms)"
+fi
 log "load average before: $(cut -d' ' -f1-3 /proc/loadavg)"
 log "measuring: $REPS rounds × 4 targets × $DURATION, $CONNS connections, wrk -t$WRK_THREADS, proxies with $PROXY_THREADS worker(s)"
 # The proxies of a round, in the order of the first round; each later round starts one further
