@@ -31,6 +31,7 @@
 # Environment (defaults in brackets):
 #   BENCH_DURATION [10s]  BENCH_REPS [3]  BENCH_CONNECTIONS [64]  BENCH_WRK_THREADS [1]
 #   BENCH_PROXY_THREADS [1]  BENCH_BACKENDS [4]  BENCH_SKIP_BUILD [0]  BENCH_MAX_TIME [900]
+#   BENCH_WRK_OUT [unset]  a path prefix: keep each run's wrk output in PREFIX.TARGET.ROUND
 #   BENCH_PROXY_CPU [unset]  e.g. 0.5: give each proxy that many cores' worth of CPU time (a CFS
 #                         quota, the same for all three; needs root), which makes the proxy
 #                         the bottleneck instead of the core wrk and the backend share
@@ -348,6 +349,7 @@ run() {
     local wrk_cpu
     out=$( { TIMEFORMAT='%U %S'; time wrk -t "$WRK_THREADS" -c "$CONNS" -d "$DURATION" --latency -s "$TMP/paths.lua" "http://127.0.0.1:$port" 2>/dev/null; } 2>"$TMP/wrk.time")
     wrk_cpu=$(awk '{print $1 + $2}' "$TMP/wrk.time")
+    [[ -n ${BENCH_WRK_OUT:-} ]] && printf '%s\n' "$out" >"$BENCH_WRK_OUT.$name.$ROUND"
     read -r backend_after _u < <(cpu_ticks "$BACKEND_PID")
     [[ $pid != 0 ]] && sw_after=$(switches "$pid")
     bsw_after=$(switches "$BACKEND_PID")
