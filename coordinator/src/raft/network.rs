@@ -7,6 +7,12 @@
 //! end-of-stream DATA frame) and both sides an HTTP/2 stream and tonic's per-call work; a message
 //! costs one write each way. Votes and snapshots stay unary calls.
 //!
+//! One HTTP/2 connection per peer, shared by every client to it ([`Peers`]). openraft asks for a
+//! new client not only per replication stream but for every vote round and every read-index
+//! round (`get_read_log_id` sends each follower a heartbeat on a client of its own): with a
+//! connection per client, each linearizable read used to open and close a TCP connection to
+//! every follower, with an HTTP/2 handshake on each.
+//!
 //! Connection failures are reported to openraft as `Unreachable` (it backs off); everything else
 //! as a network error (it retries). Every call is bounded by openraft's own deadline.
 //!
@@ -14,8 +20,12 @@
 //! deterministic simulation (`coordinator/tests/sim`) dials its simulated network. Both use the
 //! same [`endpoint`] settings, the same client code and the same peer service.
 
+use std::collections::HashMap;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
+
+use parking_lot::Mutex;
 
 use openraft::error::{
     InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Unreachable,
@@ -55,29 +65,85 @@ pub fn tls(config: Arc<service_kit::tls::rustls::ClientConfig>) -> Connector {
     })
 }
 
-/// Opens a client per peer.
+/// Opens clients to peers, over one shared connection per peer.
 #[derive(Clone)]
 pub struct Network {
     connect: Connector,
     durable: Durability,
+    peers: Peers,
 }
 
 impl Network {
     /// Peers reached through `connect`; no commit index goes out before `durable` (this
     /// member's log) holds it.
     pub fn new(connect: Connector, durable: Durability) -> Network {
-        Network { connect, durable }
+        Network {
+            connect,
+            durable,
+            peers: Peers::default(),
+        }
     }
 }
 
-/// A lazily connected client to one peer.
+/// The channel to each peer URL, shared by every client to that peer (module docs).
+#[derive(Clone, Default)]
+struct Peers(Arc<Mutex<HashMap<String, Arc<SharedPeer>>>>);
+
+/// One peer's shared channel and how many calls on it in a row timed out, over all its clients.
+struct SharedPeer {
+    url: String,
+    connect: Connector,
+    client: Mutex<Option<PeerClient<Channel>>>,
+    timeouts: AtomicU32,
+}
+
+impl Peers {
+    fn get(&self, connect: &Connector, url: &str) -> Arc<SharedPeer> {
+        let mut peers = self.0.lock();
+        if let Some(peer) = peers.get(url) {
+            return Arc::clone(peer);
+        }
+        let peer = Arc::new(SharedPeer {
+            url: url.to_string(),
+            connect: connect.clone(),
+            client: Mutex::new(peer_client(connect, url)),
+            timeouts: AtomicU32::new(0),
+        });
+        peers.insert(url.to_string(), Arc::clone(&peer));
+        peer
+    }
+}
+
+impl SharedPeer {
+    fn client(&self) -> Option<PeerClient<Channel>> {
+        self.client.lock().clone()
+    }
+
+    /// A call answered: the connection works.
+    fn answered(&self) {
+        if self.timeouts.load(Ordering::Relaxed) != 0 {
+            self.timeouts.store(0, Ordering::Relaxed);
+        }
+    }
+
+    /// A call timed out: after [`REPLACE_AFTER_TIMEOUTS`] in a row (from any of the peer's
+    /// clients) the shared connection is replaced. Returns the client to use from now on.
+    fn timed_out(&self) -> Option<PeerClient<Channel>> {
+        let mut client = self.client.lock();
+        if self.timeouts.fetch_add(1, Ordering::Relaxed) + 1 >= REPLACE_AFTER_TIMEOUTS {
+            self.timeouts.store(0, Ordering::Relaxed);
+            *client = peer_client(&self.connect, &self.url);
+        }
+        client.clone()
+    }
+}
+
+/// A client to one peer, on the peer's shared connection.
 pub struct PeerConn {
     target: NodeId,
     client: Option<PeerClient<Channel>>,
     url: String,
-    connect: Connector,
-    /// Calls in a row that timed out.
-    timeouts: u32,
+    peer: Arc<SharedPeer>,
     durable: Durability,
     /// The open replication stream (`AppendStream`), between calls. A call takes it out and
     /// puts it back only once its answer came: a call that fails, times out or is dropped
@@ -93,7 +159,7 @@ struct AppendStream {
     answers: tonic::Streaming<Blob>,
 }
 
-/// After this many calls in a row time out, the connection is replaced: a connection whose
+/// After this many calls in a row to a peer time out, its connection is replaced: a connection whose
 /// packets silently vanish (a blackhole) is otherwise only noticed by HTTP/2 keep-alive, after
 /// up to 30 s, and every call on it times out until then (found by the simulation).
 pub const REPLACE_AFTER_TIMEOUTS: u32 = 3;
@@ -125,12 +191,12 @@ impl RaftNetworkFactory<TypeConfig> for Network {
     type Network = PeerConn;
 
     async fn new_client(&mut self, target: NodeId, node: &MemberNode) -> PeerConn {
+        let peer = self.peers.get(&self.connect, &node.peer_url);
         PeerConn {
             target,
-            client: peer_client(&self.connect, &node.peer_url),
+            client: peer.client(),
             url: node.peer_url.clone(),
-            connect: self.connect.clone(),
-            timeouts: 0,
+            peer,
             durable: self.durable.clone(),
             stream: None,
             unary_only: false,
@@ -202,18 +268,14 @@ impl PeerConn {
         };
         let resp = match tokio::time::timeout(option.hard_ttl(), fut).await {
             Err(_) => {
-                self.timeouts += 1;
-                if self.timeouts >= REPLACE_AFTER_TIMEOUTS {
-                    self.timeouts = 0;
-                    self.client = peer_client(&self.connect, &self.url);
-                }
+                self.client = self.peer.timed_out();
                 return Err(RPCError::Network(NetworkError::new(&Msg(format!(
                     "{which} to {} timed out",
                     self.target
                 )))));
             }
             Ok(Err(status)) => {
-                self.timeouts = 0;
+                self.peer.answered();
                 let e = Msg(format!("{which} to {}: {status}", self.target));
                 return Err(if status.code() == tonic::Code::Unavailable {
                     RPCError::Unreachable(Unreachable::new(&e))
@@ -222,7 +284,7 @@ impl PeerConn {
                 });
             }
             Ok(Ok(r)) => {
-                self.timeouts = 0;
+                self.peer.answered();
                 self.stream = reopened;
                 r.into_inner()
             }
@@ -303,5 +365,59 @@ impl RaftNetwork<TypeConfig> for PeerConn {
         option: RPCOption,
     ) -> Result<VoteResponse<NodeId>, RPCError<NodeId, MemberNode, RaftError<NodeId>>> {
         self.call("vote", &rpc, &option).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::AtomicUsize;
+
+    use openraft::network::RaftNetworkFactory;
+
+    use super::*;
+    use crate::raft::log_store::LogStore;
+
+    fn node(port: u16) -> MemberNode {
+        MemberNode {
+            name: format!("m{port}"),
+            peer_url: format!("http://127.0.0.1:{port}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn every_client_to_a_peer_shares_one_connection_until_a_timeout_streak_replaces_it() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let log = LogStore::open(dir.path(), 1).expect("log store");
+        let dials = Arc::new(AtomicUsize::new(0));
+        let counted = Arc::clone(&dials);
+        let connect: Connector = Arc::new(move |url: &str| {
+            counted.fetch_add(1, Ordering::SeqCst);
+            channel(url)
+        });
+        let mut net = Network::new(connect, log.durability());
+
+        // openraft asks for a client per vote and per read-index round: one connection per peer.
+        let mut clients = Vec::new();
+        for _ in 0..10 {
+            clients.push(net.new_client(2, &node(1)).await);
+        }
+        let _other = net.new_client(3, &node(2)).await;
+        assert_eq!(dials.load(Ordering::SeqCst), 2, "one channel per peer URL");
+
+        // Timeouts in a row from different clients of one peer add up; the streak's last one
+        // replaces the shared connection, for clients made later too.
+        let (a, b) = clients.split_at_mut(1);
+        assert!(a[0].peer.timed_out().is_some());
+        assert!(b[0].peer.timed_out().is_some());
+        assert_eq!(dials.load(Ordering::SeqCst), 2);
+        b[1].peer.answered();
+        assert!(b[2].peer.timed_out().is_some());
+        assert!(b[3].peer.timed_out().is_some());
+        assert_eq!(dials.load(Ordering::SeqCst), 2, "an answer ends a streak");
+        assert!(b[4].peer.timed_out().is_some());
+        assert_eq!(dials.load(Ordering::SeqCst), 3, "three in a row replace it");
+        let _later = net.new_client(2, &node(1)).await;
+        assert_eq!(dials.load(Ordering::SeqCst), 3);
+        log.close();
     }
 }
