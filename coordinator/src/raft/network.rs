@@ -151,6 +151,10 @@ pub struct PeerConn {
     stream: Option<AppendStream>,
     /// The peer answered `AppendStream` with UNIMPLEMENTED (an older build): unary calls.
     unary_only: bool,
+    /// Whether an AppendEntries went out on this client before. The first is a unary call: a
+    /// client made for one heartbeat (a read-index round) would open a stream for one message
+    /// and close it again; a replication client opens its stream with its second message.
+    appended: bool,
 }
 
 /// One open `AppendStream`: requests go in through `tx`, answers come back in order.
@@ -200,6 +204,7 @@ impl RaftNetworkFactory<TypeConfig> for Network {
             durable: self.durable.clone(),
             stream: None,
             unary_only: false,
+            appended: false,
         }
     }
 }
@@ -227,11 +232,12 @@ impl PeerConn {
             )))));
         };
         let data = bincode::serialize(req).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
-        let stream = if which == "append" && !self.unary_only {
+        let stream = if which == "append" && !self.unary_only && self.appended {
             Some(self.stream.take())
         } else {
             None
         };
+        self.appended |= which == "append";
         let mut reopened: Option<AppendStream> = None;
         let unary_only = &mut self.unary_only;
         let fut = async {
