@@ -307,11 +307,11 @@ switches() {
 # The machine's idle CPU ticks (idle + iowait, all CPUs, from /proc/stat).
 idle_ticks() { awk '$1 == "cpu" {print $5 + $6}' /proc/stat; }
 
-# TCP segments sent by the machine so far (all of them are on loopback here).
 # The machine's interrupt and softirq CPU ticks (/proc/stat): the kernel's network work done
 # outside any process's account, such as loopback delivery.
 irq_ticks() { awk '$1 == "cpu" {print $7 + $8}' /proc/stat; }
 
+# TCP segments sent by the machine so far (all of them are on loopback here).
 tcp_segments() { awk '$1 == "Tcp:" && $12 ~ /^[0-9]+$/ {print $12}' /proc/net/snmp; }
 
 # One run: name, port, pid (or 0 for none). Appends "name rps p99_ms cpu_us_per_req" to results.
@@ -387,7 +387,8 @@ run() {
 # What each target answers (wrk parses every byte of it): the answer head's size, once.
 for t in "direct ${BACKEND_PORTS[0]}" "lb-gateway $GPORT" "nginx $NPORT" "haproxy $HPORT"; do
     read -r name port <<<"$t"
-    log "$name answers with a $(curl -fsS -D - -o /dev/null "http://127.0.0.1:$port/item/1" | wc -c)-byte head: $(curl -fsS -D - -o /dev/null "http://127.0.0.1:$port/item/1" | tr -d '\r' | sed 1d | cut -d: -f1 | tr '\n' ' ')"
+    curl -fsS -D "$TMP/answer" -o /dev/null "http://127.0.0.1:$port/item/1"
+    log "$name answers with a $(wc -c <"$TMP/answer")-byte head: $(tr -d '\r' <"$TMP/answer" | sed 1d | cut -d: -f1 | tr '\n' ' ')"
 done
 # BENCH_PROXY_CPU: each proxy (all its processes) in a CPU cgroup of its own with that many
 # cores' worth of CPU time (CFS quota over a 5 ms period), the same for all three.

@@ -142,7 +142,6 @@ impl SharedPeer {
 pub struct PeerConn {
     target: NodeId,
     client: Option<PeerClient<Channel>>,
-    url: String,
     peer: Arc<SharedPeer>,
     durable: Durability,
     /// The open replication stream (`AppendStream`), between calls. A call takes it out and
@@ -199,7 +198,6 @@ impl RaftNetworkFactory<TypeConfig> for Network {
         PeerConn {
             target,
             client: peer.client(),
-            url: node.peer_url.clone(),
             peer,
             durable: self.durable.clone(),
             stream: None,
@@ -228,7 +226,7 @@ impl PeerConn {
         let Some(client) = self.client.as_mut() else {
             return Err(RPCError::Unreachable(Unreachable::new(&Msg(format!(
                 "bad peer URL {}",
-                self.url
+                self.peer.url
             )))));
         };
         let data = bincode::serialize(req).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
