@@ -7,7 +7,7 @@ use std::time::Duration;
 use clap::{Parser, Subcommand};
 use coordinator::Config;
 use service_kit::config::{exit_bad_config, parse_args_or_exit, parse_duration};
-use service_kit::{probe, shutdown, telemetry};
+use service_kit::{probe, process};
 
 /// mimalloc instead of glibc's malloc: a put allocates many small, short-lived objects (the
 /// gRPC frames and buffers, the command, sled's nodes and the Raft entry) on several threads,
@@ -156,26 +156,14 @@ fn snapshot(action: SnapshotAction) -> ExitCode {
 fn serve(config: Config) -> ExitCode {
     // One thread: the single-threaded scheduler, which answers a committed batch of puts with
     // fewer writes (see `process::runtime`).
-    let runtime = match service_kit::process::runtime(config.worker_threads) {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("error: cannot start the Tokio runtime: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
-    runtime.block_on(async move {
-        let _telemetry = match telemetry::init("coordinator", config.log_format) {
-            Ok(g) => g,
-            Err(e) => exit_bad_config(format!("{e:#}")),
-        };
-        tracing::info!(config = ?config, "starting coordinator");
-        match coordinator::run(config, shutdown::token_on_signal()).await {
-            Ok(()) => ExitCode::SUCCESS,
-            Err(e) => {
-                tracing::error!(error = format!("{e:#}"), "coordinator failed");
-                eprintln!("error: {e:#}");
-                ExitCode::FAILURE
-            }
-        }
-    })
+    let runtime = process::runtime(config.worker_threads);
+    let log_format = config.log_format;
+    process::run(
+        runtime,
+        "coordinator",
+        log_format,
+        config,
+        |config| tracing::info!(config = ?config, "starting coordinator"),
+        coordinator::run,
+    )
 }

@@ -49,7 +49,9 @@ where
         match serve(config, crate::shutdown::token_on_signal()).await {
             Ok(()) => ExitCode::SUCCESS,
             Err(err) => {
+                // Logs go to stdout; the reason a service stopped also goes to stderr.
                 tracing::error!(error = format!("{err:#}"), "{name} failed");
+                eprintln!("error: {err:#}");
                 ExitCode::FAILURE
             }
         }

@@ -1535,10 +1535,16 @@ pub struct PeerService {
     member: RaftMember,
 }
 
-fn blob<T: Serialize>(v: &T) -> std::result::Result<Response<Blob>, Status> {
+/// `v` encoded for the wire (a message of a stream).
+fn encode<T: Serialize>(v: &T) -> std::result::Result<Blob, Status> {
     bincode::serialize(v)
-        .map(|data| Response::new(Blob { data }))
+        .map(|data| Blob { data })
         .map_err(|e| Status::internal(format!("encode: {e}")))
+}
+
+/// `v` encoded as a unary call's answer.
+fn blob<T: Serialize>(v: &T) -> std::result::Result<Response<Blob>, Status> {
+    encode(v).map(Response::new)
 }
 
 fn decode<T: serde::de::DeserializeOwned>(b: &Blob) -> std::result::Result<T, Status> {
@@ -1556,7 +1562,7 @@ impl PeerService {
         {
             self.member.heard_from_leader();
         }
-        blob(&res).map(Response::into_inner)
+        encode(&res)
     }
 }
 
