@@ -1356,15 +1356,23 @@ async fn auth_on_a_three_member_cluster() {
         .auth_enable(AuthEnableRequest {})
         .await
         .expect("enable on member 0");
-    // Enforced on another member.
-    wait_until(Duration::from_secs(10), "member 2 enforces auth", || {
-        let mut c2 = c2.clone();
-        async move {
-            matches!(c2.get(None, "app/a").await,
-                Err(e) if e.message() == "etcdserver: user name is empty")
-        }
-    })
-    .await;
+    // Enforced on the other members, once each has applied the enable. (A member that has
+    // not yet would propose a write without its user, and the write would be refused when
+    // applied, as etcd refuses it.)
+    for (name, c) in [("member 1", &c1), ("member 2", &c2)] {
+        wait_until(
+            Duration::from_secs(10),
+            &format!("{name} enforces auth"),
+            || {
+                let mut c = c.clone();
+                async move {
+                    matches!(c.get(None, "app/a").await,
+                    Err(e) if e.message() == "etcdserver: user name is empty")
+                }
+            },
+        )
+        .await;
+    }
     // A token issued by member 0 is good on member 2 (the simple-token key is replicated).
     let root0 = c0.token("root", ROOT_PW).await.expect("root on 0");
     c2.put(Some(&root0), "app/a", "v", 0)
