@@ -493,7 +493,10 @@ pub async fn run_with_listeners(
 
     let health = Health::new();
     let metrics = Metrics::new();
-    let gm = GatewayMetrics::register(&metrics);
+    let workers = worker_threads
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
+        .max(1);
+    let gm = GatewayMetrics::register(&metrics, workers);
     let source = match &routes_path {
         Some(p) => format!("file {}", p.display()),
         None => "none".to_owned(),
@@ -593,9 +596,6 @@ pub async fn run_with_listeners(
     };
 
     tracing::info!(proxy = %proxy_addr, admin = %admin_addr, routes = gw.table.load().routes.len(), "lb-gateway listening");
-    let workers = worker_threads
-        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
-        .max(1);
     let per_worker = server::ConnLimits {
         max_connections: max_connections.div_ceil(workers),
         max_header_bytes,

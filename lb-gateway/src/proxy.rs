@@ -523,7 +523,7 @@ pub async fn serve_request(
     let status = resp.status().as_u16();
     let elapsed = start.elapsed();
     route.metrics.answered(status);
-    route.metrics.duration.observe(elapsed.as_secs_f64());
+    route.metrics.duration.observe(elapsed);
     if let Some((method, path, trace_id)) = access {
         let grpc_status = resp
             .headers()
@@ -912,10 +912,7 @@ async fn proxy(
             Ok(Ok(resp)) => {
                 let status = resp.status();
                 backend.metrics.answered(status.as_u16());
-                backend
-                    .metrics
-                    .duration
-                    .observe(sent_at.elapsed().as_secs_f64());
+                backend.metrics.duration.observe(sent_at.elapsed());
                 let server_error = status.is_server_error()
                     && status != StatusCode::NOT_IMPLEMENTED
                     && status != StatusCode::HTTP_VERSION_NOT_SUPPORTED;

@@ -35,9 +35,13 @@ use crate::h1::{RawBody, RawConn};
 /// Most idle HTTP/1.1 connections kept per backend and worker.
 pub const MAX_IDLE: usize = 512;
 
-/// Idle stacks per backend: one per worker up to this many, so that a worker reuses the
-/// connections its own runtime drives.
-const STACKS: usize = 16;
+/// Per-worker state (idle connection stacks, metric shards) has one slot per worker up to
+/// this many; worker `i` uses slot `i % WORKER_SLOTS`.
+pub const WORKER_SLOTS: usize = 16;
+
+/// Idle stacks per backend: one per worker slot, so that a worker reuses the connections its
+/// own runtime drives.
+const STACKS: usize = WORKER_SLOTS;
 
 thread_local! {
     /// This thread's worker index (0 unless [`set_worker`] said otherwise).
@@ -49,8 +53,13 @@ pub fn set_worker(i: usize) {
     WORKER.with(|w| w.set(i));
 }
 
+/// This thread's worker index.
+pub fn worker() -> usize {
+    WORKER.with(|w| w.get())
+}
+
 fn stack() -> usize {
-    WORKER.with(|w| w.get()) % STACKS
+    worker() % STACKS
 }
 
 /// A request body on its way to a backend: the client's, or none (retries of bodyless
