@@ -601,7 +601,9 @@ pub async fn run_with_listeners(
         max_header_bytes,
         header_read_timeout,
     };
-    // Workers 1.. on threads of their own, on clones of the listening socket.
+    // Workers 1.. on threads of their own, on clones of the listening socket; the balance
+    // spreads the connections evenly over all of them.
+    let balance = server::Balance::new(gm.worker_connections(workers));
     let mut extra_workers = Vec::new();
     let proxy_listener = if workers > 1 {
         let std_listener = listeners
@@ -613,6 +615,7 @@ pub async fn run_with_listeners(
                 .try_clone()
                 .context("cannot share the proxy listener")?;
             let (gw, stop, tls) = (Arc::clone(&gw), shutdown.clone(), server_tls.clone());
+            let balance = Arc::clone(&balance);
             let thread = std::thread::Builder::new()
                 .name(format!("lb-gateway-worker-{i}"))
                 .spawn(move || -> std::io::Result<()> {
@@ -622,7 +625,9 @@ pub async fn run_with_listeners(
                         .build()?;
                     runtime.block_on(async move {
                         let listener = TcpListener::from_std(clone)?;
-                        server::serve(listener, tls, gw, per_worker, shutdown_grace, stop).await
+                        let seat = (balance, i);
+                        server::serve(listener, tls, gw, per_worker, seat, shutdown_grace, stop)
+                            .await
                     })
                 })
                 .context("cannot start a proxy worker thread")?;
@@ -637,6 +642,7 @@ pub async fn run_with_listeners(
         server_tls,
         Arc::clone(&gw),
         per_worker,
+        (balance, 0),
         shutdown_grace,
         shutdown.clone(),
     ));

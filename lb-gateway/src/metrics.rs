@@ -18,6 +18,7 @@
 //! | `lb_gateway_backend_connect_failures_total` | route, backend | failed connects and tries with no answer |
 //! | `lb_gateway_backend_tls_failures_total` | route, backend, reason | failed TLS handshakes with backends (`unknown_issuer`, `name_mismatch`, `not_tls`, … see `backend_tls::failure_reason`) |
 //! | `lb_gateway_route_reloads_total` | result | routes versions from config-svc `applied` or `rejected` |
+//! | `lb_gateway_worker_connections` | worker | client connections open on each proxy worker |
 //!
 //! Handles per route and per backend are resolved once (when the route or the backend appears),
 //! so the request path touches only atomics. The two latency histograms a request feeds are
@@ -40,6 +41,7 @@ type RouteLabels = [(&'static str, String); 1];
 type RouteClassLabels = [(&'static str, String); 2];
 type BackendLabels = [(&'static str, String); 2];
 type BackendClassLabels = [(&'static str, String); 3];
+type WorkerLabels = [(&'static str, String); 1];
 
 /// Makes the latency histograms of a family, with a shard per proxy worker.
 #[derive(Clone, Copy, Debug)]
@@ -170,6 +172,7 @@ pub struct GatewayMetrics {
     backend_connect_failures: Family<BackendLabels, Counter>,
     backend_tls_failures: Family<BackendClassLabels, Counter>,
     reloads: Family<RouteLabels, Counter>,
+    worker_connections: Family<WorkerLabels, Gauge>,
 }
 
 /// Status classes, indexed by the first digit minus one.
@@ -200,6 +203,7 @@ impl GatewayMetrics {
             backend_connect_failures: Family::default(),
             backend_tls_failures: Family::default(),
             reloads: Family::default(),
+            worker_connections: Family::default(),
         };
         let mut r = metrics.registry();
         let r = r.sub_registry_with_prefix("lb_gateway");
@@ -271,11 +275,27 @@ impl GatewayMetrics {
             m.backend_tls_failures.clone(),
         );
         r.register(
+            "worker_connections",
+            "Client connections open on each proxy worker",
+            m.worker_connections.clone(),
+        );
+        r.register(
             "route_reloads",
             "Routes versions from config-svc, by result (applied, rejected)",
             m.reloads.clone(),
         );
         m
+    }
+
+    /// The open-connection gauges of `workers` proxy workers (`worker` = 0, 1, …).
+    pub fn worker_connections(&self, workers: usize) -> Vec<Gauge> {
+        (0..workers)
+            .map(|i| {
+                self.worker_connections
+                    .get_or_create(&[("worker", i.to_string())])
+                    .clone()
+            })
+            .collect()
     }
 
     /// Counts a routes reload with `result` (`applied`, `rejected`).

@@ -7,6 +7,7 @@
 //! of the one listening socket (see `run_with_listeners`): a client connection stays on the
 //! worker that accepted it, and so do the idle HTTP/1.1 backend connections it hands back
 //! (`upstream` keeps one stack per worker); the single HTTP/2 connection per backend is shared.
+//! A worker accepts only while no other worker has fewer open connections ([`Balance`]).
 //!
 //! # Limits (see [`ConnLimits`])
 //! - Connections are capped by a semaphore per worker. At the cap the worker stops accepting:
@@ -29,6 +30,9 @@
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
+
+use prometheus_client::metrics::gauge::Gauge;
+use tokio::sync::Notify;
 
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -57,16 +61,93 @@ pub struct ConnLimits {
 /// The smallest `max_header_bytes` (hyper's smallest read buffer).
 pub const MIN_HEADER_BYTES: usize = 8192;
 
+/// Spreads client connections evenly over the proxy workers.
+///
+/// Why: every worker accepts from the same listening socket, and the kernel hands a new
+/// connection to whichever worker's poll reaches it first; the connection then stays on that
+/// worker. With two workers and wrk's 64 connections, one worker took all 64 in one benchmark
+/// run (`BENCHMARKS.md`, session 17): it queued every request while the other idled. As nginx
+/// (`accept_disabled`) and Envoy (its exact connection balancer) do, a worker here accepts only
+/// while no other worker has fewer open connections; the others wait until a count changes. Two
+/// workers level at the minimum may both accept, so the counts can differ by a connection or two
+/// for a moment. The least loaded worker is always allowed to accept, so connections are never
+/// left in the backlog unless every worker is at its cap.
+#[derive(Debug)]
+pub struct Balance {
+    /// Open client connections per worker (also `lb_gateway_worker_connections`).
+    open: Box<[Gauge]>,
+    /// Signalled whenever a count changes.
+    changed: Notify,
+}
+
+impl Balance {
+    /// A balance over one worker per gauge (at least one worker).
+    pub fn new(mut open: Vec<Gauge>) -> Arc<Balance> {
+        if open.is_empty() {
+            open.push(Gauge::default());
+        }
+        Arc::new(Balance {
+            open: open.into_boxed_slice(),
+            changed: Notify::new(),
+        })
+    }
+
+    /// Whether no worker has fewer open connections than worker `me`.
+    fn may_accept(&self, me: usize) -> bool {
+        let mine = self.open[me].get();
+        self.open.iter().all(|o| o.get() >= mine)
+    }
+
+    /// Returns once worker `me` may accept.
+    async fn turn(&self, me: usize) {
+        loop {
+            let changed = self.changed.notified();
+            tokio::pin!(changed);
+            // Registered before the check, so a change between the check and the wait wakes it.
+            changed.as_mut().enable();
+            if self.may_accept(me) {
+                return;
+            }
+            changed.await;
+        }
+    }
+
+    /// Counts a connection accepted by worker `me` until the returned guard is dropped.
+    fn opened(self: &Arc<Self>, me: usize) -> Opened {
+        self.open[me].inc();
+        self.changed.notify_waiters();
+        Opened {
+            balance: Arc::clone(self),
+            me,
+        }
+    }
+}
+
+/// A connection counted in [`Balance`]; dropping it uncounts it.
+struct Opened {
+    balance: Arc<Balance>,
+    me: usize,
+}
+
+impl Drop for Opened {
+    fn drop(&mut self) {
+        self.balance.open[self.me].dec();
+        self.balance.changed.notify_waiters();
+    }
+}
+
 /// Serves `listener` (over TLS with `tls`: the handshake runs on the connection's own task) until
-/// `shutdown`, then drains for at most `grace`.
+/// `shutdown`, then drains for at most `grace`. This is worker `worker` of `balance`.
 pub async fn serve(
     listener: TcpListener,
     tls: Option<Arc<service_kit::tls::rustls::ServerConfig>>,
     gw: Arc<Gateway>,
     limits: ConnLimits,
+    (balance, worker): (Arc<Balance>, usize),
     grace: Duration,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
+    let worker = worker.min(balance.open.len() - 1);
     let mut builder = auto::Builder::new(TokioExecutor::new());
     // One flattened write per response: for small answers cheaper than writev's iovecs.
     builder
@@ -96,7 +177,10 @@ pub async fn serve(
         };
         let (stream, peer) = tokio::select! {
             _ = shutdown.cancelled() => break,
-            accepted = listener.accept() => match accepted {
+            accepted = async {
+                balance.turn(worker).await;
+                listener.accept().await
+            } => match accepted {
                 Ok(a) => a,
                 Err(e) => {
                     // Out of descriptors and the like: back off instead of spinning.
@@ -106,6 +190,7 @@ pub async fn serve(
                 }
             },
         };
+        let opened = balance.opened(worker);
         let _ = stream.set_nodelay(true);
         let gw = Arc::clone(&gw);
         let client = Arc::new(Client::new(peer));
@@ -205,6 +290,7 @@ pub async fn serve(
                     tracing::debug!(client = %peer, timeout = ?first_request_deadline, "no request headers in time; closing");
                 }
             }
+            drop(opened);
             drop(permit);
         });
     }
@@ -227,4 +313,69 @@ pub async fn serve(
         );
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn balance(workers: usize) -> Arc<Balance> {
+        Balance::new((0..workers).map(|_| Gauge::default()).collect())
+    }
+
+    fn counts(b: &Balance) -> Vec<i64> {
+        b.open.iter().map(Gauge::get).collect()
+    }
+
+    #[test]
+    fn only_the_workers_with_the_fewest_open_connections_may_accept() {
+        let b = balance(3);
+        assert!((0..3).all(|w| b.may_accept(w)));
+        let first = b.opened(0);
+        assert!(!b.may_accept(0));
+        assert!(b.may_accept(1) && b.may_accept(2));
+        let second = b.opened(1);
+        assert!(!b.may_accept(0) && !b.may_accept(1) && b.may_accept(2));
+        assert_eq!(counts(&b), [1, 1, 0]);
+        drop(first);
+        assert_eq!(counts(&b), [0, 1, 0]);
+        assert!(b.may_accept(0) && !b.may_accept(1) && b.may_accept(2));
+        drop(second);
+        assert_eq!(counts(&b), [0, 0, 0]);
+    }
+
+    #[tokio::test]
+    async fn a_busier_worker_waits_until_the_others_catch_up_or_its_own_connections_close() {
+        let b = balance(2);
+        let _a = b.opened(0);
+        let mut turn = Box::pin(b.turn(0));
+        let waited = tokio::time::timeout(Duration::from_millis(50), turn.as_mut()).await;
+        assert!(
+            waited.is_err(),
+            "worker 0 has more connections than worker 1"
+        );
+        // Worker 1 accepts one: level again, worker 0's turn comes.
+        let b1 = b.opened(1);
+        tokio::time::timeout(Duration::from_secs(5), turn)
+            .await
+            .expect("worker 0's turn after worker 1 caught up");
+
+        let c = b.opened(0);
+        let mut turn = Box::pin(b.turn(0));
+        let waited = tokio::time::timeout(Duration::from_millis(50), turn.as_mut()).await;
+        assert!(waited.is_err(), "2 against 1");
+        // One of worker 0's own connections closes.
+        drop(c);
+        tokio::time::timeout(Duration::from_secs(5), turn)
+            .await
+            .expect("worker 0's turn after one of its connections closed");
+        drop(b1);
+    }
+
+    #[test]
+    fn one_worker_always_may_accept() {
+        let b = Balance::new(Vec::new());
+        let _open: Vec<_> = (0..5).map(|_| b.opened(0)).collect();
+        assert!(b.may_accept(0));
+    }
 }

@@ -169,3 +169,42 @@ async fn connections_beyond_max_connections_wait_until_one_closes() {
     assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
     gw.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_connections_are_spread_evenly_over_the_workers() {
+    let (_stack, _r, _b, gw) = gateway(&["--worker-threads", "2"]).await;
+    // Connections opened one after another, each kept open after its answer. Idle workers race
+    // for each one in the kernel; the balance lets only the one with fewer connections accept.
+    let mut open = Vec::new();
+    for i in 0..40 {
+        let mut s = TcpStream::connect(gw.proxy).await.expect("connect");
+        s.write_all(b"GET /item HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .expect("write");
+        let mut buf = vec![0u8; 4096];
+        let n = within(T, "an answer", s.read(&mut buf))
+            .await
+            .expect("read");
+        let answer = String::from_utf8_lossy(&buf[..n]);
+        assert!(
+            answer.starts_with("HTTP/1.1 200"),
+            "connection {i}: {answer}"
+        );
+        open.push(s);
+    }
+    let worker = |w: usize| format!("lb_gateway_worker_connections{{worker=\"{w}\"}}");
+    let (zero, one) = (gw.metric(&worker(0)).await, gw.metric(&worker(1)).await);
+    assert_eq!(zero + one, 40.0, "{}", gw.metrics().await);
+    assert!(
+        (zero - one).abs() <= 2.0,
+        "worker 0: {zero}, worker 1: {one}"
+    );
+    // Closed connections are uncounted.
+    open.truncate(10);
+    crate::harness::wait_until(T, "the closed connections to be uncounted", || async {
+        gw.metric(&worker(0)).await + gw.metric(&worker(1)).await == 10.0
+    })
+    .await;
+    drop(open);
+    gw.stop().await;
+}
