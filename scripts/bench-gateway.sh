@@ -23,7 +23,8 @@
 # /proc) during the run divided by the requests served. Each run's log line also gives, per
 # request: the backends' and wrk's CPU, the machine's interrupt and softirq CPU (loopback
 # delivery is accounted there, to no process), how often the proxy and the backends went to
-# sleep, and TCP segments; and the machine's idle cores.
+# sleep, and TCP segments; and the machine's idle cores. A second table gives their medians per
+# target: what a request cost the whole machine, and how much of it stayed idle.
 #
 # Only processes this script started are stopped (by PID, from an EXIT trap); the whole run is
 # bounded by `timeout`. Installs wrk, nginx and haproxy with apt-get if missing.
@@ -382,6 +383,10 @@ run() {
     fi
     log "$name: $rps req/s, p99 $p99 ms, CPU $cpu us/req (user space $user; $others)"
     echo "$name $rps $p99 $cpu $ROUND $user" >>"$TMP/results"
+    # For the machine table: backends + wrk, interrupts, idle cores, proxy sleeps per request.
+    if [[ $others != - ]]; then
+        awk -v n="$name" '{gsub(/,|;/, ""); print n, $2 + $4, $6, $15, $10}' <<<"$others" >>"$TMP/machine"
+    fi
 }
 
 # What each target answers (wrk parses every byte of it): the answer head's size, once.
@@ -503,6 +508,32 @@ if all((r, "lb-gateway-baseline") in runs for r in rounds):
           f"throughput {statistics.median(o[0] / b[0] for o, b in zip(own, base)):.2f}x, "
           f"p99 {statistics.median(o[1] / b[1] for o, b in zip(own, base)):.2f}x, "
           f"CPU per request {statistics.median(o[2] / b[2] for o, b in zip(own, base)):.2f}x")
+EOF
+# What a request cost the whole machine through each target (medians over the rounds): the
+# proxy, the backend and wrk, the kernel's interrupt and softirq time, and how many of the two
+# cores stayed idle. The sum overlaps a little (a process's system time and the interrupt time
+# share some ticks), the same for every target.
+echo
+echo "| target | proxy CPU (µs/req) | backend + wrk (µs/req) | interrupts (µs/req) | sum (µs/req) | machine idle (cores) | proxy sleeps per request |"
+echo "|---|---:|---:|---:|---:|---:|---:|"
+python3 - "$TMP/results" "$TMP/machine" "${TARGETS[@]}" <<'EOF'
+import statistics, sys
+cpu, machine = {}, {}
+for line in open(sys.argv[1]):
+    name, _rps, _p99, c, *_ = line.split()
+    if c != "-":
+        cpu.setdefault(name, []).append(float(c))
+for line in open(sys.argv[2]):
+    name, *vals = line.split()
+    machine.setdefault(name, []).append([float(v) for v in vals])
+for name in sys.argv[3:]:
+    rows = machine.get(name)
+    if not rows:
+        continue
+    others, irq, idle, sleeps = (statistics.median(col) for col in zip(*rows))
+    proxy = statistics.median(cpu[name]) if name in cpu else 0.0
+    shown = f"{proxy:.2f}" if name in cpu else "-"
+    print(f"| {name} | {shown} | {others:.2f} | {irq:.2f} | {proxy + others + irq:.2f} | {idle:.3f} | {sleeps:.3f} |")
 EOF
 echo
 echo "All runs (target, req/s, p99 ms, CPU µs/req, round, of it user space µs/req):"
