@@ -510,8 +510,8 @@ if all((r, "lb-gateway-baseline") in runs for r in rounds):
           f"CPU per request {statistics.median(o[2] / b[2] for o, b in zip(own, base)):.2f}x")
 EOF
 # What a request cost the whole machine through each target (medians over the rounds): the
-# proxy, the backend and wrk, the kernel's interrupt and softirq time, and how many of the two
-# cores stayed idle. The sum overlaps a little (a process's system time and the interrupt time
+# proxy, the backend and wrk, the kernel's interrupt and softirq time, and how many of the
+# machine's cores stayed idle. The sum overlaps a little (a process's system time and the interrupt time
 # share some ticks), the same for every target.
 echo
 echo "| target | proxy CPU (µs/req) | backend + wrk (µs/req) | interrupts (µs/req) | sum (µs/req) | machine idle (cores) | proxy sleeps per request |"
@@ -523,7 +523,11 @@ for line in open(sys.argv[1]):
     name, _rps, _p99, c, *_ = line.split()
     if c != "-":
         cpu.setdefault(name, []).append(float(c))
-for line in open(sys.argv[2]):
+try:
+    lines = open(sys.argv[2]).readlines()
+except FileNotFoundError:  # no run served a request
+    lines = []
+for line in lines:
     name, *vals = line.split()
     machine.setdefault(name, []).append([float(v) for v in vals])
 for name in sys.argv[3:]:
